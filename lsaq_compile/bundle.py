@@ -1,0 +1,261 @@
+"""Stage 5: assemble the bundle — weight store, one graph per variant and provider, manifest.
+
+Everything is written into a temporary folder beside the target and renamed at the end, and the
+manifest is the last file written: a folder with a manifest at the target path is complete.
+Scores are measured once and reused for every variant (exllamav2's measure-once idea).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import LsaqError
+from .model_source import ModelSource, ModelSpec, open_model, sha256_file
+from .plan import Plan, avg_bits_real, ladder
+from .profiles import Profile, load_profile, parse_size
+from .progress import Progress
+from .quantize import schemes_for
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+PROVIDER_DTYPES = {"cpu": ("float32", 4), "cuda": ("float16", 2)}
+TMP_MARK = ".lsaq-tmp-"
+
+
+def layer_params(spec: ModelSpec) -> int:
+    """Weights in one decoder layer's seven linear projections."""
+    h, hd = spec.hidden_size, spec.head_dim
+    attn = h * spec.num_heads * hd * 2 + h * spec.num_kv_heads * hd * 2
+    return attn + 3 * h * spec.intermediate_size
+
+
+def kv_bytes_per_token(spec: ModelSpec, elem: int) -> int:
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elem
+
+
+def workspace_model(spec: ModelSpec, provider: str) -> dict:
+    """Activation memory of a prefill of `ctx` tokens (the worst case of a generation).
+
+    Per token: the residual stream and norms (a few hidden-size rows), q/k/v, and the MLP's
+    gate/up/product rows, all live at once in the largest layer step. On CPU, attention
+    materialises one [heads, ctx, ctx] probability matrix (the ctx^2 term); CUDA's flash kernels
+    do not. Fixed: the logits row and the allocator's first blocks."""
+    dtype, elem = PROVIDER_DTYPES[provider]
+    h, i = spec.hidden_size, spec.intermediate_size
+    qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    per_token = elem * (6 * h + 4 * i + 2 * qkv)
+    sq = 4 * spec.num_heads if provider == "cpu" else 0
+    fixed = 4 * spec.vocab_size * 2 + (32 << 20 if provider == "cuda" else 0)
+    return {"fixed_bytes": fixed, "per_token_bytes": per_token, "per_token_sq_bytes": sq}
+
+
+def workspace_at(ws: dict, ctx: int) -> int:
+    return ws["fixed_bytes"] + ws["per_token_bytes"] * ctx + ws["per_token_sq_bytes"] * ctx * ctx
+
+
+def _load_scores(scores, source: ModelSource, profile: Profile, metric: str | None, progress):
+    """Scores from a scores.json path, a Scores object, or measured now."""
+    from .importance import Scores, score_model
+    from .calibration import load_calibration, load_tokenizer
+
+    L = source.spec.num_layers
+    if scores is None:
+        sc = profile.scoring
+        metric = metric or sc.metric
+        calib = None
+        if metric != "zscore":
+            calib = load_calibration(sc.calibration or None, load_tokenizer(source),
+                                     samples=sc.samples, seq_len=sc.seq_len)
+        log = progress.stage("scoring")
+        result = score_model(source, metrics=(metric,), k=sc.k, final_norm=sc.final_norm,
+                             calibration=calib,
+                             progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))
+        return result[metric]
+    if isinstance(scores, (str, os.PathLike)):
+        p = Path(scores)
+        try:
+            scores = Scores.from_json(json.loads(p.read_text()))
+        except FileNotFoundError:
+            raise LsaqError(f"{p}: scores file not found; make one with `lsaq-compile score`") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LsaqError(f"{p}: not a scores.json written by `lsaq-compile score` ({e})") from None
+    if len(scores.importance) != L:
+        raise LsaqError(f"scores cover {len(scores.importance)} layers but the model has {L}; "
+                        "score this model again")
+    return scores
+
+
+def _scores_dict(scores) -> dict:
+    d = scores.to_json()
+    return json.loads(d) if isinstance(d, str) else d
+
+
+def _file_entries(root: Path) -> list[dict]:
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out.append({"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size,
+                        "sha256": sha256_file(p)})
+    return out
+
+
+def _tmp_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
+
+
+def _clean_stale_tmp(out: Path) -> None:
+    """Remove temporary folders of earlier builds of this target that died midway."""
+    for p in out.parent.glob(f".{out.name}{TMP_MARK}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike = "bundle",
+                 profile: str | Profile | None = None, scores=None, metric: str | None = None,
+                 force: bool = False, progress: Progress | None = None) -> Path:
+    """Compile `model` (None = the default SmolLM2) into a bundle folder at `out`."""
+    from .export_onnx import build_graph, save_graph, write_weight_store
+
+    progress = progress or Progress()
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    out = Path(out)
+    if out.exists() and not force:
+        raise LsaqError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(out)
+
+    t0 = time.perf_counter()
+    source = open_model(model)
+    spec = source.spec
+    progress(f"model: {spec.name} ({spec.architecture}, {spec.num_layers} layers, "
+             f"hidden {spec.hidden_size}) from {source.path}")
+    sc = _load_scores(scores, source, prof, metric, progress)
+    plans = ladder(list(sc.order), prof.build.ladder)
+    schemes = schemes_for(prof.quantization.scheme, prof.quantization.group_size,
+                          prof.quantization.symmetric)
+    max_context = min(prof.build.max_context, spec.max_position_embeddings)
+
+    tmp = _tmp_dir_for(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tok = source.save_tokenizer(tmp / "tokenizer")
+        needed = {i: {p.precisions[i] for p in plans} for i in range(spec.num_layers)}
+        index = write_weight_store(source, tmp, needed, schemes, progress=progress.stage("quantizing"))
+
+        log = progress.stage("exporting")
+        per_layer = layer_params(spec)
+        variants = []
+        for rank, plan in enumerate(plans):
+            providers = {}
+            cuda_info = None
+            for prov in prof.build.providers:
+                dtype, elem = PROVIDER_DTYPES[prov]
+                graph, info = build_graph(spec, list(plan.precisions), index, dtype, max_context,
+                                          name=f"{spec.name} {plan.name} {prov}")
+                fname = f"{plan.name}.{prov}.onnx"
+                save_graph(graph, tmp / fname)
+                ws = workspace_model(spec, prov)
+                ctx = prof.deployment.context_length
+                providers[prov] = {
+                    "graph": fname, "dtype": dtype,
+                    "weight_bytes": info.weight_bytes, "resident_bytes": info.resident_bytes,
+                    "kv_bytes_per_token": kv_bytes_per_token(spec, elem),
+                    "workspace": ws, "stated_context": ctx,
+                    "workspace_bytes_at_stated_context": workspace_at(ws, ctx),
+                }
+                if prov == "cuda" or cuda_info is None:
+                    cuda_info = info
+            variants.append({
+                "name": plan.name, "rank": rank, "precisions": list(plan.precisions),
+                "layer_counts": plan.counts,
+                "avg_bits": round(avg_bits_real(cuda_info.decoder_linear_bytes,
+                                                [per_layer] * spec.num_layers), 4),
+                "avg_bits_nominal": round(plan.avg_bits_nominal(), 4),
+                "weight_bytes": cuda_info.weight_bytes,
+                "providers": providers,
+            })
+            log(f"{plan.name}: {plan.counts['int8']} INT8 / {plan.counts['int4']} INT4 layers "
+                f"({rank + 1}/{len(plans)})")
+
+        d = prof.deployment
+        manifest = {
+            "format": "lsaq-bundle", "schema_version": SCHEMA_VERSION,
+            "created_by": f"lsaq-compile {__version__}",
+            "model": {
+                "name": spec.name, "architecture": spec.architecture,
+                "source": {"kind": source.kind, "path": str(source.path),
+                           "sha256": source.fingerprint()},
+                "num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
+                "intermediate_size": spec.intermediate_size,
+                "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
+                "head_dim": spec.head_dim, "vocab_size": spec.vocab_size,
+                "max_position_embeddings": spec.max_position_embeddings,
+                "max_context": max_context, "tie_word_embeddings": spec.tie_word_embeddings,
+            },
+            "tokenizer": {"dir": "tokenizer", **tok},
+            "scores": _scores_dict(sc),
+            "quantization": {
+                "scheme": prof.quantization.scheme, "symmetric": prof.quantization.symmetric,
+                "group_size": prof.quantization.group_size if prof.quantization.scheme == "group" else None,
+                "int8": schemes["int8"].name, "int4": schemes["int4"].name,
+            },
+            "deployment": {
+                "profile": prof.name,
+                "context_length": d.context_length, "batch_size": d.batch_size,
+                "safety_margin": {"fraction": d.safety_margin_fraction,
+                                  "min_bytes": parse_size(d.safety_margin_min)},
+                "runtime_overhead_bytes": {"cpu": parse_size(d.runtime_overhead_cpu),
+                                           "cuda": parse_size(d.runtime_overhead_cuda)},
+            },
+            "variants": variants,
+        }
+        progress("checksums: hashing bundle files")
+        manifest["files"] = _file_entries(tmp)
+        _validate(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            trash = out.parent / f".{out.name}.lsaq-old-{os.getpid()}"
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(f"bundle written to {out} in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def _validate(manifest: dict) -> None:
+    """Check what we wrote against the runtime's schema: the runtime owns the contract."""
+    from lsaq_runtime.manifest import validate_manifest
+
+    validate_manifest(manifest)
+
+
+def read_manifest(bundle: str | os.PathLike) -> dict:
+    """The manifest of an existing bundle, checked by the runtime's reader (sizes included)."""
+    from lsaq_runtime.manifest import load_manifest
+
+    return load_manifest(bundle)

@@ -1,0 +1,139 @@
+"""`lsaq-compile`: score layers, build a bundle, inspect it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import LsaqError
+from .progress import Progress
+
+METRICS = ("jaccard", "cosine", "zscore")
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lsaq")
+def cli():
+    """LSAQ compiler: layer-specific adaptive quantization into a deployable bundle."""
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--metric", type=click.Choice(METRICS), default="jaccard", show_default=True,
+              help="jaccard: LSAQ (top-k token sets); cosine, zscore: LWQ baselines.")
+@click.option("--k", "k", type=click.IntRange(1), default=10, show_default=True, help="top-k tokens (jaccard)")
+@click.option("--final-norm", is_flag=True, help="apply the model's final norm before projecting (logit lens)")
+@click.option("--calibration", type=click.Path(dir_okay=False), help="UTF-8 text file [default: built-in]")
+@click.option("--samples", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--seq-len", type=click.IntRange(2), default=256, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="scores.json", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False), help="write a bar chart of importance per layer (PNG)")
+@click.option("-q", "--quiet", is_flag=True)
+def score(model, metric, k, final_norm, calibration, samples, seq_len, output, plot, quiet):
+    """Score every decoder layer's importance. MODEL: HF folder or .gguf (default: SmolLM2-135M)."""
+    from .calibration import load_calibration, load_tokenizer
+    from .importance import score_model
+    from .model_source import open_model
+
+    progress = Progress(quiet)
+    source = open_model(model)
+    progress(f"model: {source.spec.name} ({source.spec.num_layers} layers) from {source.path}")
+    calib = None
+    if metric != "zscore":
+        calib = load_calibration(calibration, load_tokenizer(source), samples=samples, seq_len=seq_len)
+        progress(f"calibration: {calib.samples} x {calib.seq_len} tokens from {calib.source}")
+    log = progress.stage("scoring")
+    result = score_model(source, metrics=(metric,), k=k, final_norm=final_norm, calibration=calib,
+                         progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))[metric]
+    d = result.to_json()
+    Path(output).write_text(json.dumps(json.loads(d) if isinstance(d, str) else d, indent=1))
+    rank = {layer: r for r, layer in enumerate(result.order)}
+    rows = [[i, f"{v:.4f}", rank[i] + 1] for i, v in enumerate(result.importance)]
+    click.echo(_table(["layer", f"importance ({metric})", "rank (1 = least important)"], rows))
+    click.echo(f"order, least important first: {list(result.order)}")
+    click.echo(f"wrote {output}")
+    if plot:
+        from .plots import plot_importance
+
+        plot_importance(result, plot)
+        click.echo(f"wrote {plot}")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False), required=True, help="bundle folder to create")
+@click.option("--profile", default="default", show_default=True, help="default | paper | path to a .toml")
+@click.option("--scores", type=click.Path(dir_okay=False), help="reuse a scores.json instead of scoring")
+@click.option("--metric", type=click.Choice(METRICS), help="override the profile's metric")
+@click.option("--force", is_flag=True, help="replace an existing bundle folder")
+@click.option("-q", "--quiet", is_flag=True)
+def build(model, out, profile, scores, metric, force, quiet):
+    """Score (unless --scores), quantize, export every variant and write the bundle."""
+    from .bundle import build_bundle, read_manifest
+
+    path = build_bundle(model, out, profile=profile, scores=scores, metric=metric, force=force,
+                        progress=Progress(quiet))
+    click.echo(variant_table(read_manifest(path)))
+
+
+def variant_table(manifest: dict) -> str:
+    rows = []
+    for v in manifest["variants"]:
+        c = v["layer_counts"]
+        rows.append([v["name"], c["fp16"], c["int8"], c["int4"], f"{v['avg_bits']:.2f}",
+                     f"{v['avg_bits_nominal']:.2f}", _mib(v["weight_bytes"]),
+                     _mib(v["providers"].get("cpu", v["providers"].get("cuda"))["resident_bytes"])])
+    head = ["variant", "FP16", "INT8", "INT4", "avg bits", "nominal", "weight bytes", "cpu resident"]
+    total = sum(f["bytes"] for f in manifest["files"])
+    fp16 = next(v["weight_bytes"] for v in manifest["variants"] if v["name"] == "fp16")
+    return (_table(head, rows) + f"\n{len(manifest['variants'])} variants; bundle files "
+            f"{_mib(total)} = {total / fp16:.2f} x the FP16 variant's weight bytes")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+def inspect(bundle):
+    """Print the variant table of an existing bundle."""
+    from .bundle import read_manifest
+
+    m = read_manifest(bundle)
+    s = m["scores"]
+    click.echo(f"{m['model']['name']} ({m['model']['architecture']}, {m['model']['num_layers']} layers); "
+               f"scores: {s['metric']} {s.get('params', {})}; quantization: {m['quantization']['int8']}, "
+               f"{m['quantization']['int4']}")
+    click.echo(variant_table(m))
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except LsaqError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,522 @@
+"""Stage 3: the weight store and the ONNX graphs over it.
+
+`write_weight_store` streams every tensor a bundle needs into weights/*.safetensors, layer by
+layer, each tensor once per precision. `build_graph` then writes one variant's graph directly
+with onnx.helper: every initializer is external data pointing into the store, so graphs are a
+few hundred KB and any number of variants share one copy of the weights.
+
+Graph per decoder layer (ORT fused ops, activation dtype T = float32 for CPU, float16 for CUDA):
+  SkipSimplifiedLayerNormalization (residual add + RMSNorm) -> q/k/v projections ->
+  GroupQueryAttention (rotary inside, KV cache in/out) -> o_proj -> SkipSimplifiedLayerNorm ->
+  SiLU-gated MLP.
+Projections are MatMul over [K, N] weights (fp16/fp32) or MatMulNBits (int8/int4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .errors import LsaqError
+from .model_source import LINEAR_NAMES, ModelSource, ModelSpec
+from .quantize import QuantScheme, quantize
+from .store import SafetensorsWriter, TensorRef
+
+__all__ = ["TensorRef", "GraphInfo", "write_weight_store", "build_graph", "save_graph",
+           "effective_linear_weight", "rope_inv_freq", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")   # fp32 exists for tests only
+FLOAT_FILE = "weights/float.safetensors"
+STORE_FILES = {"fp32": FLOAT_FILE, "fp16": FLOAT_FILE,
+               "int8": "weights/int8.safetensors", "int4": "weights/int4.safetensors"}
+IR_VERSION = 10            # ORT 1.31 rejects newer IR versions
+OPSETS = (("", 21), ("com.microsoft", 1))
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+FINAL_NORM = "model.norm.weight"
+INV_FREQ = "rope.inv_freq"
+QKV_BIAS = ("q_proj", "k_proj", "v_proj")
+
+
+def norm_key(i: int, which: str) -> str:
+    return f"model.layers.{i}.{which}.weight"
+
+
+def bias_key(i: int, proj: str) -> str:
+    return f"model.layers.{i}.self_attn.{proj}.bias"
+
+
+def linear_keys(i: int, lin: str, precision: str, scheme: QuantScheme | None) -> dict[str, str]:
+    """Store keys of one linear weight at one precision, by role."""
+    base = f"model.layers.{i}.{lin}.{precision}"
+    if precision in ("fp32", "fp16"):
+        return {"weight": f"{base}.weight_kn"}          # pre-transposed [K, N]
+    keys = {"qweight": f"{base}.qweight", "scales": f"{base}.scales",
+            "scales_f32": f"{base}.scales_f32"}
+    if not scheme.symmetric:
+        keys["zero_points"] = f"{base}.zero_points"
+    return keys
+
+
+def _check_precision(p: str, schemes: dict[str, QuantScheme]) -> None:
+    if p not in PRECISIONS:
+        raise LsaqError(f"unknown precision {p!r}; use one of {', '.join(PRECISIONS)}")
+    if p in ("int8", "int4"):
+        s = schemes.get(p)
+        if s is None:
+            raise LsaqError(f"no quantization scheme given for {p}")
+        if s.bits != int(p[3:]):
+            raise LsaqError(f"scheme {s.name} does not produce {p} weights")
+
+
+def _linear_arrays(w: np.ndarray, precision: str, scheme: QuantScheme | None
+                   ) -> dict[str, np.ndarray]:
+    """What the store holds for HF weight w [N, K] at one precision, by role."""
+    if precision == "fp32":
+        return {"weight": np.ascontiguousarray(w.T, dtype=np.float32)}
+    if precision == "fp16":
+        return {"weight": np.ascontiguousarray(w.T.astype(np.float16))}
+    q = quantize(w, scheme)
+    # MatMulNBits wants scales in the activation dtype, as initializers (a Cast node feeding
+    # them triggers an ORT bug): keep an exact float32 copy for the CPU graph.
+    out = {"qweight": q.packed, "scales": q.scales, "scales_f32": q.scales.astype(np.float32)}
+    if q.zero_points is not None:
+        out["zero_points"] = q.zero_points
+    return out
+
+
+def effective_linear_weight(w: np.ndarray, precision: str, schemes: dict[str, QuantScheme]
+                            ) -> np.ndarray:
+    """float32 [N, K]: exactly the weight the graph computes with for HF weight w."""
+    _check_precision(precision, schemes)
+    if precision == "fp32":
+        return np.asarray(w, dtype=np.float32)
+    if precision == "fp16":
+        return np.asarray(w, dtype=np.float16).astype(np.float32)
+    return quantize(w, schemes[precision]).dequantize()
+
+
+def _layer_window(spec: ModelSpec, i: int) -> int | None:
+    """Sliding-window size of layer i, or None for full attention."""
+    if not spec.sliding_window:
+        return None
+    layer_types = spec.hf_config.get("layer_types")
+    if layer_types and layer_types[i] != "sliding_attention":
+        return None
+    return int(spec.sliding_window)
+
+
+def check_supported(source: ModelSource) -> None:
+    """Refuse model features the graph does not implement, rather than export wrong math."""
+    spec, cfg = source.spec, source.spec.hf_config
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise LsaqError(f"activation {act!r} is not supported (SiLU-gated MLPs only)")
+    if cfg.get("mlp_bias") or source.has_tensor("model.layers.0.self_attn.o_proj.bias"):
+        raise LsaqError("MLP or o_proj biases are not supported (only q/k/v biases, as in Qwen2)")
+    if spec.head_dim % 2:
+        raise LsaqError(f"head_dim {spec.head_dim} is odd; rotary embedding needs an even one")
+    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise LsaqError("partial rotary embeddings are not supported")
+    rope_inv_freq(spec)  # raises for unsupported RoPE scaling
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE: the same inverse frequencies transformers computes (float32), so cos/sin match.
+
+def rope_inv_freq(spec: ModelSpec) -> tuple[np.ndarray, float]:
+    """(inv_freq float32 [head_dim/2], attention factor applied to cos and sin)."""
+    dim = spec.head_dim
+    base = spec.rope_theta
+    exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    pos_freqs = np.float32(base) ** exps
+    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    rs = dict(spec.rope_scaling or {})
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = float(rs.get("factor", 1.0))
+    if kind == "linear":
+        return (inv_freq / np.float32(factor)).astype(np.float32), 1.0
+    original = rs.get("original_max_position_embeddings") or spec.max_position_embeddings
+    if kind == "llama3":
+        low_ff, high_ff = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        low_wavelen, high_wavelen = original / low_ff, original / high_ff
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low_ff) / (high_ff - low_ff)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if kind == "yarn":
+        return _yarn(rs, dim, base, factor, original, pos_freqs)
+    raise LsaqError(f"RoPE scaling {kind!r} is not supported (default, linear, llama3, yarn)")
+
+
+def _yarn(rs: dict, dim: int, base: float, factor: float, original: int, pos_freqs: np.ndarray
+          ) -> tuple[np.ndarray, float]:
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = rs.get("attention_factor")
+    if attention is None:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast = rs.get("beta_fast") or 32
+    beta_slow = rs.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero, as transformers does
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = (1 - ramp).astype(np.float32)
+    inv_extra = np.float32(1.0) / pos_freqs
+    inv_inter = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+    inv_freq = inv_inter * (1 - extrapolation) + inv_extra * extrapolation
+    return inv_freq.astype(np.float32), float(attention)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight store
+
+def write_weight_store(source: ModelSource, bundle_dir: Path,
+                       layer_precisions: dict[int, set[str]], schemes: dict[str, QuantScheme],
+                       progress: Callable[[str], None] | None = None) -> dict[str, TensorRef]:
+    """Write weights/{float,int8,int4}.safetensors (only those that get tensors); return the
+    index of every stored tensor. Works one decoder layer at a time."""
+    spec = source.spec
+    check_supported(source)
+    bundle_dir = Path(bundle_dir)
+    missing = [i for i in range(spec.num_layers) if not layer_precisions.get(i)]
+    if missing:
+        raise LsaqError(f"no precision given for decoder layer(s) {missing}")
+    for precs in layer_precisions.values():
+        for p in precs:
+            _check_precision(p, schemes)
+    untied = not spec.tie_word_embeddings and source.has_tensor(LM_HEAD)
+    biases = [p for p in QKV_BIAS if spec.attention_bias and source.has_tensor(bias_key(0, p))]
+
+    plan: dict[str, list[str]] = defaultdict(list)
+    plan[FLOAT_FILE] += [EMBED] + ([LM_HEAD] if untied else []) + [FINAL_NORM, INV_FREQ]
+    for i in range(spec.num_layers):
+        plan[FLOAT_FILE] += [norm_key(i, "input_layernorm"), norm_key(i, "post_attention_layernorm")]
+        plan[FLOAT_FILE] += [bias_key(i, p) for p in biases]
+        for p in sorted(layer_precisions[i]):
+            for lin in LINEAR_NAMES:
+                plan[STORE_FILES[p]] += linear_keys(i, lin, p, schemes.get(p)).values()
+
+    index: dict[str, TensorRef] = {}
+    with ExitStack() as stack:
+        writers = {f: stack.enter_context(SafetensorsWriter(bundle_dir, f, names))
+                   for f, names in plan.items()}
+        file_of = {k: f for f, names in plan.items() for k in names}
+
+        def put(key: str, array: np.ndarray) -> None:
+            index[key] = writers[file_of[key]].add(key, array)
+
+        put(EMBED, source.embedding().astype(np.float16))
+        if untied:
+            put(LM_HEAD, source.tensor(LM_HEAD).astype(np.float16))
+        put(FINAL_NORM, source.tensor(FINAL_NORM))
+        put(INV_FREQ, rope_inv_freq(spec)[0])
+        for i in range(spec.num_layers):
+            t = source.layer_tensors(i)
+            for which in ("input_layernorm", "post_attention_layernorm"):
+                put(norm_key(i, which), t[f"{which}.weight"])
+            for p in biases:
+                put(bias_key(i, p), t[f"self_attn.{p}.bias"])
+            for lin in LINEAR_NAMES:
+                w = t.pop(f"{lin}.weight")
+                for p in sorted(layer_precisions[i]):
+                    keys = linear_keys(i, lin, p, schemes.get(p))
+                    for role, arr in _linear_arrays(w, p, schemes.get(p)).items():
+                        put(keys[role], arr)
+            if progress:
+                progress(f"stored layer {i + 1}/{spec.num_layers}")
+    return index
+
+
+# --------------------------------------------------------------------------------------------
+# Graph
+
+@dataclass
+class GraphInfo:
+    referenced: dict[str, int]       # store key -> bytes, every tensor the graph references
+    weight_bytes: int                # exact sum of referenced
+    resident_bytes: int              # estimated weight memory held by the provider after load
+    decoder_linear_bytes: list[int]  # per decoder layer: its 7 linear weights incl. scales/zp
+
+
+_ONNX_DTYPES = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT,
+                "uint8": TensorProto.UINT8}
+
+
+class _GraphBuilder:
+    def __init__(self, index: dict[str, TensorRef], dtype: str):
+        self.index = index
+        self.dtype = dtype
+        self.T = _ONNX_DTYPES[dtype]
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: dict[str, TensorProto] = {}
+        # How the provider will hold each weight: "direct" (as stored) and/or "upcast"
+        # (an fp16 weight cast to fp32 for MatMul/Gemm: constant folding makes a fp32 copy).
+        self.uses: dict[str, set[str]] = defaultdict(set)
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}/{self._count}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str, outputs: int | list[str] = 1,
+           domain: str = "", **attrs):
+        outs = [self.fresh(hint) for _ in range(outputs)] if isinstance(outputs, int) else outputs
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh(op_type),
+                                           domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def const(self, values, dtype, hint: str) -> str:
+        arr = np.asarray(values, dtype=dtype)
+        return self.op("Constant", [], hint, value=onnx.numpy_helper.from_array(arr))
+
+    def weight(self, key: str, use: str = "direct", shape: tuple[int, ...] | None = None) -> str:
+        """An external initializer pointing into the store (named by its store key)."""
+        ref = self.index.get(key)
+        if ref is None:
+            raise LsaqError(f"the weight store lacks {key}; was it written for this variant's "
+                            "precisions?")
+        if key not in self.initializers:
+            t = TensorProto()
+            t.name = key
+            t.data_type = _ONNX_DTYPES[ref.dtype]
+            t.dims.extend(shape or ref.shape)
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", ref.file), ("offset", str(ref.offset)),
+                         ("length", str(ref.length))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            self.initializers[key] = t
+        self.uses[key].add(use)
+        return key
+
+    def weight_as_T(self, key: str, consumer_is_matmul: bool = False) -> str:
+        """A float weight in the graph's dtype (Cast when stored otherwise)."""
+        ref = self.index.get(key)
+        if ref is not None and ref.dtype == self.dtype:
+            return self.weight(key)
+        upcast = consumer_is_matmul and self.dtype == "float32"
+        name = self.weight(key, "upcast" if upcast else "direct")
+        return self.op("Cast", [name], f"{key}/as_T", to=self.T)
+
+    def resident_bytes(self) -> int:
+        return sum(self.index[key].length * (("direct" in uses) + 2 * ("upcast" in uses))
+                   for key, uses in self.uses.items())
+
+
+def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorRef], dtype: str,
+                max_context: int, name: str = "model") -> tuple[onnx.ModelProto, GraphInfo]:
+    """One variant's graph; precisions has one entry per decoder layer."""
+    if dtype not in ("float32", "float16"):
+        raise LsaqError(f"graph dtype {dtype!r} not supported; use float32 (CPU) or float16 (CUDA)")
+    if len(precisions) != spec.num_layers:
+        raise LsaqError(f"{len(precisions)} precisions given for {spec.num_layers} decoder layers")
+    if max_context < 1:
+        raise LsaqError(f"max_context must be positive, got {max_context}")
+    g = _GraphBuilder(index, dtype)
+    T, hd = g.T, spec.head_dim
+    eps = float(spec.rms_norm_eps)
+
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, []),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch", "num_logits", spec.vocab_size])]
+    for i in range(spec.num_layers):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(
+                f"past_key_values.{i}.{kv}", T, ["batch", spec.num_kv_heads, "past_sequence", hd]))
+            outputs.append(helper.make_tensor_value_info(
+                f"present.{i}.{kv}", T, ["batch", spec.num_kv_heads, "total_sequence", hd]))
+
+    cos, sin = _rotary_cache(g, spec, max_context)
+
+    x = g.op("Gather", [g.weight(EMBED), "input_ids"], "embed", axis=0)
+    if dtype != "float16":
+        x = g.op("Cast", [x], "embed_T", to=T)
+    h = _rms_norm(g, x, norm_key(0, "input_layernorm"), eps)
+    residual = x
+    linear_bytes = []
+    for i, p in enumerate(precisions):
+        q, k, v = (_linear(g, h, i, f"self_attn.{n}", p, spec) for n in QKV_BIAS)
+        attn_attrs = dict(num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
+                          scale=1.0 / math.sqrt(hd), do_rotary=1, rotary_interleaved=0)
+        window = _layer_window(spec, i)
+        if window:
+            # HF lets a token see `window` positions including itself; ORT's local window
+            # counts the positions before it.
+            attn_attrs["local_window_size"] = window - 1
+        attn = g.op("GroupQueryAttention",
+                    [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                     "seqlens_k", "total_sequence_length", cos, sin],
+                    f"layers.{i}/attn",
+                    outputs=[g.fresh(f"layers.{i}/attn"), f"present.{i}.key", f"present.{i}.value"],
+                    domain="com.microsoft", **attn_attrs)
+        o = _linear(g, attn, i, "self_attn.o_proj", p, spec)
+        h, residual = _skip_norm(g, o, residual, norm_key(i, "post_attention_layernorm"), eps)
+        gate = _linear(g, h, i, "mlp.gate_proj", p, spec)
+        up = _linear(g, h, i, "mlp.up_proj", p, spec)
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"layers.{i}/sigmoid")], f"layers.{i}/silu")
+        down = _linear(g, g.op("Mul", [act, up], f"layers.{i}/gated"), i, "mlp.down_proj", p, spec)
+        last = i + 1 == spec.num_layers
+        h, residual = _skip_norm(g, down, residual,
+                                 FINAL_NORM if last else norm_key(i + 1, "input_layernorm"), eps,
+                                 want_sum=not last)
+        prefixes = tuple(f"model.layers.{i}.{lin}.{p}." for lin in LINEAR_NAMES)
+        linear_bytes.append(sum(index[key].length for key in g.initializers
+                                if key.startswith(prefixes)))
+
+    # Keep the last n positions (n = 0 keeps all, as in transformers).
+    n = g.op("Unsqueeze", ["num_logits_to_keep", g.const([0], np.int64, "axis0")], "n")
+    last_h = g.op("Slice", [h, g.op("Neg", [n], "neg_n"), g.const([np.iinfo(np.int64).max],
+                                                                np.int64, "end"),
+                            g.const([1], np.int64, "axis1")], "last_hidden")
+    flat = g.op("Reshape", [last_h, g.const([-1, spec.hidden_size], np.int64, "flat_shape")],
+                "flat_hidden")
+    head = EMBED if spec.tie_word_embeddings or LM_HEAD not in index else LM_HEAD
+    # Gemm with transB reads the [vocab, hidden] table in place: tied embeddings need no
+    # transposed copy.
+    logits = g.op("Gemm", [flat, g.weight_as_T(head, consumer_is_matmul=True)], "lm_head",
+                  transB=1)
+    out_shape = g.op("Concat", [g.op("Shape", [last_h], "bn", start=0, end=2),
+                                g.const([spec.vocab_size], np.int64, "vocab")], "logits_shape",
+                     axis=0)
+    if dtype == "float16":
+        logits = g.op("Cast", [logits], "logits_f32", to=TensorProto.FLOAT)
+    g.op("Reshape", [logits, out_shape], "logits", outputs=["logits"])
+
+    graph = helper.make_graph(g.nodes, name, inputs, outputs,
+                              initializer=list(g.initializers.values()))
+    model = helper.make_model(graph, ir_version=IR_VERSION, producer_name="lsaq-compile",
+                              opset_imports=[helper.make_opsetid(d, v) for d, v in OPSETS])
+    referenced = {k: index[k].length for k in g.initializers}
+    cache_bytes = 2 * max_context * (hd // 2) * (4 if dtype == "float32" else 2)
+    info = GraphInfo(referenced=referenced, weight_bytes=sum(referenced.values()),
+                     resident_bytes=g.resident_bytes() + cache_bytes,
+                     decoder_linear_bytes=linear_bytes)
+    return model, info
+
+
+def _rotary_cache(g: _GraphBuilder, spec: ModelSpec, max_context: int) -> tuple[str, str]:
+    """cos/sin [max_context, head_dim/2] from the stored inv_freq. Only constants feed it, so
+    ORT folds it into two initializers at session creation; positions are multiplied in
+    float32 exactly as transformers does."""
+    pos = g.op("Range", [g.const(0.0, np.float32, "pos0"),
+                         g.const(float(max_context), np.float32, "pos_end"),
+                         g.const(1.0, np.float32, "pos_step")], "positions")
+    pos = g.op("Unsqueeze", [pos, g.const([1], np.int64, "axis1")], "positions_col")
+    freqs = g.op("Mul", [pos, g.weight(INV_FREQ)], "freqs")
+    factor = rope_inv_freq(spec)[1]
+    out = []
+    for fn in ("Cos", "Sin"):
+        c = g.op(fn, [freqs], fn.lower())
+        if factor != 1.0:
+            c = g.op("Mul", [c, g.const(factor, np.float32, "rope_attention_factor")], fn.lower())
+        if g.dtype == "float16":
+            c = g.op("Cast", [c], f"{fn.lower()}_T", to=g.T)
+        out.append(c)
+    return out[0], out[1]
+
+
+def _linear(g: _GraphBuilder, x: str, i: int, lin: str, precision: str, spec: ModelSpec) -> str:
+    hint = f"layers.{i}/{lin}"
+    k_in, n_out = _linear_dims(spec, lin)
+    if precision in ("fp32", "fp16"):
+        key = linear_keys(i, lin, precision, None)["weight"]
+        y = g.op("MatMul", [x, g.weight_as_T(key, consumer_is_matmul=True)], hint)
+    else:
+        bits = int(precision[3:])
+        base = f"model.layers.{i}.{lin}.{precision}"
+        qref = g.index.get(f"{base}.qweight")
+        if qref is None:
+            raise LsaqError(f"the weight store lacks {base}.qweight; was it written for "
+                            "this variant's precisions?")
+        n, n_blocks, blob = qref.shape
+        block = blob * 8 // bits
+        if n != n_out or not 0 <= n_blocks * block - k_in < block:
+            raise LsaqError(f"{base}.qweight has shape {qref.shape}, not that of a "
+                            f"[{n_out}, {k_in}] weight")
+        ins = [g.weight(f"{base}.qweight"),
+               g.weight(f"{base}.scales_f32" if g.dtype == "float32" else f"{base}.scales")]
+        if f"{base}.zero_points" in g.index:
+            ins.append(g.weight(f"{base}.zero_points"))
+        y = g.op("MatMulNBits", [x, *ins], hint, domain="com.microsoft", K=k_in, N=n_out,
+                 bits=bits, block_size=block)
+    proj = lin.split(".")[1]
+    if proj in QKV_BIAS and bias_key(i, proj) in g.index:
+        y = g.op("Add", [y, g.weight_as_T(bias_key(i, proj))], f"{hint}/bias")
+    return y
+
+
+def _linear_dims(spec: ModelSpec, lin: str) -> tuple[int, int]:
+    """(K in, N out) of a decoder linear layer."""
+    q_dim, kv_dim = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    return {
+        "self_attn.q_proj": (spec.hidden_size, q_dim),
+        "self_attn.k_proj": (spec.hidden_size, kv_dim),
+        "self_attn.v_proj": (spec.hidden_size, kv_dim),
+        "self_attn.o_proj": (q_dim, spec.hidden_size),
+        "mlp.gate_proj": (spec.hidden_size, spec.intermediate_size),
+        "mlp.up_proj": (spec.hidden_size, spec.intermediate_size),
+        "mlp.down_proj": (spec.intermediate_size, spec.hidden_size),
+    }[lin]
+
+
+def _rms_norm(g: _GraphBuilder, x: str, key: str, eps: float) -> str:
+    """RMSNorm from standard ops: opset 21 has no RMSNormalization and ORT's
+    SimplifiedLayerNormalization sits in the default domain, which onnx.checker rejects.
+    Computed in float32 like transformers, then scaled in the activation dtype."""
+    x32 = x if g.dtype == "float32" else g.op("Cast", [x], "norm0/x32", to=TensorProto.FLOAT)
+    ms = g.op("ReduceMean", [g.op("Mul", [x32, x32], "norm0/sq"),
+                             g.const([-1], np.int64, "norm0/axes")], "norm0/ms", keepdims=1)
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, g.const(eps, np.float32, "eps")],
+                                                  "norm0/ms_eps")], "norm0/rms")], "norm0/inv")
+    y = g.op("Mul", [x32, inv], "norm0/normed")
+    if g.dtype != "float32":
+        y = g.op("Cast", [y], "norm0/normed_T", to=g.T)
+    return g.op("Mul", [y, g.weight_as_T(key)], "norm0/out")
+
+
+def _skip_norm(g: _GraphBuilder, x: str, skip: str, key: str, eps: float, want_sum: bool = True
+               ) -> tuple[str, str | None]:
+    """(RMSNorm(x + skip) * gamma, x + skip)."""
+    hint = key.removesuffix(".weight")
+    ins = [x, skip, g.weight_as_T(key)]
+    if not want_sum:
+        return g.op("SkipSimplifiedLayerNormalization", ins, hint, domain="com.microsoft",
+                    epsilon=eps), None
+    normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", ins, hint,
+                               outputs=[g.fresh(hint), "", "", g.fresh(f"{hint}/residual")],
+                               domain="com.microsoft", epsilon=eps)
+    return normed, total
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """Write the .onnx as is: its initializers already point into the store."""
+    Path(path).write_bytes(model.SerializeToString())

@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny random Llama folder, a bundle built from it, and the real SmolLM2
+bundle (built once per session; the real model must be exercised by the suite)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+C4 = SHARED_DATA / "c4-calibration.txt"
+WIKITEXT = SHARED_DATA / "wikitext-2-raw-test.txt"
+
+
+def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a tiny random Llama-family model (safetensors) with a working tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+               rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg.update(overrides)
+    config = AutoConfig.for_model(arch, **cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # larger weights than the default init so layers visibly matter
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    save_tiny_tokenizer(path, cfg["vocab_size"])
+    return path
+
+
+def save_tiny_tokenizer(path: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer over the first vocab_size ids, as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = (C4.read_text(encoding="utf-8")[:100_000] if C4.is_file()
+            else "the quick brown fox jumps over the lazy dog " * 200).splitlines()
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def _small_profile(**scoring):
+    from lsaq_compile.profiles import Profile
+
+    p = Profile(name="test")
+    p.scoring.calibration = str(C4) if C4.is_file() else ""
+    for k, v in scoring.items():
+        setattr(p.scoring, k, v)
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_llama_dir, tmp_path_factory) -> Path:
+    from lsaq_compile.bundle import build_bundle
+    from lsaq_compile.progress import Progress
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return build_bundle(tiny_llama_dir, out, profile=_small_profile(samples=8, seq_len=64),
+                        progress=Progress(quiet=True))
+
+
+@pytest.fixture(scope="session")
+def smollm_bundle(tmp_path_factory) -> Path:
+    """The real default model, full ladder; calibration kept small so the suite stays fast."""
+    from lsaq_compile.bundle import build_bundle
+    from lsaq_compile.progress import Progress
+
+    if os.environ.get("LSAQ_TEST_BUNDLE"):  # reuse a bundle built by hand while developing
+        return Path(os.environ["LSAQ_TEST_BUNDLE"])
+    out = tmp_path_factory.mktemp("bundles") / "smollm2"
+    return build_bundle(None, out, profile=_small_profile(samples=8, seq_len=128),
+                        progress=Progress(quiet=True))

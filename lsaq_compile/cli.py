@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from lsaq_runtime.errors import LsaqRuntimeError
+
 from .errors import LsaqError
 from .progress import Progress
 
@@ -118,10 +120,118 @@ def inspect(bundle):
     click.echo(variant_table(m))
 
 
+def _variant_names(manifest: dict, spec: str) -> list[str]:
+    names = [v["name"] for v in manifest["variants"]]
+    if spec == "all":
+        return names
+    want = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [w for w in want if w not in names]
+    if unknown:
+        raise LsaqError(f"unknown variant(s) {', '.join(unknown)}; the bundle has {', '.join(names)}")
+    return want
+
+
+@cli.command("eval")
+@click.argument("bundle", type=click.Path())
+@click.option("--text", type=click.Path(dir_okay=False), help="text for perplexity (e.g. WikiText-2 test)")
+@click.option("--seq-len", type=click.IntRange(2), default=1024, show_default=True)
+@click.option("--windows", type=click.IntRange(1), default=None, help="first N windows [default: all]")
+@click.option("--tasks", type=click.Path(dir_okay=False), help="multiple-choice JSONL: context, choices, label")
+@click.option("--variants", default="all", show_default=True, help="all, or a comma list of names")
+@click.option("--reference", is_flag=True, help="also run the torch reference of each plan (needs the source model)")
+@click.option("-q", "--quiet", is_flag=True)
+def eval_cmd(bundle, text, seq_len, windows, tasks, variants, reference, quiet):
+    """Perplexity and multiple-choice accuracy of each variant, run on its ONNX graph."""
+    import datetime
+
+    from .bundle import read_manifest
+    from . import evaluate as ev
+
+    if not text and not tasks:
+        raise LsaqError("nothing to evaluate: give --text FILE (perplexity) and/or --tasks FILE.jsonl")
+    progress = Progress(quiet)
+    bundle = Path(bundle)
+    m = read_manifest(bundle)
+    names = _variant_names(m, variants)
+    tok_json = bundle / m["tokenizer"]["dir"] / "tokenizer.json"
+    tw = ev.text_windows(text, tok_json, seq_len, windows) if text else None
+    items = ev.load_choice_tasks(tasks) if tasks else None
+    if items:
+        from tokenizers import Tokenizer
+
+        tk = Tokenizer.from_file(str(tok_json))
+        encode = lambda s: tk.encode(s, add_special_tokens=False).ids
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    entries, rows = [], []
+    for name in names:
+        v = next(x for x in m["variants"] if x["name"] == name)
+        fns = {"onnx": ev.onnx_logits_fn(bundle, m, name)}
+        if reference:
+            q = m["quantization"]
+            fns["torch"] = ev.torch_logits_fn(m["model"]["source"]["path"], v["precisions"],
+                                              q["scheme"], q.get("group_size"), q.get("symmetric", True))
+        row = [name, f"{v['avg_bits']:.2f}"]
+        for kind, fn in fns.items():
+            base = {"variant": name, "provider": "cpu", "engine": kind, "created": now}
+            if tw is not None:
+                r = ev.perplexity(fn, tw, progress=progress.stage(f"eval {name} [{kind}]"))
+                entries.append({**base, "kind": "perplexity", "data": tw.source, "data_sha256": tw.sha256,
+                                "settings": {"seq_len": seq_len, "windows": r["windows"]},
+                                "value": r["perplexity"], "tokens": r["tokens"]})
+                row.append(f"{r['perplexity']:.3f}")
+            if items:
+                r = ev.multiple_choice(fn, encode, items)
+                entries.append({**base, "kind": "multiple_choice", "data": str(tasks),
+                                "data_sha256": ev.file_sha256(tasks), "settings": {},
+                                "value": r["acc"], "acc_norm": r["acc_norm"], "items": r["items"]})
+                row += [f"{r['acc']:.3f}", f"{r['acc_norm']:.3f}"]
+        rows.append(row)
+    ev.record_evaluations(bundle, [e for e in entries if e["engine"] == "onnx"])
+    head = ["variant", "avg bits"]
+    for kind in (["onnx", "torch"] if reference else ["onnx"]):
+        head += ([f"ppl ({kind})"] if tw is not None else []) + ([f"acc ({kind})", f"acc_norm ({kind})"] if items else [])
+    click.echo(_table(head, rows))
+    click.echo(f"results recorded in {bundle / 'manifest.json'} (evaluations)")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--metrics", default="jaccard,cosine,zscore", show_default=True)
+@click.option("--text", type=click.Path(dir_okay=False), required=True, help="evaluation text (WikiText-2 test)")
+@click.option("--calibration", type=click.Path(dir_okay=False), help="calibration text [default: built-in]")
+@click.option("--samples", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--seq-len", type=click.IntRange(2), default=256, show_default=True, help="calibration window")
+@click.option("--k", "k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--final-norm", is_flag=True)
+@click.option("--eval-seq-len", type=click.IntRange(2), default=1024, show_default=True)
+@click.option("--windows", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--reference-windows", type=click.IntRange(0), default=4, show_default=True,
+              help="windows on which each plan is cross-checked against torch (0: skip)")
+@click.option("--budgets", default=None, help="comma list of sizes for the budget table [default: spread over the needs]")
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False), default="docs/results", show_default=True)
+@click.option("--bundles", type=click.Path(file_okay=False), help="where the per-metric bundles go [default: OUTPUT/bundles]")
+@click.option("--force", is_flag=True, help="rebuild bundles even when their scores are unchanged")
+def study(model, metrics, text, calibration, samples, seq_len, k, final_norm, eval_seq_len, windows,
+          reference_windows, budgets, out, bundles, force):
+    """The paper's comparison: perplexity against average bits for each metric's layer order."""
+    from lsaq_runtime.sizes import parse_size
+
+    from .study import run_study
+
+    ms = tuple(m.strip() for m in metrics.split(",") if m.strip())
+    bad = [m for m in ms if m not in METRICS]
+    if bad or not ms:
+        raise LsaqError(f"unknown metric(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METRICS)}")
+    bl = [parse_size(b) for b in budgets.split(",")] if budgets else None
+    d = run_study(model, ms, text, out, bundles, calibration, samples, seq_len, k, final_norm,
+                  eval_seq_len, windows, reference_windows, bl, force)
+    click.echo((d / "report.md").read_text())
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, standalone_mode=False)
-    except LsaqError as e:
+    except (LsaqError, LsaqRuntimeError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:

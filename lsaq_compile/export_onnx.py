@@ -123,8 +123,9 @@ def check_supported(source: ModelSource) -> None:
         raise LsaqError(f"activation {act!r} is not supported (SiLU-gated MLPs only)")
     if cfg.get("mlp_bias") or source.has_tensor("model.layers.0.self_attn.o_proj.bias"):
         raise LsaqError("MLP or o_proj biases are not supported (only q/k/v biases, as in Qwen2)")
-    if spec.head_dim % 2:
-        raise LsaqError(f"head_dim {spec.head_dim} is odd; rotary embedding needs an even one")
+    if spec.head_dim % 16:
+        raise LsaqError(f"head_dim {spec.head_dim} is not a multiple of 16, which ONNX Runtime's "
+                        "GroupQueryAttention requires on CPU")
     if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         raise LsaqError("partial rotary embeddings are not supported")
     rope_inv_freq(spec)  # raises for unsupported RoPE scaling
@@ -369,10 +370,10 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
                           scale=1.0 / math.sqrt(hd), do_rotary=1, rotary_interleaved=0)
         window = _layer_window(spec, i)
         if window:
-            # HF lets a token see `window` positions including itself; ORT's local window
-            # counts the positions before it.
-            attn_attrs["local_window_size"] = window - 1
-        attn = g.op("GroupQueryAttention",
+            # Same meaning as HF's sliding_window: a token sees `window` positions, itself
+            # included (checked against transformers in the tests).
+            attn_attrs["local_window_size"] = window
+        attn, _, _ = g.op("GroupQueryAttention",
                     [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                      "seqlens_k", "total_sequence_length", cos, sin],
                     f"layers.{i}/attn",

@@ -1,0 +1,132 @@
+"""Calibration text for layer scoring: token windows cut from a UTF-8 text file.
+
+Any UTF-8 text works. The text is tokenized once (no special tokens added) and `samples`
+non-overlapping windows of `seq_len` tokens are taken at evenly spaced offsets, so the windows
+cover the whole text and the same file and settings always give the same windows.
+
+The default (no file given) must work offline and must not ship a third-party corpus, so it is
+built from the Python standard library's own documentation: the docstrings of a fixed list of
+pure-Python stdlib modules and their public classes and functions, in a fixed order. That text is
+PSF-licensed and present on every Python install. It is deterministic for a given Python version
+(a different Python may carry slightly different docstrings, which the fingerprint records). It
+is English technical prose, not web text; pass a file (e.g. a C4 sample) to calibrate on text
+closer to what the model will see. WikiText test is an evaluation set: never calibrate on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LsaqError
+
+# Pure-Python modules with long, stable docstrings; C modules carry only one-line docs.
+DEFAULT_MODULES = (
+    "argparse", "ast", "asyncio.events", "asyncio.tasks", "calendar", "collections", "configparser",
+    "contextlib", "csv", "dataclasses", "decimal", "difflib", "email.message", "enum", "fractions",
+    "ftplib", "functools", "gettext", "heapq", "http.client", "http.cookiejar", "imaplib", "inspect",
+    "ipaddress", "json", "logging", "mailbox", "optparse", "pathlib", "pickle", "pydoc", "random",
+    "shlex", "shutil", "smtplib", "statistics", "string", "subprocess", "tarfile", "tempfile",
+    "textwrap", "threading", "tokenize", "typing", "unittest.case", "urllib.parse", "urllib.request",
+    "uuid", "warnings", "zipfile",
+)
+# Bumped whenever the windowing rule changes, so old fingerprints no longer match.
+_WINDOWING = "evenly-spaced-non-overlapping-v1"
+
+
+@dataclass
+class Calibration:
+    windows: np.ndarray  # int64 [samples, seq_len] token ids
+    source: str          # file path, or "builtin:python-X.Y-stdlib-docstrings"
+    sha256: str          # of the text and the windowing settings
+    samples: int
+    seq_len: int
+
+
+def load_tokenizer(source):
+    """The model's fast tokenizer: from the GGUF file's metadata or the HF folder's files."""
+    from transformers import AutoTokenizer
+
+    try:
+        if source.kind == "gguf":
+            return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+        return AutoTokenizer.from_pretrained(str(source.path))
+    except Exception as e:  # transformers raises many types for missing/broken tokenizer files
+        raise LsaqError(f"{source.path}: cannot load the model's tokenizer ({type(e).__name__}: {e}); "
+                        "an HF folder needs tokenizer.json (or tokenizer.model)") from None
+
+
+def default_text() -> str:
+    """Docstrings of DEFAULT_MODULES and their public members, in a fixed order."""
+    parts = []
+    for name in DEFAULT_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:  # a future Python may drop a module; the fingerprint records the text
+            continue
+        parts.append(inspect.getdoc(mod) or "")
+        for attr in sorted(vars(mod)):
+            obj = getattr(mod, attr)
+            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+                continue  # re-exported names would repeat text documented elsewhere
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                parts.append(inspect.getdoc(obj) or "")
+            if inspect.isclass(obj):
+                for meth in sorted(vars(obj)):
+                    m = vars(obj)[meth]
+                    if not meth.startswith("_") and inspect.isfunction(m):
+                        parts.append(inspect.getdoc(m) or "")
+    return "\n\n".join(p for p in parts if p)
+
+
+def _read_text(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise LsaqError(f"{p}: calibration file not found; give a UTF-8 text file "
+                        "(or leave it out to use the built-in text)")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LsaqError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); convert it, e.g. "
+                        f"`iconv -f latin1 -t utf-8 {p.name} > {p.stem}.utf8.txt`") from None
+
+
+def load_calibration(path: str | os.PathLike | None, tokenizer, samples: int = 32,
+                     seq_len: int = 256) -> Calibration:
+    """Cut `samples` windows of `seq_len` tokens from a text file (None: the built-in text).
+
+    `tokenizer` needs `encode(text, add_special_tokens=False) -> list[int]` (any transformers
+    tokenizer, e.g. from `load_tokenizer`).
+    """
+    if samples < 1 or seq_len < 2:
+        raise LsaqError(f"calibration needs samples >= 1 and seq_len >= 2 (got {samples}, {seq_len})")
+    if path is None:
+        text = default_text()
+        source = f"builtin:python-{sys.version_info.major}.{sys.version_info.minor}-stdlib-docstrings"
+        if not text:
+            raise LsaqError("the built-in calibration text is empty: Python runs with -OO, which "
+                            "strips docstrings; run without -OO or pass a calibration file")
+    else:
+        text = _read_text(path)
+        source = str(path)
+    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+    need = samples * seq_len
+    if len(ids) < need:
+        raise LsaqError(
+            f"{source}: {len(ids)} tokens, but {samples} windows x {seq_len} tokens need {need}; "
+            f"use fewer samples (at most {len(ids) // seq_len} at this seq_len), a shorter seq_len "
+            f"(at most {len(ids) // samples}), or a longer text")
+    # Evenly spaced starts: stride >= seq_len, so windows never overlap and span the whole text.
+    stride = len(ids) // samples
+    windows = np.stack([ids[j * stride: j * stride + seq_len] for j in range(samples)])
+    h = hashlib.sha256(text.encode("utf-8"))
+    h.update(f"|{_WINDOWING}|samples={samples}|seq_len={seq_len}".encode())
+    return Calibration(windows=windows, source=source, sha256=h.hexdigest(), samples=samples,
+                       seq_len=seq_len)

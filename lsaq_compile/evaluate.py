@@ -1,0 +1,227 @@
+"""Stage 6: quality of the shipped artifacts — perplexity and multiple-choice log-likelihoods.
+
+Every number comes from running a variant's ONNX graph in ONNX Runtime (the bytes that ship);
+`torch_logits_fn` gives the same plan's dequantized weights in transformers, for cross-checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .errors import LsaqError
+
+LogitsFn = Callable[[np.ndarray], np.ndarray]   # int64 ids [S] -> float32 logits [S, vocab]
+
+
+# ---------------------------------------------------------------- running a bundle's graph
+def onnx_logits_fn(bundle: Path, manifest: dict, variant: str, provider: str = "cpu",
+                   threads: int | None = None) -> LogitsFn:
+    """Full-sequence logits from a variant's graph: one prefill, empty KV cache."""
+    import onnxruntime as ort
+
+    v = next((x for x in manifest["variants"] if x["name"] == variant), None)
+    if v is None:
+        raise LsaqError(f"no variant {variant!r} in {bundle}; have: "
+                        f"{', '.join(x['name'] for x in manifest['variants'])}")
+    g = v["providers"][provider]
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(Path(bundle) / g["graph"]), so,
+                                providers=["CPUExecutionProvider"])
+    m = manifest["model"]
+    dt = np.float32 if g["dtype"] == "float32" else np.float16
+    empty = np.zeros((1, m["num_key_value_heads"], 0, m["head_dim"]), dt)
+    past = {i.name: empty for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+    outputs = ["logits"]
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        s = len(ids)
+        feed = {"input_ids": np.asarray(ids, np.int64)[None],
+                "seqlens_k": np.array([s - 1], np.int32),
+                "total_sequence_length": np.array(s, np.int32),
+                "num_logits_to_keep": np.array(s, np.int64), **past}
+        return sess.run(outputs, feed)[0][0]
+
+    return run
+
+
+def torch_logits_fn(model_path, precisions: list[str], scheme_kind: str = "channel",
+                    group_size: int | None = None, symmetric: bool = True) -> LogitsFn:
+    """The same plan in transformers, with exactly the dequantized weights the graph uses."""
+    import torch
+
+    from .model_source import open_model
+    from .quantize import schemes_for
+    from .reference import reference_model
+
+    model = reference_model(open_model(model_path), precisions,
+                            schemes_for(scheme_kind, group_size, symmetric)).eval()
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.as_tensor(np.asarray(ids, np.int64))[None]).logits[0].float().numpy()
+
+    return run
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64, copy=False)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+# ---------------------------------------------------------------- perplexity
+@dataclass
+class TextWindows:
+    source: str
+    sha256: str        # of the text file
+    seq_len: int
+    windows: np.ndarray  # int64 [n, seq_len]
+    total_tokens: int
+
+
+def text_windows(path: str | os.PathLike, tokenizer_json: Path, seq_len: int = 1024,
+                 windows: int | None = None) -> TextWindows:
+    """Non-overlapping windows of the tokenized text, from its start (the usual WikiText-2 recipe)."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+        text = raw.decode("utf-8")
+    except FileNotFoundError:
+        raise LsaqError(f"{p}: text file not found") from None
+    except UnicodeDecodeError as e:
+        raise LsaqError(f"{p}: not UTF-8 text ({e})") from None
+    ids = Tokenizer.from_file(str(tokenizer_json)).encode(text, add_special_tokens=False).ids
+    n_avail = len(ids) // seq_len
+    n = n_avail if windows is None else min(windows, n_avail)
+    if n < 1 or (windows is not None and windows > n_avail):
+        raise LsaqError(f"{p}: {len(ids)} tokens make {n_avail} windows of {seq_len}; "
+                        f"asked for {windows} — use a longer text, fewer --windows or a smaller --seq-len")
+    arr = np.asarray(ids[: n * seq_len], np.int64).reshape(n, seq_len)
+    return TextWindows(str(p), hashlib.sha256(raw).hexdigest(), seq_len, arr, len(ids))
+
+
+def window_nll(logits_fn: LogitsFn, window: np.ndarray) -> tuple[float, int]:
+    """Sum of -log p(token t+1 | tokens <= t) over a window, and the number of predictions."""
+    lp = _log_softmax(logits_fn(window)[:-1])
+    target = window[1:]
+    return float(-lp[np.arange(len(target)), target].sum()), len(target)
+
+
+def perplexity(logits_fn: LogitsFn, tw: TextWindows, progress=None, limit: int | None = None) -> dict:
+    nll, count = 0.0, 0
+    per_window = []
+    n = len(tw.windows) if limit is None else min(limit, len(tw.windows))
+    t0 = time.perf_counter()
+    for w in range(n):
+        s, c = window_nll(logits_fn, tw.windows[w])
+        nll += s
+        count += c
+        per_window.append(s / c)
+        if progress:
+            progress(f"window {w + 1}/{n}: running ppl {math.exp(nll / count):.3f} "
+                     f"({time.perf_counter() - t0:.0f}s)")
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
+            "windows": n, "per_window_nll": per_window}
+
+
+# ---------------------------------------------------------------- multiple choice
+@dataclass
+class ChoiceItem:
+    context: str
+    choices: list[str]
+    label: int
+
+
+def load_choice_tasks(path: str | os.PathLike) -> list[ChoiceItem]:
+    """JSONL: one {"context": str, "choices": [str, ...], "label": int} per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise LsaqError(f"{p}: task file not found")
+    items = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            item = ChoiceItem(str(d["context"]), [str(c) for c in d["choices"]], int(d["label"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise LsaqError(f"{p}:{n}: expected {{\"context\", \"choices\", \"label\"}} ({e})") from None
+        if not 0 <= item.label < len(item.choices):
+            raise LsaqError(f"{p}:{n}: label {item.label} out of range for {len(item.choices)} choices")
+        items.append(item)
+    if not items:
+        raise LsaqError(f"{p}: no tasks")
+    return items
+
+
+def continuation_loglikelihood(logits_fn: LogitsFn, encode: Callable[[str], list[int]],
+                               context: str, continuation: str) -> tuple[float, bool]:
+    """Sum of log p(continuation tokens | context), split as lm-evaluation-harness does:
+    encode context+continuation whole, the continuation is what follows the context's tokens
+    (a trailing space of the context moves to the continuation). Also: is it the greedy output?"""
+    if context.endswith(" "):
+        n = len(context) - len(context.rstrip(" "))
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = encode(context + continuation)
+    n_ctx = len(encode(context))
+    if n_ctx == 0:
+        raise LsaqError("empty context: multiple-choice scoring needs at least one context token")
+    cont = whole[n_ctx:]
+    lp = _log_softmax(logits_fn(np.asarray(whole, np.int64))[n_ctx - 1: len(whole) - 1])
+    ll = float(lp[np.arange(len(cont)), cont].sum())
+    greedy = bool(np.all(lp.argmax(axis=-1) == np.asarray(cont)))
+    return ll, greedy
+
+
+def multiple_choice(logits_fn: LogitsFn, encode, items: Iterable[ChoiceItem], progress=None) -> dict:
+    """acc: argmax of summed log-likelihood; acc_norm: of log-likelihood per byte (lm-eval)."""
+    items = list(items)
+    correct = correct_norm = 0
+    details = []
+    for n, it in enumerate(items, 1):
+        lls = [continuation_loglikelihood(logits_fn, encode, it.context, c)[0] for c in it.choices]
+        norm = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(lls, it.choices)]
+        correct += int(np.argmax(lls) == it.label)
+        correct_norm += int(np.argmax(norm) == it.label)
+        details.append({"loglikelihoods": lls, "label": it.label})
+        if progress:
+            progress(f"item {n}/{len(items)}")
+    return {"acc": correct / len(items), "acc_norm": correct_norm / len(items),
+            "items": len(items), "details": details}
+
+
+# ---------------------------------------------------------------- results in the bundle
+def record_evaluations(bundle: Path, entries: list[dict]) -> None:
+    """Add results to the manifest's `evaluations` (replacing same kind/variant/text/settings)
+    and rewrite it atomically; the runtime's schema checks the result."""
+    from lsaq_runtime.manifest import validate_manifest
+
+    path = Path(bundle) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    key = lambda e: (e["kind"], e["variant"], e["provider"], e.get("data_sha256"),
+                     json.dumps(e.get("settings", {}), sort_keys=True))
+    new = {key(e) for e in entries}
+    manifest["evaluations"] = [e for e in manifest.get("evaluations", []) if key(e) not in new] + entries
+    validate_manifest(manifest)
+    tmp = path.with_name(f".manifest.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+
+
+def file_sha256(path) -> str:
+    from .model_source import sha256_file
+
+    return sha256_file(path)

@@ -1,0 +1,61 @@
+"""A transformers model with exactly the weights a bundle graph computes with.
+
+Parity tests compare graphs against it, and a torch perplexity cross-check can run on it:
+fp16 layers use weights rounded through float16, int8/int4 layers the dequantized
+`QuantizedTensor` (fp16 scales included), fp32 layers the source weights; embeddings and the
+LM head are fp16-rounded as in the store; norms and biases are the float32 source values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import LsaqError
+from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, check_supported, effective_linear_weight
+from .model_source import LINEAR_NAMES, ModelSource
+from .quantize import QuantScheme
+
+
+def reference_model(source: ModelSource, precisions: list[str],
+                    schemes: dict[str, QuantScheme], dtype: torch.dtype = torch.float32):
+    """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM in eval mode (eager attention)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = source.spec
+    check_supported(source)
+    if len(precisions) != spec.num_layers:
+        raise LsaqError(f"{len(precisions)} precisions given for {spec.num_layers} decoder layers")
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dtype)
+
+    def fp16_rounded(a: np.ndarray) -> torch.Tensor:
+        return t(a.astype(np.float16))
+
+    state = {EMBED: fp16_rounded(source.embedding()), FINAL_NORM: t(source.tensor(FINAL_NORM))}
+    tied = spec.tie_word_embeddings or not source.has_tensor(LM_HEAD)
+    if not tied:
+        state[LM_HEAD] = fp16_rounded(source.tensor(LM_HEAD))
+    linear = {f"{n}.weight" for n in LINEAR_NAMES}
+    for i, p in enumerate(precisions):
+        for name, a in source.layer_tensors(i).items():
+            if name in linear:
+                a = effective_linear_weight(a, p, schemes)
+            state[f"model.layers.{i}.{name}"] = t(a)
+
+    config = spec.to_hf_config()
+    config.tie_word_embeddings = tied
+    # Build on the meta device and adopt the tensors above: no random init, no second copy.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                 dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (tied and k == LM_HEAD)]
+    if missing or unexpected:
+        raise LsaqError(f"reference model: missing {missing}, unexpected {unexpected}")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # Rotary inv_freq is a non-persistent buffer: rebuild it off the meta device.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model.eval()

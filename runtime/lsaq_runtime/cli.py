@@ -1,0 +1,197 @@
+"""`lsaq-run`: generate text from a bundle, or explain which variant would load (--dry-run).
+
+    lsaq-run BUNDLE [PROMPT] [options]     (PROMPT "-" or absent: read stdin)
+    lsaq-run verify BUNDLE                 check every file's sha256
+    lsaq-run inspect BUNDLE                model, variants and files at a glance
+
+User errors print one line and exit 2; there are no tracebacks for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import click
+
+from .errors import LsaqRuntimeError, NoVariantFits
+from .sizes import format_size
+
+SUBCOMMANDS = ("run", "verify", "inspect")
+
+
+class DefaultRunGroup(click.Group):
+    """`lsaq-run BUNDLE ...` means `lsaq-run run BUNDLE ...`; subcommands win by name.
+    (A bundle folder literally named like a subcommand can be given as ./verify.)"""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in SUBCOMMANDS and args[0] not in ("--help", "-h", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def _echo_err(msg: str) -> None:
+    click.echo(f"lsaq-run: {msg}", err=True)
+
+
+@click.group(cls=DefaultRunGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lsaq", message="lsaq-run %(version)s")
+def cli():
+    """Run an LSAQ bundle: load the most precise variant that fits this device and generate.
+
+    lsaq-run BUNDLE [PROMPT] [OPTIONS]  (see `lsaq-run run --help` for the options)"""
+
+
+@cli.command("run")
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
+@click.argument("prompt", required=False)
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=0), default=128, show_default=True)
+@click.option("--context", type=click.IntRange(min=1), default=None,
+              help="KV cache capacity in tokens (prompt + new tokens). Default: the bundle's "
+                   "deployment.context_length.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--memory-budget", envvar="LSAQ_MEMORY_BUDGET", default=None,
+              help="Cap the free memory to plan with (e.g. 6GiB, 512MB). With --dry-run it "
+                   "simulates a device with this much free memory. Env: LSAQ_MEMORY_BUDGET.")
+@click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="If no variant fits, wait up to SECONDS for memory to free up.")
+@click.option("--variant", default=None, help="Load this variant (by name) whatever the plan says.")
+@click.option("--dry-run", is_flag=True, help="Print the decision for every variant; load nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the bundle's chat template.")
+@click.option("--temperature", "-t", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+              show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime.")
+def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait, variant, dry_run,
+            as_json, chat, temperature, top_k, top_p, seed, threads):
+    """Generate a continuation of PROMPT (or print the plan with --dry-run)."""
+    from .model import decide, load, stderr_log
+
+    if dry_run:
+        try:
+            d = decide(bundle, context, memory_budget, device, variant, wait=0, simulate=True)
+        except NoVariantFits as e:
+            _print_decision(e.decision, as_json)
+            raise
+        _print_decision(d, as_json)
+        return
+
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty() and prompt is None:
+            raise LsaqRuntimeError("no PROMPT given; pass it as an argument or pipe it on stdin (PROMPT -)")
+        prompt = sys.stdin.read()
+    t0 = time.perf_counter()
+    model = load(bundle, context, memory_budget, device, variant, wait, threads=threads,
+                 log=stderr_log)
+    t_load = time.perf_counter() - t0
+    stderr_log(f"loaded {model.variant} on {model.device.label} ({model.provider} graph, "
+               f"context {model.context}) in {t_load:.1f}s — {model.reason}")
+    t1 = time.perf_counter()
+    pieces, count = [], 0
+    for piece in model.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat):
+        count += 1
+        if as_json:
+            pieces.append(piece)
+        else:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+    dt = time.perf_counter() - t1
+    if as_json:
+        click.echo(json.dumps({"text": "".join(pieces), "variant": model.variant,
+                               "provider": model.provider, "device": model.device.label,
+                               "context": model.context, "reason": model.reason,
+                               "stop": model.last_stop}))
+    else:
+        click.echo()
+    stderr_log(f"stopped at {model.last_stop}; {dt:.1f}s generating")
+    model.close()
+
+
+def _print_decision(d, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(d.to_json(), indent=1))
+    else:
+        click.echo(d.table())
+
+
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True)
+def verify_cmd(bundle, as_json):
+    """Check the manifest and every file's size and sha256."""
+    from .manifest import verify_bundle
+
+    problems = verify_bundle(bundle)
+    if as_json:
+        click.echo(json.dumps({"bundle": bundle, "ok": not problems, "problems": problems}))
+    if problems:
+        if not as_json:
+            for p in problems:
+                _echo_err(f"error: {p}")
+        raise LsaqRuntimeError(f"{bundle}: {len(problems)} damaged or missing file(s); "
+                               "rebuild or copy the bundle again")
+    if not as_json:
+        click.echo(f"{bundle}: ok (every file matches its size and sha256)")
+
+
+@cli.command("inspect")
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
+def inspect_cmd(bundle):
+    """Model, deployment assumptions, variants and files of a bundle."""
+    from .manifest import load_manifest
+
+    m = load_manifest(bundle)
+    mo, dep = m["model"], m["deployment"]
+    click.echo(f"{mo['name']} ({mo['architecture']}): {mo['num_layers']} layers, hidden "
+               f"{mo['hidden_size']}, vocab {mo['vocab_size']}, max_context {mo['max_context']}")
+    click.echo(f"created by {m.get('created_by', '?')}; deployment: context {dep['context_length']}, "
+               f"batch {dep['batch_size']}")
+    for v in m["variants"]:
+        c = v["layer_counts"]
+        provs = ", ".join(f"{p}: {format_size(i['resident_bytes'])}" for p, i in v["providers"].items())
+        click.echo(f"  {v['name']:<10} fp16 {c['fp16']:>3} int8 {c['int8']:>3} int4 {c['int4']:>3}  "
+                   f"{v['avg_bits']:.2f} bits  resident {provs}")
+    total = sum(f["bytes"] for f in m["files"])
+    click.echo(f"{len(m['files'])} files, {format_size(total)}")
+
+
+def _report_peak() -> None:
+    # For benchmarks/bench_memory.py: the process's peak resident set size, in bytes.
+    if os.environ.get("LSAQ_REPORT_PEAK"):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(f"lsaq-peak-rss-bytes: {peak}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    code = 0
+    try:
+        cli.main(args=argv, prog_name="lsaq-run", standalone_mode=False)
+    except LsaqRuntimeError as e:
+        _echo_err(f"error: {e}")
+        code = 2
+    except click.exceptions.Abort:
+        _echo_err("aborted")
+        code = 130
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except KeyboardInterrupt:
+        _echo_err("interrupted")
+        code = 130
+    except BrokenPipeError:  # `lsaq-run ... | head`
+        code = 0
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    _report_peak()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

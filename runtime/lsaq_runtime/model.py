@@ -1,0 +1,201 @@
+"""`load()` a bundle onto the best device and variant, and the `Model` that generates with it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import LsaqRuntimeError
+from .manifest import load_manifest, verify_file
+from .planner import Decision, plan_or_wait
+from .probe import Device, choose_device, cuda_provider_available, probe_gpus, probe_host
+from .sampling import Sampler
+from .session import Runner, create_session, warn
+from .sizes import parse_size
+from .text import StreamDecoder, TextCodec
+
+BUDGET_ENV = "LSAQ_MEMORY_BUDGET"
+
+
+class Model:
+    """A loaded variant. `variant`, `provider` and `decision` (table + reason) say what and why."""
+
+    def __init__(self, bundle: Path, manifest: dict, decision: Decision, runner: Runner,
+                 codec: TextCodec):
+        self.bundle, self.manifest, self.decision = bundle, manifest, decision
+        self.variant: str = decision.chosen
+        self.provider: str = decision.provider          # "cpu" or "cuda"
+        self.device: Device = decision.device
+        self.context: int = decision.context            # KV cache capacity in tokens
+        self.codec = codec
+        self._runner = runner
+        self.last_stop: str | None = None                # eos | max_new_tokens | context
+
+    @property
+    def reason(self) -> str:
+        return self.decision.reason
+
+    # -- text ------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
+        text = self.codec.apply_chat_template(prompt) if chat else prompt
+        if not isinstance(text, str):
+            raise LsaqRuntimeError("a prompt must be a string (a list of messages needs chat=True)")
+        ids = self.codec.encode(text)
+        if not ids:
+            raise LsaqRuntimeError("the prompt is empty")
+        return ids
+
+    def stream(self, prompt: str | list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               chat: bool = False) -> Iterator[str]:
+        """Text pieces of the continuation as they are generated."""
+        sampler = Sampler(temperature, top_k, top_p, seed)
+        dec = StreamDecoder(self.codec)
+        for tok in self.generate_ids(self.encode(prompt, chat), max_new_tokens, sampler):
+            piece = dec.push(tok)
+            if piece:
+                yield piece
+        tail = dec.flush()
+        if tail:
+            yield tail
+
+    def generate(self, prompt: str | list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 chat: bool = False) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat))
+
+    # -- tokens ----------------------------------------------------------------------------
+    def generate_ids(self, ids: list[int], max_new_tokens: int = 128,
+                     sampler: Sampler | Callable[[np.ndarray], int] | None = None) -> Iterator[int]:
+        """New token ids: one prefill call for the prompt, then one call per token.
+
+        Stops at an EOS id (not yielded), after max_new_tokens, or when the context is full;
+        `last_stop` says which."""
+        sampler = sampler or Sampler()
+        ids = list(ids)
+        if len(ids) >= self.context:
+            raise LsaqRuntimeError(f"the prompt is {len(ids)} tokens but the context is "
+                                   f"{self.context}; load with a larger --context")
+        self.last_stop = "max_new_tokens"
+        logits = self._runner.run(ids, 0, 1)[-1]
+        pos = len(ids)
+        for i in range(max_new_tokens):
+            tok = sampler(logits)
+            if tok in self.codec.eos_ids:
+                self.last_stop = "eos"
+                return
+            yield tok
+            if i + 1 == max_new_tokens:
+                return
+            if pos + 1 > self.context:  # no room to feed this token back
+                self.last_stop = "context"
+                return
+            logits = self._runner.run([tok], pos, 1)[-1]
+            pos += 1
+
+    def forward(self, ids: list[int], past_len: int = 0, keep: int = 1) -> np.ndarray:
+        """Low level: append `ids` after `past_len` cached tokens; logits [keep, vocab] (a copy)."""
+        return self._runner.run(ids, past_len, keep).copy()
+
+    def score_tokens(self, ids: list[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] (float32) for every position, from one prefill with an empty
+        cache: row t predicts token t+1. For evaluation (perplexity, likelihoods)."""
+        ids = list(ids)
+        if not ids:
+            raise LsaqRuntimeError("score_tokens needs at least one token")
+        return self.forward(ids, 0, len(ids))
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<lsaq Model {self.manifest['model']['name']} variant={self.variant} "
+                f"provider={self.provider} context={self.context}>")
+
+
+def resolve_budget(memory_budget) -> int | None:
+    if memory_budget is None:
+        memory_budget = os.environ.get(BUDGET_ENV) or None
+        if memory_budget is None:
+            return None
+    return parse_size(memory_budget)
+
+
+def _reprobe(device: Device) -> Callable[[], Device]:
+    """A probe of the same device, for waiting until memory frees up."""
+    if device.kind == "cpu":
+        return probe_host
+
+    def again() -> Device:
+        for g in probe_gpus():
+            if g.index == device.index:
+                return g
+        return device
+    return again
+
+
+def decide(bundle, context: int | None = None, memory_budget=None, device: str = "auto",
+           variant: str | None = None, wait: float = 0, simulate: bool = False,
+           log: Callable[[str], None] | None = None, manifest: dict | None = None) -> Decision:
+    """The plan `load` would follow, without loading anything (what --dry-run prints)."""
+    manifest = manifest or load_manifest(bundle)
+    budget = resolve_budget(memory_budget)
+    dev, notes = choose_device(device, cuda_available=cuda_provider_available())
+    if dev.kind == "cuda" and not any("cuda" in v["providers"] for v in manifest["variants"]):
+        if device != "auto":
+            raise LsaqRuntimeError(f"--device {device}: this bundle has no cuda graphs "
+                                   "(built with build.providers = [\"cpu\"]); use --device cpu")
+        notes.append("this bundle has no cuda graphs; using the host")
+        dev = probe_host()
+    d = plan_or_wait(manifest, _reprobe(dev), wait, log=log, context=context, variant=variant,
+                     budget=budget, simulate=simulate)
+    d.notes[:0] = notes
+    return d
+
+
+def load(bundle, context: int | None = None, memory_budget=None, device: str = "auto",
+         variant: str | None = None, wait: float = 0, threads: int | None = None,
+         log: Callable[[str], None] | None = None) -> Model:
+    """Load the most precise variant of `bundle` that fits the chosen device.
+
+    context: KV cache capacity in tokens (default: manifest deployment.context_length).
+    memory_budget: '6GiB', bytes, or None (then $LSAQ_MEMORY_BUDGET); caps the free memory.
+    device: auto | cpu | cuda | cuda:N.  variant: force one by name.  wait: seconds to wait for
+    memory to free up when nothing fits.  log: where progress lines go (default: nowhere)."""
+    root = Path(bundle)
+    manifest = load_manifest(root)                      # schema, version, every file's size
+    codec = TextCodec(root, manifest)                   # fail on a bad tokenizer before loading
+    d = decide(root, context, memory_budget, device, variant, wait, log=log, manifest=manifest)
+    for n in d.notes:
+        log and log(f"note: {n}")
+    info = next(v for v in manifest["variants"] if v["name"] == d.chosen)["providers"][d.provider]
+    verify_file(root, manifest, info["graph"])          # the graph we are about to trust
+    session = create_session(root / info["graph"], d.provider, d.device.index, threads)
+    if d.provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        # onnxruntime-gpu falls back to CPU silently when CUDA/cuDNN libraries are missing.
+        warn(f"ONNX Runtime could not use CUDA on {d.device.label} (CUDA or cuDNN libraries "
+             "missing or mismatched?); re-planning for host memory with the CPU graph")
+        del session
+        d = decide(root, context, memory_budget, "cpu", variant, wait, log=log, manifest=manifest)
+        d.notes.append("CUDA was requested but ONNX Runtime fell back to CPU")
+        info = next(v for v in manifest["variants"] if v["name"] == d.chosen)["providers"]["cpu"]
+        verify_file(root, manifest, info["graph"])
+        session = create_session(root / info["graph"], "cpu", None, threads)
+    runner = Runner(session, manifest, info["dtype"], d.context, d.provider, d.device.index)
+    return Model(root, manifest, d, runner, codec)
+
+
+def stderr_log(msg: str) -> None:
+    print(f"lsaq-run: {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,170 @@
+"""What memory the device has free right now: GPUs through NVML, the host through /proc/meminfo.
+
+Only free memory matters for planning; totals are shown for context. `index` of a GPU is its
+CUDA ordinal after CUDA_VISIBLE_DEVICES, which is what ONNX Runtime's `device_id` means.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+
+from .errors import LsaqRuntimeError
+from .sizes import format_size
+
+
+@dataclass
+class Device:
+    kind: str                # "cpu" or "cuda"
+    index: int | None        # CUDA ordinal as ONNX Runtime sees it; None for the host
+    name: str
+    total_bytes: int
+    free_bytes: int
+    source: str              # where free_bytes came from: nvml, meminfo, psutil
+
+    @property
+    def label(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+    def describe(self) -> str:
+        return (f"{self.label} ({self.name}): {format_size(self.free_bytes)} free of "
+                f"{format_size(self.total_bytes)}")
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"label": self.label}
+
+
+def _visible(entries: str | None, count: int, uuids: list[str]) -> list[int]:
+    """NVML indices visible to CUDA, in CUDA ordinal order.
+
+    Like CUDA itself, the list stops at the first entry that matches no device; entries may be
+    indices or (prefixes of) UUIDs such as GPU-8f2c...; an empty value hides every GPU."""
+    if entries is None:
+        return list(range(count))
+    out: list[int] = []
+    for raw in entries.split(","):
+        e = raw.strip()
+        if re.fullmatch(r"\d+", e):
+            i = int(e)
+            if i >= count:
+                break
+        elif e.startswith("GPU-") or re.fullmatch(r"[0-9a-fA-F-]{6,}", e):
+            want = e if e.startswith("GPU-") else "GPU-" + e
+            hits = [i for i, u in enumerate(uuids) if u.lower().startswith(want.lower())]
+            if len(hits) != 1:
+                break
+            i = hits[0]
+        else:
+            break
+        if i in out:  # CUDA rejects duplicates the same way
+            break
+        out.append(i)
+    return out
+
+
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def probe_gpus(nvml=None, environ=None) -> list[Device]:
+    """GPUs visible to this process, or [] when there is no NVML library, driver or GPU."""
+    environ = os.environ if environ is None else environ
+    if nvml is None:
+        try:
+            import pynvml as nvml  # from nvidia-ml-py; optional
+        except ImportError:
+            return []
+    try:
+        nvml.nvmlInit()
+    except Exception:  # NVMLError_LibraryNotFound / DriverNotLoaded: no usable GPU here
+        return []
+    try:
+        count = nvml.nvmlDeviceGetCount()
+        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        uuids = [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles]
+        devices = []
+        for ordinal, i in enumerate(_visible(environ.get("CUDA_VISIBLE_DEVICES"), count, uuids)):
+            mem = nvml.nvmlDeviceGetMemoryInfo(handles[i])
+            devices.append(Device("cuda", ordinal, _text(nvml.nvmlDeviceGetName(handles[i])),
+                                  int(mem.total), int(mem.free), "nvml"))
+        return devices
+    except Exception:
+        return []
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def probe_host(meminfo: str = "/proc/meminfo") -> Device:
+    """Host memory available to a new allocation without swapping (MemAvailable)."""
+    try:
+        fields = {}
+        with open(meminfo) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                fields[key] = int(rest.split()[0]) * 1024
+        return Device("cpu", None, "host memory", fields["MemTotal"], fields["MemAvailable"], "meminfo")
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        raise LsaqRuntimeError("cannot read free host memory (no /proc/meminfo and no psutil); "
+                               "give it with --memory-budget SIZE") from None
+    vm = psutil.virtual_memory()
+    return Device("cpu", None, "host memory", int(vm.total), int(vm.available), "psutil")
+
+
+def parse_device(text: str) -> tuple[str, int | None]:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> (kind, index)."""
+    t = (text or "auto").strip().lower()
+    if t in ("auto", "cpu"):
+        return t, None
+    m = re.fullmatch(r"(?:cuda|gpu)(?::(\d+))?", t)
+    if not m:
+        raise LsaqRuntimeError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N")
+    return "cuda", int(m.group(1)) if m.group(1) else None
+
+
+def choose_device(device: str = "auto", gpus: list[Device] | None = None,
+                  host=probe_host, cuda_available: bool = True) -> tuple[Device, list[str]]:
+    """The device to plan for, plus notes explaining the choice.
+
+    auto: the visible GPU with the most free memory if ONNX Runtime can use CUDA, else the host."""
+    kind, index = parse_device(device)
+    notes: list[str] = []
+    if kind == "cpu":
+        return host(), notes
+    gpus = probe_gpus() if gpus is None else gpus
+    if kind == "cuda":
+        if not gpus:
+            raise LsaqRuntimeError(f"--device {device}: no GPU visible (NVML found none; check the "
+                                   "driver and CUDA_VISIBLE_DEVICES) — use --device cpu")
+        if not cuda_available:
+            raise LsaqRuntimeError(f"--device {device}: this onnxruntime has no CUDA provider; "
+                                   "install onnxruntime-gpu in place of onnxruntime, or use --device cpu")
+        if index is None:
+            return max(gpus, key=lambda d: d.free_bytes), notes
+        for g in gpus:
+            if g.index == index:
+                return g, notes
+        raise LsaqRuntimeError(f"--device {device}: no such GPU; visible: "
+                               + ", ".join(g.label for g in gpus))
+    if gpus and cuda_available:
+        best = max(gpus, key=lambda d: d.free_bytes)
+        if len(gpus) > 1:
+            notes.append(f"{best.label} has the most free memory of {len(gpus)} GPUs")
+        return best, notes
+    if gpus:
+        notes.append("a GPU is present but this onnxruntime has no CUDA provider "
+                     "(install onnxruntime-gpu); using the host")
+    return host(), notes
+
+
+def cuda_provider_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()

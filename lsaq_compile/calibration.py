@@ -29,13 +29,13 @@ from .errors import LsaqError
 
 # Pure-Python modules with long, stable docstrings; C modules carry only one-line docs.
 DEFAULT_MODULES = (
-    "argparse", "ast", "asyncio.events", "asyncio.tasks", "calendar", "collections", "configparser",
-    "contextlib", "csv", "dataclasses", "decimal", "difflib", "email.message", "enum", "fractions",
-    "ftplib", "functools", "gettext", "heapq", "http.client", "http.cookiejar", "imaplib", "inspect",
-    "ipaddress", "json", "logging", "mailbox", "optparse", "pathlib", "pickle", "pydoc", "random",
-    "shlex", "shutil", "smtplib", "statistics", "string", "subprocess", "tarfile", "tempfile",
-    "textwrap", "threading", "tokenize", "typing", "unittest.case", "urllib.parse", "urllib.request",
-    "uuid", "warnings", "zipfile",
+    "argparse", "ast", "asyncio.events", "asyncio.tasks", "calendar", "collections",
+    "configparser", "contextlib", "csv", "dataclasses", "decimal", "difflib", "email.message",
+    "enum", "fractions", "ftplib", "functools", "gettext", "heapq", "http.client",
+    "http.cookiejar", "imaplib", "inspect", "ipaddress", "json", "logging", "mailbox", "optparse",
+    "pathlib", "pickle", "pydoc", "random", "shlex", "shutil", "smtplib", "statistics", "string",
+    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tokenize", "queue", "sched",
+    "unittest.case", "urllib.parse", "urllib.request", "uuid", "warnings", "zipfile",
 )
 # Bumped whenever the windowing rule changes, so old fingerprints no longer match.
 _WINDOWING = "evenly-spaced-non-overlapping-v1"
@@ -56,11 +56,13 @@ def load_tokenizer(source):
 
     try:
         if source.kind == "gguf":
-            return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+            return AutoTokenizer.from_pretrained(str(source.path.parent),
+                                                 gguf_file=source.path.name)
         return AutoTokenizer.from_pretrained(str(source.path))
     except Exception as e:  # transformers raises many types for missing/broken tokenizer files
-        raise LsaqError(f"{source.path}: cannot load the model's tokenizer ({type(e).__name__}: {e}); "
-                        "an HF folder needs tokenizer.json (or tokenizer.model)") from None
+        raise LsaqError(f"{source.path}: cannot load the model's tokenizer "
+                        f"({type(e).__name__}: {e}); an HF folder needs tokenizer.json "
+                        "(or tokenizer.model)") from None
 
 
 def default_text() -> str:
@@ -106,10 +108,12 @@ def load_calibration(path: str | os.PathLike | None, tokenizer, samples: int = 3
     tokenizer, e.g. from `load_tokenizer`).
     """
     if samples < 1 or seq_len < 2:
-        raise LsaqError(f"calibration needs samples >= 1 and seq_len >= 2 (got {samples}, {seq_len})")
+        raise LsaqError(f"calibration needs samples >= 1 and seq_len >= 2 "
+                        f"(got {samples}, {seq_len})")
     if path is None:
         text = default_text()
-        source = f"builtin:python-{sys.version_info.major}.{sys.version_info.minor}-stdlib-docstrings"
+        v = sys.version_info
+        source = f"builtin:python-{v.major}.{v.minor}-stdlib-docstrings"
         if not text:
             raise LsaqError("the built-in calibration text is empty: Python runs with -OO, which "
                             "strips docstrings; run without -OO or pass a calibration file")

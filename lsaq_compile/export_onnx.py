@@ -9,7 +9,10 @@ Graph per decoder layer (ORT fused ops, activation dtype T = float32 for CPU, fl
   SkipSimplifiedLayerNormalization (residual add + RMSNorm) -> q/k/v projections ->
   GroupQueryAttention (rotary inside, KV cache in/out) -> o_proj -> SkipSimplifiedLayerNorm ->
   SiLU-gated MLP.
-Projections are MatMul over [K, N] weights (fp16/fp32) or MatMulNBits (int8/int4).
+Projections are MatMul over [K, N] weights (fp16/fp32) or MatMulNBits (int8/int4). The LM head
+is Gemm(transB=1) over the fp16 [vocab, hidden] table, shared with the embedding Gather when
+tied. Mistral's sliding window becomes GQA's local_window_size (same meaning, tested).
+GQA on CPU needs head_dim % 16 == 0; past/present may share one preallocated buffer (tested).
 """
 
 from __future__ import annotations
@@ -215,7 +218,7 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
     plan: dict[str, list[str]] = defaultdict(list)
     plan[FLOAT_FILE] += [EMBED] + ([LM_HEAD] if untied else []) + [FINAL_NORM, INV_FREQ]
     for i in range(spec.num_layers):
-        plan[FLOAT_FILE] += [norm_key(i, "input_layernorm"), norm_key(i, "post_attention_layernorm")]
+        plan[FLOAT_FILE] += [norm_key(i, n) for n in ("input_layernorm", "post_attention_layernorm")]
         plan[FLOAT_FILE] += [bias_key(i, p) for p in biases]
         for p in sorted(layer_precisions[i]):
             for lin in LINEAR_NAMES:
@@ -294,7 +297,7 @@ class _GraphBuilder:
         arr = np.asarray(values, dtype=dtype)
         return self.op("Constant", [], hint, value=onnx.numpy_helper.from_array(arr))
 
-    def weight(self, key: str, use: str = "direct", shape: tuple[int, ...] | None = None) -> str:
+    def weight(self, key: str, use: str = "direct") -> str:
         """An external initializer pointing into the store (named by its store key)."""
         ref = self.index.get(key)
         if ref is None:
@@ -304,7 +307,7 @@ class _GraphBuilder:
             t = TensorProto()
             t.name = key
             t.data_type = _ONNX_DTYPES[ref.dtype]
-            t.dims.extend(shape or ref.shape)
+            t.dims.extend(ref.shape)
             t.data_location = TensorProto.EXTERNAL
             for k, v in (("location", ref.file), ("offset", str(ref.offset)),
                          ("length", str(ref.length))):
@@ -359,7 +362,7 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
     cos, sin = _rotary_cache(g, spec, max_context)
 
     x = g.op("Gather", [g.weight(EMBED), "input_ids"], "embed", axis=0)
-    if dtype != "float16":
+    if dtype == "float32":
         x = g.op("Cast", [x], "embed_T", to=T)
     h = _rms_norm(g, x, norm_key(0, "input_layernorm"), eps)
     residual = x
@@ -373,18 +376,20 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
             # Same meaning as HF's sliding_window: a token sees `window` positions, itself
             # included (checked against transformers in the tests).
             attn_attrs["local_window_size"] = window
-        attn, _, _ = g.op("GroupQueryAttention",
-                    [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                     "seqlens_k", "total_sequence_length", cos, sin],
-                    f"layers.{i}/attn",
-                    outputs=[g.fresh(f"layers.{i}/attn"), f"present.{i}.key", f"present.{i}.value"],
-                    domain="com.microsoft", **attn_attrs)
+        attn, _, _ = g.op(
+            "GroupQueryAttention",
+            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+             "total_sequence_length", cos, sin], f"layers.{i}/attn",
+            outputs=[g.fresh(f"layers.{i}/attn"), f"present.{i}.key", f"present.{i}.value"],
+            domain="com.microsoft", **attn_attrs)
         o = _linear(g, attn, i, "self_attn.o_proj", p, spec)
         h, residual = _skip_norm(g, o, residual, norm_key(i, "post_attention_layernorm"), eps)
         gate = _linear(g, h, i, "mlp.gate_proj", p, spec)
         up = _linear(g, h, i, "mlp.up_proj", p, spec)
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"layers.{i}/sigmoid")], f"layers.{i}/silu")
-        down = _linear(g, g.op("Mul", [act, up], f"layers.{i}/gated"), i, "mlp.down_proj", p, spec)
+        silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"layers.{i}/sigmoid")],
+                    f"layers.{i}/silu")
+        gated = g.op("Mul", [silu, up], f"layers.{i}/gated")
+        down = _linear(g, gated, i, "mlp.down_proj", p, spec)
         last = i + 1 == spec.num_layers
         h, residual = _skip_norm(g, down, residual,
                                  FINAL_NORM if last else norm_key(i + 1, "input_layernorm"), eps,
@@ -395,9 +400,9 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
 
     # Keep the last n positions (n = 0 keeps all, as in transformers).
     n = g.op("Unsqueeze", ["num_logits_to_keep", g.const([0], np.int64, "axis0")], "n")
-    last_h = g.op("Slice", [h, g.op("Neg", [n], "neg_n"), g.const([np.iinfo(np.int64).max],
-                                                                np.int64, "end"),
-                            g.const([1], np.int64, "axis1")], "last_hidden")
+    end = g.const([np.iinfo(np.int64).max], np.int64, "end")
+    last_h = g.op("Slice", [h, g.op("Neg", [n], "neg_n"), end, g.const([1], np.int64, "axis1")],
+                  "last_hidden")
     flat = g.op("Reshape", [last_h, g.const([-1, spec.hidden_size], np.int64, "flat_shape")],
                 "flat_hidden")
     head = EMBED if spec.tie_word_embeddings or LM_HEAD not in index else LM_HEAD

@@ -76,7 +76,8 @@ def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: Hidde
     table = as_tensor(source.embedding())
     if int(ids.max()) >= table.shape[0]:
         raise LsaqError(f"calibration token id {int(ids.max())} is outside the model's "
-                        f"{table.shape[0]}-row embedding; was it tokenized with this model's tokenizer?")
+                        f"{table.shape[0]}-row embedding; was it tokenized with this model's "
+                        "tokenizer?")
     hidden = table[ids]
     del table  # only the gathered rows are needed from here on
     positions = torch.arange(seq_len)[None]

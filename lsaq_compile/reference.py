@@ -28,7 +28,8 @@ def reference_model(source: ModelSource, precisions: list[str],
         raise LsaqError(f"{len(precisions)} precisions given for {spec.num_layers} decoder layers")
 
     def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dtype)
+        # A copy: source arrays may be read-only memory maps.
+        return torch.from_numpy(np.array(a, dtype=np.float32)).to(dtype)
 
     def fp16_rounded(a: np.ndarray) -> torch.Tensor:
         return t(a.astype(np.float16))

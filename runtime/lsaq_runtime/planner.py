@@ -47,6 +47,7 @@ class Decision:
     reason: str
     forced: bool = False
     notes: list[str] = field(default_factory=list)
+    manifest: dict = field(default=None, repr=False)
 
     @property
     def chosen_row(self) -> Row | None:
@@ -101,8 +102,10 @@ def ordered_variants(manifest: dict) -> tuple[list[dict], list[str]]:
 
 
 def resolve_context(manifest: dict, context: int | None) -> int:
-    ctx = manifest["deployment"]["context_length"] if context is None else int(context)
     cap = manifest["model"]["max_context"]
+    if context is None:  # the profile's assumption, but never past what the graphs support
+        return min(manifest["deployment"]["context_length"], cap)
+    ctx = int(context)
     if ctx < 1:
         raise LsaqRuntimeError(f"--context must be at least 1 (got {ctx})")
     if ctx > cap:
@@ -157,7 +160,8 @@ def plan(manifest: dict, device: Device, context: int | None = None, batch: int 
     rows = [estimate(manifest, v, provider, ctx, batch) for v in variants]
     for r in rows:
         r.fits = r.need_bytes is not None and r.need_bytes <= free
-    d = Decision(device, provider, ctx, batch, free, budget, rows, None, "", notes=notes)
+    d = Decision(device, provider, ctx, batch, free, budget, rows, None, "", notes=notes,
+                 manifest=manifest)
 
     if variant is not None:
         row = next((r for r in rows if r.name == variant), None)
@@ -195,17 +199,29 @@ def no_fit_message(d: Decision, waited: float | None = None) -> str:
            f"{d.context} but {d.device.label} has {format_size(d.free_bytes)} free")
     if waited is not None:
         msg += f" after waiting {waited:.0f}s"
-    kv = row.kv_bytes / max(d.context, 1)
-    fixed = smallest - row.kv_bytes
     hints = []
-    if kv and fixed < d.free_bytes:
-        hints.append("a smaller --context")
-    hints += ["free memory on the device", "--wait SECONDS to wait for it"]
+    ctx = _largest_fitting_context(d, row)
+    if ctx:
+        hints.append(f"--context {ctx} or less")
+    hints += ["freeing memory on the device", "--wait SECONDS to wait for it"]
     if d.budget_bytes is not None and d.budget_bytes < smallest:
         hints = ["a larger --memory-budget"] + hints[:1]
     if d.provider == "cuda":
         hints.append("--device cpu")
     return msg + "; try " + ", ".join(hints)
+
+
+def _largest_fitting_context(d: Decision, row: Row) -> int | None:
+    """Largest context at which `row`'s variant fits d.free_bytes (need grows with context)."""
+    m, v = d.manifest, next(v for v in d.manifest["variants"] if v["name"] == row.name)
+    fits = lambda c: estimate(m, v, d.provider, c, d.batch).need_bytes <= d.free_bytes  # noqa: E731
+    if not fits(1):
+        return None
+    lo, hi = 1, d.context
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def plan_or_wait(manifest: dict, probe: Callable[[], Device], wait: float = 0, *,

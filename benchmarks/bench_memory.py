@@ -1,0 +1,125 @@
+"""Predicted vs measured memory of `lsaq-run --device cpu` (a benchmark, not a test).
+
+For each variant (FP16, INT8, smallest mix) and context (512, 2048) it runs lsaq-run in a fresh
+process with a prompt that fills the context (prompt = context - new tokens) and reads the child's
+peak resident set size from os.wait4. The KV cache is allocated and touched for the whole context
+at load, and the prefill of a context-length prompt exercises the largest workspace, so the
+measurement covers everything the prediction counts.
+
+    python benchmarks/bench_memory.py --bundle BUNDLE     (without --bundle: builds the default
+                                                          model's bundle once into --cache)
+The prediction is the planner's need without the safety margin; the goal is |ratio - 1| <= 15%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "runtime"), str(REPO)]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), str(REPO)])}
+TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+
+from lsaq_runtime import decide, load_manifest  # noqa: E402
+from lsaq_runtime.planner import precision_key  # noqa: E402
+from lsaq_runtime.sizes import format_size  # noqa: E402
+from lsaq_runtime.text import TextCodec  # noqa: E402
+
+
+def ensure_bundle(path: Path | None, cache: Path) -> Path:
+    if path:
+        return path
+    if not (cache / "manifest.json").is_file():
+        print(f"building the default bundle into {cache} (once)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "lsaq_compile.cli", "build", "-o", str(cache), "--force"],
+                       check=True, env=ENV)
+    return cache
+
+
+def prompt_of(codec: TextCodec, tokens: int) -> tuple[str, int]:
+    """Text that encodes to at most `tokens` tokens (as close as re-tokenization allows)."""
+    source = TEXT.read_text(encoding="utf-8") if TEXT.is_file() else "The quick brown fox. " * 20000
+    ids = codec.encode(source[: tokens * 12])
+    k = tokens
+    while True:
+        text = codec.decode(ids[:k])
+        n = len(codec.encode(text))
+        if n <= tokens:
+            return text, n
+        k -= n - tokens
+
+
+def measure(bundle: Path, variant: str, context: int, prompt: str, new_tokens: int) -> tuple[int, float, str]:
+    """Peak RSS (bytes) of one lsaq-run process, its wall time, and its stderr."""
+    cmd = [sys.executable, "-m", "lsaq_runtime.cli", str(bundle), "-", "--device", "cpu",
+           "--variant", variant, "--context", str(context), "--max-new-tokens", str(new_tokens)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.TemporaryFile() as inp:
+        inp.write(prompt.encode())
+        inp.seek(0)
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdin=inp, stdout=out, stderr=err, env=ENV)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    if p.returncode != 0:
+        raise SystemExit(f"lsaq-run failed ({p.returncode}) for {variant} @ {context}:\n{stderr}")
+    return usage.ru_maxrss * 1024, wall, stderr  # Linux reports KiB
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, help="bundle folder (default: build the default model's)")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lsaq-bench-bundle")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--variants", nargs="+", default=None, help="default: fp16 int8 and the smallest mix")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args(argv)
+
+    bundle = ensure_bundle(args.bundle, args.cache)
+    m = load_manifest(bundle)
+    codec = TextCodec(bundle, m)
+    ordered = [v["name"] for v in sorted(m["variants"], key=precision_key)]
+    variants = args.variants or ["fp16", "int8", ordered[-1]]
+
+    rows = []
+    print(f"bundle {bundle} ({m['model']['name']}); prompt fills context - {args.new_tokens} tokens, "
+          f"then {args.new_tokens} new tokens; KV allocated for the full context at load")
+    head = f"{'variant':<9} {'context':>7} {'tokens':>7} {'predicted':>10} {'measured':>10} {'ratio':>6}  ok"
+    print(head)
+    print("-" * len(head))
+    for ctx in args.contexts:
+        prompt, n_prompt = prompt_of(codec, ctx - args.new_tokens)
+        for v in variants:
+            d = decide(bundle, context=ctx, device="cpu", variant=v, memory_budget="1TiB",
+                       simulate=True, manifest=m)
+            predicted = d.chosen_row.predicted_bytes
+            peak, wall, _ = measure(bundle, v, ctx, prompt, args.new_tokens)
+            ratio = peak / predicted
+            ok = abs(ratio - 1) <= 0.15
+            rows.append({"variant": v, "context": ctx, "prompt_tokens": n_prompt,
+                         "predicted_bytes": predicted, "measured_peak_rss_bytes": peak,
+                         "ratio": round(ratio, 4), "within_15pct": ok, "wall_s": round(wall, 2),
+                         "breakdown": {k: getattr(d.chosen_row, k) for k in
+                                       ("resident_bytes", "kv_bytes", "workspace_bytes", "overhead_bytes")}})
+            print(f"{v:<9} {ctx:>7} {n_prompt + args.new_tokens:>7} {format_size(predicted):>10} "
+                  f"{format_size(peak):>10} {ratio:>6.3f}  {'yes' if ok else 'NO'}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    bad = [r for r in rows if not r["within_15pct"]]
+    print(f"{len(rows) - len(bad)}/{len(rows)} rows within ±15%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Bar charts of layer importance (PNG via matplotlib's Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+
+from .importance import Scores
+
+_YLABELS = {
+    "jaccard": "1 − mean Jaccard(top-k)",
+    "cosine": "1 − mean cosine(in, out)",
+    "zscore": "share of |z| > 1 weights",
+}
+
+
+def plot_importance(scores: dict[str, Scores] | Scores, path: str | os.PathLike) -> None:
+    """One panel per metric (their scales differ), layers on a shared x axis; the least
+    important layer of each metric is drawn in a contrasting colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_metric = {scores.metric: scores} if isinstance(scores, Scores) else dict(scores)
+    n = len(by_metric)
+    first = next(iter(by_metric.values()))
+    L = len(first.importance)
+    fig, axes = plt.subplots(n, 1, figsize=(max(6.0, 0.3 * L + 2), 2.6 * n + 0.6), sharex=True,
+                             squeeze=False)
+    for ax, (metric, s) in zip(axes[:, 0], by_metric.items()):
+        colors = ["C3" if i == s.order[0] else "C0" for i in range(L)]
+        ax.bar(range(L), s.importance, color=colors)
+        params = ", ".join(f"{k}={v}" for k, v in s.params.items() if k in ("k", "final_norm"))
+        ax.set_title(f"{metric}" + (f" ({params})" if params else "")
+                     + f" — least important: layer {s.order[0]}", fontsize=10)
+        ax.set_ylabel(_YLABELS.get(metric, "importance"), fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1, 0].set_xlabel("decoder layer")
+    axes[-1, 0].set_xticks(range(L))
+    axes[-1, 0].tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"Layer importance: {first.model.get('name', 'model')} ({L} layers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,460 @@
+"""Weight store + ONNX graphs against transformers, on tiny random Llama / Mistral / Qwen2 models.
+
+Every graph is checked with onnx.checker (full check), loaded in ONNX Runtime (CPU), and run as
+a prefill of 10 tokens followed by 8 decode steps that feed `present` back as `past`; its logits
+are compared with transformers run over all 18 tokens at once.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors import safe_open
+
+from lsaq_compile.errors import LsaqError
+from lsaq_compile.export_onnx import (
+    EMBED, LM_HEAD, build_graph, effective_linear_weight, linear_keys, rope_inv_freq, save_graph,
+    write_weight_store)
+from lsaq_compile.model_source import LINEAR_NAMES, open_model
+from lsaq_compile.quantize import quantize, schemes_for
+from lsaq_compile.reference import reference_model
+
+PREFILL, STEPS, BATCH, MAX_CONTEXT = 10, 8, 2, 64
+ALL = {"fp32", "fp16", "int8", "int4"}
+CHANNEL = schemes_for("channel")
+GROUP = schemes_for("group", 32, symmetric=False)   # int4 with zero points; K=96 -> 3 blocks
+
+# Shapes chosen to exercise different MatMulNBits blocks (K = 64, 96, 160) and GQA grouping.
+CONFIGS = {
+    "llama": dict(arch="LlamaForCausalLM", hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=False,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mistral": dict(arch="MistralForCausalLM", hidden_size=96, intermediate_size=160,
+                    num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                    head_dim=16, tie_word_embeddings=False, sliding_window=5,
+                    rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "qwen2": dict(arch="Qwen2ForCausalLM", hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=True, rope_theta=1e6,
+                  rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                "original_max_position_embeddings": 32}),
+}
+
+
+def make_tiny_model(path: Path, name: str, **overrides):
+    """Save a random model whose logits are of order 1 (initializer_range 0.125), with
+    non-trivial norms and biases, and embeddings already fp16-exact so the all-fp32 graph can
+    be compared with transformers on the very same weights."""
+    import transformers
+
+    kw = {**CONFIGS[name], **overrides}
+    arch = kw.pop("arch")
+    cls = getattr(transformers, arch)
+    cfg = cls.config_class(vocab_size=300, max_position_embeddings=128, initializer_range=0.125,
+                           **kw)
+    torch.manual_seed(zlib.crc32(name.encode()))
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif pname.endswith(".bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+            elif pname in (EMBED, LM_HEAD):
+                p.copy_(p.half().float())
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@dataclass
+class Tiny:
+    name: str
+    source: object
+    hf: object
+    channel: dict            # store index, every layer at every precision, channel schemes
+    channel_dir: Path
+    group: dict              # store index, int8/int4 with group-wise asymmetric int4
+    group_dir: Path
+    ids: np.ndarray
+    hf_logits: np.ndarray    # transformers on all PREFILL + STEPS tokens
+
+    @property
+    def layers(self) -> int:
+        return self.source.spec.num_layers
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def tiny(request, tmp_path_factory) -> Tiny:
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    hf = make_tiny_model(root / "hf", name)
+    source = open_model(root / "hf")
+    L = source.spec.num_layers
+    channel = write_weight_store(source, root / "channel", {i: ALL for i in range(L)}, CHANNEL)
+    group = write_weight_store(source, root / "group", {i: {"int8", "int4"} for i in range(L)},
+                               GROUP)
+    ids = np.random.default_rng(1).integers(0, 300, (BATCH, PREFILL + STEPS))
+    with torch.no_grad():
+        hf_logits = hf(torch.from_numpy(ids)).logits.numpy()
+    return Tiny(name, source, hf, channel, root / "channel", group, root / "group", ids,
+                hf_logits)
+
+
+def export(tiny: Tiny, precisions, dtype: str, group: bool = False):
+    index, root = (tiny.group, tiny.group_dir) if group else (tiny.channel, tiny.channel_dir)
+    model, info = build_graph(tiny.source.spec, list(precisions), index, dtype, MAX_CONTEXT)
+    path = root / f"{'-'.join(precisions)}.{dtype}.onnx"
+    save_graph(model, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session, info, path
+
+
+def _feed(spec, ids, past_len, n_keep, past, dtype):
+    total = past_len + ids.shape[1]
+    feed = {"input_ids": np.ascontiguousarray(ids),
+            "seqlens_k": np.full(ids.shape[0], total - 1, np.int32),
+            "total_sequence_length": np.array(total, np.int32),
+            "num_logits_to_keep": np.array(n_keep, np.int64)}
+    for i in range(spec.num_layers):
+        for kv in ("key", "value"):
+            feed[f"past_key_values.{i}.{kv}"] = past.get(
+                (i, kv), np.zeros((ids.shape[0], spec.num_kv_heads, 0, spec.head_dim), dtype))
+    return feed
+
+
+def generate(session, spec, ids, dtype: str) -> np.ndarray:
+    """Logits [batch, PREFILL + STEPS, vocab]: prefill (all positions), then one token a step
+    with the KV cache fed back."""
+    np_dtype = np.float32 if dtype == "float32" else np.float16
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, _feed(spec, ids[:, :PREFILL], 0, 0, {}, np_dtype))))
+    logits = [out["logits"]]
+    for t in range(PREFILL, ids.shape[1]):
+        past = {(i, kv): out[f"present.{i}.{kv}"]
+                for i in range(spec.num_layers) for kv in ("key", "value")}
+        out = dict(zip(names, session.run(None, _feed(spec, ids[:, t:t + 1], t, 1, past,
+                                                      np_dtype))))
+        assert out["logits"].shape == (ids.shape[0], 1, spec.vocab_size)
+        assert out["present.0.key"].shape == (ids.shape[0], spec.num_kv_heads, t + 1, spec.head_dim)
+        logits.append(out["logits"])
+    return np.concatenate(logits, axis=1)
+
+
+def reference_logits(tiny: Tiny, precisions, schemes, dtype=torch.float32) -> np.ndarray:
+    model = reference_model(tiny.source, list(precisions), schemes, dtype=dtype)
+    with torch.no_grad():
+        return model(torch.from_numpy(tiny.ids)).logits.float().numpy()
+
+
+def max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+# --------------------------------------------------------------------------------------------
+# Parity
+
+def test_fp32_graph_matches_transformers(tiny):
+    session, _, _ = export(tiny, ["fp32"] * tiny.layers, "float32")
+    got = generate(session, tiny.source.spec, tiny.ids, "float32")
+    assert got.dtype == np.float32
+    assert np.abs(tiny.hf_logits).max() > 1.0   # the tolerance below means something
+    assert max_diff(got, tiny.hf_logits) <= 1e-3
+    # The reference model with fp32 layers is the transformers model itself.
+    assert max_diff(reference_logits(tiny, ["fp32"] * tiny.layers, CHANNEL), tiny.hf_logits) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_graph_interface_is_the_bundle_format_table(tiny, dtype):
+    session, _, path = export(tiny, ["fp16"] * tiny.layers, dtype)
+    spec = tiny.source.spec
+    t = "tensor(float)" if dtype == "float32" else "tensor(float16)"
+    kv = [spec.num_kv_heads, spec.head_dim]
+    want_in = [("input_ids", "tensor(int64)", 2), ("seqlens_k", "tensor(int32)", 1),
+               ("total_sequence_length", "tensor(int32)", 0),
+               ("num_logits_to_keep", "tensor(int64)", 0)]
+    want_out = [("logits", "tensor(float)", 3)]
+    for i in range(spec.num_layers):
+        want_in += [(f"past_key_values.{i}.{x}", t, 4) for x in ("key", "value")]
+        want_out += [(f"present.{i}.{x}", t, 4) for x in ("key", "value")]
+    assert [(a.name, a.type, len(a.shape)) for a in session.get_inputs()] == want_in
+    assert [(a.name, a.type, len(a.shape)) for a in session.get_outputs()] == want_out
+    past = session.get_inputs()[4].shape
+    assert [past[1], past[3]] == kv
+    model = onnx.load(str(path), load_external_data=False)
+    assert model.ir_version == 10
+    assert {(o.domain, o.version) for o in model.opset_import} == {("", 21), ("com.microsoft", 1)}
+    ops = {n.op_type for n in model.graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "Gemm"} <= ops
+    assert path.stat().st_size < 200_000   # no weights inside
+
+
+def test_num_logits_to_keep_slices_last_positions(tiny):
+    session, _, _ = export(tiny, ["fp32"] * tiny.layers, "float32")
+    spec = tiny.source.spec
+    ids = tiny.ids[:, :PREFILL]
+    for n in (1, 3):
+        logits = session.run(["logits"], _feed(spec, ids, 0, n, {}, np.float32))[0]
+        assert logits.shape == (BATCH, n, spec.vocab_size)
+        assert max_diff(logits, tiny.hf_logits[:, PREFILL - n:PREFILL]) <= 1e-3
+
+
+def test_fp16_weights_in_float32_graph(tiny):
+    precisions = ["fp16"] * tiny.layers
+    session, _, _ = export(tiny, precisions, "float32")
+    got = generate(session, tiny.source.spec, tiny.ids, "float32")
+    assert max_diff(got, reference_logits(tiny, precisions, CHANNEL)) <= 1e-3
+
+
+def test_float16_graph(tiny):
+    """The CUDA-flavoured graph (float16 activations), run on CPU. Its error comes from fp16
+    rounding of activations, so it is bounded relative to what torch itself loses when it runs
+    the same model in float16: at most 2x that, plus two fp16 unit roundoffs of the logits'
+    scale. (Measured: 0.6x to 1x torch's error.)"""
+    precisions = ["fp16"] * tiny.layers
+    session, _, _ = export(tiny, precisions, "float16")
+    got = generate(session, tiny.source.spec, tiny.ids, "float16")
+    assert got.dtype == np.float32
+    ref = reference_logits(tiny, precisions, CHANNEL)
+    torch_fp16_err = max_diff(reference_logits(tiny, precisions, CHANNEL, torch.float16), ref)
+    tol = 2 * torch_fp16_err + 2 * 2.0 ** -11 * np.abs(ref).max()
+    assert max_diff(got, ref) <= tol
+
+
+QUANTIZED = [
+    ("int8", False), ("int4", False), ("int4", True), ("mixed", False), ("mixed", True)]
+
+
+@pytest.mark.parametrize("variant,group", QUANTIZED,
+                         ids=[f"{v}-{'group' if g else 'channel'}" for v, g in QUANTIZED])
+def test_quantized_graph_matches_reference(tiny, variant, group):
+    L = tiny.layers
+    if variant == "mixed":
+        cycle = ["int4", "int8"] if group else ["int8", "int4", "fp16"]
+        precisions = [cycle[i % len(cycle)] for i in range(L)]
+    else:
+        precisions = [variant] * L
+    schemes = GROUP if group else CHANNEL
+    session, _, _ = export(tiny, precisions, "float32", group=group)
+    got = generate(session, tiny.source.spec, tiny.ids, "float32")
+    ref = reference_logits(tiny, precisions, schemes)
+    assert max_diff(got, ref) <= 1e-3
+    # Quantization must actually change the model (the weights reached the graph).
+    assert max_diff(ref, tiny.hf_logits) > 1e-3
+
+
+def test_quantized_float16_graph(tiny):
+    precisions = [["int8", "int4"][i % 2] for i in range(tiny.layers)]
+    session, _, _ = export(tiny, precisions, "float16", group=True)
+    got = generate(session, tiny.source.spec, tiny.ids, "float16")
+    ref = reference_logits(tiny, precisions, GROUP)
+    torch_fp16_err = max_diff(reference_logits(tiny, precisions, GROUP, torch.float16), ref)
+    assert max_diff(got, ref) <= 2 * torch_fp16_err + 2 * 2.0 ** -11 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("group", [False, True], ids=["channel", "group"])
+def test_matmulnbits_nodes_avoid_the_ort_pitfalls(tiny, dtype, group):
+    """Scales are initializers of the activation dtype (a Cast feeding them can give wrong
+    results in ORT), accuracy_level 4 (int8 activations) is never used, zero points only for
+    asymmetric schemes."""
+    model, _ = build_graph(tiny.source.spec, ["int4"] * tiny.layers,
+                           tiny.group if group else tiny.channel, dtype, MAX_CONTEXT)
+    inits = {t.name: t for t in model.graph.initializer}
+    want = onnx.TensorProto.FLOAT if dtype == "float32" else onnx.TensorProto.FLOAT16
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 7 * tiny.layers
+    for n in nodes:
+        assert "accuracy_level" not in {a.name for a in n.attribute}
+        assert inits[n.input[2]].data_type == want
+        assert len(n.input) == (4 if group else 3)
+
+
+def test_kv_cache_in_shared_buffer(tiny):
+    """Past and present bound to one preallocated buffer of capacity > total (IOBinding): GQA
+    writes the new entries in place and the logits are those of the plain run."""
+    precisions = ["int4"] * tiny.layers
+    session, _, _ = export(tiny, precisions, "float32")
+    spec = tiny.source.spec
+    plain = generate(session, spec, tiny.ids, "float32")
+    capacity = 32
+    bufs = {(i, kv): ort.OrtValue.ortvalue_from_numpy(
+        np.zeros((BATCH, spec.num_kv_heads, capacity, spec.head_dim), np.float32))
+        for i in range(spec.num_layers) for kv in ("key", "value")}
+    got = []
+    for lo, hi in [(0, PREFILL)] + [(t, t + 1) for t in range(PREFILL, PREFILL + STEPS)]:
+        io = session.io_binding()
+        feed = _feed(spec, tiny.ids[:, lo:hi], lo, 0 if lo == 0 else 1, {}, np.float32)
+        for k, v in feed.items():
+            if not k.startswith("past_key_values"):
+                io.bind_cpu_input(k, v)
+        for (i, kv), buf in bufs.items():
+            io.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buf)
+            io.bind_ortvalue_output(f"present.{i}.{kv}", buf)
+        io.bind_output("logits")
+        session.run_with_iobinding(io)
+        got.append(io.get_outputs()[-1].numpy())
+    assert bufs[0, "key"].shape() == [BATCH, spec.num_kv_heads, capacity, spec.head_dim]
+    assert max_diff(np.concatenate(got, axis=1), plain) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Store and GraphInfo
+
+def test_store_holds_each_tensor_once_with_exact_bytes(tiny):
+    spec = tiny.source.spec
+    files = {}
+    for key, ref in tiny.channel.items():
+        files.setdefault(ref.file, []).append((key, ref))
+    assert sorted(files) == ["weights/float.safetensors", "weights/int4.safetensors",
+                             "weights/int8.safetensors"]
+    for rel, entries in files.items():
+        path = tiny.channel_dir / rel
+        raw = path.read_bytes()
+        data_start = 8 + int.from_bytes(raw[:8], "little")
+        # Each tensor once: the refs tile the data section exactly, without overlap.
+        spans = sorted((r.offset, r.offset + r.length) for _, r in entries)
+        assert spans[0][0] == data_start and spans[-1][1] == len(raw)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        with safe_open(str(path), framework="numpy") as f:
+            assert set(f.keys()) == {k for k, _ in entries}
+            for key, ref in entries:
+                a = f.get_tensor(key)
+                assert (a.dtype.name, a.shape, a.nbytes) == (ref.dtype, ref.shape, ref.length)
+                assert raw[ref.offset:ref.offset + ref.length] == a.tobytes()
+    # Tied embeddings are stored once; an untied LM head gets its own fp16 tensor.
+    assert tiny.channel[EMBED].dtype == "float16"
+    assert (LM_HEAD in tiny.channel) == (not spec.tie_word_embeddings)
+    # Stored linear weights are what the graph's math assumes.
+    w = tiny.source.tensor("model.layers.1.mlp.down_proj.weight")
+    with safe_open(str(tiny.channel_dir / "weights/float.safetensors"), framework="numpy") as f:
+        kn = f.get_tensor(linear_keys(1, "mlp.down_proj", "fp16", None)["weight"])
+        np.testing.assert_array_equal(kn, w.T.astype(np.float16))
+    keys = linear_keys(1, "mlp.down_proj", "int4", CHANNEL["int4"])
+    with safe_open(str(tiny.channel_dir / "weights/int4.safetensors"), framework="numpy") as f:
+        q = quantize(w, CHANNEL["int4"])
+        np.testing.assert_array_equal(f.get_tensor(keys["qweight"]), q.packed)
+        np.testing.assert_array_equal(f.get_tensor(keys["scales"]), q.scales)
+        np.testing.assert_array_equal(f.get_tensor(keys["scales_f32"]),
+                                      q.scales.astype(np.float32))
+
+
+def test_store_writes_only_files_that_get_tensors(tmp_path):
+    make_tiny_model(tmp_path / "hf", "llama", num_hidden_layers=2)
+    source = open_model(tmp_path / "hf")
+    index = write_weight_store(source, tmp_path / "b", {0: {"fp16"}, 1: {"fp16"}}, CHANNEL)
+    assert sorted(p.name for p in (tmp_path / "b/weights").iterdir()) == ["float.safetensors"]
+    assert {r.file for r in index.values()} == {"weights/float.safetensors"}
+
+
+def test_graph_info_accounts_for_referenced_bytes(tiny):
+    spec = tiny.source.spec
+    hd2 = spec.head_dim // 2
+    for precisions, dtype in ((["int8"] * tiny.layers, "float32"),
+                              (["fp16"] * tiny.layers, "float32"),
+                              (["fp16"] * tiny.layers, "float16")):
+        model, info = build_graph(spec, precisions, tiny.channel, dtype, MAX_CONTEXT)
+        inits = {t.name: t for t in model.graph.initializer}
+        assert set(info.referenced) == set(inits)
+        assert info.weight_bytes == sum(info.referenced.values())
+        for name, t in inits.items():
+            ref = tiny.channel[name]
+            ext = {e.key: e.value for e in t.external_data}
+            assert t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data
+            assert (ext["location"], int(ext["offset"]), int(ext["length"])) == (
+                ref.file, ref.offset, ref.length)
+            assert info.referenced[name] == ref.length
+        size = 4 if dtype == "float32" else 2
+        cache = 2 * MAX_CONTEXT * hd2 * size
+        per_layer = []
+        for i, p in enumerate(precisions):
+            keys = [k for lin in LINEAR_NAMES
+                    for role, k in linear_keys(i, lin, p, CHANNEL.get(p)).items()
+                    if role != ("scales" if dtype == "float32" else "scales_f32")]
+            per_layer.append(sum(tiny.channel[k].length for k in keys))
+        assert info.decoder_linear_bytes == per_layer
+        # The CPU graph upcasts each fp16 MatMul/Gemm weight to a float32 copy (2x its bytes);
+        # a tied table is also read by Gather as stored (1x).
+        head = tiny.channel[EMBED if spec.tie_word_embeddings else LM_HEAD].length
+        extra = 0
+        if dtype == "float32":
+            extra += (2 if spec.tie_word_embeddings else 1) * head
+            if precisions[0] == "fp16":
+                extra += sum(per_layer)
+        assert info.resident_bytes == info.weight_bytes + cache + extra
+
+
+def test_weight_store_works_layer_by_layer(tmp_path):
+    """Peak numpy memory while storing stays near one layer plus the embeddings, far below the
+    whole model in float32. (Layers are made large enough that per-tensor bookkeeping, which
+    does grow with the model, is negligible.)"""
+    make_tiny_model(tmp_path / "hf", "llama", num_hidden_layers=8, hidden_size=256,
+                    intermediate_size=512)
+    source = open_model(tmp_path / "hf")
+    spec = source.spec
+    layer_f32 = 4 * sum(a.size for a in source.layer_tensors(0).values())
+    embed_f32 = 4 * spec.vocab_size * spec.hidden_size
+    tracemalloc.start()
+    try:
+        write_weight_store(source, tmp_path / "b", {i: ALL for i in range(spec.num_layers)},
+                           GROUP)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * layer_f32 + 2 * embed_f32
+    assert peak < 0.4 * (spec.num_layers * layer_f32 + 2 * embed_f32)
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE and errors
+
+def test_rope_inv_freq_matches_transformers(tiny):
+    rotary = reference_model(tiny.source, ["fp32"] * tiny.layers, CHANNEL).model.rotary_emb
+    inv_freq, factor = rope_inv_freq(tiny.source.spec)
+    np.testing.assert_allclose(inv_freq, rotary.inv_freq.numpy(), rtol=1e-6)
+    assert factor == pytest.approx(rotary.attention_scaling, rel=1e-7)
+    if tiny.name == "qwen2":
+        assert factor > 1.0   # yarn's attention factor is exercised
+
+
+def test_effective_weight_is_the_dequantized_store(tiny):
+    w = tiny.source.tensor("model.layers.0.self_attn.q_proj.weight")
+    np.testing.assert_array_equal(effective_linear_weight(w, "int4", GROUP),
+                                  quantize(w, GROUP["int4"]).dequantize())
+    np.testing.assert_array_equal(effective_linear_weight(w, "fp16", GROUP),
+                                  w.astype(np.float16).astype(np.float32))
+
+
+def test_user_errors_are_clear(tiny):
+    spec, L = tiny.source.spec, tiny.layers
+    with pytest.raises(LsaqError, match="precision"):
+        write_weight_store(tiny.source, tiny.channel_dir / "x", {i: {"int3"} for i in range(L)},
+                           CHANNEL)
+    with pytest.raises(LsaqError, match="no precision given"):
+        write_weight_store(tiny.source, tiny.channel_dir / "x", {0: {"fp16"}}, CHANNEL)
+    with pytest.raises(LsaqError, match="scheme"):
+        write_weight_store(tiny.source, tiny.channel_dir / "x", {i: {"int4"} for i in range(L)},
+                           {"int4": CHANNEL["int8"]})
+    with pytest.raises(LsaqError, match="weight store lacks"):
+        build_graph(spec, ["fp16"] * L, tiny.group, "float32", MAX_CONTEXT)
+    with pytest.raises(LsaqError, match="precisions given"):
+        build_graph(spec, ["fp16"], tiny.channel, "float32", MAX_CONTEXT)
+    with pytest.raises(LsaqError, match="dtype"):
+        build_graph(spec, ["fp16"] * L, tiny.channel, "bfloat16", MAX_CONTEXT)
+
+
+def test_unsupported_rope_scaling_is_refused(tmp_path):
+    make_tiny_model(tmp_path / "hf", "llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    source = open_model(tmp_path / "hf")
+    with pytest.raises(LsaqError, match="RoPE scaling 'dynamic'"):
+        write_weight_store(source, tmp_path / "b", {i: {"fp16"} for i in range(3)}, CHANNEL)

@@ -1,0 +1,257 @@
+"""Variant selection with a stubbed probe and synthetic manifests (no compiler, no graphs)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+
+from lsaq_runtime.errors import LsaqRuntimeError, NoVariantFits
+from lsaq_runtime.planner import estimate, plan, plan_or_wait, precision_key
+from lsaq_runtime.probe import Device
+
+MiB = 2**20
+
+
+def synthetic_manifest(layers: int = 8, layer_params: int = 2_000_000, base: int = 40 * MiB) -> dict:
+    """A schema-valid manifest with the full ladder: fp16, int8, then 1..L INT4 layers."""
+    def resident(precisions, provider):
+        per = {"fp16": 2.0 if provider == "cuda" else 4.0, "int8": 1.03, "int4": 0.53}
+        return int(base + sum(per[p] * layer_params for p in precisions))
+
+    ladder = [("fp16", ["fp16"] * layers), ("int8", ["int8"] * layers)]
+    order = list(range(layers))[::-1]  # least important first
+    for n in range(1, layers + 1):
+        prec = ["int8"] * layers
+        for i in order[:n]:
+            prec[i] = "int4"
+        ladder.append((f"int4x{n:02d}", prec))
+    variants, files = [], []
+    for rank, (name, prec) in enumerate(ladder):
+        counts = {p: prec.count(p) for p in ("fp16", "int8", "int4")}
+        bits = (16 * counts["fp16"] + 8.25 * counts["int8"] + 4.25 * counts["int4"]) / layers
+        providers = {}
+        for prov, dtype, elem in (("cpu", "float32", 4), ("cuda", "float16", 2)):
+            graph = f"{name}.{prov}.onnx"
+            files.append({"path": graph, "bytes": 10, "sha256": "0" * 64})
+            providers[prov] = {
+                "graph": graph, "dtype": dtype, "weight_bytes": resident(prec, "cuda"),
+                "resident_bytes": resident(prec, prov), "kv_bytes_per_token": 2 * layers * 2 * 32 * elem,
+                "workspace": {"fixed_bytes": 1 * MiB, "per_token_bytes": 4096,
+                              "per_token_sq_bytes": 16 if prov == "cpu" else 0},
+                "stated_context": 2048, "workspace_bytes_at_stated_context": 0}
+        variants.append({"name": name, "rank": rank, "precisions": prec, "layer_counts": counts,
+                         "avg_bits": round(bits, 4), "avg_bits_nominal": round(bits, 4),
+                         "weight_bytes": resident(prec, "cuda"), "providers": providers})
+    files += [{"path": "weights/float.safetensors", "bytes": 10, "sha256": "0" * 64},
+              {"path": "tokenizer/tokenizer.json", "bytes": 10, "sha256": "0" * 64}]
+    return {
+        "format": "lsaq-bundle", "schema_version": 1, "created_by": "test",
+        "model": {"name": "synthetic", "architecture": "LlamaForCausalLM", "num_layers": layers,
+                  "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512,
+                  "max_position_embeddings": 4096, "max_context": 4096, "tie_word_embeddings": False},
+        "tokenizer": {"dir": "tokenizer", "bos_token_id": 1, "eos_token_ids": [2],
+                      "add_bos_token": True, "chat_template": None},
+        "deployment": {"context_length": 1024, "batch_size": 1,
+                       "safety_margin": {"fraction": 0.10, "min_bytes": 8 * MiB},
+                       "runtime_overhead_bytes": {"cpu": 100 * MiB, "cuda": 300 * MiB}},
+        "variants": variants, "files": files,
+    }
+
+
+def host(free: int) -> Device:
+    return Device("cpu", None, "test host", 64 * 2**30, int(free), "test")
+
+
+def gpu(index: int, free: int) -> Device:
+    return Device("cuda", index, f"test gpu {index}", 80 * 2**30, int(free), "test")
+
+
+def _order(m):
+    return [v["name"] for v in sorted(m["variants"], key=precision_key)]
+
+
+@pytest.mark.parametrize("provider_device", [host, lambda f: gpu(0, f)])
+def test_shrinking_budget_never_gets_more_precise(provider_device):
+    m = synthetic_manifest()
+    order = _order(m)
+    top = plan(m, provider_device(10**12)).rows[0].need_bytes
+    smallest = plan(m, provider_device(10**12)).smallest_need
+    needs = [r.need_bytes for r in plan(m, provider_device(10**12)).rows]
+    # every boundary exactly (need and need - 1), plus points above and between
+    budgets = sorted({top + 5 * MiB, smallest - 1, smallest // 2, *needs, *(n - 1 for n in needs),
+                      *(n + 123_457 for n in needs)}, reverse=True)
+    last_pos = 0
+    seen = []
+    for free in budgets:
+        d = plan(m, provider_device(free))
+        if free >= smallest:
+            pos = order.index(d.chosen)
+            assert pos >= last_pos, "a smaller budget chose a more precise variant"
+            row = d.chosen_row
+            assert row.fits and row.need_bytes <= free
+            for better in d.rows[:pos]:  # no more precise variant would have fit
+                assert better.need_bytes > free
+            last_pos = pos
+            seen.append(d.chosen)
+        else:
+            assert d.chosen is None and "no variant fits" in d.reason
+            with pytest.raises(NoVariantFits, match="smallest"):
+                plan_or_wait(m, lambda: provider_device(free), wait=0)
+    assert seen[0] == "fp16" and seen[-1] == order[-1]
+    assert len(set(seen)) == len(order)  # every rung of the ladder was chosen at some budget
+
+
+def test_need_formula():
+    m = synthetic_manifest()
+    v = m["variants"][1]
+    info, dep = v["providers"]["cpu"], m["deployment"]
+    ctx = 777
+    ws = info["workspace"]
+    predicted = (info["resident_bytes"] + info["kv_bytes_per_token"] * ctx
+                 + ws["fixed_bytes"] + ws["per_token_bytes"] * ctx + ws["per_token_sq_bytes"] * ctx**2
+                 + dep["runtime_overhead_bytes"]["cpu"])
+    row = estimate(m, v, "cpu", ctx, 1)
+    assert row.predicted_bytes == predicted
+    assert row.need_bytes == predicted + max(int(0.1 * predicted), 8 * MiB)
+    # batch scales the KV cache only
+    assert estimate(m, v, "cpu", ctx, 2).kv_bytes == 2 * row.kv_bytes
+
+
+def test_context_changes_need_and_is_capped():
+    m = synthetic_manifest()
+    d_default = plan(m, host(10**12))
+    assert d_default.context == 1024
+    assert plan(m, host(10**12), context=4096).rows[0].need_bytes > d_default.rows[0].need_bytes
+    with pytest.raises(LsaqRuntimeError, match="max_context 4096"):
+        plan(m, host(10**12), context=4097)
+    with pytest.raises(LsaqRuntimeError, match="at least 1"):
+        plan(m, host(10**12), context=0)
+    m["model"]["max_context"] = 512  # the default context never exceeds what the graphs support
+    assert plan(m, host(10**12)).context == 512
+
+
+def test_smaller_context_can_make_a_better_variant_fit():
+    m = synthetic_manifest()
+    int8_need_small = plan(m, host(10**12), context=64).rows[1].need_bytes
+    d = plan(m, host(int8_need_small), context=4096)
+    assert d.chosen != "int8"
+    assert plan(m, host(int8_need_small), context=64).chosen == "int8"
+
+
+def test_manifest_order_is_not_trusted():
+    m = synthetic_manifest()
+    shuffled = copy.deepcopy(m)
+    random.Random(3).shuffle(shuffled["variants"])
+    for free in (10**12, plan(m, host(10**12)).rows[1].need_bytes, plan(m, host(10**12)).smallest_need):
+        assert plan(shuffled, host(free)).chosen == plan(m, host(free)).chosen
+    assert any("sorted by precision" in n for n in plan(shuffled, host(10**12)).notes)
+    assert not plan(m, host(10**12)).notes
+
+
+def test_forced_variant():
+    m = synthetic_manifest()
+    d = plan(m, host(10**12), variant="int4x03")
+    assert d.chosen == "int4x03" and d.forced and "forced" in d.reason
+    d = plan(m, host(1 * MiB), variant="fp16")
+    assert d.chosen == "fp16" and "DOES NOT FIT" in d.reason
+    with pytest.raises(LsaqRuntimeError, match="unknown variant 'nope'.*fp16, int8"):
+        plan(m, host(10**12), variant="nope")
+
+
+def test_budget_caps_or_simulates():
+    m = synthetic_manifest()
+    d = plan(m, host(100 * MiB), budget=10 * 2**30)
+    assert d.free_bytes == 100 * MiB and any("more than" in n for n in d.notes)
+    d = plan(m, host(100 * MiB), budget=10 * 2**30, simulate=True)
+    assert d.free_bytes == 10 * 2**30 and d.chosen == "fp16"
+    assert plan(m, host(10**12), budget=200 * MiB).free_bytes == 200 * MiB
+
+
+def test_no_fit_message_says_what_to_change():
+    m = synthetic_manifest()
+    with pytest.raises(NoVariantFits) as e:
+        plan_or_wait(m, lambda: host(50 * MiB), wait=0)
+    msg = str(e.value)
+    assert "int4x08" in msg and "needs" in msg and "50 MiB free" in msg and "--wait" in msg
+    assert "--context" not in msg  # the weights alone do not fit: a smaller context cannot help
+    # between the need at context 1 and at the requested context: suggest the context that fits
+    free = (plan(m, host(10**12), context=1).smallest_need + plan(m, host(10**12)).smallest_need) // 2
+    with pytest.raises(NoVariantFits) as e:
+        plan_or_wait(m, lambda: host(free), wait=0)
+    ctx = int(str(e.value).split("--context ")[1].split()[0])
+    assert 1 <= ctx < 1024
+    assert plan(m, host(free), context=ctx).chosen is not None
+    assert plan(m, host(free), context=ctx + 1).chosen is None
+    assert e.value.decision is not None and e.value.decision.chosen is None
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+        self.sleeps = []
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.sleeps.append(s)
+        self.t += s
+
+
+def test_wait_until_memory_frees():
+    m = synthetic_manifest()
+    smallest = plan(m, host(10**12)).smallest_need
+    clock = FakeClock()
+    lines = []
+
+    def probe():  # memory frees up after 5 seconds
+        return host(smallest + MiB if clock.t >= 5 else smallest // 2)
+
+    d = plan_or_wait(m, probe, wait=30, clock=clock, sleep=clock.sleep, poll=1.0, log=lines.append)
+    assert d.chosen == _order(m)[-1]
+    assert 5 <= clock.t <= 6
+    assert lines and "waiting up to 30s" in lines[0] and "free" in lines[0]
+
+
+def test_wait_is_bounded():
+    m = synthetic_manifest()
+    clock = FakeClock()
+    with pytest.raises(NoVariantFits, match="after waiting 10s"):
+        plan_or_wait(m, lambda: host(MiB), wait=10, clock=clock, sleep=clock.sleep, poll=2.0)
+    assert 10 <= clock.t <= 10.1 and len(clock.sleeps) == 5
+
+
+def test_wait_does_not_wait_for_a_budget_that_can_never_fit():
+    m = synthetic_manifest()
+    clock = FakeClock()
+    with pytest.raises(NoVariantFits, match="--memory-budget"):
+        plan_or_wait(m, lambda: host(10**12), wait=60, clock=clock, sleep=clock.sleep, budget=MiB)
+    assert clock.sleeps == []
+
+
+def test_decision_table_and_json():
+    m = synthetic_manifest()
+    free = plan(m, host(10**12)).rows[1].need_bytes
+    d = plan(m, host(free))
+    table = d.table()
+    for v in m["variants"]:
+        assert v["name"] in table
+    chosen_lines = [l for l in table.splitlines() if l.startswith("*")]
+    assert len(chosen_lines) == 1 and "int8" in chosen_lines[0]
+    assert "avg bits" in table and "need" in table and "fits" in table
+    j = json.loads(json.dumps(d.to_json()))
+    assert j["chosen"] == "int8" and len(j["variants"]) == len(m["variants"])
+    assert {"name", "layer_counts", "avg_bits", "need_bytes", "fits", "chosen"} <= set(j["variants"][0])
+
+
+def test_missing_provider_graph():
+    m = synthetic_manifest()
+    for v in m["variants"]:
+        del v["providers"]["cuda"]
+    d = plan(m, gpu(0, 10**12))
+    assert d.chosen is None and "no cuda graphs" in d.reason
+    assert "no cuda graph" in d.table()

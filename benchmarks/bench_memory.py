@@ -24,7 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "runtime"), str(REPO)]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), str(REPO)])}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), str(REPO)]),
+       "LSAQ_MEMORY_TRACE": "1"}  # the child logs RSS after each stage: the breakdown below
 TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 
 from lsaq_runtime import decide, load_manifest  # noqa: E402
@@ -76,6 +77,16 @@ def measure(bundle: Path, variant: str, context: int, prompt: str, new_tokens: i
     return usage.ru_maxrss * 1024, wall, stderr  # Linux reports KiB
 
 
+def stages(stderr: str) -> dict:
+    """{stage: (rss, peak)} from the child's `lsaq-memory: STAGE rss=N peak=N` lines."""
+    out = {}
+    for line in stderr.splitlines():
+        if line.startswith("lsaq-memory: "):
+            stage, rss, peak = line.split()[1:4]
+            out[stage] = (int(rss.split("=")[1]), int(peak.split("=")[1]))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, help="bundle folder (default: build the default model's)")
@@ -104,16 +115,29 @@ def main(argv=None) -> int:
             d = decide(bundle, context=ctx, device="cpu", variant=v, memory_budget="1TiB",
                        simulate=True, manifest=m)
             predicted = d.chosen_row.predicted_bytes
-            peak, wall, _ = measure(bundle, v, ctx, prompt, args.new_tokens)
+            peak, wall, stderr = measure(bundle, v, ctx, prompt, args.new_tokens)
+            st = stages(stderr)
             ratio = peak / predicted
             ok = abs(ratio - 1) <= 0.15
             rows.append({"variant": v, "context": ctx, "prompt_tokens": n_prompt,
                          "predicted_bytes": predicted, "measured_peak_rss_bytes": peak,
                          "ratio": round(ratio, 4), "within_15pct": ok, "wall_s": round(wall, 2),
                          "breakdown": {k: getattr(d.chosen_row, k) for k in
-                                       ("resident_bytes", "kv_bytes", "workspace_bytes", "overhead_bytes")}})
+                                       ("resident_bytes", "kv_bytes", "workspace_bytes", "overhead_bytes")},
+                         "measured_stages": st})
             print(f"{v:<9} {ctx:>7} {n_prompt + args.new_tokens:>7} {format_size(predicted):>10} "
                   f"{format_size(peak):>10} {ratio:>6.3f}  {'yes' if ok else 'NO'}", flush=True)
+    print("\nwhere the memory goes (MiB; measured as RSS growth between stages vs the prediction):")
+    print(f"{'variant':<9} {'context':>7} {'base':>12} {'weights':>14} {'kv':>12} {'prefill':>12} {'creation peak':>14}")
+    mib = lambda n: f"{n / 2**20:.0f}"  # noqa: E731
+    for r in rows:
+        st, b = r["measured_stages"], r["breakdown"]
+        if not {"start", "session", "kv", "prefill"} <= set(st):
+            continue
+        base, sess, kv, pre = (st[k][0] for k in ("start", "session", "kv", "prefill"))
+        print(f"{r['variant']:<9} {r['context']:>7} {mib(base):>5}/{mib(b['overhead_bytes']):>6} "
+              f"{mib(sess - base):>6}/{mib(b['resident_bytes']):>7} {mib(kv - sess):>5}/{mib(b['kv_bytes']):>6} "
+              f"{mib(pre - kv):>5}/{mib(b['workspace_bytes']):>6} {mib(st['session'][1] - base):>14}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     bad = [r for r in rows if not r["within_15pct"]]

@@ -23,7 +23,8 @@ def main(bundle: str, question: str) -> None:
         for q in (question, "And in one sentence, why is it famous?"):
             print(f"> {q}")
             # Each call is independent (the KV cache is reused, the conversation is not).
-            for piece in model.stream(q, max_new_tokens=64, chat=True, temperature=0.7, top_p=0.9, seed=0):
+            # Greedy here; pass temperature=0.7, top_p=0.9, seed=0 (say) to sample.
+            for piece in model.stream(q, max_new_tokens=64, chat=True):
                 print(piece, end="", flush=True)
             print()
 

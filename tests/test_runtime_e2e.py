@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,23 @@ def test_verify_intact(tiny_bundle):
     assert json.loads(r.stdout)["ok"] is True
     r = lsaq_run("inspect", tiny_bundle)
     assert r.returncode == 0 and "fp16" in r.stdout
+
+
+def test_silent_cuda_fallback_is_loud_and_replans(tiny_bundle, monkeypatch, capsys):
+    """onnxruntime-gpu without usable CUDA libraries creates a CPU session without an error."""
+    from lsaq_runtime.probe import Device
+
+    gpu = Device("cuda", 0, "fake GPU", 80 * 2**30, 70 * 2**30, "test")
+    monkeypatch.setattr("lsaq_runtime.model.cuda_provider_available", lambda: True)
+    monkeypatch.setattr("lsaq_runtime.model.choose_device",
+                        lambda device, cuda_available: (gpu, []) if device != "cpu"
+                        else (Device("cpu", None, "host", 64 * 2**30, 32 * 2**30, "test"), []))
+    with warnings.catch_warnings():  # this CPU build of ORT also warns that CUDA is unavailable
+        warnings.simplefilter("ignore", UserWarning)
+        model = lsaq_runtime.load(tiny_bundle, context=64)
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "could not use CUDA" in err
+    assert model.provider == "cpu" and model.device.kind == "cpu"
+    assert any("fell back" in n for n in model.decision.notes)
+    assert model.generate("hello", max_new_tokens=3) is not None
+

@@ -10,8 +10,6 @@ User errors print one line and exit 2; there are no tracebacks for them.
 from __future__ import annotations
 
 import json
-import os
-import resource
 import sys
 import time
 
@@ -72,7 +70,7 @@ def cli():
 def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait, variant, dry_run,
             as_json, chat, temperature, top_k, top_p, seed, threads):
     """Generate a continuation of PROMPT (or print the plan with --dry-run)."""
-    from .model import decide, load, stderr_log
+    from .model import decide, load, memory_trace, stderr_log
 
     if dry_run:
         try:
@@ -87,6 +85,8 @@ def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait
         if sys.stdin.isatty() and prompt is None:
             raise LsaqRuntimeError("no PROMPT given; pass it as an argument or pipe it on stdin (PROMPT -)")
         prompt = sys.stdin.read()
+        if prompt.endswith("\n"):  # `echo ... |` adds one; it would change the continuation
+            prompt = prompt[:-1]
     t0 = time.perf_counter()
     model = load(bundle, context, memory_budget, device, variant, wait, threads=threads,
                  log=stderr_log)
@@ -112,6 +112,7 @@ def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait
         click.echo()
     stderr_log(f"stopped at {model.last_stop}; {dt:.1f}s generating")
     model.close()
+    memory_trace("end")
 
 
 def _print_decision(d, as_json: bool) -> None:
@@ -162,13 +163,6 @@ def inspect_cmd(bundle):
     click.echo(f"{len(m['files'])} files, {format_size(total)}")
 
 
-def _report_peak() -> None:
-    # For benchmarks/bench_memory.py: the process's peak resident set size, in bytes.
-    if os.environ.get("LSAQ_REPORT_PEAK"):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(f"lsaq-peak-rss-bytes: {peak}", file=sys.stderr, flush=True)
-
-
 def main(argv=None) -> int:
     code = 0
     try:
@@ -189,7 +183,6 @@ def main(argv=None) -> int:
         code = 0
     except click.exceptions.Exit as e:
         code = e.exit_code
-    _report_peak()
     return code
 
 

@@ -19,6 +19,22 @@ from .sizes import parse_size
 from .text import StreamDecoder, TextCodec
 
 BUDGET_ENV = "LSAQ_MEMORY_BUDGET"
+TRACE_ENV = "LSAQ_MEMORY_TRACE"  # set to 1: log RSS after each loading stage (bench_memory.py)
+
+
+def memory_trace(stage: str) -> None:
+    """One stderr line with the current and peak RSS of this process, when LSAQ_MEMORY_TRACE=1."""
+    if not os.environ.get(TRACE_ENV):
+        return
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        rss = -1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"lsaq-memory: {stage} rss={rss} peak={peak}", file=sys.stderr, flush=True)
 
 
 class Model:
@@ -82,6 +98,7 @@ class Model:
                                    f"{self.context}; load with a larger --context")
         self.last_stop = "max_new_tokens"
         logits = self._runner.run(ids, 0, 1)[-1]
+        memory_trace("prefill")
         pos = len(ids)
         for i in range(max_new_tokens):
             tok = sampler(logits)
@@ -170,16 +187,19 @@ def load(bundle, context: int | None = None, memory_budget=None, device: str = "
          log: Callable[[str], None] | None = None) -> Model:
     """Load the most precise variant of `bundle` that fits the chosen device.
 
-    context: KV cache capacity in tokens (default: manifest deployment.context_length).
+    context: KV cache capacity in tokens (default: deployment.context_length, capped by
+             model.max_context).
     memory_budget: '6GiB', bytes, or None (then $LSAQ_MEMORY_BUDGET); caps the free memory.
     device: auto | cpu | cuda | cuda:N.  variant: force one by name.  wait: seconds to wait for
     memory to free up when nothing fits.  log: where progress lines go (default: nowhere)."""
     root = Path(bundle)
     manifest = load_manifest(root)                      # schema, version, every file's size
     codec = TextCodec(root, manifest)                   # fail on a bad tokenizer before loading
+    memory_trace("start")
     d = decide(root, context, memory_budget, device, variant, wait, log=log, manifest=manifest)
     for n in d.notes:
-        log and log(f"note: {n}")
+        if log:
+            log(f"note: {n}")
     info = next(v for v in manifest["variants"] if v["name"] == d.chosen)["providers"][d.provider]
     verify_file(root, manifest, info["graph"])          # the graph we are about to trust
     session = create_session(root / info["graph"], d.provider, d.device.index, threads)
@@ -193,7 +213,9 @@ def load(bundle, context: int | None = None, memory_budget=None, device: str = "
         info = next(v for v in manifest["variants"] if v["name"] == d.chosen)["providers"]["cpu"]
         verify_file(root, manifest, info["graph"])
         session = create_session(root / info["graph"], "cpu", None, threads)
+    memory_trace("session")
     runner = Runner(session, manifest, info["dtype"], d.context, d.provider, d.device.index)
+    memory_trace("kv")
     return Model(root, manifest, d, runner, codec)
 
 

@@ -41,16 +41,18 @@ def kv_bytes_per_token(spec: ModelSpec, elem: int) -> int:
 def workspace_model(spec: ModelSpec, provider: str) -> dict:
     """Activation memory of a prefill of `ctx` tokens (the worst case of a generation).
 
-    Per token: the residual stream and norms (a few hidden-size rows), q/k/v, and the MLP's
-    gate/up/product rows, all live at once in the largest layer step. On CPU, attention
-    materialises one [heads, ctx, ctx] probability matrix (the ctx^2 term); CUDA's flash kernels
-    do not. Fixed: the logits row and the allocator's first blocks."""
+    Per token: two hidden-size rows, the MLP's gate/up rows and q/k/v live at once in the
+    largest step (ONNX Runtime reuses the rest). On CPU, GroupQueryAttention allocates a
+    [heads, ctx, ctx] float32 probability buffer but writes only its causal half, so half of it
+    is paged in; CUDA's flash kernels keep none. Fixed: the allocator's first arena blocks and
+    the logits row (40 MiB fitted on SmolLM2 by benchmarks/bench_memory.py; cuBLAS workspace
+    on CUDA is an assumption, not measured here)."""
     dtype, elem = PROVIDER_DTYPES[provider]
     h, i = spec.hidden_size, spec.intermediate_size
     qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
-    per_token = elem * (6 * h + 4 * i + 2 * qkv)
-    sq = 4 * spec.num_heads if provider == "cpu" else 0
-    fixed = 4 * spec.vocab_size * 2 + (32 << 20 if provider == "cuda" else 0)
+    per_token = elem * (2 * h + 2 * i + qkv)
+    sq = 2 * spec.num_heads if provider == "cpu" else 0
+    fixed = 4 * spec.vocab_size + (40 << 20 if provider == "cpu" else 64 << 20)
     return {"fixed_bytes": fixed, "per_token_bytes": per_token, "per_token_sq_bytes": sq}
 
 

@@ -277,8 +277,10 @@ class _GraphBuilder:
         self.T = _ONNX_DTYPES[dtype]
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, TensorProto] = {}
-        # How the provider will hold each weight: "direct" (as stored) and/or "upcast"
-        # (an fp16 weight cast to fp32 for MatMul/Gemm: constant folding makes a fp32 copy).
+        # How the provider will hold each weight: "direct" (as stored), "upcast" (an fp16
+        # weight cast to fp32 for MatMul/Gemm: constant folding makes a fp32 copy) or "gather"
+        # (an embedding table: on CPU it stays memory-mapped and only looked-up rows are paged
+        # in, measured as ~0 by benchmarks/bench_memory.py; on CUDA it is copied to the device).
         self.uses: dict[str, set[str]] = defaultdict(set)
         self._count = 0
 
@@ -327,8 +329,10 @@ class _GraphBuilder:
         return self.op("Cast", [name], f"{key}/as_T", to=self.T)
 
     def resident_bytes(self) -> int:
-        return sum(self.index[key].length * (("direct" in uses) + 2 * ("upcast" in uses))
-                   for key, uses in self.uses.items())
+        def copies(uses: set[str]) -> int:
+            as_stored = "direct" in uses or ("gather" in uses and self.dtype == "float16")
+            return as_stored + 2 * ("upcast" in uses)
+        return sum(self.index[key].length * copies(uses) for key, uses in self.uses.items())
 
 
 def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorRef], dtype: str,
@@ -361,7 +365,7 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
 
     cos, sin = _rotary_cache(g, spec, max_context)
 
-    x = g.op("Gather", [g.weight(EMBED), "input_ids"], "embed", axis=0)
+    x = g.op("Gather", [g.weight(EMBED, "gather"), "input_ids"], "embed", axis=0)
     if dtype == "float32":
         x = g.op("Cast", [x], "embed_T", to=T)
     h = _rms_norm(g, x, norm_key(0, "input_layernorm"), eps)

@@ -92,11 +92,6 @@ def _load_scores(scores, source: ModelSource, profile: Profile, metric: str | No
     return scores
 
 
-def _scores_dict(scores) -> dict:
-    d = scores.to_json()
-    return json.loads(d) if isinstance(d, str) else d
-
-
 def _file_entries(root: Path) -> list[dict]:
     out = []
     for p in sorted(root.rglob("*")):
@@ -215,7 +210,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                 "max_context": max_context, "tie_word_embeddings": spec.tie_word_embeddings,
             },
             "tokenizer": {"dir": "tokenizer", **tok},
-            "scores": _scores_dict(sc),
+            "scores": sc.to_json(),
             "quantization": {
                 "scheme": prof.quantization.scheme, "symmetric": prof.quantization.symmetric,
                 "group_size": prof.quantization.group_size if prof.quantization.scheme == "group" else None,

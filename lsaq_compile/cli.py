@@ -61,8 +61,7 @@ def score(model, metric, k, final_norm, calibration, samples, seq_len, output, p
     log = progress.stage("scoring")
     result = score_model(source, metrics=(metric,), k=k, final_norm=final_norm, calibration=calib,
                          progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))[metric]
-    d = result.to_json()
-    Path(output).write_text(json.dumps(json.loads(d) if isinstance(d, str) else d, indent=1))
+    Path(output).write_text(json.dumps(result.to_json(), indent=1))
     rank = {layer: r for r, layer in enumerate(result.order)}
     rows = [[i, f"{v:.4f}", rank[i] + 1] for i, v in enumerate(result.importance)]
     click.echo(_table(["layer", f"importance ({metric})", "rank (1 = least important)"], rows))

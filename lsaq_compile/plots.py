@@ -42,3 +42,34 @@ def plot_importance(scores: dict[str, Scores] | Scores, path: str | os.PathLike)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_quality_vs_bits(results: dict[str, dict[str, dict]], path: str | os.PathLike) -> None:
+    """Perplexity against average bits, one line per metric's layer order through its mixes;
+    FP16, INT8 and all-INT4 (the same plan under every metric) as reference lines.
+
+    results[metric][point] = {"avg_bits": float, "perplexity": float}, point in
+    fp16, int8, 25%, 50%, 75%, int4."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    first = next(iter(results.values()))
+    for ref, style in (("fp16", ":"), ("int8", "--"), ("int4", "-.")):
+        ax.axhline(first[ref]["perplexity"], color="grey", ls=style, lw=1,
+                   label=f"{ref.upper()} ({first[ref]['perplexity']:.2f})")
+    for metric, pts in results.items():
+        keys = ["int8", "25%", "50%", "75%", "int4"]
+        ax.plot([pts[k]["avg_bits"] for k in keys], [pts[k]["perplexity"] for k in keys],
+                marker="o", label=metric)
+    ax.set_xlabel("average bits per decoder weight (stored bytes, scales included)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("INT4 on the least important 0/25/50/75/100% of layers, INT8 elsewhere")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

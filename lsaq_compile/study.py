@@ -138,8 +138,7 @@ def run_study(model=None, metrics=("jaccard", "cosine", "zscore"), text=None, ou
     mj = manifests["jaccard" if "jaccard" in manifests else metrics[0]]
     budget_rows = {}
     for prov in ("cpu", "cuda"):
-        needs = sorted(r for r in (_need(mj, v, prov) for v in mj["variants"]) if r)
-        bl = budgets or _default_budgets(needs)
+        bl = budgets or _default_budgets(_needs(mj, prov))
         budget_rows[prov] = _budget_table(mj, bl, prov)
 
     plot_quality_vs_bits(results, out_dir / "perplexity_vs_bits.png")
@@ -160,11 +159,13 @@ def run_study(model=None, metrics=("jaccard", "cosine", "zscore"), text=None, ou
     return out_dir
 
 
-def _need(manifest, variant, provider):
-    from lsaq_runtime.planner import estimate
+def _needs(manifest: dict, provider: str) -> list[int]:
+    """Every variant's need as the runtime's planner computes it (its default context)."""
+    from lsaq_runtime.planner import plan
+    from lsaq_runtime.probe import Device
 
-    return estimate(manifest, variant, provider, manifest["deployment"]["context_length"],
-                    manifest["deployment"]["batch_size"]).need_bytes
+    dev = Device(provider, 0 if provider == "cuda" else None, "simulated", 1 << 50, 1 << 50, "study")
+    return sorted(r.need_bytes for r in plan(manifest, dev).rows if r.need_bytes)
 
 
 def _default_budgets(needs: list[int]) -> list[int]:

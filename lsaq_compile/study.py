@@ -110,28 +110,8 @@ def run_study(model=None, metrics=("jaccard", "cosine", "zscore"), text=None, ou
             v = _variant_for_point(manifests[metric], point)
             key = tuple(v["precisions"])
             if key not in cache:
-                name = f"{metric}/{v['name']}"
-                onnx_r = ev.perplexity(ev.onnx_logits_fn(bundles[metric], manifests[metric], v["name"]),
-                                       tw, progress=progress.stage(f"eval {name} [onnx]"))
-                ref = None
-                if reference_windows:
-                    tfn = ev.torch_logits_fn(source.path, v["precisions"], q["scheme"],
-                                             q.get("group_size"), q.get("symmetric", True))
-                    ref_r = ev.perplexity(tfn, tw, limit=reference_windows,
-                                          progress=progress.stage(f"eval {name} [torch reference]"))
-                    sub = onnx_r["per_window_nll"][:reference_windows]
-                    onnx_sub = math.exp(sum(sub) / len(sub))
-                    ref = {"windows": reference_windows, "onnx": onnx_sub, "torch": ref_r["perplexity"],
-                           "rel_diff": abs(onnx_sub - ref_r["perplexity"]) / ref_r["perplexity"]}
-                cache[key] = {"variant": v["name"], "bundle": metric, "avg_bits": v["avg_bits"],
-                              "avg_bits_nominal": v["avg_bits_nominal"], "layer_counts": v["layer_counts"],
-                              "perplexity": onnx_r["perplexity"], "tokens": onnx_r["tokens"],
-                              "reference": ref}
-                ev.record_evaluations(bundles[metric], [{
-                    "kind": "perplexity", "variant": v["name"], "provider": "cpu", "engine": "onnx",
-                    "data": tw.source, "data_sha256": tw.sha256,
-                    "settings": {"seq_len": eval_seq_len, "windows": onnx_r["windows"]},
-                    "value": onnx_r["perplexity"], "tokens": onnx_r["tokens"]}])
+                cache[key] = _evaluate_plan(ev, bundles[metric], manifests[metric], v, metric, tw,
+                                            eval_seq_len, reference_windows, source.path, q, progress)
             results[metric][point] = cache[key]
 
     # 4. which variant each memory budget gets (the paper's Table IV), from the jaccard bundle
@@ -159,6 +139,52 @@ def run_study(model=None, metrics=("jaccard", "cosine", "zscore"), text=None, ou
     return out_dir
 
 
+def _recorded(manifest: dict, variant: str, engine: str, tw, seq_len: int, windows: int):
+    """A perplexity already measured on this bundle with the same text and settings."""
+    for e in manifest.get("evaluations", []):
+        if (e.get("kind"), e.get("variant"), e.get("engine"), e.get("data_sha256")) == \
+                ("perplexity", variant, engine, tw.sha256) and \
+                e.get("settings") == {"seq_len": seq_len, "windows": windows} and "per_window_nll" in e:
+            return e
+    return None
+
+
+def _evaluate_plan(ev, bundle, manifest, v, metric, tw, seq_len, reference_windows, model_path, q,
+                   progress) -> dict:
+    """ONNX perplexity on every window and the torch reference on the first few, each measured
+    once per bundle: results (with per-window NLL) are recorded in the manifest and reused."""
+    name = f"{metric}/{v['name']}"
+    runs = {"onnx": len(tw.windows), "torch": reference_windows}
+    got = {}
+    for engine, n in runs.items():
+        if not n:
+            continue
+        e = _recorded(manifest, v["name"], engine, tw, seq_len, n)
+        if e is None:
+            fn = (ev.onnx_logits_fn(bundle, manifest, v["name"]) if engine == "onnx" else
+                  ev.torch_logits_fn(model_path, v["precisions"], q["scheme"], q.get("group_size"),
+                                     q.get("symmetric", True)))
+            r = ev.perplexity(fn, tw, limit=n, progress=progress.stage(f"eval {name} [{engine}]"))
+            e = {"kind": "perplexity", "variant": v["name"], "provider": "cpu", "engine": engine,
+                 "data": tw.source, "data_sha256": tw.sha256,
+                 "settings": {"seq_len": seq_len, "windows": n}, "value": r["perplexity"],
+                 "tokens": r["tokens"], "per_window_nll": r["per_window_nll"]}
+            ev.record_evaluations(bundle, [e])
+            manifest.setdefault("evaluations", []).append(e)
+        else:
+            progress(f"eval {name} [{engine}]: reusing the result recorded in {bundle}")
+        got[engine] = e
+    ref = None
+    if "torch" in got:
+        sub = got["onnx"]["per_window_nll"][:reference_windows]
+        onnx_sub = math.exp(sum(sub) / len(sub))
+        t = got["torch"]["value"]
+        ref = {"windows": reference_windows, "onnx": onnx_sub, "torch": t, "rel_diff": abs(onnx_sub - t) / t}
+    return {"variant": v["name"], "bundle": metric, "avg_bits": v["avg_bits"],
+            "avg_bits_nominal": v["avg_bits_nominal"], "layer_counts": v["layer_counts"],
+            "perplexity": got["onnx"]["value"], "tokens": got["onnx"]["tokens"], "reference": ref}
+
+
 def _needs(manifest: dict, provider: str) -> list[int]:
     """Every variant's need as the runtime's planner computes it (its default context)."""
     from lsaq_runtime.planner import plan
@@ -169,9 +195,15 @@ def _needs(manifest: dict, provider: str) -> list[int]:
 
 
 def _default_budgets(needs: list[int]) -> list[int]:
-    """Eight budgets from just under the smallest need to just over the largest."""
-    lo, hi = needs[0] * 0.97, needs[-1] * 1.03
-    return [int(lo + (hi - lo) * i / 7) for i in range(8)]
+    """Just under the smallest need, six steps from the smallest mix's need to INT8's (where
+    the mixes differ), one between INT8 and FP16, and FP16's need."""
+    lo, int8, fp16 = needs[0], needs[-2], needs[-1]
+    return ([int(lo * 0.97)] + [int(lo + (int8 - lo) * i / 5) for i in range(6)]
+            + [(int8 + fp16) // 2, fp16])
+
+
+def _bits(b) -> str:
+    return f"{b:.2f}" if b else "-"
 
 
 def _mib(n):
@@ -184,7 +216,8 @@ def render_report(s: dict) -> str:
              f"Command: `{s['command']}`  ", f"Wall time: {s['seconds']:.0f} s on this machine.", "",
              f"Perplexity of each variant's ONNX graph (ONNX Runtime, CPU provider, float32 "
              f"activations) on `{Path(s['text']['source']).name}`: {s['text']['windows']} windows of "
-             f"{s['text']['seq_len']} tokens. Calibration: {s['calibration']}.", "",
+             f"{s['text']['seq_len']} tokens. Calibration: {s['calibration']['samples']} windows of "
+             f"{s['calibration']['seq_len']} tokens of `{Path(s['calibration']['source']).name}`.", "",
              "## Perplexity against average bits (the paper's Table III)", "",
              "| metric | " + " | ".join(PAPER_POINTS) + " |", "|---" * (len(PAPER_POINTS) + 1) + "|"]
     for m in metrics:
@@ -219,5 +252,5 @@ def render_report(s: dict) -> str:
         for r in rows:
             c = r["counts"] or {"fp16": "-", "int8": "-", "int4": "-"}
             lines.append(f"| {_mib(r['budget'])} | {r['variant'] or 'none fits'} | {c['fp16']} | {c['int8']} | "
-                         f"{c['int4']} | {r['avg_bits'] or '-'} | {_mib(r['need'])} |")
+                         f"{c['int4']} | {_bits(r['avg_bits'])} | {_mib(r['need'])} |")
     return "\n".join(lines) + "\n"

@@ -13,17 +13,18 @@ import shutil
 import time
 from pathlib import Path
 
+from lsaq_runtime.manifest import (ELEM_BYTES, MANIFEST, SCHEMA_VERSION, kv_bytes_per_token,
+                                   replace_refusal, sha256_file, workspace_bytes)
+
 from . import __version__
 from .errors import LsaqError
-from .model_source import ModelSource, ModelSpec, open_model, sha256_file
+from .model_source import ModelSource, ModelSpec, open_model
 from .plan import Plan, avg_bits_real, ladder
 from .profiles import Profile, load_profile, parse_size
 from .progress import Progress
 from .quantize import schemes_for
 
-MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
-PROVIDER_DTYPES = {"cpu": ("float32", 4), "cuda": ("float16", 2)}
+PROVIDER_DTYPES = {"cpu": "float32", "cuda": "float16"}
 TMP_MARK = ".lsaq-tmp-"
 
 
@@ -32,10 +33,6 @@ def layer_params(spec: ModelSpec) -> int:
     h, hd = spec.hidden_size, spec.head_dim
     attn = h * spec.num_heads * hd * 2 + h * spec.num_kv_heads * hd * 2
     return attn + 3 * h * spec.intermediate_size
-
-
-def kv_bytes_per_token(spec: ModelSpec, elem: int) -> int:
-    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elem
 
 
 def workspace_model(spec: ModelSpec, provider: str) -> dict:
@@ -47,17 +44,13 @@ def workspace_model(spec: ModelSpec, provider: str) -> dict:
     is paged in; CUDA's flash kernels keep none. Fixed: the allocator's first arena blocks and
     the logits row (40 MiB fitted on SmolLM2 by benchmarks/bench_memory.py; cuBLAS workspace
     on CUDA is an assumption, not measured here)."""
-    dtype, elem = PROVIDER_DTYPES[provider]
+    elem = ELEM_BYTES[PROVIDER_DTYPES[provider]]
     h, i = spec.hidden_size, spec.intermediate_size
     qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
     per_token = elem * (2 * h + 2 * i + qkv)
     sq = 2 * spec.num_heads if provider == "cpu" else 0
     fixed = 4 * spec.vocab_size + (40 << 20 if provider == "cpu" else 64 << 20)
     return {"fixed_bytes": fixed, "per_token_bytes": per_token, "per_token_sq_bytes": sq}
-
-
-def workspace_at(ws: dict, ctx: int) -> int:
-    return ws["fixed_bytes"] + ws["per_token_bytes"] * ctx + ws["per_token_sq_bytes"] * ctx * ctx
 
 
 def _load_scores(scores, source: ModelSource, profile: Profile, metric: str | None, progress):
@@ -81,11 +74,13 @@ def _load_scores(scores, source: ModelSource, profile: Profile, metric: str | No
     if isinstance(scores, (str, os.PathLike)):
         p = Path(scores)
         try:
-            scores = Scores.from_json(json.loads(p.read_text()))
+            scores = Scores.from_json(json.loads(p.read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise LsaqError(f"{p}: scores file not found; make one with `lsaq-compile score`") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise LsaqError(f"{p}: not a scores.json written by `lsaq-compile score` ({e})") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, LsaqError) as e:
+            why = e.strerror if isinstance(e, OSError) else e
+            raise LsaqError(f"{p}: not a scores.json written by `lsaq-compile score` ({why}); "
+                            "score the model again") from None
     if len(scores.importance) != L:
         raise LsaqError(f"scores cover {len(scores.importance)} layers but the model has {L}; "
                         "score this model again")
@@ -135,9 +130,11 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
     progress = progress or Progress()
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     out = Path(out)
-    if out.exists() and not force:
-        raise LsaqError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LsaqError(f"{out.parent}: cannot create the output folder ({e.strerror})") from None
     _clean_stale_tmp(out)
 
     t0 = time.perf_counter()
@@ -153,7 +150,10 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
 
     tmp = _tmp_dir_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise LsaqError(f"{out.parent}: cannot write there ({e.strerror}); choose another -o") from None
     try:
         tok = source.save_tokenizer(tmp / "tokenizer")
         needed = {i: {p.precisions[i] for p in plans} for i in range(spec.num_layers)}
@@ -161,24 +161,27 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
 
         log = progress.stage("exporting")
         per_layer = layer_params(spec)
+        model_facts = {"num_layers": spec.num_layers, "num_key_value_heads": spec.num_kv_heads,
+                       "head_dim": spec.head_dim}
         variants = []
         for rank, plan in enumerate(plans):
             providers = {}
             cuda_info = None
             for prov in prof.build.providers:
-                dtype, elem = PROVIDER_DTYPES[prov]
+                dtype = PROVIDER_DTYPES[prov]
                 graph, info = build_graph(spec, list(plan.precisions), index, dtype, max_context,
                                           name=f"{spec.name} {plan.name} {prov}")
                 fname = f"{plan.name}.{prov}.onnx"
                 save_graph(graph, tmp / fname)
                 ws = workspace_model(spec, prov)
                 ctx = prof.deployment.context_length
+                weight_files = sorted({index[k].file for k in info.referenced})
                 providers[prov] = {
-                    "graph": fname, "dtype": dtype,
+                    "graph": fname, "files": [fname, *weight_files], "dtype": dtype,
                     "weight_bytes": info.weight_bytes, "resident_bytes": info.resident_bytes,
-                    "kv_bytes_per_token": kv_bytes_per_token(spec, elem),
+                    "kv_bytes_per_token": kv_bytes_per_token(model_facts, dtype),
                     "workspace": ws, "stated_context": ctx,
-                    "workspace_bytes_at_stated_context": workspace_at(ws, ctx),
+                    "workspace_bytes_at_stated_context": workspace_bytes(ws, ctx),
                 }
                 if prov == "cuda" or cuda_info is None:
                     cuda_info = info
@@ -231,17 +234,35 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
         _validate(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
+            check_replaceable(out, force)  # again: the folder may have changed during the build
             trash = out.parent / f".{out.name}.lsaq-old-{os.getpid()}"
             out.rename(trash)
             tmp.rename(out)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = e.filename or out
+        raise LsaqError(f"{where}: cannot write the bundle ({e.strerror or e}); nothing was "
+                        "written: free disk space or choose another -o") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     progress(f"bundle written to {out} in {time.perf_counter() - t0:.1f}s")
     return out
+
+
+def check_replaceable(out: Path, force: bool) -> None:
+    """A build may only replace an existing folder that is an LSAQ bundle, and only with force."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise LsaqError(f"{out} already exists; pass --force to replace it")
+    why = replace_refusal(out)
+    if why:
+        raise LsaqError(f"{why}; --force only replaces an LSAQ bundle, so nothing was deleted: "
+                        "choose another -o or remove the folder yourself")
 
 
 def _validate(manifest: dict) -> None:

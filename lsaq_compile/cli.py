@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from lsaq_runtime.errors import LsaqRuntimeError
+from lsaq_runtime.errors import LsaqRuntimeError, printable
+from lsaq_runtime.manifest import METRICS
 
 from .errors import LsaqError
 from .progress import Progress
-
-METRICS = ("jaccard", "cosine", "zscore")
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -21,6 +21,28 @@ def _table(headers: list[str], rows: list[list]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+def _writable_target(path: str | None, option: str) -> None:
+    """Fail before hours of work, not after: the folder an output file goes into must exist."""
+    if not path:
+        return
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise LsaqError(f"{p}: is a folder; {option} takes a file path")
+    if not parent.is_dir():
+        raise LsaqError(f"{parent}: no such folder for {option} {p}; create it first")
+    if not os.access(parent, os.W_OK):
+        raise LsaqError(f"{parent}: not writable, so {option} {p} cannot be written")
+
+
+def _write_text(path: str | Path, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise LsaqError(f"{path}: cannot be written ({e.strerror}); free disk space or choose "
+                        "another path") from None
 
 
 def _mib(n: int) -> str:
@@ -51,6 +73,8 @@ def score(model, metric, k, final_norm, calibration, samples, seq_len, output, p
     from .importance import score_model
     from .model_source import open_model
 
+    _writable_target(output, "-o")
+    _writable_target(plot, "--plot")
     progress = Progress(quiet)
     source = open_model(model)
     progress(f"model: {source.spec.name} ({source.spec.num_layers} layers) from {source.path}")
@@ -61,7 +85,7 @@ def score(model, metric, k, final_norm, calibration, samples, seq_len, output, p
     log = progress.stage("scoring")
     result = score_model(source, metrics=(metric,), k=k, final_norm=final_norm, calibration=calib,
                          progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))[metric]
-    Path(output).write_text(json.dumps(result.to_json(), indent=1))
+    _write_text(output, json.dumps(result.to_json(), indent=1))
     rank = {layer: r for r, layer in enumerate(result.order)}
     rows = [[i, f"{v:.4f}", rank[i] + 1] for i, v in enumerate(result.importance)]
     click.echo(_table(["layer", f"importance ({metric})", "rank (1 = least important)"], rows))
@@ -95,14 +119,19 @@ def variant_table(manifest: dict) -> str:
     rows = []
     for v in manifest["variants"]:
         c = v["layer_counts"]
+        prov = v["providers"].get("cpu", v["providers"].get("cuda"))
+        weights = v.get("weight_bytes", prov.get("weight_bytes", 0))
+        nominal = v.get("avg_bits_nominal")
         rows.append([v["name"], c["fp16"], c["int8"], c["int4"], f"{v['avg_bits']:.2f}",
-                     f"{v['avg_bits_nominal']:.2f}", _mib(v["weight_bytes"]),
-                     _mib(v["providers"].get("cpu", v["providers"].get("cuda"))["resident_bytes"])])
+                     f"{nominal:.2f}" if isinstance(nominal, (int, float)) else "-",
+                     _mib(weights), _mib(prov["resident_bytes"])])
     head = ["variant", "FP16", "INT8", "INT4", "avg bits", "nominal", "weight bytes", "cpu resident"]
     total = sum(f["bytes"] for f in manifest["files"])
-    fp16 = next(v["weight_bytes"] for v in manifest["variants"] if v["name"] == "fp16")
-    return (_table(head, rows) + f"\n{len(manifest['variants'])} variants; bundle files "
-            f"{_mib(total)} = {total / fp16:.2f} x the FP16 variant's weight bytes")
+    out = _table(head, rows) + f"\n{len(manifest['variants'])} variants; bundle files {_mib(total)}"
+    fp16 = next((v.get("weight_bytes") for v in manifest["variants"] if v["name"] == "fp16"), None)
+    if fp16:
+        out += f" = {total / fp16:.2f} x the FP16 variant's weight bytes"
+    return out
 
 
 @cli.command()
@@ -112,11 +141,12 @@ def inspect(bundle):
     from .bundle import read_manifest
 
     m = read_manifest(bundle)
-    s = m["scores"]
-    click.echo(f"{m['model']['name']} ({m['model']['architecture']}, {m['model']['num_layers']} layers); "
-               f"scores: {s['metric']} {s.get('params', {})}; quantization: {m['quantization']['int8']}, "
-               f"{m['quantization']['int4']}")
-    click.echo(variant_table(m))
+    s, q = m.get("scores") or {}, m.get("quantization") or {}
+    click.echo(printable(
+        f"{m['model']['name']} ({m['model']['architecture']}, {m['model']['num_layers']} layers); "
+        f"scores: {s.get('metric', '?')} {s.get('params', {})}; quantization: "
+        f"{q.get('int8', '?')}, {q.get('int4', '?')}"))
+    click.echo(printable(variant_table(m)))
 
 
 def _variant_names(manifest: dict, spec: str) -> list[str]:
@@ -164,7 +194,7 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, variants, reference, quiet):
     entries, rows = [], []
     for name in names:
         v = next(x for x in m["variants"] if x["name"] == name)
-        fns = {"onnx": ev.onnx_logits_fn(bundle, m, name)}
+        fns = {"onnx": ev.onnx_logits_fn(bundle, m, name, context=seq_len)}
         if reference:
             q = m["quantization"]
             fns["torch"] = ev.torch_logits_fn(m["model"]["source"]["path"], v["precisions"],
@@ -228,10 +258,13 @@ def study(model, metrics, text, calibration, samples, seq_len, k, final_norm, ev
 
 
 def main(argv=None):
+    """Every failure ends as one line on stderr and exit code 2 (130 when interrupted)."""
+    from lsaq_runtime.cli import DEBUG_ENV, describe_unexpected
+
     try:
         cli.main(args=argv, standalone_mode=False)
     except (LsaqError, LsaqRuntimeError) as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {printable(str(e), newlines=False)}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
@@ -242,6 +275,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        click.echo(f"error: {printable(describe_unexpected(e), newlines=False)}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -23,34 +23,35 @@ LogitsFn = Callable[[np.ndarray], np.ndarray]   # int64 ids [S] -> float32 logit
 
 
 # ---------------------------------------------------------------- running a bundle's graph
-def onnx_logits_fn(bundle: Path, manifest: dict, variant: str, provider: str = "cpu",
-                   threads: int | None = None) -> LogitsFn:
-    """Full-sequence logits from a variant's graph: one prefill, empty KV cache."""
-    import onnxruntime as ort
+def onnx_logits_fn(bundle: Path, manifest: dict, variant: str, threads: int | None = None,
+                   context: int = 1024) -> LogitsFn:
+    """Full-sequence logits from a variant's CPU graph, run by the runtime users run: its file
+    verification and graph checks, its session, IOBinding and preallocated KV buffer (one
+    prefill on an empty cache per call). The KV buffer is sized for `context` tokens and the
+    variant reloaded with room for a longer input when one comes."""
+    import lsaq_runtime
 
-    v = next((x for x in manifest["variants"] if x["name"] == variant), None)
-    if v is None:
-        raise LsaqError(f"no variant {variant!r} in {bundle}; have: "
-                        f"{', '.join(x['name'] for x in manifest['variants'])}")
-    g = v["providers"][provider]
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(Path(bundle) / g["graph"]), so,
-                                providers=["CPUExecutionProvider"])
-    m = manifest["model"]
-    dt = np.float32 if g["dtype"] == "float32" else np.float16
-    empty = np.zeros((1, m["num_key_value_heads"], 0, m["head_dim"]), dt)
-    past = {i.name: empty for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
-    outputs = ["logits"]
+    names = [x["name"] for x in manifest["variants"]]
+    if variant not in names:
+        raise LsaqError(f"no variant {variant!r} in {bundle}; have: {', '.join(names)}")
+    cap = manifest["model"]["max_context"]
+    state: dict = {"model": None}
+
+    def model_for(n: int):
+        m = state["model"]
+        if m is None or n > m.context:
+            if n > cap:
+                raise LsaqError(f"{n} tokens exceed the bundle's max_context {cap}")
+            if m is not None:
+                m.close()
+            ctx = min(cap, max(n, context, 2 * m.context if m is not None else 0))
+            state["model"] = lsaq_runtime.load(bundle, context=ctx, device="cpu", variant=variant,
+                                               threads=threads)
+        return state["model"]
 
     def run(ids: np.ndarray) -> np.ndarray:
-        s = len(ids)
-        feed = {"input_ids": np.asarray(ids, np.int64)[None],
-                "seqlens_k": np.array([s - 1], np.int32),
-                "total_sequence_length": np.array(s, np.int32),
-                "num_logits_to_keep": np.array(s, np.int64), **past}
-        return sess.run(outputs, feed)[0][0]
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        return model_for(len(ids)).score_tokens(ids)
 
     return run
 
@@ -222,6 +223,6 @@ def record_evaluations(bundle: Path, entries: list[dict]) -> None:
 
 
 def file_sha256(path) -> str:
-    from .model_source import sha256_file
+    from lsaq_runtime.integrity import sha256_file
 
     return sha256_file(path)

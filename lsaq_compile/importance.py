@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from lsaq_runtime.manifest import METRICS  # the manifest records the metric: the runtime owns the names
 
 from .errors import LsaqError
 from .layerwise import as_tensor, forward_layers
 from .model_source import LINEAR_NAMES, ModelSource
-
-METRICS = ("jaccard", "cosine", "zscore")
 
 
 class Metric:
@@ -158,11 +157,28 @@ class Scores:
 
     @classmethod
     def from_json(cls, d: dict | str) -> "Scores":
+        """Scores from their JSON form; LsaqError saying what is wrong otherwise."""
         if isinstance(d, str):
             d = json.loads(d)
-        s = cls(metric=d["metric"], params=d["params"], calibration=d["calibration"],
-                model=d["model"], importance=[float(x) for x in d["importance"]],
-                order=[int(x) for x in d["order"]])
+        if not isinstance(d, dict):
+            raise LsaqError("scores must be a JSON object")
+        missing = [k for k in ("metric", "importance", "order") if k not in d]
+        if missing:
+            raise LsaqError(f"scores lack {', '.join(missing)}")
+        if d["metric"] not in METRICS:
+            raise LsaqError(f"unknown metric {d['metric']!r}; expected one of {', '.join(METRICS)}")
+        for k, typ in (("params", dict), ("calibration", (dict, type(None))), ("model", dict)):
+            if not isinstance(d.get(k, {}), typ):
+                raise LsaqError(f"scores: {k} must be an object")
+        imp, order = d["importance"], d["order"]
+        if not (isinstance(imp, list) and imp and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in imp)):
+            raise LsaqError("scores: importance must be a non-empty list of finite numbers")
+        if not (isinstance(order, list) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                 for x in order)):
+            raise LsaqError("scores: order must be a list of layer indices")
+        s = cls(metric=d["metric"], params=d.get("params", {}), calibration=d.get("calibration"),
+                model=d.get("model", {}), importance=[float(x) for x in imp], order=list(order))
         L = len(s.importance)
         if sorted(s.order) != list(range(L)) or s.model.get("num_layers", L) != L:
             raise LsaqError(f"scores for {s.model.get('name')!r}: importance has {L} layers but "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from lsaq_runtime.integrity import sha256_file  # one checksum helper: the runtime's
 
 from .errors import LsaqError
 
@@ -60,12 +61,32 @@ class ModelSpec:
         return AutoConfig.for_model(model_type, **d)
 
 
-def spec_from_hf_config(cfg: dict, name: str = "model") -> ModelSpec:
+REQUIRED_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size",
+                        "num_attention_heads", "vocab_size")
+
+
+def spec_from_hf_config(cfg: dict, name: str = "model", where: str = "config.json") -> ModelSpec:
     archs = cfg.get("architectures") or []
-    arch = archs[0] if archs else None
+    arch = archs[0] if isinstance(archs, list) and archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise LsaqError(
-            f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            f"{where}: unsupported architecture {arch!r}; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise LsaqError(f"{where}: missing {', '.join(missing)}; the config is incomplete, use the "
+                        "config.json that came with the weights")
+    for k in (*REQUIRED_CONFIG_KEYS, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        v = cfg.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise LsaqError(f"{where}: {k} must be a positive integer, not {v!r}")
+    if cfg["hidden_size"] % cfg["num_attention_heads"] and not cfg.get("head_dim"):
+        raise LsaqError(f"{where}: hidden_size {cfg['hidden_size']} is not divisible by "
+                        f"num_attention_heads {cfg['num_attention_heads']} and no head_dim is given")
+    kvh = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if cfg["num_attention_heads"] % kvh:
+        raise LsaqError(f"{where}: num_attention_heads {cfg['num_attention_heads']} is not a "
+                        f"multiple of num_key_value_heads {kvh}")
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     rope_scaling = cfg.get("rope_scaling")
@@ -96,17 +117,6 @@ def spec_from_hf_config(cfg: dict, name: str = "model") -> ModelSpec:
         name=name,
         hf_config=cfg,
     )
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 class ModelSource:
@@ -182,16 +192,21 @@ class HFSource(ModelSource):
             raise LsaqError(f"{path}: no config.json; a Hugging Face model folder needs config.json "
                             "and *.safetensors")
         try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise LsaqError(f"{cfg_path}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                            "is it really a config.json?") from None
+        except (json.JSONDecodeError, RecursionError) as e:
             raise LsaqError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise LsaqError(f"{cfg_path}: not a JSON object")
         self._st_files = sorted(path.glob("*.safetensors"))
         if not self._st_files:
             pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
             hint = (f" (found {', '.join(pickles)}: pickle checkpoints are never loaded; convert them "
                     "to safetensors first)") if pickles else ""
             raise LsaqError(f"{path}: no *.safetensors weight files{hint}")
-        self.spec = spec_from_hf_config(cfg, name=path.name)
+        self.spec = spec_from_hf_config(cfg, name=path.name, where=str(cfg_path))
         self._index: dict[str, object] = {}
         self._handles = []
         for f in self._st_files:

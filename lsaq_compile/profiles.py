@@ -76,6 +76,18 @@ class Profile:
             raise LsaqError(f"{where}: scoring.metric must be jaccard, cosine or zscore")
         if self.quantization.scheme not in ("channel", "group"):
             raise LsaqError(f"{where}: quantization.scheme must be 'channel' or 'group'")
+        if self.quantization.group_size not in (32, 64, 128):
+            raise LsaqError(f"{where}: quantization.group_size must be 32, 64 or 128")
+        for key, value, low in (("build.max_context", self.build.max_context, 1),
+                                ("scoring.k", self.scoring.k, 1),
+                                ("scoring.samples", self.scoring.samples, 1),
+                                ("scoring.seq_len", self.scoring.seq_len, 2),
+                                ("deployment.context_length", self.deployment.context_length, 1),
+                                ("deployment.batch_size", self.deployment.batch_size, 1)):
+            if value < low:
+                raise LsaqError(f"{where}: {key} must be at least {low}, not {value}")
+        if not 0 <= self.deployment.safety_margin_fraction <= 1:
+            raise LsaqError(f"{where}: deployment.safety_margin_fraction must be between 0 and 1")
         for key in ("safety_margin_min", "runtime_overhead_cpu", "runtime_overhead_cuda"):
             try:
                 parse_size(getattr(self.deployment, key))
@@ -116,5 +128,25 @@ def load_profile(name_or_path: str | None = None) -> Profile:
         unknown = set(values) - known
         if unknown:
             raise LsaqError(f"{p}: unknown key(s) in [{sec}]: {', '.join(sorted(unknown))}")
+        if not isinstance(values, dict):
+            raise LsaqError(f"{p}: [{sec}] must be a table of keys")
+        defaults = cls()
+        for key, value in values.items():
+            _check_type(p, sec, key, value, getattr(defaults, key))
         setattr(prof, sec, cls(**values))
     return prof.validate()
+
+
+def _check_type(p: Path, sec: str, key: str, value, default) -> None:
+    """A profile value must have its default's type (an int is accepted for a float)."""
+    want = type(default)
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if want is list:
+        ok = ok and all(isinstance(x, str) for x in value)
+    if not ok:
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                 list: "a list of strings"}
+        raise LsaqError(f"{p}: [{sec}] {key} must be {names.get(want, want.__name__)}, "
+                        f"not {value!r}")

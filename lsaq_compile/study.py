@@ -161,7 +161,7 @@ def _evaluate_plan(ev, bundle, manifest, v, metric, tw, seq_len, reference_windo
             continue
         e = _recorded(manifest, v["name"], engine, tw, seq_len, n)
         if e is None:
-            fn = (ev.onnx_logits_fn(bundle, manifest, v["name"]) if engine == "onnx" else
+            fn = (ev.onnx_logits_fn(bundle, manifest, v["name"], context=seq_len) if engine == "onnx" else
                   ev.torch_logits_fn(model_path, v["precisions"], q["scheme"], q.get("group_size"),
                                      q.get("symmetric", True)))
             r = ev.perplexity(fn, tw, limit=n, progress=progress.stage(f"eval {name} [{engine}]"))

@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_verify_cache(tmp_path_factory):
+    """Verified-file stamps go to a folder of this test run, not the user's cache."""
+    os.environ["LSAQ_CACHE_DIR"] = str(tmp_path_factory.mktemp("lsaq-cache"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 C4 = SHARED_DATA / "c4-calibration.txt"
 WIKITEXT = SHARED_DATA / "wikitext-2-raw-test.txt"

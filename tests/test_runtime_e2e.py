@@ -173,7 +173,7 @@ def test_edited_graph(damaged):
 
 def test_newer_schema(damaged):
     m = _manifest(damaged)
-    m["schema_version"] = 2
+    m["schema_version"] = 3
     (damaged / "manifest.json").write_text(json.dumps(m))
     _fails(damaged, "manifest.json", "newer lsaq-compile", "upgrade lsaq")
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lsaq_runtime.errors import LsaqRuntimeError
-from lsaq_runtime.manifest import load_manifest, validate_manifest, verify_bundle, verify_file
+from lsaq_runtime.integrity import verify_files
+from lsaq_runtime.manifest import load_manifest, validate_manifest, verify_bundle
 from test_runtime_planner import synthetic_manifest
 
 
@@ -31,9 +32,9 @@ def write_bundle(root: Path, m: dict | None = None) -> Path:
 def test_valid(tmp_path):
     b = write_bundle(tmp_path / "b")
     m = load_manifest(b)
-    assert m["schema_version"] == 1
+    assert m["schema_version"] == 2
     assert verify_bundle(b) == []
-    verify_file(b, m, "fp16.cpu.onnx")
+    verify_files(b, m, ["fp16.cpu.onnx"])
 
 
 def _invalid(mutate, *patterns):
@@ -64,7 +65,13 @@ def test_cross_field_rules():
     _invalid(lambda m: m["variants"][0]["precisions"].pop(), "lists 2 layer precisions", "3 layers")
     _invalid(lambda m: m["variants"][1]["layer_counts"].update(int8=2), "layer_counts")
     _invalid(lambda m: m["variants"][1].update(name="fp16"), "'fp16' appears twice")
-    _invalid(lambda m: m["files"].pop(0), "fp16.cpu.onnx which is not in files")
+    _invalid(lambda m: m["files"].pop(0), "uses fp16.cpu.onnx, which is not in files")
+    _invalid(lambda m: m["variants"][0]["providers"]["cpu"]["files"].remove("fp16.cpu.onnx"),
+             "its graph fp16.cpu.onnx is not among its files")
+    _invalid(lambda m: m["variants"][2]["providers"]["cpu"].update(kv_bytes_per_token=7680),
+             "kv_bytes_per_token 7680 disagrees with the model's shape")
+    _invalid(lambda m: m["model"].update(num_key_value_heads=3), "not a multiple of num_key_value_heads")
+    _invalid(lambda m: m["tokenizer"].update(eos_token_ids=[512]), "token id 512 is outside")
     _invalid(lambda m: m["files"].pop(), "tokenizer/tokenizer.json is not in files")
 
 
@@ -76,7 +83,7 @@ def test_unknown_extra_keys_are_allowed():
     validate_manifest(m)
 
 
-@pytest.mark.parametrize("version", [2, 99])
+@pytest.mark.parametrize("version", [3, 99])
 def test_newer_schema_version(tmp_path, version):
     m = synthetic_manifest(layers=3)
     m["schema_version"] = version
@@ -84,6 +91,13 @@ def test_newer_schema_version(tmp_path, version):
     b = write_bundle(tmp_path / "b", m)
     with pytest.raises(LsaqRuntimeError, match="newer lsaq-compile.*upgrade lsaq"):
         load_manifest(b)
+
+
+def test_older_schema_version_asks_for_a_rebuild():
+    m = synthetic_manifest(layers=3)
+    m["schema_version"] = 1
+    with pytest.raises(LsaqRuntimeError, match="older lsaq-compile.*rebuild"):
+        validate_manifest(m)
 
 
 @pytest.mark.parametrize("version", [0, "1", None, 1.5])
@@ -136,9 +150,9 @@ def test_sha_mismatch_names_the_file(tmp_path):
     data[0] ^= 1
     g.write_bytes(bytes(data))
     m = load_manifest(b)  # sizes still match: only hashing can tell
-    verify_file(b, m, "fp16.cpu.onnx")
+    verify_files(b, m, ["fp16.cpu.onnx"])
     with pytest.raises(LsaqRuntimeError, match=r"int8.cpu.onnx: sha256 mismatch"):
-        verify_file(b, m, "int8.cpu.onnx")
+        verify_files(b, m, ["int8.cpu.onnx"])
     problems = verify_bundle(b)
     assert len(problems) == 1 and "int8.cpu.onnx: sha256 mismatch" in problems[0]
 

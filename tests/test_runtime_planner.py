@@ -37,7 +37,7 @@ def synthetic_manifest(layers: int = 8, layer_params: int = 2_000_000, base: int
             graph = f"{name}.{prov}.onnx"
             files.append({"path": graph, "bytes": 10, "sha256": "0" * 64})
             providers[prov] = {
-                "graph": graph, "dtype": dtype, "weight_bytes": resident(prec, "cuda"),
+                "graph": graph, "files": [graph, "weights/float.safetensors"], "dtype": dtype, "weight_bytes": resident(prec, "cuda"),
                 "resident_bytes": resident(prec, prov), "kv_bytes_per_token": 2 * layers * 2 * 32 * elem,
                 "workspace": {"fixed_bytes": 1 * MiB, "per_token_bytes": 4096,
                               "per_token_sq_bytes": 16 if prov == "cpu" else 0},
@@ -48,7 +48,7 @@ def synthetic_manifest(layers: int = 8, layer_params: int = 2_000_000, base: int
     files += [{"path": "weights/float.safetensors", "bytes": 10, "sha256": "0" * 64},
               {"path": "tokenizer/tokenizer.json", "bytes": 10, "sha256": "0" * 64}]
     return {
-        "format": "lsaq-bundle", "schema_version": 1, "created_by": "test",
+        "format": "lsaq-bundle", "schema_version": 2, "created_by": "test",
         "model": {"name": "synthetic", "architecture": "LlamaForCausalLM", "num_layers": layers,
                   "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
                   "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512,

@@ -10,13 +10,16 @@ User errors print one line and exit 2; there are no tracebacks for them.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 import click
 
-from .errors import LsaqRuntimeError, NoVariantFits
+from .errors import LsaqRuntimeError, NoVariantFits, first_line, printable
 from .sizes import format_size
+
+DEBUG_ENV = "LSAQ_DEBUG"  # set to 1: let unexpected exceptions show their traceback
 
 SUBCOMMANDS = ("run", "verify", "inspect")
 
@@ -32,7 +35,12 @@ class DefaultRunGroup(click.Group):
 
 
 def _echo_err(msg: str) -> None:
-    click.echo(f"lsaq-run: {msg}", err=True)
+    click.echo(f"lsaq-run: {printable(msg, newlines=False)}", err=True)
+
+
+def _echo(text: str = "", **kw) -> None:
+    """Everything printed comes (partly) from the bundle: no raw control characters."""
+    click.echo(printable(text), **kw)
 
 
 @click.group(cls=DefaultRunGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,13 +102,14 @@ def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait
     stderr_log(f"loaded {model.variant} on {model.device.label} ({model.provider} graph, "
                f"context {model.context}) in {t_load:.1f}s — {model.reason}")
     t1 = time.perf_counter()
+    tty = sys.stdout.isatty()
     pieces, count = [], 0
     for piece in model.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat):
         count += 1
         if as_json:
             pieces.append(piece)
-        else:
-            click.echo(piece, nl=False)
+        else:  # a terminal gets escapes shown, a pipe gets the exact text
+            click.echo(printable(piece) if tty else piece, nl=False)
             sys.stdout.flush()
     dt = time.perf_counter() - t1
     if as_json:
@@ -119,7 +128,7 @@ def _print_decision(d, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(d.to_json(), indent=1))
     else:
-        click.echo(d.table())
+        _echo(d.table())
 
 
 @cli.command("verify")
@@ -139,7 +148,7 @@ def verify_cmd(bundle, as_json):
         raise LsaqRuntimeError(f"{bundle}: {len(problems)} damaged or missing file(s); "
                                "rebuild or copy the bundle again")
     if not as_json:
-        click.echo(f"{bundle}: ok (every file matches its size and sha256)")
+        _echo(f"{bundle}: ok (every file matches its size and sha256)")
 
 
 @cli.command("inspect")
@@ -150,20 +159,21 @@ def inspect_cmd(bundle):
 
     m = load_manifest(bundle)
     mo, dep = m["model"], m["deployment"]
-    click.echo(f"{mo['name']} ({mo['architecture']}): {mo['num_layers']} layers, hidden "
-               f"{mo['hidden_size']}, vocab {mo['vocab_size']}, max_context {mo['max_context']}")
-    click.echo(f"created by {m.get('created_by', '?')}; deployment: context {dep['context_length']}, "
-               f"batch {dep['batch_size']}")
+    _echo(f"{mo['name']} ({mo['architecture']}): {mo['num_layers']} layers, hidden "
+          f"{mo['hidden_size']}, vocab {mo['vocab_size']}, max_context {mo['max_context']}")
+    _echo(f"created by {m.get('created_by', '?')}; deployment: context {dep['context_length']}, "
+          f"batch {dep['batch_size']}")
     for v in m["variants"]:
         c = v["layer_counts"]
         provs = ", ".join(f"{p}: {format_size(i['resident_bytes'])}" for p, i in v["providers"].items())
-        click.echo(f"  {v['name']:<10} fp16 {c['fp16']:>3} int8 {c['int8']:>3} int4 {c['int4']:>3}  "
+        _echo(f"  {v['name']:<10} fp16 {c['fp16']:>3} int8 {c['int8']:>3} int4 {c['int4']:>3}  "
                    f"{v['avg_bits']:.2f} bits  resident {provs}")
     total = sum(f["bytes"] for f in m["files"])
-    click.echo(f"{len(m['files'])} files, {format_size(total)}")
+    _echo(f"{len(m['files'])} files, {format_size(total)}")
 
 
 def main(argv=None) -> int:
+    """Every failure ends as one line on stderr and exit code 2 (130 when interrupted)."""
     code = 0
     try:
         cli.main(args=argv, prog_name="lsaq-run", standalone_mode=False)
@@ -183,7 +193,25 @@ def main(argv=None) -> int:
         code = 0
     except click.exceptions.Exit as e:
         code = e.exit_code
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        _echo_err(f"error: {describe_unexpected(e)}")
+        code = 2
     return code
+
+
+def describe_unexpected(e: BaseException) -> str:
+    """One line for an exception no check anticipated: what kind, where, and what to do."""
+    if isinstance(e, MemoryError):
+        return "out of memory; free memory, use a smaller variant (--memory-budget) or --context"
+    if isinstance(e, RecursionError):
+        return "input nested too deeply to process"
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or first_line(e)}; check the path, its permissions and free disk"
+    return (f"unexpected {type(e).__name__}: {first_line(e)}; this is a bug in lsaq, please report "
+            f"it (set {DEBUG_ENV}=1 to see the traceback)")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,87 @@
-"""Read and check a bundle's manifest.json: version, schema, file sizes, checksums.
+"""Read and check a bundle's manifest.json: the contract between compiler and runtime.
 
-Everything here runs before any graph is loaded, so a damaged bundle fails with a message that
-names the file and the problem instead of an ONNX Runtime error halfway through loading.
+The runtime owns the format (BUNDLE_FORMAT.md, manifest.schema.json) and the compiler imports
+what it needs from here: file names, the schema version, the metric names, the KV and workspace
+formulas and the checksum helper, so the two halves cannot drift apart.
+
+The manifest is untrusted input. Reading is bounded (size cap; no NaN or infinities; no integers
+longer than 30 digits; nesting depth), the schema bounds every number the planner multiplies,
+and cross-field rules tie the numbers together (e.g. `kv_bytes_per_token` must equal what the
+model's shape implies, since buffers are allocated from it). Everything here runs before any
+graph is opened, so a damaged bundle fails with a message naming the file and the problem.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import stat
 from functools import lru_cache
 from pathlib import Path
 
 import jsonschema
 
 from .errors import LsaqRuntimeError
+from .integrity import bundle_path, check_size, sha256_file
+
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "METRICS", "PRECISIONS", "ELEM_BYTES", "MAX_MANIFEST_BYTES",
+           "kv_bytes_per_token", "workspace_bytes", "validate_manifest", "read_manifest_json",
+           "load_manifest", "check_files", "verify_bundle", "sha256_file", "tokenizer_file",
+           "variant_files", "replace_refusal", "parse_json"]
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+METRICS = ("jaccard", "cosine", "zscore")          # scores.metric: how layers were ranked
+PRECISIONS = ("fp16", "int8", "int4")              # per decoder layer
+ELEM_BYTES = {"float32": 4, "float16": 2}          # activation / KV dtype of a provider's graph
+MAX_MANIFEST_BYTES = 16 << 20
+_MAX_INT_DIGITS = 30
 
 
+def kv_bytes_per_token(model: dict, dtype: str) -> int:
+    """Bytes of KV cache per token and sequence: a key and a value row per layer and KV head."""
+    return 2 * model["num_layers"] * model["num_key_value_heads"] * model["head_dim"] * ELEM_BYTES[dtype]
+
+
+def workspace_bytes(ws: dict, context: int) -> int:
+    """Activation memory of a prefill of `context` tokens (BUNDLE_FORMAT.md)."""
+    return int(ws["fixed_bytes"] + ws["per_token_bytes"] * context
+               + ws["per_token_sq_bytes"] * context * context)
+
+
+# ------------------------------------------------------------------------------- JSON
+def _bad_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    v = float(text)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} overflows a float")
+    return v
+
+
+def parse_json(raw: bytes, where: str) -> object:
+    """Strict, bounded JSON: what json.loads accepts minus NaN, Infinity and absurd numbers."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_bad_constant, parse_int=_int,
+                          parse_float=_float)
+    except UnicodeDecodeError as e:
+        raise LsaqRuntimeError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise LsaqRuntimeError(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        raise LsaqRuntimeError(f"{where}: not valid JSON ({e})") from None
+
+
+# ------------------------------------------------------------------------------- validation
 @lru_cache(maxsize=1)
 def _validator() -> jsonschema.Draft202012Validator:
     schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
@@ -36,76 +98,122 @@ def _check_version(m: dict, where: str) -> None:
         raise LsaqRuntimeError(
             f"{where}: bundle written by a newer lsaq-compile (schema_version {v}; this runtime "
             f"reads {SCHEMA_VERSION}); upgrade lsaq")
+    if v < SCHEMA_VERSION:
+        raise LsaqRuntimeError(
+            f"{where}: bundle written by an older lsaq-compile (schema_version {v}; this runtime "
+            f"reads {SCHEMA_VERSION}, which lists every file a variant uses); rebuild it with "
+            "`lsaq-compile build`")
 
 
 def validate_manifest(m: dict, where: str = MANIFEST) -> None:
     """Version, JSON Schema, then the cross-field rules a schema cannot express."""
     _check_version(m, where)
-    errors = sorted(_validator().iter_errors(m), key=lambda e: list(e.absolute_path))
+    try:
+        errors = sorted(_validator().iter_errors(m), key=lambda e: [str(p) for p in e.absolute_path])
+    except RecursionError:
+        raise LsaqRuntimeError(f"{where}: nested too deeply") from None
     if errors:
         e = errors[0]
         path = "/".join(str(p) for p in e.absolute_path) or "(top level)"
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        raise LsaqRuntimeError(f"{where}: invalid at {path}: {e.message}{more}")
+        msg = e.message if len(e.message) <= 200 else e.message[:200] + "..."
+        raise LsaqRuntimeError(f"{where}: invalid at {path}: {msg}{more}")
 
-    layers = m["model"]["num_layers"]
+    def bad(msg: str) -> LsaqRuntimeError:
+        return LsaqRuntimeError(f"{where}: {msg}; the bundle is damaged, rebuild it")
+
+    mo = m["model"]
+    layers = mo["num_layers"]
+    if mo["num_attention_heads"] % mo["num_key_value_heads"]:
+        raise bad(f"num_attention_heads {mo['num_attention_heads']} is not a multiple of "
+                  f"num_key_value_heads {mo['num_key_value_heads']}")
+    if m["deployment"]["context_length"] < 1 or mo["max_context"] < 1:
+        raise bad("context lengths must be positive")
+    tok = m["tokenizer"]
+    for t in [tok.get("bos_token_id"), *tok["eos_token_ids"]]:
+        if t is not None and t >= mo["vocab_size"]:
+            raise bad(f"token id {t} is outside the vocabulary of {mo['vocab_size']}")
     listed = {f["path"] for f in m["files"]}
     if len(listed) != len(m["files"]):
-        raise LsaqRuntimeError(f"{where}: a path appears twice in files")
+        raise bad("a path appears twice in files")
+    if MANIFEST in listed:
+        raise bad(f"files lists {MANIFEST} itself")
     names = set()
     for v in m["variants"]:
         name = v["name"]
         if name in names:
-            raise LsaqRuntimeError(f"{where}: variant name {name!r} appears twice")
+            raise bad(f"variant name {name!r} appears twice")
         names.add(name)
         if len(v["precisions"]) != layers:
-            raise LsaqRuntimeError(f"{where}: variant {name!r} lists {len(v['precisions'])} layer "
-                                   f"precisions but the model has {layers} layers")
-        counts = {p: v["precisions"].count(p) for p in ("fp16", "int8", "int4")}
+            raise bad(f"variant {name!r} lists {len(v['precisions'])} layer precisions but the "
+                      f"model has {layers} layers")
+        counts = {p: v["precisions"].count(p) for p in PRECISIONS}
         if counts != {p: v["layer_counts"][p] for p in counts}:
-            raise LsaqRuntimeError(f"{where}: variant {name!r}: layer_counts {v['layer_counts']} "
-                                   f"disagree with its precisions {counts}")
+            raise bad(f"variant {name!r}: layer_counts {v['layer_counts']} disagree with its "
+                      f"precisions {counts}")
         for prov, info in v["providers"].items():
-            if info["graph"] not in listed:
-                raise LsaqRuntimeError(f"{where}: variant {name!r} ({prov}) uses graph "
-                                       f"{info['graph']} which is not in files")
-    tok = tokenizer_file(m)
-    if tok not in listed:
-        raise LsaqRuntimeError(f"{where}: {tok} is not in files; the bundle has no tokenizer")
+            if info["graph"] not in info["files"]:
+                raise bad(f"variant {name!r} ({prov}): its graph {info['graph']} is not among "
+                          "its files")
+            missing = [f for f in info["files"] if f not in listed]
+            if missing:
+                raise bad(f"variant {name!r} ({prov}) uses {missing[0]}, which is not in files")
+            kv = kv_bytes_per_token(mo, info["dtype"])
+            if info["kv_bytes_per_token"] != kv:
+                raise bad(f"variant {name!r} ({prov}): kv_bytes_per_token "
+                          f"{info['kv_bytes_per_token']} disagrees with the model's shape "
+                          f"(2 x {layers} layers x {mo['num_key_value_heads']} KV heads x "
+                          f"{mo['head_dim']} x {ELEM_BYTES[info['dtype']]} bytes = {kv})")
+    if tokenizer_file(m) not in listed:
+        raise bad(f"{tokenizer_file(m)} is not in files; the bundle has no tokenizer")
 
 
 def tokenizer_file(m: dict) -> str:
     return f"{m['tokenizer']['dir'].rstrip('/')}/tokenizer.json"
 
 
+def variant_files(m: dict, name: str, provider: str) -> list[str]:
+    """Every file the variant's graph on `provider` uses: the graph first, then weights."""
+    v = next(x for x in m["variants"] if x["name"] == name)
+    info = v["providers"][provider]
+    return [info["graph"]] + [f for f in info["files"] if f != info["graph"]]
+
+
+# ------------------------------------------------------------------------------- reading
 def read_manifest_json(bundle: str | Path) -> dict:
     root = Path(bundle)
     if not root.is_dir():
         raise LsaqRuntimeError(f"{root}: no such bundle folder")
     path = root / MANIFEST
-    if not path.is_file():
-        raise LsaqRuntimeError(f"{path}: missing; {root} is not a complete LSAQ bundle "
-                               "(built by `lsaq-compile build`)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LsaqRuntimeError(f"{path}: not valid JSON ({e})") from None
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise LsaqRuntimeError(f"{path}: missing; {root} is not a complete LSAQ bundle "
+                               "(built by `lsaq-compile build`)") from None
+    except OSError as e:
+        raise LsaqRuntimeError(f"{path}: cannot be read ({e.strerror})") from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        raise LsaqRuntimeError(f"{path}: not a regular file (a link or a folder); refused")
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise LsaqRuntimeError(f"{path}: {st.st_size:,} bytes, more than the "
+                               f"{MAX_MANIFEST_BYTES >> 20} MiB a manifest may have; refused")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise LsaqRuntimeError(f"{path}: cannot be read ({e.strerror})") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise LsaqRuntimeError(f"{path}: more than {MAX_MANIFEST_BYTES >> 20} MiB; refused")
+    return parse_json(raw, str(path))
 
 
 def check_files(bundle: str | Path, m: dict) -> None:
-    """Every listed file exists with its listed size (cheap: no hashing)."""
+    """Every listed file is inside the bundle (no links), exists, and has its listed size."""
     root = Path(bundle)
     for f in m["files"]:
-        p = root / f["path"]
-        if not p.is_file():
-            what = "the tokenizer is missing" if f["path"] == tokenizer_file(m) else "missing"
-            raise LsaqRuntimeError(f"{p}: {what} (listed in {MANIFEST}); the bundle is incomplete, "
-                                   "rebuild or copy it again")
-        size = p.stat().st_size
-        if size != f["bytes"]:
-            kind = "truncated" if size < f["bytes"] else "longer than listed"
-            raise LsaqRuntimeError(f"{p}: {kind}: {size} bytes, the manifest lists {f['bytes']}; "
-                                   "the bundle is damaged, rebuild or copy it again")
+        p = bundle_path(root, f["path"], MANIFEST)
+        what = "the tokenizer is missing" if f["path"] == tokenizer_file(m) else "missing"
+        check_size(p, f["bytes"], what)
 
 
 def load_manifest(bundle: str | Path, check_sizes: bool = True) -> dict:
@@ -118,43 +226,48 @@ def load_manifest(bundle: str | Path, check_sizes: bool = True) -> dict:
     return m
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_entry(m: dict, rel: str) -> dict:
-    for f in m["files"]:
-        if f["path"] == rel:
-            return f
-    raise LsaqRuntimeError(f"{rel} is not listed in {MANIFEST}")
-
-
-def verify_file(bundle: str | Path, m: dict, rel: str) -> None:
-    """Raise if the file's sha256 differs from the manifest's."""
-    entry = file_entry(m, rel)
-    p = Path(bundle) / rel
-    if sha256_file(p) != entry["sha256"]:
-        raise LsaqRuntimeError(f"{p}: sha256 mismatch (the file was modified or damaged); "
-                               "rebuild or copy the bundle again")
-
-
 def verify_bundle(bundle: str | Path, progress=None) -> list[str]:
-    """Check every file's size and sha256; return the problems found (empty = intact)."""
+    """Check every file's place, size and sha256 (no stamps); return the problems found."""
     root = Path(bundle)
     m = load_manifest(root, check_sizes=False)
     problems = []
     for f in m["files"]:
-        p = root / f["path"]
         if progress:
             progress(f["path"])
-        if not p.is_file():
-            problems.append(f"{p}: missing")
-        elif p.stat().st_size != f["bytes"]:
-            problems.append(f"{p}: {p.stat().st_size} bytes, the manifest lists {f['bytes']}")
-        elif sha256_file(p) != f["sha256"]:
+        try:
+            p = bundle_path(root, f["path"], MANIFEST)
+            check_size(p, f["bytes"])
+        except LsaqRuntimeError as e:
+            problems.append(str(e))
+            continue
+        if sha256_file(p) != f["sha256"]:
             problems.append(f"{p}: sha256 mismatch")
     return problems
+
+
+def replace_refusal(folder: str | Path) -> str | None:
+    """Why `folder` must not be deleted to make room for a new bundle, or None when it may be:
+    it is an LSAQ bundle (its manifest says so) holding nothing but its listed files."""
+    root = Path(folder)
+    if root.is_symlink() or not root.is_dir():
+        return f"{root} is not a folder"
+    path = root / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        return f"{root} is not an LSAQ bundle (it has no {MANIFEST})"
+    try:
+        m = read_manifest_json(root)
+    except LsaqRuntimeError as e:
+        return f"{root} is not recognisably an LSAQ bundle ({e})"
+    if not isinstance(m, dict) or m.get("format") != "lsaq-bundle":
+        return f"{root} is not an LSAQ bundle ({MANIFEST} does not say \"format\": \"lsaq-bundle\")"
+    files = m.get("files")
+    listed = {f.get("path") for f in files if isinstance(f, dict)} if isinstance(files, list) else set()
+    extra = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink() or (not p.is_dir() and rel != MANIFEST and rel not in listed):
+            extra.append(rel)
+    if extra:
+        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        return f"{root} holds files that are not part of the bundle ({shown})"
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -9,8 +10,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import LsaqRuntimeError
-from .manifest import load_manifest, verify_file
+from .errors import LsaqRuntimeError, printable
+from .graph_check import check_graph
+from .integrity import bundle_path, verify_files
+from .manifest import MANIFEST, load_manifest, tokenizer_file, variant_files
 from .planner import Decision, plan_or_wait
 from .probe import Device, choose_device, cuda_provider_available, probe_gpus, probe_host
 from .sampling import Sampler
@@ -194,15 +197,14 @@ def load(bundle, context: int | None = None, memory_budget=None, device: str = "
     memory to free up when nothing fits.  log: where progress lines go (default: nowhere)."""
     root = Path(bundle)
     manifest = load_manifest(root)                      # schema, version, every file's size
+    verify_files(root, manifest, [tokenizer_file(manifest)])
     codec = TextCodec(root, manifest)                   # fail on a bad tokenizer before loading
     memory_trace("start")
     d = decide(root, context, memory_budget, device, variant, wait, log=log, manifest=manifest)
     for n in d.notes:
         if log:
             log(f"note: {n}")
-    info = next(v for v in manifest["variants"] if v["name"] == d.chosen)["providers"][d.provider]
-    verify_file(root, manifest, info["graph"])          # the graph we are about to trust
-    session = create_session(root / info["graph"], d.provider, d.device.index, threads)
+    session, info = _open_variant(root, manifest, d, threads, log)
     if d.provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         # onnxruntime-gpu falls back to CPU silently when CUDA/cuDNN libraries are missing.
         warn(f"ONNX Runtime could not use CUDA on {d.device.label} (CUDA or cuDNN libraries "
@@ -210,14 +212,38 @@ def load(bundle, context: int | None = None, memory_budget=None, device: str = "
         del session
         d = decide(root, context, memory_budget, "cpu", variant, wait, log=log, manifest=manifest)
         d.notes.append("CUDA was requested but ONNX Runtime fell back to CPU")
-        info = next(v for v in manifest["variants"] if v["name"] == d.chosen)["providers"]["cpu"]
-        verify_file(root, manifest, info["graph"])
-        session = create_session(root / info["graph"], "cpu", None, threads)
+        session, info = _open_variant(root, manifest, d, threads, log)
     memory_trace("session")
-    runner = Runner(session, manifest, info["dtype"], d.context, d.provider, d.device.index)
+    row = d.chosen_row
+    runner = Runner(session, manifest, info["dtype"], d.context, d.provider, d.device.index,
+                    planned_kv_bytes=row.kv_bytes if row else None)
     memory_trace("kv")
     return Model(root, manifest, d, runner, codec)
 
 
+def _open_variant(root: Path, manifest: dict, d: Decision, threads: int | None, log):
+    """Verify every file the chosen variant uses, check its graph against the manifest, then
+    hand ONNX Runtime the very bytes that were checked."""
+    v = next(x for x in manifest["variants"] if x["name"] == d.chosen)
+    info = v["providers"][d.provider]
+    files = variant_files(manifest, d.chosen, d.provider)
+    graph = bundle_path(root, info["graph"], MANIFEST)
+    try:
+        data = graph.read_bytes()
+    except OSError as e:
+        raise LsaqRuntimeError(f"{graph}: cannot be read ({e.strerror})") from None
+    entry = next(f for f in manifest["files"] if f["path"] == info["graph"])
+    if len(data) != entry["bytes"] or sha256_file_bytes(data) != entry["sha256"]:
+        raise LsaqRuntimeError(f"{graph}: sha256 mismatch (the file was modified or damaged); "
+                               "rebuild or copy the bundle again")
+    verify_files(root, manifest, files[1:], log=log)
+    check_graph(root, manifest, v, d.provider, data)
+    return create_session(graph, d.provider, d.device.index, threads, data=data), info
+
+
+def sha256_file_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def stderr_log(msg: str) -> None:
-    print(f"lsaq-run: {msg}", file=sys.stderr, flush=True)
+    print(f"lsaq-run: {printable(msg, newlines=False)}", file=sys.stderr, flush=True)

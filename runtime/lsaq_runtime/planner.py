@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .errors import LsaqRuntimeError, NoVariantFits
+from .manifest import kv_bytes_per_token, workspace_bytes
 from .probe import Device
 from .sizes import format_size
 
@@ -125,9 +126,10 @@ def estimate(manifest: dict, variant: dict, provider: str, context: int, batch: 
     dep = manifest["deployment"]
     ws = info["workspace"]
     row.resident_bytes = int(info["resident_bytes"])
-    row.kv_bytes = int(info["kv_bytes_per_token"]) * context * batch
-    row.workspace_bytes = int(ws["fixed_bytes"] + ws["per_token_bytes"] * context
-                              + ws["per_token_sq_bytes"] * context * context)
+    # From the model's shape, the same formula the KV allocation uses (and the manifest's
+    # kv_bytes_per_token was checked against it).
+    row.kv_bytes = kv_bytes_per_token(manifest["model"], info["dtype"]) * context * batch
+    row.workspace_bytes = workspace_bytes(ws, context)
     row.overhead_bytes = int(dep["runtime_overhead_bytes"].get(provider, 0))
     row.predicted_bytes = row.resident_bytes + row.kv_bytes + row.workspace_bytes + row.overhead_bytes
     margin = dep["safety_margin"]
@@ -170,6 +172,10 @@ def plan(manifest: dict, device: Device, context: int | None = None, batch: int 
                                    + ", ".join(r.name for r in rows))
         if row.need_bytes is None:
             raise LsaqRuntimeError(f"variant {variant!r} has no {provider} graph in this bundle")
+        if not simulate and row.need_bytes > device.total_bytes:
+            raise LsaqRuntimeError(f"variant {variant!r} needs {format_size(row.need_bytes)} at "
+                                   f"context {ctx}, more than all {format_size(device.total_bytes)} "
+                                   f"of {device.label}; use a smaller --context or another variant")
         row.chosen, d.chosen, d.forced = True, row.name, True
         d.reason = (f"{row.name}: forced by --variant; needs {format_size(row.need_bytes)}, "
                     f"{format_size(free)} free")

@@ -67,8 +67,12 @@ def _text(x) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
-def probe_gpus(nvml=None, environ=None) -> list[Device]:
-    """GPUs visible to this process, or [] when there is no NVML library, driver or GPU."""
+def probe_gpus(nvml=None, environ=None, notes: list[str] | None = None) -> list[Device]:
+    """GPUs visible to this process, or [] when there is no NVML library, driver or GPU.
+
+    No library or driver means no usable GPU, said nowhere. An NVML error after it started
+    (in the middle of enumerating) is different: it is added to `notes`, so a caller that then
+    plans for host memory says why."""
     environ = os.environ if environ is None else environ
     if nvml is None:
         try:
@@ -79,17 +83,23 @@ def probe_gpus(nvml=None, environ=None) -> list[Device]:
         nvml.nvmlInit()
     except Exception:  # NVMLError_LibraryNotFound / DriverNotLoaded: no usable GPU here
         return []
+    step = "counting GPUs"
     try:
         count = nvml.nvmlDeviceGetCount()
+        step = "reading GPU handles"
         handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         uuids = [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles]
         devices = []
         for ordinal, i in enumerate(_visible(environ.get("CUDA_VISIBLE_DEVICES"), count, uuids)):
+            step = f"reading the memory of GPU {i}"
             mem = nvml.nvmlDeviceGetMemoryInfo(handles[i])
             devices.append(Device("cuda", ordinal, _text(nvml.nvmlDeviceGetName(handles[i])),
                                   int(mem.total), int(mem.free), "nvml"))
         return devices
-    except Exception:
+    except Exception as e:
+        if notes is not None:
+            notes.append(f"NVML failed while {step} ({type(e).__name__}: {e}); no GPU is "
+                         "planned for, check the driver (nvidia-smi)")
         return []
     finally:
         try:
@@ -98,24 +108,97 @@ def probe_gpus(nvml=None, environ=None) -> list[Device]:
             pass
 
 
-def probe_host(meminfo: str = "/proc/meminfo") -> Device:
-    """Host memory available to a new allocation without swapping (MemAvailable)."""
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (v2) means no limit
+
+
+def _inactive_file(path: str, key: str) -> int:
+    """Page cache the kernel reclaims before failing an allocation (from memory.stat)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k == key and v.strip().isdigit():
+                    return int(v)
+    except OSError:
+        pass
+    return 0
+
+
+def cgroup_limit(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup"
+                 ) -> tuple[int, int] | None:
+    """(limit, available) of this process's memory cgroup, or None without a limit.
+
+    A container's memory limit, not MemAvailable, is what an allocation runs into. v2: the
+    smallest memory.max - usage over this cgroup and its ancestors; v1: memory.limit_in_bytes -
+    usage. Usage leaves out inactive file cache, which the kernel reclaims first."""
+    best: tuple[int, int] | None = None
+
+    def consider(limit, usage, inactive):
+        nonlocal best
+        if limit is None or usage is None or limit >= 1 << 60:  # v1 writes ~2^63 for no limit
+            return
+        avail = max(0, limit - max(0, usage - inactive))
+        if best is None or avail < best[1]:
+            best = (limit, avail)
+
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        hid, _, rest = line.partition(":")
+        ctrls, _, path = rest.partition(":")
+        rel = path.strip("/")
+        if hid == "0" and ctrls == "":  # v2 unified hierarchy: walk up to the root
+            parts = rel.split("/") if rel else []
+            for n in range(len(parts), -1, -1):
+                d = os.path.join(root, *parts[:n])
+                consider(_read_int(os.path.join(d, "memory.max")),
+                         _read_int(os.path.join(d, "memory.current")),
+                         _inactive_file(os.path.join(d, "memory.stat"), "inactive_file"))
+        elif "memory" in ctrls.split(","):
+            for d in (os.path.join(root, "memory", rel), os.path.join(root, "memory")):
+                consider(_read_int(os.path.join(d, "memory.limit_in_bytes")),
+                         _read_int(os.path.join(d, "memory.usage_in_bytes")),
+                         _inactive_file(os.path.join(d, "memory.stat"), "total_inactive_file"))
+    return best
+
+
+def probe_host(meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys/fs/cgroup",
+               proc_cgroup: str = "/proc/self/cgroup") -> Device:
+    """Host memory available to a new allocation without swapping: MemAvailable, or less when
+    this process sits in a memory cgroup (a container) with a tighter limit."""
+    dev = None
     try:
         fields = {}
         with open(meminfo) as f:
             for line in f:
                 key, _, rest = line.partition(":")
-                fields[key] = int(rest.split()[0]) * 1024
-        return Device("cpu", None, "host memory", fields["MemTotal"], fields["MemAvailable"], "meminfo")
+                if key in ("MemTotal", "MemAvailable"):
+                    fields[key] = int(rest.split()[0]) * 1024
+        dev = Device("cpu", None, "host memory", fields["MemTotal"], fields["MemAvailable"], "meminfo")
     except (OSError, KeyError, ValueError, IndexError):
         pass
-    try:
-        import psutil
-    except ImportError:
-        raise LsaqRuntimeError("cannot read free host memory (no /proc/meminfo and no psutil); "
-                               "give it with --memory-budget SIZE") from None
-    vm = psutil.virtual_memory()
-    return Device("cpu", None, "host memory", int(vm.total), int(vm.available), "psutil")
+    if dev is None:
+        try:
+            import psutil
+        except ImportError:
+            raise LsaqRuntimeError("cannot read free host memory (no /proc/meminfo and no psutil); "
+                                   "give it with --memory-budget SIZE") from None
+        vm = psutil.virtual_memory()
+        dev = Device("cpu", None, "host memory", int(vm.total), int(vm.available), "psutil")
+    cg = cgroup_limit(cgroup_root, proc_cgroup)
+    if cg is not None and cg[1] < dev.free_bytes:
+        dev = Device("cpu", None, "host memory (container limit)", min(cg[0], dev.total_bytes),
+                     cg[1], "cgroup")
+    return dev
 
 
 def parse_device(text: str) -> tuple[str, int | None]:
@@ -138,11 +221,12 @@ def choose_device(device: str = "auto", gpus: list[Device] | None = None,
     notes: list[str] = []
     if kind == "cpu":
         return host(), notes
-    gpus = probe_gpus() if gpus is None else gpus
+    gpus = probe_gpus(notes=notes) if gpus is None else gpus
     if kind == "cuda":
         if not gpus:
-            raise LsaqRuntimeError(f"--device {device}: no GPU visible (NVML found none; check the "
-                                   "driver and CUDA_VISIBLE_DEVICES) — use --device cpu")
+            why = notes[0] if notes else ("NVML found none; check the driver and "
+                                          "CUDA_VISIBLE_DEVICES")
+            raise LsaqRuntimeError(f"--device {device}: no GPU visible ({why}) — use --device cpu")
         if not cuda_available:
             raise LsaqRuntimeError(f"--device {device}: this onnxruntime has no CUDA provider; "
                                    "install onnxruntime-gpu in place of onnxruntime, or use --device cpu")

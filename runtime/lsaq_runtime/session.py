@@ -15,13 +15,33 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import LsaqRuntimeError
+from .errors import LsaqRuntimeError, first_line, printable
+from .manifest import kv_bytes_per_token
 
 _NP = {"float32": np.float32, "float16": np.float16}
+# The oldest onnxruntime that runs every variant: before 1.23 the CPU MatMulNBits kernel has no
+# 8-bit path (1.20-1.21 refuse the graph, 1.22 fails on the first run). pyproject says the same;
+# CI tests this floor.
+MIN_ONNXRUNTIME = (1, 23)
+
+
+def check_onnxruntime_version(version: str = ort.__version__) -> None:
+    try:
+        have = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return  # a development build: let it try
+    if have < MIN_ONNXRUNTIME:
+        need = ".".join(map(str, MIN_ONNXRUNTIME))
+        raise LsaqRuntimeError(f"onnxruntime {version} is too old: LSAQ bundles need {need} or "
+                               f"newer (8-bit MatMulNBits); pip install 'onnxruntime>={need}'")
 
 
 def create_session(graph: Path, provider: str, device_index: int | None = None,
-                   threads: int | None = None) -> ort.InferenceSession:
+                   threads: int | None = None, data: bytes | None = None) -> ort.InferenceSession:
+    """A session on `graph`. With `data` (the graph's bytes, already verified and checked),
+    ONNX Runtime parses exactly those bytes, not whatever the file holds by then; external data
+    is resolved in the graph's folder."""
+    check_onnxruntime_version()
     so = ort.SessionOptions()
     so.log_severity_level = 3  # ORT's own warnings are noise for users; we check what matters
     if threads:
@@ -31,18 +51,25 @@ def create_session(graph: Path, provider: str, device_index: int | None = None,
                      "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
+    source: str | bytes = str(graph)
+    if data is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                    str(Path(graph).parent))
+        source = data
     try:
-        return ort.InferenceSession(str(graph), so, providers=providers)
+        return ort.InferenceSession(source, so, providers=providers)
+    except MemoryError:
+        raise LsaqRuntimeError(f"{graph}: out of memory while ONNX Runtime loaded it; free "
+                               "memory or use a smaller variant (--memory-budget)") from None
     except Exception as e:  # ORT raises its own exception types; keep the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LsaqRuntimeError(f"{graph}: ONNX Runtime could not load it: {first}") from None
+        raise LsaqRuntimeError(f"{graph}: ONNX Runtime could not load it: {first_line(e)}") from None
 
 
 class Runner:
     """Runs the graph with a shared, preallocated KV cache of `capacity` tokens (batch 1)."""
 
     def __init__(self, session: ort.InferenceSession, manifest: dict, dtype: str, capacity: int,
-                 provider: str, device_index: int | None = None):
+                 provider: str, device_index: int | None = None, planned_kv_bytes: int | None = None):
         m = manifest["model"]
         self.session = session
         self.layers = m["num_layers"]
@@ -50,22 +77,37 @@ class Runner:
         self.vocab = m["vocab_size"]
         dev = "cuda" if provider == "cuda" else "cpu"
         self.device = (dev, int(device_index or 0) if dev == "cuda" else 0)
+        # The one place KV memory is sized: the manifest's (checked) per-token bytes times the
+        # capacity, never more than the plan counted.
         shape = [1, m["num_key_value_heads"], capacity, m["head_dim"]]
+        total = kv_bytes_per_token(m, dtype) * capacity
+        if planned_kv_bytes is not None and total > planned_kv_bytes:
+            raise LsaqRuntimeError(f"the KV cache would take {total} bytes but the plan counted "
+                                   f"{planned_kv_bytes}; refusing to allocate more than planned")
         self.kv = []
         self._host: list[np.ndarray] = []
         self._logits: dict[int, tuple[np.ndarray, ort.OrtValue]] = {}
-        for i in range(self.layers):
-            for part in ("key", "value"):
-                if dev == "cpu":
-                    # Touch the pages now: memory is committed at load time (an out-of-memory
-                    # shows up here, not mid-generation, and the RSS matches the prediction).
-                    buf = np.empty(shape, _NP[dtype])
-                    buf.fill(0)
-                    self._host.append(buf)  # the OrtValue borrows this memory
-                    val = ort.OrtValue.ortvalue_from_numpy(buf)
-                else:
-                    val = ort.OrtValue.ortvalue_from_shape_and_type(shape, _NP[dtype], *self.device)
-                self.kv.append((f"past_key_values.{i}.{part}", f"present.{i}.{part}", val))
+        try:
+            for i in range(self.layers):
+                for part in ("key", "value"):
+                    if dev == "cpu":
+                        # Touch the pages now: memory is committed at load time (an out-of-memory
+                        # shows up here, not mid-generation, and the RSS matches the prediction).
+                        buf = np.empty(shape, _NP[dtype])
+                        buf.fill(0)
+                        self._host.append(buf)  # the OrtValue borrows this memory
+                        val = ort.OrtValue.ortvalue_from_numpy(buf)
+                    else:
+                        val = ort.OrtValue.ortvalue_from_shape_and_type(shape, _NP[dtype], *self.device)
+                    self.kv.append((f"past_key_values.{i}.{part}", f"present.{i}.{part}", val))
+        except MemoryError:
+            self.kv, self._host = [], []
+            raise LsaqRuntimeError(f"out of memory allocating the KV cache ({total:,} bytes for "
+                                   f"{capacity} tokens); use a smaller --context") from None
+        except Exception as e:  # CUDA allocation failures come as ORT errors
+            self.kv, self._host = [], []
+            raise LsaqRuntimeError(f"could not allocate the KV cache ({total:,} bytes) on "
+                                   f"{dev}: {first_line(e)}; use a smaller --context") from None
         self.binding = session.io_binding()
         for past, present, val in self.kv:
             self.binding.bind_ortvalue_input(past, val)
@@ -83,8 +125,18 @@ class Runner:
         b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         b.bind_cpu_input("num_logits_to_keep", np.array(keep, np.int64))
+        if not 1 <= keep <= n:
+            raise LsaqRuntimeError(f"keep must be between 1 and the {n} new tokens, not {keep}")
         b.bind_ortvalue_output("logits", self._logits_buffer(keep))
-        self.session.run_with_iobinding(b)
+        try:
+            self.session.run_with_iobinding(b)
+        except MemoryError:
+            raise LsaqRuntimeError(f"out of memory running {n} tokens; use a shorter prompt or "
+                                   "a smaller variant") from None
+        except Exception as e:
+            raise LsaqRuntimeError(f"ONNX Runtime failed while running the graph: {first_line(e)}; "
+                                   "the bundle may be damaged (lsaq-run verify) or the device "
+                                   "out of memory") from None
         return self._logits[keep][0][0]
 
     def _logits_buffer(self, keep: int) -> ort.OrtValue:
@@ -103,4 +155,4 @@ class Runner:
 
 
 def warn(msg: str) -> None:
-    print(f"lsaq-run: WARNING: {msg}", file=sys.stderr, flush=True)
+    print(f"lsaq-run: WARNING: {printable(msg, newlines=False)}", file=sys.stderr, flush=True)

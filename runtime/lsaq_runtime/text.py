@@ -6,17 +6,21 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from .errors import LsaqRuntimeError
+from .errors import LsaqRuntimeError, first_line
+from .integrity import bundle_path
+from .manifest import tokenizer_file
 
 
 class TextCodec:
     def __init__(self, bundle: Path, manifest: dict):
         t = manifest["tokenizer"]
-        path = Path(bundle) / t["dir"] / "tokenizer.json"
+        path = bundle_path(Path(bundle), tokenizer_file(manifest), "manifest.json")
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers error text is all we get
-            raise LsaqRuntimeError(f"{path}: cannot be read as a tokenizer ({e})") from None
+            raise LsaqRuntimeError(f"{path}: cannot be read as a tokenizer "
+                                   f"({first_line(e)})") from None
+        self.vocab_size = manifest["model"]["vocab_size"]
         self.bos_id = t.get("bos_token_id")
         self.add_bos = bool(t["add_bos_token"]) and self.bos_id is not None
         self.eos_ids = frozenset(t["eos_token_ids"])
@@ -26,6 +30,10 @@ class TextCodec:
         # The manifest, not the tokenizer.json post-processor, decides about BOS; special tokens
         # written in the text (e.g. by a chat template) are still recognised.
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        bad = next((i for i in ids if i >= self.vocab_size), None)
+        if bad is not None:  # the graph's embedding lookup would fail on it
+            raise LsaqRuntimeError(f"the bundle's tokenizer produced token id {bad}, outside the "
+                                   f"model's vocabulary of {self.vocab_size}; the bundle is damaged")
         if self.add_bos and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
@@ -40,22 +48,20 @@ class TextCodec:
         if not self.chat_template:
             raise LsaqRuntimeError("this bundle has no chat template (tokenizer.chat_template); "
                                    "run without --chat")
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from .chat_template import render
 
-        def raise_exception(msg):
-            raise TemplateError(msg)
-
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list) and all(
+                isinstance(x, dict) and isinstance(x.get("role"), str)
+                and isinstance(x.get("content"), str) for x in prompt):
+            messages = prompt
+        else:
+            raise LsaqRuntimeError("chat messages must be a list of {\"role\": str, \"content\": str}")
         eos = next(iter(sorted(self.eos_ids)), None)
-        try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True,
-                bos_token=self.token_text(self.bos_id), eos_token=self.token_text(eos))
-        except TemplateError as e:
-            raise LsaqRuntimeError(f"the bundle's chat template failed: {e}") from None
+        return render(self.chat_template, {
+            "messages": messages, "add_generation_prompt": True,
+            "bos_token": self.token_text(self.bos_id), "eos_token": self.token_text(eos)})
 
 
 class StreamDecoder:

@@ -1,0 +1,153 @@
+"""Cross-check one variant's graph against the manifest and the weight store, before ONNX Runtime
+sees it.
+
+The manifest says what a variant is (precision of each layer, weight files, bytes, KV shapes);
+the graph says what actually runs. They must agree, or the runtime would announce one variant
+and run another, or size its buffers for a model the graph is not. Checked here:
+
+- external data: only graph initializers may have it; each points at a file the provider entry
+  lists (confined to the bundle), and at exactly the tensor of the same name, dtype and shape in
+  that file's safetensors header; the lengths add up to the provider's `weight_bytes`, and every
+  listed weight file is used;
+- precisions: the decoder linear weights of layer i are stored as `model.layers.{i}.{linear}.
+  {precision}.{role}` (BUNDLE_FORMAT.md); each layer uses exactly the precision the manifest
+  gives it, and every MatMulNBits node's `bits` matches the precision of the weight it reads;
+- interface: the inputs and outputs are exactly those of the format, the KV tensors have the
+  provider's dtype and the manifest's [batch, kv_heads, seq, head_dim], logits end in the vocab,
+  and every GroupQueryAttention node has the manifest's head counts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LsaqRuntimeError
+from .integrity import bundle_path, check_relpath, safetensors_index
+from .onnx_proto import DTYPES, EXTERNAL, GraphFormatError, read_model
+
+LINEAR_WEIGHT = re.compile(
+    r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.([a-z0-9]+)\.")
+_ST_TO_ONNX = {"F32": 1, "U8": 2, "I8": 3, "F16": 10}
+_ONNX_ELEM = {"float32": 1, "float16": 10}
+_BITS = {"int8": 8, "int4": 4}
+STATIC_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "num_logits_to_keep")
+
+
+@dataclass
+class GraphFacts:
+    weight_files: list[str]
+    weight_bytes: int
+    precisions: list[str]
+
+
+def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: bytes) -> GraphFacts:
+    info = variant["providers"][provider]
+    where = f"{root / info['graph']}"
+    try:
+        g = read_model(data)
+    except GraphFormatError as e:
+        raise LsaqRuntimeError(f"{where}: not a valid ONNX graph ({e}); the bundle is damaged, "
+                               "rebuild it") from None
+
+    def bad(msg: str) -> LsaqRuntimeError:
+        return LsaqRuntimeError(f"{where}: {msg}; the graph does not match manifest.json "
+                                f"(variant {variant['name']!r}, {provider}), rebuild the bundle")
+
+    # -- external data -------------------------------------------------------------------
+    declared = [f for f in info["files"] if f != info["graph"]]
+    indexes: dict[str, dict] = {}
+    used: set[str] = set()
+    total = 0
+    for t in g.tensors:
+        if not t.external and t.data_location != EXTERNAL:
+            continue
+        if t.where != "initializer":
+            raise bad(f"tensor {t.name!r} ({t.where}) has external data; only initializers may")
+        if set(t.external) - {"location", "offset", "length", "checksum"} or \
+                not {"location", "offset", "length"} <= set(t.external):
+            raise bad(f"initializer {t.name!r} has external data keys {sorted(t.external)}")
+        loc = t.external["location"]
+        check_relpath(loc, f"{where}: initializer {t.name!r}")
+        if loc not in declared:
+            raise bad(f"initializer {t.name!r} reads {loc!r}, which is not among the variant's "
+                      f"files {declared}")
+        if loc not in indexes:
+            indexes[loc] = safetensors_index(bundle_path(root, loc, where))
+        entry = indexes[loc].get(t.name)
+        try:
+            off, length = int(t.external["offset"]), int(t.external["length"])
+        except ValueError:
+            raise bad(f"initializer {t.name!r} has a non-numeric offset or length") from None
+        if entry is None:
+            raise bad(f"initializer {t.name!r} is not a tensor of {loc}")
+        dtype, shape, e_off, e_len = entry
+        if (off, length) != (e_off, e_len) or _ST_TO_ONNX.get(dtype) != t.dtype or shape != t.dims:
+            raise bad(f"initializer {t.name!r} points at bytes {off}+{length} as "
+                      f"{DTYPES.get(t.dtype, t.dtype)}{t.dims}, but {loc} stores it at "
+                      f"{e_off}+{e_len} as {dtype}{shape}")
+        used.add(loc)
+        total += length
+    if sorted(used) != sorted(declared):
+        raise bad(f"it reads {sorted(used)} but the manifest lists {sorted(declared)}")
+    if "weight_bytes" in info and total != info["weight_bytes"]:
+        raise bad(f"it references {total} weight bytes, the manifest says {info['weight_bytes']}")
+
+    # -- precisions ----------------------------------------------------------------------
+    L = manifest["model"]["num_layers"]
+    found: list[set[str]] = [set() for _ in range(L)]
+    for name in g.initializers:
+        m = LINEAR_WEIGHT.match(name)
+        if m:
+            i = int(m.group(1))
+            if i >= L:
+                raise bad(f"initializer {name!r} belongs to layer {i}, the model has {L} layers")
+            found[i].add(m.group(3))
+    for i, want in enumerate(variant["precisions"]):
+        if found[i] != {want}:
+            got = ", ".join(sorted(found[i])) or "no linear weights"
+            raise bad(f"layer {i} computes with {got} weights, the manifest says {want}")
+    for n in g.nodes:
+        if n.op_type == "MatMulNBits":
+            m = LINEAR_WEIGHT.match(n.inputs[1] if len(n.inputs) > 1 else "")
+            prec = m.group(3) if m else None
+            if prec not in _BITS or n.ints.get("bits") != _BITS[prec]:
+                raise bad(f"a MatMulNBits node with bits={n.ints.get('bits')} reads "
+                          f"{n.inputs[1:2]}")
+
+    # -- interface and KV shapes -----------------------------------------------------------
+    mo = manifest["model"]
+    elem = _ONNX_ELEM[info["dtype"]]
+    kv = [f"{p}.{i}.{part}" for i in range(L) for p in ("past_key_values",) for part in ("key", "value")]
+    present = [f"present.{i}.{part}" for i in range(L) for part in ("key", "value")]
+    ins = [v.name for v in g.inputs if v.name not in g.initializers]
+    if sorted(ins) != sorted([*STATIC_INPUTS, *kv]):
+        raise bad(f"its inputs are not the bundle format's ({len(ins)} inputs, expected "
+                  f"{len(STATIC_INPUTS) + len(kv)})")
+    outs = [v.name for v in g.outputs]
+    if sorted(outs) != sorted(["logits", *present]):
+        raise bad(f"its outputs are not the bundle format's ({len(outs)} outputs)")
+    for v in [*g.inputs, *g.outputs]:
+        if v.name in g.initializers or v.name in STATIC_INPUTS:
+            continue
+        if v.name == "logits":
+            if v.elem_type != 1 or not v.dims or v.dims[-1] != mo["vocab_size"]:
+                raise bad(f"logits are {DTYPES.get(v.elem_type)} {v.dims}, expected float32 "
+                          f"[batch, n, {mo['vocab_size']}]")
+            continue
+        d = v.dims or []
+        if (v.elem_type != elem or len(d) != 4 or d[1] != mo["num_key_value_heads"]
+                or d[3] != mo["head_dim"] or isinstance(d[0], int) or isinstance(d[2], int)):
+            raise bad(f"{v.name} is {DTYPES.get(v.elem_type, v.elem_type)} {d}, expected "
+                      f"{info['dtype']} [batch, {mo['num_key_value_heads']}, seq, {mo['head_dim']}]")
+    gqa = [n for n in g.nodes if n.op_type == "GroupQueryAttention"]
+    if len(gqa) != L:
+        raise bad(f"it has {len(gqa)} attention nodes for {L} layers")
+    for n in gqa:
+        if (n.ints.get("num_heads"), n.ints.get("kv_num_heads")) != \
+                (mo["num_attention_heads"], mo["num_key_value_heads"]):
+            raise bad(f"an attention node has {n.ints.get('num_heads')} heads and "
+                      f"{n.ints.get('kv_num_heads')} KV heads, the manifest says "
+                      f"{mo['num_attention_heads']} and {mo['num_key_value_heads']}")
+    return GraphFacts(sorted(used), total, list(variant["precisions"]))

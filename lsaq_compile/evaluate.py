@@ -208,10 +208,10 @@ def multiple_choice(logits_fn: LogitsFn, encode, items: Iterable[ChoiceItem], pr
 def record_evaluations(bundle: Path, entries: list[dict]) -> None:
     """Add results to the manifest's `evaluations` (replacing same kind/variant/text/settings)
     and rewrite it atomically; the runtime's schema checks the result."""
-    from lsaq_runtime.manifest import validate_manifest
+    from lsaq_runtime.manifest import MANIFEST, read_manifest_json, validate_manifest
 
-    path = Path(bundle) / "manifest.json"
-    manifest = json.loads(path.read_text())
+    path = Path(bundle) / MANIFEST
+    manifest = read_manifest_json(bundle)
     key = lambda e: (e["kind"], e["variant"], e["provider"], e.get("data_sha256"),
                      json.dumps(e.get("settings", {}), sort_keys=True))
     new = {key(e) for e in entries}

@@ -107,7 +107,7 @@ def test_host_meminfo(tmp_path):
     p = tmp_path / "meminfo"
     p.write_text("MemTotal:       16000000 kB\nMemFree:         1000000 kB\n"
                  "MemAvailable:    8000000 kB\n")
-    dev = probe_host(str(p))
+    dev = probe_host(str(p), cgroup_root=str(tmp_path / "no-cgroup"), proc_cgroup=str(tmp_path / "none"))
     assert (dev.total_bytes, dev.free_bytes, dev.source) == (16000000 * 1024, 8000000 * 1024, "meminfo")
     dev = probe_host(str(tmp_path / "missing"))  # psutil fallback
     assert dev.source == "psutil" and dev.free_bytes > 0

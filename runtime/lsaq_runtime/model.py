@@ -233,16 +233,12 @@ def _open_variant(root: Path, manifest: dict, d: Decision, threads: int | None, 
     except OSError as e:
         raise LsaqRuntimeError(f"{graph}: cannot be read ({e.strerror})") from None
     entry = next(f for f in manifest["files"] if f["path"] == info["graph"])
-    if len(data) != entry["bytes"] or sha256_file_bytes(data) != entry["sha256"]:
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise LsaqRuntimeError(f"{graph}: sha256 mismatch (the file was modified or damaged); "
                                "rebuild or copy the bundle again")
     verify_files(root, manifest, files[1:], log=log)
     check_graph(root, manifest, v, d.provider, data)
     return create_session(graph, d.provider, d.device.index, threads, data=data), info
-
-
-def sha256_file_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def stderr_log(msg: str) -> None:

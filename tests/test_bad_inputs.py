@@ -291,6 +291,16 @@ def _(c):
     return _gen(c.bundle, "--variant", "int8")
 
 
+@case("verify-providers-swapped")
+def _(c):
+    """4 problem(s) (damaged, missing or mismatched files"""
+    m = manifest(c.bundle)
+    a, b = variant(m, "int8"), variant(m, "int4")
+    a["providers"], b["providers"] = b["providers"], a["providers"]
+    save(c.bundle, m)
+    return ["verify", c.bundle]
+
+
 @case("graph-not-onnx")
 def _(c):
     """not a valid ONNX graph"""

@@ -135,7 +135,7 @@ def _print_decision(d, as_json: bool) -> None:
 @click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
 @click.option("--json", "as_json", is_flag=True)
 def verify_cmd(bundle, as_json):
-    """Check the manifest and every file's size and sha256."""
+    """Check the manifest, every file's size and sha256, and every graph against the manifest."""
     from .manifest import verify_bundle
 
     problems = verify_bundle(bundle)
@@ -144,11 +144,12 @@ def verify_cmd(bundle, as_json):
     if problems:
         if not as_json:
             for p in problems:
-                _echo_err(f"error: {p}")
-        raise LsaqRuntimeError(f"{bundle}: {len(problems)} damaged or missing file(s); "
-                               "rebuild or copy the bundle again")
+                _echo_err(f"problem: {p}")
+        raise LsaqRuntimeError(f"{bundle}: {len(problems)} problem(s) (damaged, missing or "
+                               "mismatched files, listed above); rebuild or copy the bundle again")
     if not as_json:
-        _echo(f"{bundle}: ok (every file matches its size and sha256)")
+        _echo(f"{bundle}: ok (every file matches its size and sha256; every graph matches the "
+              "manifest and the weight store)")
 
 
 @cli.command("inspect")

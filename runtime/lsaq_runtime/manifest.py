@@ -227,7 +227,10 @@ def load_manifest(bundle: str | Path, check_sizes: bool = True) -> dict:
 
 
 def verify_bundle(bundle: str | Path, progress=None) -> list[str]:
-    """Check every file's place, size and sha256 (no stamps); return the problems found."""
+    """Check every file's place, size and sha256 (no stamps), then every graph against the
+    manifest and the weight store; return the problems found."""
+    from .graph_check import check_graph
+
     root = Path(bundle)
     m = load_manifest(root, check_sizes=False)
     problems = []
@@ -242,6 +245,14 @@ def verify_bundle(bundle: str | Path, progress=None) -> list[str]:
             continue
         if sha256_file(p) != f["sha256"]:
             problems.append(f"{p}: sha256 mismatch")
+    if problems:  # graphs over damaged files would only repeat them
+        return problems
+    for v in m["variants"]:
+        for prov, info in v["providers"].items():
+            try:
+                check_graph(root, m, v, prov, bundle_path(root, info["graph"], MANIFEST).read_bytes())
+            except LsaqRuntimeError as e:
+                problems.append(str(e))
     return problems
 
 

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,8 +254,7 @@ class HFSource(ModelSource):
         if not getattr(tok, "is_fast", True):
             raise LsaqError(f"{self.path}: only a slow tokenizer is available; the runtime needs "
                             "tokenizer.json")
-        tok.save_pretrained(str(dest))
-        return _tokenizer_facts(tok)
+        return _save_tokenizer(tok, dest)
 
 
 # GGUF stores the same tensors under llama.cpp names.
@@ -358,8 +358,24 @@ class GGUFSource(ModelSource):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        tok.save_pretrained(str(dest))
-        return _tokenizer_facts(tok)
+        return _save_tokenizer(tok, dest)
+
+
+# What a bundle keeps of a saved tokenizer: the runtime reads tokenizer.json only. Slow-tokenizer
+# files (e.g. a 98 MB tokenizer.model that transformers 4.x writes when sentencepiece is
+# installed) would only grow the bundle.
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja"}
+
+
+def _save_tokenizer(tok, dest: Path) -> dict:
+    tok.save_pretrained(str(dest))
+    if not (Path(dest) / "tokenizer.json").is_file():
+        raise LsaqError("the tokenizer could not be saved as tokenizer.json, which the runtime needs")
+    for p in Path(dest).iterdir():
+        if p.name not in TOKENIZER_FILES:
+            p.unlink() if p.is_file() else shutil.rmtree(p)
+    return _tokenizer_facts(tok)
 
 
 def default_model_path() -> Path:

@@ -33,7 +33,9 @@ def test_valid(tmp_path):
     b = write_bundle(tmp_path / "b")
     m = load_manifest(b)
     assert m["schema_version"] == 2
-    assert verify_bundle(b) == []
+    assert verify_bundle(b, check_graphs=False) == []
+    # the synthetic "graphs" are text, which a full verify notices
+    assert all("not a valid ONNX graph" in p for p in verify_bundle(b))
     verify_files(b, m, ["fp16.cpu.onnx"])
 
 

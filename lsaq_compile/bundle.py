@@ -19,7 +19,7 @@ from lsaq_runtime.manifest import (ELEM_BYTES, MANIFEST, SCHEMA_VERSION, kv_byte
 from . import __version__
 from .errors import LsaqError
 from .model_source import ModelSource, ModelSpec, open_model
-from .plan import Plan, avg_bits_real, ladder
+from .plan import avg_bits_real, ladder
 from .profiles import Profile, load_profile, parse_size
 from .progress import Progress
 from .quantize import schemes_for

@@ -127,8 +127,6 @@ def validate_manifest(m: dict, where: str = MANIFEST) -> None:
     if mo["num_attention_heads"] % mo["num_key_value_heads"]:
         raise bad(f"num_attention_heads {mo['num_attention_heads']} is not a multiple of "
                   f"num_key_value_heads {mo['num_key_value_heads']}")
-    if m["deployment"]["context_length"] < 1 or mo["max_context"] < 1:
-        raise bad("context lengths must be positive")
     tok = m["tokenizer"]
     for t in [tok.get("bos_token_id"), *tok["eos_token_ids"]]:
         if t is not None and t >= mo["vocab_size"]:

@@ -77,8 +77,8 @@ class Runner:
         self.vocab = m["vocab_size"]
         dev = "cuda" if provider == "cuda" else "cpu"
         self.device = (dev, int(device_index or 0) if dev == "cuda" else 0)
-        # The one place KV memory is sized: the manifest's (checked) per-token bytes times the
-        # capacity, never more than the plan counted.
+        # KV memory is sized by the same formula the planner counted with (the model's shape,
+        # which the manifest's kv_bytes_per_token was checked against), never beyond the plan.
         shape = [1, m["num_key_value_heads"], capacity, m["head_dim"]]
         total = kv_bytes_per_token(m, dtype) * capacity
         if planned_kv_bytes is not None and total > planned_kv_bytes:

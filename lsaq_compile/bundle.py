@@ -144,8 +144,9 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
              f"hidden {spec.hidden_size}) from {source.path}")
     sc = _load_scores(scores, source, prof, metric, progress)
     plans = ladder(list(sc.order), prof.build.ladder)
-    schemes = schemes_for(prof.quantization.scheme, prof.quantization.group_size,
-                          prof.quantization.symmetric)
+    q = prof.quantization
+    schemes = schemes_for(q.scheme, q.group_size, q.symmetric, q.block_size or None)
+    accuracy = {"cpu": q.cpu_accuracy_level, "cuda": 0}
     max_context = min(prof.build.max_context, spec.max_position_embeddings)
 
     tmp = _tmp_dir_for(out)
@@ -157,7 +158,12 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
     try:
         tok = source.save_tokenizer(tmp / "tokenizer")
         needed = {i: {p.precisions[i] for p in plans} for i in range(spec.num_layers)}
-        index = write_weight_store(source, tmp, needed, schemes, progress=progress.stage("quantizing"))
+        # The CPU graphs of quantized variants may read an INT8 copy of the LM head: on CPU the
+        # float head is held as float32 (4 bytes a weight) and is a quarter of int4 decode time.
+        head_int8 = q.cpu_lm_head == "int8" and "cpu" in prof.build.providers and \
+            any("fp16" not in p.precisions and "fp32" not in p.precisions for p in plans)
+        index = write_weight_store(source, tmp, needed, schemes, progress=progress.stage("quantizing"),
+                                   head_int8=head_int8)
 
         log = progress.stage("exporting")
         per_layer = layer_params(spec)
@@ -169,8 +175,11 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
             cuda_info = None
             for prov in prof.build.providers:
                 dtype = PROVIDER_DTYPES[prov]
+                quantized = "fp16" not in plan.precisions and "fp32" not in plan.precisions
+                head = "int8" if head_int8 and prov == "cpu" and quantized else "fp16"
                 graph, info = build_graph(spec, list(plan.precisions), index, dtype, max_context,
-                                          name=f"{spec.name} {plan.name} {prov}")
+                                          name=f"{spec.name} {plan.name} {prov}",
+                                          accuracy_level=accuracy[prov], lm_head=head)
                 fname = f"{plan.name}.{prov}.onnx"
                 save_graph(graph, tmp / fname)
                 ws = workspace_model(spec, prov)
@@ -178,6 +187,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                 weight_files = sorted({index[k].file for k in info.referenced})
                 providers[prov] = {
                     "graph": fname, "files": [fname, *weight_files], "dtype": dtype,
+                    "accuracy_level": accuracy[prov], "lm_head": head,
                     "weight_bytes": info.weight_bytes, "resident_bytes": info.resident_bytes,
                     "kv_bytes_per_token": kv_bytes_per_token(model_facts, dtype),
                     "workspace": ws, "stated_context": ctx,
@@ -218,6 +228,8 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                 "scheme": prof.quantization.scheme, "symmetric": prof.quantization.symmetric,
                 "group_size": prof.quantization.group_size if prof.quantization.scheme == "group" else None,
                 "int8": schemes["int8"].name, "int4": schemes["int4"].name,
+                "block_size": q.block_size or None, "cpu_accuracy_level": q.cpu_accuracy_level,
+                "cpu_lm_head": q.cpu_lm_head,
             },
             "deployment": {
                 "profile": prof.name,

@@ -24,36 +24,43 @@ LogitsFn = Callable[[np.ndarray], np.ndarray]   # int64 ids [S] -> float32 logit
 
 # ---------------------------------------------------------------- running a bundle's graph
 def onnx_logits_fn(bundle: Path, manifest: dict, variant: str, threads: int | None = None,
-                   context: int = 1024) -> LogitsFn:
+                   context: int = 1024) -> "OnnxLogits":
     """Full-sequence logits from a variant's CPU graph, run by the runtime users run: its file
     verification and graph checks, its session, IOBinding and preallocated KV buffer (one
     prefill on an empty cache per call). The KV buffer is sized for `context` tokens and the
-    variant reloaded with room for a longer input when one comes."""
-    import lsaq_runtime
-
+    variant reloaded with room for a longer input when one comes. `.batch` scores many
+    sequences per run (multiple choice)."""
     names = [x["name"] for x in manifest["variants"]]
     if variant not in names:
         raise LsaqError(f"no variant {variant!r} in {bundle}; have: {', '.join(names)}")
-    cap = manifest["model"]["max_context"]
-    state: dict = {"model": None}
+    return OnnxLogits(bundle, variant, manifest["model"]["max_context"], threads, context)
 
-    def model_for(n: int):
-        m = state["model"]
+
+class OnnxLogits:
+    def __init__(self, bundle, variant: str, cap: int, threads, context: int):
+        self.bundle, self.variant, self.cap, self.threads = bundle, variant, cap, threads
+        self.context, self.model = context, None
+
+    def _model_for(self, n: int):
+        import lsaq_runtime
+
+        m = self.model
         if m is None or n > m.context:
-            if n > cap:
-                raise LsaqError(f"{n} tokens exceed the bundle's max_context {cap}")
+            if n > self.cap:
+                raise LsaqError(f"{n} tokens exceed the bundle's max_context {self.cap}")
             if m is not None:
                 m.close()
-            ctx = min(cap, max(n, context, 2 * m.context if m is not None else 0))
-            state["model"] = lsaq_runtime.load(bundle, context=ctx, device="cpu", variant=variant,
-                                               threads=threads)
-        return state["model"]
+            ctx = min(self.cap, max(n, self.context, 2 * m.context if m is not None else 0))
+            self.model = lsaq_runtime.load(self.bundle, context=ctx, device="cpu",
+                                           variant=self.variant, threads=self.threads)
+        return self.model
 
-    def run(ids: np.ndarray) -> np.ndarray:
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-        return model_for(len(ids)).score_tokens(ids)
+        return self._model_for(len(ids)).score_tokens(ids)
 
-    return run
+    def batch(self, rows: list[list[int]], starts: list[int]) -> list[np.ndarray]:
+        return self._model_for(max(map(len, rows))).score_batch(rows, starts)
 
 
 def torch_logits_fn(model_path, precisions: list[str], scheme_kind: str = "channel",
@@ -168,11 +175,11 @@ def load_choice_tasks(path: str | os.PathLike) -> list[ChoiceItem]:
     return items
 
 
-def continuation_loglikelihood(logits_fn: LogitsFn, encode: Callable[[str], list[int]],
-                               context: str, continuation: str) -> tuple[float, bool]:
-    """Sum of log p(continuation tokens | context), split as lm-evaluation-harness does:
-    encode context+continuation whole, the continuation is what follows the context's tokens
-    (a trailing space of the context moves to the continuation). Also: is it the greedy output?"""
+def split_request(encode: Callable[[str], list[int]], context: str, continuation: str
+                  ) -> tuple[list[int], int]:
+    """(tokens of context + continuation, number of context tokens), split as
+    lm-evaluation-harness does: encode the whole, the continuation is what follows the
+    context's own token count (a trailing space of the context moves to the continuation)."""
     if context.endswith(" "):
         n = len(context) - len(context.rstrip(" "))
         context, continuation = context[:-n], context[-n:] + continuation
@@ -180,26 +187,99 @@ def continuation_loglikelihood(logits_fn: LogitsFn, encode: Callable[[str], list
     n_ctx = len(encode(context))
     if n_ctx == 0:
         raise LsaqError("empty context: multiple-choice scoring needs at least one context token")
-    cont = whole[n_ctx:]
-    lp = _log_softmax(logits_fn(np.asarray(whole, np.int64))[n_ctx - 1: len(whole) - 1])
-    ll = float(lp[np.arange(len(cont)), cont].sum())
-    greedy = bool(np.all(lp.argmax(axis=-1) == np.asarray(cont)))
-    return ll, greedy
+    if n_ctx >= len(whole):
+        raise LsaqError(f"the continuation {continuation!r} adds no tokens to its context")
+    return whole, n_ctx
+
+
+def continuation_loglikelihood(logits_fn: LogitsFn, encode: Callable[[str], list[int]],
+                               context: str, continuation: str) -> tuple[float, bool]:
+    """Sum of log p(continuation tokens | context) (split_request), and whether it is the
+    greedy output."""
+    return loglikelihoods(logits_fn, [split_request(encode, context, continuation)])[0]
+
+
+def shared_rows(requests: list[tuple[list[int], int]]):
+    """(each request's input, the rows to run sorted by length, input -> covering row,
+    row -> first position any of its requests needs): equal inputs, and inputs that are a
+    prefix of another, share the longer one's row."""
+    inputs = [tuple(whole[:-1]) for whole, _ in requests]
+    order = sorted(set(inputs))
+    # a row that is a prefix of the next in sorted order is covered by it (and transitively on)
+    cover = {}
+    for j in range(len(order) - 1, -1, -1):
+        nxt = order[j + 1] if j + 1 < len(order) else None
+        cover[order[j]] = cover[nxt] if nxt is not None and nxt[:len(order[j])] == order[j] \
+            else order[j]
+    rows = sorted({cover[x] for x in inputs}, key=len)
+    first: dict[tuple, int] = {}
+    for (whole, n_ctx), x in zip(requests, inputs):
+        r = cover[x]
+        first[r] = min(first.get(r, n_ctx - 1), n_ctx - 1)
+    return inputs, rows, cover, first
+
+
+def loglikelihoods(logits_fn, requests: list[tuple[list[int], int]], max_tokens: int = 2048,
+                   progress=None) -> list[tuple[float, bool]]:
+    """(log-likelihood, greedy?) of each (tokens, n_ctx) request: the sum of log p(token t |
+    tokens < t) for t >= n_ctx.
+
+    The model reads tokens[:-1]. Requests whose inputs are equal, or a prefix of another's
+    (one-token answers such as BoolQ's yes/no read the same input), share one row: attention is
+    causal, so the longer row's logits at those positions are the same. With `logits_fn.batch`
+    rows are scored many per run (sorted by length, at most `max_tokens` padded tokens a run);
+    otherwise one call per row."""
+    inputs, rows, cover, first = shared_rows(requests)
+    logits: dict[tuple, np.ndarray] = {}   # row -> logits from position first[row] on
+    batch = getattr(logits_fn, "batch", None)
+    i = 0
+    while i < len(rows):
+        if batch is None:
+            r = rows[i]
+            logits[r] = logits_fn(np.asarray(r, np.int64))[first[r]:]
+            i += 1
+        else:
+            # grow the run while its padded tokens, and the logits rows it returns (4 bytes x
+            # vocab each), stay within max_tokens
+            j, low = i + 1, first[rows[i]]
+            while j < len(rows):
+                n, low2 = j + 1 - i, min(low, first[rows[j]])
+                if n * len(rows[j]) > max_tokens or n * (len(rows[j]) - low2) > max_tokens // 4:
+                    break
+                j, low = j + 1, low2
+            group = rows[i:j]
+            for r, out in zip(group, batch([list(r) for r in group], [first[r] for r in group])):
+                logits[r] = out
+            i = j
+        if progress:
+            progress(f"{i}/{len(rows)} sequences")
+    results = []
+    for (whole, n_ctx), x in zip(requests, inputs):
+        r = cover[x]
+        lo = n_ctx - 1 - first[r]
+        lp = _log_softmax(logits[r][lo: lo + len(whole) - n_ctx])
+        cont = np.asarray(whole[n_ctx:])
+        results.append((float(lp[np.arange(len(cont)), cont].sum()),
+                        bool(np.all(lp.argmax(axis=-1) == cont))))
+    return results
 
 
 def multiple_choice(logits_fn: LogitsFn, encode, items: Iterable[ChoiceItem], progress=None) -> dict:
-    """acc: argmax of summed log-likelihood; acc_norm: of log-likelihood per byte (lm-eval)."""
+    """acc: argmax of summed log-likelihood; acc_norm: of log-likelihood per byte (lm-eval).
+    All items' choices are scored together (see loglikelihoods)."""
     items = list(items)
+    requests = [split_request(encode, it.context, c) for it in items for c in it.choices]
+    flat = [ll for ll, _ in loglikelihoods(logits_fn, requests, progress=progress)]
     correct = correct_norm = 0
     details = []
-    for n, it in enumerate(items, 1):
-        lls = [continuation_loglikelihood(logits_fn, encode, it.context, c)[0] for c in it.choices]
+    pos = 0
+    for it in items:
+        lls = flat[pos: pos + len(it.choices)]
+        pos += len(it.choices)
         norm = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(lls, it.choices)]
         correct += int(np.argmax(lls) == it.label)
         correct_norm += int(np.argmax(norm) == it.label)
         details.append({"loglikelihoods": lls, "label": it.label})
-        if progress:
-            progress(f"item {n}/{len(items)}")
     return {"acc": correct / len(items), "acc_norm": correct_norm / len(items),
             "items": len(items), "details": details}
 

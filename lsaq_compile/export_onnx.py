@@ -6,12 +6,12 @@ with onnx.helper: every initializer is external data pointing into the store, so
 few hundred KB and any number of variants share one copy of the weights.
 
 Graph per decoder layer (ORT fused ops, activation dtype T = float32 for CPU, float16 for CUDA):
-  SkipSimplifiedLayerNormalization (residual add + RMSNorm) -> q/k/v projections ->
-  GroupQueryAttention (rotary inside, KV cache in/out) -> o_proj -> SkipSimplifiedLayerNorm ->
-  SiLU-gated MLP.
+  SkipSimplifiedLayerNormalization (residual add + RMSNorm) -> one packed q|k|v projection ->
+  GroupQueryAttention (packed QKV, rotary inside, KV cache in/out) -> o_proj ->
+  SkipSimplifiedLayerNorm -> one gate|up projection, Split -> SiLU-gated MLP -> down_proj.
 Projections are MatMul over [K, N] weights (fp16/fp32) or MatMulNBits (int8/int4). The LM head
 is Gemm(transB=1) over the fp16 [vocab, hidden] table, shared with the embedding Gather when
-tied. Mistral's sliding window becomes GQA's local_window_size (same meaning, tested).
+tied, or (CPU graphs of quantized variants, optional) MatMulNBits over an INT8 copy. Mistral's sliding window becomes GQA's local_window_size (same meaning, tested).
 GQA on CPU needs head_dim % 16 == 0; past/present may share one preallocated buffer (tested).
 """
 
@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import LsaqError
-from .model_source import LINEAR_NAMES, ModelSource, ModelSpec
+from .model_source import ModelSource, ModelSpec
 from .quantize import QuantScheme, quantize
 from .store import SafetensorsWriter, TensorRef
 
@@ -47,15 +47,27 @@ EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 FINAL_NORM = "model.norm.weight"
 INV_FREQ = "rope.inv_freq"
+HEAD_INT8 = "lm_head.int8"   # the LM head quantized like an INT8 layer (CPU graphs, optional)
 QKV_BIAS = ("q_proj", "k_proj", "v_proj")
+# How the decoder's linear layers are stored and computed: q/k/v read the same input, as do
+# gate/up, so each group is one matmul over its weights concatenated by output rows (fewer,
+# larger kernels: decode runs 211 -> 121 matmuls a token on SmolLM2). Quantization is per
+# output row, so a group's weights are exactly its members' weights side by side.
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "self_attn.o_proj": ("self_attn.o_proj",),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+         "mlp.down_proj": ("mlp.down_proj",)}
+STORED_LINEARS = tuple(FUSED)
+QKV_BIAS_KEY = "self_attn.qkv_proj.bias"
 
 
 def norm_key(i: int, which: str) -> str:
     return f"model.layers.{i}.{which}.weight"
 
 
-def bias_key(i: int, proj: str) -> str:
-    return f"model.layers.{i}.self_attn.{proj}.bias"
+def bias_key(i: int) -> str:
+    """The q/k/v biases (Qwen2), concatenated like the fused qkv weight."""
+    return f"model.layers.{i}.{QKV_BIAS_KEY}"
 
 
 def linear_keys(i: int, lin: str, precision: str, scheme: QuantScheme | None) -> dict[str, str]:
@@ -200,9 +212,11 @@ def _yarn(rs: dict, dim: int, base: float, factor: float, original: int, pos_fre
 
 def write_weight_store(source: ModelSource, bundle_dir: Path,
                        layer_precisions: dict[int, set[str]], schemes: dict[str, QuantScheme],
-                       progress: Callable[[str], None] | None = None) -> dict[str, TensorRef]:
+                       progress: Callable[[str], None] | None = None,
+                       head_int8: bool = False) -> dict[str, TensorRef]:
     """Write weights/{float,int8,int4}.safetensors (only those that get tensors); return the
-    index of every stored tensor. Works one decoder layer at a time."""
+    index of every stored tensor. Works one decoder layer at a time. head_int8: also store the
+    LM head quantized with the INT8 scheme (HEAD_INT8.*)."""
     spec = source.spec
     check_supported(source)
     bundle_dir = Path(bundle_dir)
@@ -213,15 +227,19 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
         for p in precs:
             _check_precision(p, schemes)
     untied = not spec.tie_word_embeddings and source.has_tensor(LM_HEAD)
-    biases = [p for p in QKV_BIAS if spec.attention_bias and source.has_tensor(bias_key(0, p))]
+    biases = [p for p in QKV_BIAS
+              if spec.attention_bias and source.has_tensor(f"model.layers.0.self_attn.{p}.bias")]
 
     plan: dict[str, list[str]] = defaultdict(list)
     plan[FLOAT_FILE] += [EMBED] + ([LM_HEAD] if untied else []) + [FINAL_NORM, INV_FREQ]
+    if head_int8:
+        _check_precision("int8", schemes)
+        plan[STORE_FILES["int8"]] += [f"{HEAD_INT8}.{r}" for r in ("qweight", "scales", "scales_f32")]
     for i in range(spec.num_layers):
         plan[FLOAT_FILE] += [norm_key(i, n) for n in ("input_layernorm", "post_attention_layernorm")]
-        plan[FLOAT_FILE] += [bias_key(i, p) for p in biases]
+        plan[FLOAT_FILE] += [bias_key(i)] if biases else []
         for p in sorted(layer_precisions[i]):
-            for lin in LINEAR_NAMES:
+            for lin in STORED_LINEARS:
                 plan[STORE_FILES[p]] += linear_keys(i, lin, p, schemes.get(p)).values()
 
     index: dict[str, TensorRef] = {}
@@ -236,16 +254,23 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
         put(EMBED, source.embedding().astype(np.float16))
         if untied:
             put(LM_HEAD, source.tensor(LM_HEAD).astype(np.float16))
+        if head_int8:
+            # From the fp16-rounded table the float graphs use, so int8 only adds its own error.
+            table = (source.tensor(LM_HEAD) if untied else source.embedding()).astype(np.float16)
+            for role, arr in _linear_arrays(table.astype(np.float32), "int8", schemes["int8"]).items():
+                put(f"{HEAD_INT8}.{role}", arr)
         put(FINAL_NORM, source.tensor(FINAL_NORM))
         put(INV_FREQ, rope_inv_freq(spec)[0])
         for i in range(spec.num_layers):
             t = source.layer_tensors(i)
             for which in ("input_layernorm", "post_attention_layernorm"):
                 put(norm_key(i, which), t[f"{which}.weight"])
-            for p in biases:
-                put(bias_key(i, p), t[f"self_attn.{p}.bias"])
-            for lin in LINEAR_NAMES:
-                w = t.pop(f"{lin}.weight")
+            if biases:
+                put(bias_key(i), np.concatenate([
+                    t[f"self_attn.{p}.bias"] if p in biases else
+                    np.zeros(t[f"self_attn.{p}.weight"].shape[0], np.float32) for p in QKV_BIAS]))
+            for lin in STORED_LINEARS:
+                w = np.concatenate([t.pop(f"{m}.weight") for m in FUSED[lin]], axis=0)
                 for p in sorted(layer_precisions[i]):
                     keys = linear_keys(i, lin, p, schemes.get(p))
                     for role, arr in _linear_arrays(w, p, schemes.get(p)).items():
@@ -282,6 +307,8 @@ class _GraphBuilder:
         # (an embedding table: on CPU it stays memory-mapped and only looked-up rows are paged
         # in, measured as ~0 by benchmarks/bench_memory.py; on CUDA it is copied to the device).
         self.uses: dict[str, set[str]] = defaultdict(set)
+        self.extra_resident = 0      # memory kernels add beyond the stored bytes
+        self.accuracy_level = 0
         self._count = 0
 
     def fresh(self, hint: str) -> str:
@@ -332,12 +359,21 @@ class _GraphBuilder:
         def copies(uses: set[str]) -> int:
             as_stored = "direct" in uses or ("gather" in uses and self.dtype == "float16")
             return as_stored + 2 * ("upcast" in uses)
-        return sum(self.index[key].length * copies(uses) for key, uses in self.uses.items())
+        return self.extra_resident + sum(self.index[key].length * copies(uses)
+                                         for key, uses in self.uses.items())
 
 
 def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorRef], dtype: str,
-                max_context: int, name: str = "model") -> tuple[onnx.ModelProto, GraphInfo]:
-    """One variant's graph; precisions has one entry per decoder layer."""
+                max_context: int, name: str = "model", accuracy_level: int = 0,
+                lm_head: str = "fp16") -> tuple[onnx.ModelProto, GraphInfo]:
+    """One variant's graph; precisions has one entry per decoder layer. accuracy_level goes to
+    every MatMulNBits node: 0 computes in the activation dtype (exact), 4 quantizes activations
+    to int8 per block and uses ORT's integer kernels (CPU). lm_head: "fp16" (Gemm over the
+    float table) or "int8" (MatMulNBits over HEAD_INT8.*, stored by write_weight_store)."""
+    if lm_head not in ("fp16", "int8"):
+        raise LsaqError(f"lm_head must be fp16 or int8, not {lm_head!r}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise LsaqError(f"accuracy_level must be 0-4, not {accuracy_level}")
     if dtype not in ("float32", "float16"):
         raise LsaqError(f"graph dtype {dtype!r} not supported; use float32 (CPU) or float16 (CUDA)")
     if len(precisions) != spec.num_layers:
@@ -345,6 +381,7 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
     if max_context < 1:
         raise LsaqError(f"max_context must be positive, got {max_context}")
     g = _GraphBuilder(index, dtype)
+    g.accuracy_level = accuracy_level
     T, hd = g.T, spec.head_dim
     eps = float(spec.rms_norm_eps)
 
@@ -372,7 +409,7 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
     residual = x
     linear_bytes = []
     for i, p in enumerate(precisions):
-        q, k, v = (_linear(g, h, i, f"self_attn.{n}", p, spec) for n in QKV_BIAS)
+        qkv = _linear(g, h, i, "self_attn.qkv_proj", p, spec)
         attn_attrs = dict(num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
                           scale=1.0 / math.sqrt(hd), do_rotary=1, rotary_interleaved=0)
         window = _layer_window(spec, i)
@@ -382,14 +419,15 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
             attn_attrs["local_window_size"] = window
         attn, _, _ = g.op(
             "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+            # packed q|k|v in the query input (key and value left out)
+            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
              "total_sequence_length", cos, sin], f"layers.{i}/attn",
             outputs=[g.fresh(f"layers.{i}/attn"), f"present.{i}.key", f"present.{i}.value"],
             domain="com.microsoft", **attn_attrs)
         o = _linear(g, attn, i, "self_attn.o_proj", p, spec)
         h, residual = _skip_norm(g, o, residual, norm_key(i, "post_attention_layernorm"), eps)
-        gate = _linear(g, h, i, "mlp.gate_proj", p, spec)
-        up = _linear(g, h, i, "mlp.up_proj", p, spec)
+        gate, up = g.op("Split", [_linear(g, h, i, "mlp.gate_up_proj", p, spec)],
+                        f"layers.{i}/gate_up", outputs=2, axis=-1, num_outputs=2)
         silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"layers.{i}/sigmoid")],
                     f"layers.{i}/silu")
         gated = g.op("Mul", [silu, up], f"layers.{i}/gated")
@@ -398,7 +436,7 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
         h, residual = _skip_norm(g, down, residual,
                                  FINAL_NORM if last else norm_key(i + 1, "input_layernorm"), eps,
                                  want_sum=not last)
-        prefixes = tuple(f"model.layers.{i}.{lin}.{p}." for lin in LINEAR_NAMES)
+        prefixes = tuple(f"model.layers.{i}.{lin}.{p}." for lin in STORED_LINEARS)
         linear_bytes.append(sum(index[key].length for key in g.initializers
                                 if key.startswith(prefixes)))
 
@@ -409,11 +447,14 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
                   "last_hidden")
     flat = g.op("Reshape", [last_h, g.const([-1, spec.hidden_size], np.int64, "flat_shape")],
                 "flat_hidden")
-    head = EMBED if spec.tie_word_embeddings or LM_HEAD not in index else LM_HEAD
-    # Gemm with transB reads the [vocab, hidden] table in place: tied embeddings need no
-    # transposed copy.
-    logits = g.op("Gemm", [flat, g.weight_as_T(head, consumer_is_matmul=True)], "lm_head",
-                  transB=1)
+    if lm_head == "int8":
+        logits = _matmul_nbits(g, flat, HEAD_INT8, 8, spec.hidden_size, spec.vocab_size, "lm_head")
+    else:
+        head = EMBED if spec.tie_word_embeddings or LM_HEAD not in index else LM_HEAD
+        # Gemm with transB reads the [vocab, hidden] table in place: tied embeddings need no
+        # transposed copy.
+        logits = g.op("Gemm", [flat, g.weight_as_T(head, consumer_is_matmul=True)], "lm_head",
+                      transB=1)
     out_shape = g.op("Concat", [g.op("Shape", [last_h], "bn", start=0, end=2),
                                 g.const([spec.vocab_size], np.int64, "vocab")], "logits_shape",
                      axis=0)
@@ -461,39 +502,44 @@ def _linear(g: _GraphBuilder, x: str, i: int, lin: str, precision: str, spec: Mo
         key = linear_keys(i, lin, precision, None)["weight"]
         y = g.op("MatMul", [x, g.weight_as_T(key, consumer_is_matmul=True)], hint)
     else:
-        bits = int(precision[3:])
-        base = f"model.layers.{i}.{lin}.{precision}"
-        qref = g.index.get(f"{base}.qweight")
-        if qref is None:
-            raise LsaqError(f"the weight store lacks {base}.qweight; was it written for "
-                            "this variant's precisions?")
-        n, n_blocks, blob = qref.shape
-        block = blob * 8 // bits
-        if n != n_out or not 0 <= n_blocks * block - k_in < block:
-            raise LsaqError(f"{base}.qweight has shape {qref.shape}, not that of a "
-                            f"[{n_out}, {k_in}] weight")
-        ins = [g.weight(f"{base}.qweight"),
-               g.weight(f"{base}.scales_f32" if g.dtype == "float32" else f"{base}.scales")]
-        if f"{base}.zero_points" in g.index:
-            ins.append(g.weight(f"{base}.zero_points"))
-        y = g.op("MatMulNBits", [x, *ins], hint, domain="com.microsoft", K=k_in, N=n_out,
-                 bits=bits, block_size=block)
-    proj = lin.split(".")[1]
-    if proj in QKV_BIAS and bias_key(i, proj) in g.index:
-        y = g.op("Add", [y, g.weight_as_T(bias_key(i, proj))], f"{hint}/bias")
+        y = _matmul_nbits(g, x, f"model.layers.{i}.{lin}.{precision}", int(precision[3:]),
+                          k_in, n_out, hint)
+    if lin == "self_attn.qkv_proj" and bias_key(i) in g.index:
+        y = g.op("Add", [y, g.weight_as_T(bias_key(i))], f"{hint}/bias")
     return y
 
 
+def _matmul_nbits(g: _GraphBuilder, x: str, base: str, bits: int, k_in: int, n_out: int,
+                  hint: str) -> str:
+    """x @ W.T for the quantized weight stored under `base` (qweight, scales[, zero_points])."""
+    qref = g.index.get(f"{base}.qweight")
+    if qref is None:
+        raise LsaqError(f"the weight store lacks {base}.qweight; was it written for "
+                        "this variant's precisions?")
+    n, n_blocks, blob = qref.shape
+    block = blob * 8 // bits
+    if n != n_out or not 0 <= n_blocks * block - k_in < block:
+        raise LsaqError(f"{base}.qweight has shape {qref.shape}, not that of a "
+                        f"[{n_out}, {k_in}] weight")
+    ins = [g.weight(f"{base}.qweight"),
+           g.weight(f"{base}.scales_f32" if g.dtype == "float32" else f"{base}.scales")]
+    if g.accuracy_level == 4 and g.dtype == "float32":
+        # The int8-activation kernel prepacks a float32 sum per block next to the scales
+        # (MLAS "BlkSum"), which the stored bytes do not include.
+        g.extra_resident += 4 * n * n_blocks
+    if f"{base}.zero_points" in g.index:
+        ins.append(g.weight(f"{base}.zero_points"))
+    return g.op("MatMulNBits", [x, *ins], hint, domain="com.microsoft", K=k_in, N=n_out,
+                bits=bits, block_size=block, accuracy_level=g.accuracy_level)
+
+
 def _linear_dims(spec: ModelSpec, lin: str) -> tuple[int, int]:
-    """(K in, N out) of a decoder linear layer."""
+    """(K in, N out) of a stored (fused) decoder linear layer."""
     q_dim, kv_dim = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     return {
-        "self_attn.q_proj": (spec.hidden_size, q_dim),
-        "self_attn.k_proj": (spec.hidden_size, kv_dim),
-        "self_attn.v_proj": (spec.hidden_size, kv_dim),
+        "self_attn.qkv_proj": (spec.hidden_size, q_dim + 2 * kv_dim),
         "self_attn.o_proj": (q_dim, spec.hidden_size),
-        "mlp.gate_proj": (spec.hidden_size, spec.intermediate_size),
-        "mlp.up_proj": (spec.hidden_size, spec.intermediate_size),
+        "mlp.gate_up_proj": (spec.hidden_size, 2 * spec.intermediate_size),
         "mlp.down_proj": (spec.intermediate_size, spec.hidden_size),
     }[lin]
 

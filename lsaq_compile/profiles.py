@@ -45,6 +45,9 @@ class QuantizationSection:
     scheme: str = "channel"
     group_size: int = 32
     symmetric: bool = True
+    block_size: int = 32
+    cpu_accuracy_level: int = 4
+    cpu_lm_head: str = "int8"
 
 
 @dataclass
@@ -78,6 +81,14 @@ class Profile:
             raise LsaqError(f"{where}: quantization.scheme must be 'channel' or 'group'")
         if self.quantization.group_size not in (32, 64, 128):
             raise LsaqError(f"{where}: quantization.group_size must be 32, 64 or 128")
+        if self.quantization.block_size not in (0, 16, 32, 64, 128, 256):
+            raise LsaqError(f"{where}: quantization.block_size must be 16, 32, 64, 128, 256 or "
+                            "0 (the largest that divides each weight's input size)")
+        if self.quantization.cpu_lm_head not in ("fp16", "int8"):
+            raise LsaqError(f"{where}: quantization.cpu_lm_head must be 'fp16' or 'int8'")
+        if self.quantization.cpu_accuracy_level not in (0, 4):
+            raise LsaqError(f"{where}: quantization.cpu_accuracy_level must be 4 (int8 "
+                            "activations, fast) or 0 (float activations, exact)")
         for key, value, low in (("build.max_context", self.build.max_context, 1),
                                 ("scoring.k", self.scoring.k, 1),
                                 ("scoring.samples", self.scoring.samples, 1),

@@ -28,6 +28,10 @@ class QuantScheme:
     kind: str = "channel"
     group_size: int | None = None     # group kind only: 32, 64 or 128
     symmetric: bool = True
+    # channel kind: the MatMulNBits block that carries the row's scale (None = the largest that
+    # divides K). It does not change the weights; at accuracy_level 4 it is also the block over
+    # which ONNX Runtime quantizes activations, so a small block keeps that step accurate.
+    block_size: int | None = None
 
     @property
     def name(self) -> str:
@@ -175,19 +179,21 @@ def quantize_group(w: np.ndarray, bits: int, group_size: int, symmetric: bool = 
 
 def quantize(w: np.ndarray, scheme: QuantScheme, block: int | None = None) -> QuantizedTensor:
     if scheme.kind == "channel":
-        return quantize_channel(w, scheme.bits, block)
+        return quantize_channel(w, scheme.bits, block if block is not None else scheme.block_size)
     if scheme.kind == "group":
         return quantize_group(w, scheme.bits, scheme.group_size, scheme.symmetric)
     raise LsaqError(f"unknown quantization scheme {scheme.kind!r}; use 'channel' or 'group'")
 
 
-def schemes_for(kind: str, group_size: int | None = None, symmetric: bool = True
-                ) -> dict[str, QuantScheme]:
+def schemes_for(kind: str, group_size: int | None = None, symmetric: bool = True,
+                block_size: int | None = None) -> dict[str, QuantScheme]:
     """The INT8 and INT4 schemes of a quantization setting. INT8 is always per channel (the
-    paper); `kind` chooses INT4's scheme."""
-    int8 = QuantScheme(8, "channel")
+    paper); `kind` chooses INT4's scheme. block_size: see QuantScheme (per-channel only)."""
+    if block_size is not None:
+        choose_block(1, block_size)  # raises for a block MatMulNBits does not accept
+    int8 = QuantScheme(8, "channel", block_size=block_size)
     if kind == "channel":
-        return {"int8": int8, "int4": QuantScheme(4, "channel")}
+        return {"int8": int8, "int4": QuantScheme(4, "channel", block_size=block_size)}
     if kind == "group":
         return {"int8": int8, "int4": QuantScheme(4, "group", group_size or 32, symmetric)}
     raise LsaqError(f"unknown quantization scheme {kind!r}; use 'channel' or 'group'")

@@ -81,8 +81,11 @@ def tiny_bundle(tiny_llama_dir, tmp_path_factory) -> Path:
     from lsaq_compile.progress import Progress
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    return build_bundle(tiny_llama_dir, out, profile=_small_profile(samples=8, seq_len=64),
-                        progress=Progress(quiet=True))
+    # The exact kernel path (float activations, float LM head): the fixture the parity tests
+    # compare with transformers bit for bit; smollm_bundle keeps the fast defaults.
+    prof = _small_profile(samples=8, seq_len=64)
+    prof.quantization.cpu_accuracy_level, prof.quantization.cpu_lm_head = 0, "fp16"
+    return build_bundle(tiny_llama_dir, out, profile=prof, progress=Progress(quiet=True))
 
 
 @pytest.fixture(scope="session")

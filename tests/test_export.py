@@ -21,9 +21,9 @@ from safetensors import safe_open
 
 from lsaq_compile.errors import LsaqError
 from lsaq_compile.export_onnx import (
-    EMBED, LM_HEAD, build_graph, effective_linear_weight, linear_keys, rope_inv_freq, save_graph,
+    EMBED, LM_HEAD, STORED_LINEARS, build_graph, effective_linear_weight, linear_keys, rope_inv_freq, save_graph,
     write_weight_store)
-from lsaq_compile.model_source import LINEAR_NAMES, open_model
+from lsaq_compile.model_source import open_model
 from lsaq_compile.quantize import quantize, schemes_for
 from lsaq_compile.reference import reference_model
 
@@ -265,17 +265,19 @@ def test_quantized_float16_graph(tiny):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("group", [False, True], ids=["channel", "group"])
 def test_matmulnbits_nodes_avoid_the_ort_pitfalls(tiny, dtype, group):
-    """Scales are initializers of the activation dtype (a Cast feeding them can give wrong
-    results in ORT), accuracy_level 4 (int8 activations) is never used, zero points only for
-    asymmetric schemes."""
+    """Scales are initializers of the activation dtype (a Cast feeding them gives wrong results
+    at accuracy_level 4 in ORT), every node has the accuracy level asked for, zero points only
+    for asymmetric schemes."""
     model, _ = build_graph(tiny.source.spec, ["int4"] * tiny.layers,
-                           tiny.group if group else tiny.channel, dtype, MAX_CONTEXT)
+                           tiny.group if group else tiny.channel, dtype, MAX_CONTEXT,
+                           accuracy_level=4)
     inits = {t.name: t for t in model.graph.initializer}
     want = onnx.TensorProto.FLOAT if dtype == "float32" else onnx.TensorProto.FLOAT16
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nodes) == 7 * tiny.layers
+    assert len(nodes) == 4 * tiny.layers            # qkv, o, gate_up, down
     for n in nodes:
-        assert "accuracy_level" not in {a.name for a in n.attribute}
+        assert {a.name: a.i for a in n.attribute}["accuracy_level"] == 4
+        assert inits[n.input[1]].data_location == onnx.TensorProto.EXTERNAL
         assert inits[n.input[2]].data_type == want
         assert len(n.input) == (4 if group else 3)
 
@@ -347,6 +349,16 @@ def test_store_holds_each_tensor_once_with_exact_bytes(tiny):
         np.testing.assert_array_equal(f.get_tensor(keys["scales"]), q.scales)
         np.testing.assert_array_equal(f.get_tensor(keys["scales_f32"]),
                                       q.scales.astype(np.float32))
+    # Fused q|k|v: exactly the three weights quantized one by one, stacked by output rows
+    # (per-row scales), so one MatMulNBits computes the same as three.
+    parts = [quantize(tiny.source.tensor(f"model.layers.1.self_attn.{n}.weight"), CHANNEL["int4"])
+             for n in ("q_proj", "k_proj", "v_proj")]
+    keys = linear_keys(1, "self_attn.qkv_proj", "int4", CHANNEL["int4"])
+    with safe_open(str(tiny.channel_dir / "weights/int4.safetensors"), framework="numpy") as f:
+        np.testing.assert_array_equal(f.get_tensor(keys["qweight"]),
+                                      np.concatenate([q.packed for q in parts]))
+        np.testing.assert_array_equal(f.get_tensor(keys["scales"]),
+                                      np.concatenate([q.scales for q in parts]))
 
 
 def test_store_writes_only_files_that_get_tensors(tmp_path):
@@ -378,7 +390,7 @@ def test_graph_info_accounts_for_referenced_bytes(tiny):
         cache = 2 * MAX_CONTEXT * hd2 * size
         per_layer = []
         for i, p in enumerate(precisions):
-            keys = [k for lin in LINEAR_NAMES
+            keys = [k for lin in STORED_LINEARS
                     for role, k in linear_keys(i, lin, p, CHANNEL.get(p)).items()
                     if role != ("scales" if dtype == "float32" else "scales_f32")]
             per_layer.append(sum(tiny.channel[k].length for k in keys))

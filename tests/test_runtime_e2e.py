@@ -18,6 +18,7 @@ import pytest
 import lsaq_runtime
 from lsaq_runtime.errors import LsaqRuntimeError
 from lsaq_runtime.planner import precision_key
+from lsaq_runtime.manifest import SCHEMA_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), str(REPO)])}
@@ -35,29 +36,48 @@ def ladder_ends(bundle: Path) -> dict:
     return {"fp16": "fp16", "int8": "int8", "smallest": names[-1]}
 
 
-def reference_greedy(bundle: Path, variant: str, ids: list[int], n: int) -> list[int]:
-    """Greedy decoding with no KV cache: every step re-runs the whole sequence with past
-    length 0 through a plain session (no IOBinding, no shared buffer)."""
+def reference_logits(bundle: Path, variant: str, ids: list[int]) -> np.ndarray:
+    """Last-position logits with no KV cache: the whole sequence re-run with past length 0
+    through a plain session (no IOBinding, no shared buffer)."""
     m = json.loads((bundle / "manifest.json").read_text())
     info = next(v for v in m["variants"] if v["name"] == variant)["providers"]["cpu"]
-    sess = ort.InferenceSession(str(bundle / info["graph"]), providers=["CPUExecutionProvider"])
+    sess = _sessions.get((bundle, variant))
+    if sess is None:
+        sess = _sessions[bundle, variant] = ort.InferenceSession(
+            str(bundle / info["graph"]), providers=["CPUExecutionProvider"])
     mo = m["model"]
     empty = np.zeros((1, mo["num_key_value_heads"], 0, mo["head_dim"]), np.float32)
-    eos = set(m["tokenizer"]["eos_token_ids"])
-    ids, out = list(ids), []
-    for _ in range(n):
-        feeds = {"input_ids": np.array([ids], np.int64),
-                 "seqlens_k": np.array([len(ids) - 1], np.int32),
-                 "total_sequence_length": np.array(len(ids), np.int32),
-                 "num_logits_to_keep": np.array(1, np.int64)}
-        for i in range(mo["num_layers"]):
-            feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
-        tok = int(np.argmax(sess.run(["logits"], feeds)[0][0, -1]))
-        if tok in eos:
-            break
-        out.append(tok)
+    feeds = {"input_ids": np.array([ids], np.int64),
+             "seqlens_k": np.array([len(ids) - 1], np.int32),
+             "total_sequence_length": np.array(len(ids), np.int32),
+             "num_logits_to_keep": np.array(1, np.int64)}
+    for i in range(mo["num_layers"]):
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+    return sess.run(["logits"], feeds)[0][0, -1]
+
+
+_sessions: dict = {}
+
+
+def check_against_recompute(bundle: Path, variant: str, prompt: list[int], got: list[int],
+                            eos: set[int], n: int, level: int) -> None:
+    """Every cached-decode token is the argmax of a full recompute of the same prefix. At
+    accuracy level 0 exactly. At level 4 (int8 activations) one-token and many-token matmuls
+    round differently: on SmolLM2 cached and recomputed logits differ by up to 1.2 (median
+    0.6 over 32 steps), as much as level 4 differs from level 0 (up to 1.4), while a wrong
+    cache moves them by tens. So there the token chosen must be within 0.5 of the recompute's
+    best."""
+    ids = list(prompt)
+    for tok in got:
+        ref = reference_logits(bundle, variant, ids)
+        if level == 0:
+            assert tok == int(np.argmax(ref))
+        else:
+            assert ref.max() - ref[tok] <= 0.5, (len(ids), ref.max() - ref[tok])
         ids.append(tok)
-    return out
+    if len(got) < n:  # stopped early: an end-of-text token came next
+        ref = reference_logits(bundle, variant, ids)
+        assert int(np.argmax(ref)) in eos or ref.max() - max(ref[list(eos)]) <= (0.5 if level else 0)
 
 
 @pytest.mark.parametrize("which", ["fp16", "int8", "smallest"])
@@ -69,14 +89,20 @@ def test_kv_cache_greedy_matches_full_recompute(which, bundle_fixture, request):
         assert model.variant == variant and model.provider == "cpu"
         prompt = model.encode("The capital of France is")
         got = list(model.generate_ids(prompt, N_TOKENS))
-        want = reference_greedy(bundle, variant, prompt, N_TOKENS)
-        assert got == want
+        info = next(v for v in model.manifest["variants"] if v["name"] == variant)
+        check_against_recompute(bundle, variant, prompt, got, set(model.codec.eos_ids),
+                                N_TOKENS, info["providers"]["cpu"]["accuracy_level"])
         if model.last_stop != "eos":
             assert len(got) == N_TOKENS
-        # score_tokens: one prefill, logits for every position, equal to the cached steps' argmax
+        # score_tokens: one prefill, logits for every position, agreeing with the cached steps
         logits = model.score_tokens(prompt + got)
         assert logits.shape == (len(prompt) + len(got), model.manifest["model"]["vocab_size"])
-        assert list(np.argmax(logits[len(prompt) - 1:-1], axis=-1)) == got
+        rows = logits[len(prompt) - 1:-1]
+        if info["providers"]["cpu"]["accuracy_level"] == 0:
+            assert list(np.argmax(rows, axis=-1)) == got
+        else:
+            gap = rows.max(axis=-1) - rows[np.arange(len(got)), got]
+            assert gap.max() <= 0.5, gap
 
 
 @pytest.mark.slow
@@ -173,7 +199,7 @@ def test_edited_graph(damaged):
 
 def test_newer_schema(damaged):
     m = _manifest(damaged)
-    m["schema_version"] = 3
+    m["schema_version"] = SCHEMA_VERSION + 1
     (damaged / "manifest.json").write_text(json.dumps(m))
     _fails(damaged, "manifest.json", "newer lsaq-compile", "upgrade lsaq")
 

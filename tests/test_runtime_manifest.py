@@ -11,7 +11,7 @@ import pytest
 
 from lsaq_runtime.errors import LsaqRuntimeError
 from lsaq_runtime.integrity import verify_files
-from lsaq_runtime.manifest import load_manifest, validate_manifest, verify_bundle
+from lsaq_runtime.manifest import SCHEMA_VERSION, load_manifest, validate_manifest, verify_bundle
 from test_runtime_planner import synthetic_manifest
 
 
@@ -32,7 +32,7 @@ def write_bundle(root: Path, m: dict | None = None) -> Path:
 def test_valid(tmp_path):
     b = write_bundle(tmp_path / "b")
     m = load_manifest(b)
-    assert m["schema_version"] == 2
+    assert m["schema_version"] == SCHEMA_VERSION
     assert verify_bundle(b, check_graphs=False) == []
     # the synthetic "graphs" are text, which a full verify notices
     assert all("not a valid ONNX graph" in p for p in verify_bundle(b))
@@ -85,7 +85,7 @@ def test_unknown_extra_keys_are_allowed():
     validate_manifest(m)
 
 
-@pytest.mark.parametrize("version", [3, 99])
+@pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 99])
 def test_newer_schema_version(tmp_path, version):
     m = synthetic_manifest(layers=3)
     m["schema_version"] = version

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from lsaq_runtime.manifest import SCHEMA_VERSION
 from lsaq_runtime.errors import LsaqRuntimeError, NoVariantFits
 from lsaq_runtime.planner import estimate, plan, plan_or_wait, precision_key
 from lsaq_runtime.probe import Device
@@ -38,6 +39,7 @@ def synthetic_manifest(layers: int = 8, layer_params: int = 2_000_000, base: int
             files.append({"path": graph, "bytes": 10, "sha256": "0" * 64})
             providers[prov] = {
                 "graph": graph, "files": [graph, "weights/float.safetensors"], "dtype": dtype, "weight_bytes": resident(prec, "cuda"),
+                "accuracy_level": 4 if prov == "cpu" else 0, "lm_head": "fp16",
                 "resident_bytes": resident(prec, prov), "kv_bytes_per_token": 2 * layers * 2 * 32 * elem,
                 "workspace": {"fixed_bytes": 1 * MiB, "per_token_bytes": 4096,
                               "per_token_sq_bytes": 16 if prov == "cpu" else 0},
@@ -48,7 +50,7 @@ def synthetic_manifest(layers: int = 8, layer_params: int = 2_000_000, base: int
     files += [{"path": "weights/float.safetensors", "bytes": 10, "sha256": "0" * 64},
               {"path": "tokenizer/tokenizer.json", "bytes": 10, "sha256": "0" * 64}]
     return {
-        "format": "lsaq-bundle", "schema_version": 2, "created_by": "test",
+        "format": "lsaq-bundle", "schema_version": SCHEMA_VERSION, "created_by": "test",
         "model": {"name": "synthetic", "architecture": "LlamaForCausalLM", "num_layers": layers,
                   "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
                   "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512,

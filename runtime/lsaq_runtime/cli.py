@@ -74,7 +74,9 @@ def cli():
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
               show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for ONNX Runtime. Default: the physical cores this process may "
+                   "use (affinity and container CPU quota respected).")
 def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait, variant, dry_run,
             as_json, chat, temperature, top_k, top_p, seed, threads):
     """Generate a continuation of PROMPT (or print the plan with --dry-run)."""
@@ -100,7 +102,8 @@ def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait
                  log=stderr_log)
     t_load = time.perf_counter() - t0
     stderr_log(f"loaded {model.variant} on {model.device.label} ({model.provider} graph, "
-               f"context {model.context}) in {t_load:.1f}s — {model.reason}")
+               f"context {model.context}, {model.threads} threads) in {t_load:.1f}s — "
+               f"{model.reason}")
     t1 = time.perf_counter()
     tty = sys.stdout.isatty()
     pieces, count = [], 0

@@ -28,10 +28,11 @@ from .integrity import bundle_path, check_relpath, safetensors_index
 from .onnx_proto import DTYPES, EXTERNAL, GraphFormatError, read_model
 
 LINEAR_WEIGHT = re.compile(
-    r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.([a-z0-9]+)\.")
+    r"^model\.layers\.(\d+)\.(self_attn\.(?:qkv|o)_proj|mlp\.(?:gate_up|down)_proj)\.([a-z0-9]+)\.")
 _ST_TO_ONNX = {"F32": 1, "U8": 2, "I8": 3, "F16": 10}
 _ONNX_ELEM = {"float32": 1, "float16": 10}
 _BITS = {"int8": 8, "int4": 4}
+HEAD_INT8 = "lm_head.int8"
 STATIC_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "num_logits_to_keep")
 
 
@@ -108,13 +109,25 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
         if found[i] != {want}:
             got = ", ".join(sorted(found[i])) or "no linear weights"
             raise bad(f"layer {i} computes with {got} weights, the manifest says {want}")
+    head_q = f"{HEAD_INT8}.qweight"
+    if (head_q in g.initializers) != (info["lm_head"] == "int8"):
+        raise bad(f"its LM head is {'int8' if head_q in g.initializers else 'fp16'}, the "
+                  f"manifest says {info['lm_head']}")
     for n in g.nodes:
-        if n.op_type == "MatMulNBits":
+        if n.op_type == "MatMulNBits" and n.inputs[1:2] == [head_q]:
+            if n.ints.get("bits") != 8:
+                raise bad(f"the LM head's MatMulNBits has bits={n.ints.get('bits')}, not 8")
+        elif n.op_type == "MatMulNBits":
             m = LINEAR_WEIGHT.match(n.inputs[1] if len(n.inputs) > 1 else "")
             prec = m.group(3) if m else None
             if prec not in _BITS or n.ints.get("bits") != _BITS[prec]:
                 raise bad(f"a MatMulNBits node with bits={n.ints.get('bits')} reads "
                           f"{n.inputs[1:2]}")
+        if n.op_type == "MatMulNBits":
+            level = n.ints.get("accuracy_level", 0)
+            if level != info["accuracy_level"]:
+                raise bad(f"a MatMulNBits node computes at accuracy_level {level}, the manifest "
+                          f"says {info['accuracy_level']}")
 
     # -- interface and KV shapes -----------------------------------------------------------
     mo = manifest["model"]

@@ -30,7 +30,7 @@ __all__ = ["MANIFEST", "SCHEMA_VERSION", "METRICS", "PRECISIONS", "ELEM_BYTES", 
            "variant_files", "replace_refusal", "parse_json"]
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 METRICS = ("jaccard", "cosine", "zscore")          # scores.metric: how layers were ranked
 PRECISIONS = ("fp16", "int8", "int4")              # per decoder layer
@@ -101,7 +101,7 @@ def _check_version(m: dict, where: str) -> None:
     if v < SCHEMA_VERSION:
         raise LsaqRuntimeError(
             f"{where}: bundle written by an older lsaq-compile (schema_version {v}; this runtime "
-            f"reads {SCHEMA_VERSION}, which lists every file a variant uses); rebuild it with "
+            f"reads {SCHEMA_VERSION}, which records each graph's kernel settings); rebuild it with "
             "`lsaq-compile build`")
 
 

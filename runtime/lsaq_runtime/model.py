@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -15,7 +16,8 @@ from .graph_check import check_graph
 from .integrity import bundle_path, verify_files
 from .manifest import MANIFEST, load_manifest, tokenizer_file, variant_files
 from .planner import Decision, plan_or_wait
-from .probe import Device, choose_device, cuda_provider_available, probe_gpus, probe_host
+from .probe import (Device, choose_device, cuda_provider_available, physical_cores, probe_gpus,
+                    probe_host)
 from .sampling import Sampler
 from .session import Runner, create_session, warn
 from .sizes import parse_size
@@ -53,6 +55,8 @@ class Model:
         self.codec = codec
         self._runner = runner
         self.last_stop: str | None = None                # eos | max_new_tokens | context
+        self.threads: int | None = None                  # CPU threads ONNX Runtime was given
+        self.load_seconds: dict[str, float] = {}         # where launch time went, by step
 
     @property
     def reason(self) -> str:
@@ -129,6 +133,19 @@ class Model:
             raise LsaqRuntimeError("score_tokens needs at least one token")
         return self.forward(ids, 0, len(ids))
 
+    def score_batch(self, rows: list[list[int]], starts: list[int]) -> list[np.ndarray]:
+        """For evaluation: several sequences in one run, each from an empty cache. Returns, per
+        row, the logits of positions starts[b] .. len(rows[b]) - 1 (row t predicts token t+1)."""
+        rows = [list(r) for r in rows]
+        if len(starts) != len(rows) or any(not 0 <= s < len(r) for r, s in zip(rows, starts)):
+            raise LsaqRuntimeError("score_batch: each start must index a position of its row")
+        width = max(map(len, rows))
+        # Rows are right-padded: position t of every row is padded index t, and the graph keeps
+        # the last width - base positions, so `base` is the first position any row needs.
+        base = min(starts)
+        out = self._runner.run_batch(rows, width - base)
+        return [out[b, s - base: len(r) - base] for b, (r, s) in enumerate(zip(rows, starts))]
+
     def close(self) -> None:
         if self._runner is not None:
             self._runner.close()
@@ -196,6 +213,9 @@ def load(bundle, context: int | None = None, memory_budget=None, device: str = "
     device: auto | cpu | cuda | cuda:N.  variant: force one by name.  wait: seconds to wait for
     memory to free up when nothing fits.  log: where progress lines go (default: nowhere)."""
     root = Path(bundle)
+    threads = threads or physical_cores()
+    times: dict[str, float] = {}
+    t = time.perf_counter()
     manifest = load_manifest(root)                      # schema, version, every file's size
     verify_files(root, manifest, [tokenizer_file(manifest)])
     codec = TextCodec(root, manifest)                   # fail on a bad tokenizer before loading
@@ -204,7 +224,8 @@ def load(bundle, context: int | None = None, memory_budget=None, device: str = "
     for n in d.notes:
         if log:
             log(f"note: {n}")
-    session, info = _open_variant(root, manifest, d, threads, log)
+    times["plan"] = time.perf_counter() - t
+    session, info = _open_variant(root, manifest, d, threads, log, times)
     if d.provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         # onnxruntime-gpu falls back to CPU silently when CUDA/cuDNN libraries are missing.
         warn(f"ONNX Runtime could not use CUDA on {d.device.label} (CUDA or cuDNN libraries "
@@ -212,18 +233,25 @@ def load(bundle, context: int | None = None, memory_budget=None, device: str = "
         del session
         d = decide(root, context, memory_budget, "cpu", variant, wait, log=log, manifest=manifest)
         d.notes.append("CUDA was requested but ONNX Runtime fell back to CPU")
-        session, info = _open_variant(root, manifest, d, threads, log)
+        session, info = _open_variant(root, manifest, d, threads, log, times)
     memory_trace("session")
+    t = time.perf_counter()
     row = d.chosen_row
     runner = Runner(session, manifest, info["dtype"], d.context, d.provider, d.device.index,
                     planned_kv_bytes=row.kv_bytes if row else None)
+    times["kv"] = time.perf_counter() - t
     memory_trace("kv")
-    return Model(root, manifest, d, runner, codec)
+    model = Model(root, manifest, d, runner, codec)
+    model.threads, model.load_seconds = threads, times
+    return model
 
 
-def _open_variant(root: Path, manifest: dict, d: Decision, threads: int | None, log):
+def _open_variant(root: Path, manifest: dict, d: Decision, threads: int | None, log,
+                  times: dict[str, float] | None = None):
     """Verify every file the chosen variant uses, check its graph against the manifest, then
     hand ONNX Runtime the very bytes that were checked."""
+    times = {} if times is None else times
+    t = time.perf_counter()
     v = next(x for x in manifest["variants"] if x["name"] == d.chosen)
     info = v["providers"][d.provider]
     files = variant_files(manifest, d.chosen, d.provider)
@@ -238,7 +266,11 @@ def _open_variant(root: Path, manifest: dict, d: Decision, threads: int | None, 
                                "rebuild or copy the bundle again")
     verify_files(root, manifest, files[1:], log=log)
     check_graph(root, manifest, v, d.provider, data)
-    return create_session(graph, d.provider, d.device.index, threads, data=data), info
+    times["verify"] = time.perf_counter() - t
+    t = time.perf_counter()
+    session = create_session(graph, d.provider, d.device.index, threads, data=data)
+    times["session"] = time.perf_counter() - t
+    return session, info
 
 
 def stderr_log(msg: str) -> None:

@@ -171,6 +171,41 @@ def cgroup_limit(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cg
     return best
 
 
+def physical_cores(cpu_root: str = "/sys/devices/system/cpu", affinity: set[int] | None = None,
+                   cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Physical cores this process may run on: the default thread count.
+
+    Decode is memory-bound and hyperthreads share a core's units, so one thread per physical
+    core is what ONNX Runtime's own default aims at; unlike that default this one respects the
+    CPU affinity mask and a cgroup CPU quota (containers), where using more threads than cores
+    makes every step wait on descheduled threads."""
+    cpus = set(affinity) if affinity is not None else set(os.sched_getaffinity(0))
+    cores = set()
+    for c in cpus:
+        topo = os.path.join(cpu_root, f"cpu{c}", "topology")
+        pkg, core = _read_int(os.path.join(topo, "physical_package_id")), \
+            _read_int(os.path.join(topo, "core_id"))
+        cores.add((pkg, core) if core is not None else ("cpu", c))
+    n = max(1, len(cores))
+    quota = _cpu_quota(cgroup_root)
+    return max(1, min(n, quota)) if quota else n
+
+
+def _cpu_quota(root: str) -> int | None:
+    """CPUs allowed by a cgroup quota (v2 cpu.max, v1 cfs_quota/period), rounded up."""
+    try:
+        quota, period = open(os.path.join(root, "cpu.max")).read().split()[:2]
+        if quota != "max":
+            return -(-int(quota) // int(period))
+    except (OSError, ValueError):
+        pass
+    q = _read_int(os.path.join(root, "cpu", "cpu.cfs_quota_us"))
+    p = _read_int(os.path.join(root, "cpu", "cpu.cfs_period_us"))
+    if q and p and q > 0:
+        return -(-q // p)
+    return None
+
+
 def probe_host(meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys/fs/cgroup",
                proc_cgroup: str = "/proc/self/cgroup") -> Device:
     """Host memory available to a new allocation without swapping: MemAvailable, or less when

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from .errors import LsaqRuntimeError, first_line, printable
 from .manifest import kv_bytes_per_token
+from .probe import physical_cores
 
 _NP = {"float32": np.float32, "float16": np.float16}
 # The oldest onnxruntime that runs every variant: before 1.23 the CPU MatMulNBits kernel has no
@@ -44,8 +45,9 @@ def create_session(graph: Path, provider: str, device_index: int | None = None,
     check_onnxruntime_version()
     so = ort.SessionOptions()
     so.log_severity_level = 3  # ORT's own warnings are noise for users; we check what matters
-    if threads:
-        so.intra_op_num_threads = threads
+    # Default: one thread per physical core this process may use (not ORT's own count, which
+    # ignores affinity masks and container CPU quotas).
+    so.intra_op_num_threads = threads or physical_cores()
     if provider == "cuda":
         providers = [("CUDAExecutionProvider", {"device_id": int(device_index or 0)}),
                      "CPUExecutionProvider"]
@@ -80,6 +82,7 @@ class Runner:
         # KV memory is sized by the same formula the planner counted with (the model's shape,
         # which the manifest's kv_bytes_per_token was checked against), never beyond the plan.
         shape = [1, m["num_key_value_heads"], capacity, m["head_dim"]]
+        self._kv_dtype, self._kv_heads, self._head_dim = _NP[dtype], shape[1], shape[3]
         total = kv_bytes_per_token(m, dtype) * capacity
         if planned_kv_bytes is not None and total > planned_kv_bytes:
             raise LsaqRuntimeError(f"the KV cache would take {total} bytes but the plan counted "
@@ -138,6 +141,37 @@ class Runner:
                                    "the bundle may be damaged (lsaq-run verify) or the device "
                                    "out of memory") from None
         return self._logits[keep][0][0]
+
+    def run_batch(self, rows: list[list[int]], keep: int) -> np.ndarray:
+        """Score several sequences at once, each from an empty cache (evaluation): they are
+        right-padded to one length, GroupQueryAttention masks each by its seqlens_k (bitwise
+        the same logits as one at a time, tested). Logits [rows, keep, vocab] of the last
+        `keep` padded positions. The generation KV cache is not touched."""
+        if not rows or min(map(len, rows)) < 1:
+            raise LsaqRuntimeError("run_batch needs non-empty sequences")
+        width = max(map(len, rows))
+        if width > self.capacity:
+            raise LsaqRuntimeError(f"{width} tokens exceed the context of {self.capacity}; "
+                                   "load with a larger context")
+        if not 1 <= keep <= width:
+            raise LsaqRuntimeError(f"keep must be between 1 and {width}, not {keep}")
+        ids = np.zeros((len(rows), width), np.int64)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = r
+        empty = np.zeros((len(rows), self._kv_heads, 0, self._head_dim), self._kv_dtype)
+        feed = {"input_ids": ids, "seqlens_k": np.array([len(r) - 1 for r in rows], np.int32),
+                "total_sequence_length": np.array(width, np.int32),
+                "num_logits_to_keep": np.array(keep, np.int64)}
+        for past, _, _ in self.kv:
+            feed[past] = empty
+        try:
+            return self.session.run(["logits"], feed)[0]
+        except MemoryError:
+            raise LsaqRuntimeError(f"out of memory scoring {len(rows)} sequences of up to "
+                                   f"{width} tokens; use a smaller batch") from None
+        except Exception as e:
+            raise LsaqRuntimeError(f"ONNX Runtime failed while running the graph: "
+                                   f"{first_line(e)}") from None
 
     def _logits_buffer(self, keep: int) -> ort.OrtValue:
         # Host memory we own: ORT writes (or copies from the GPU) the logits straight into it.

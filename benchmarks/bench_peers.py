@@ -21,7 +21,6 @@ bytes of weights read per second against this machine's measured memory read ban
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 LLAMA_CPP_PYTHON = "0.3.36"
 
 import lsaq_runtime  # noqa: E402
+from bench_speed import greedy_run, memory_bandwidth  # noqa: E402  (same folder)
 
 
 def log(msg: str) -> None:
@@ -156,14 +156,8 @@ class Lsaq(Engine):
         self.read_bytes = info["providers"]["cpu"]["resident_bytes"]
 
     def generate(self, ids, n):
-        t0 = time.perf_counter()
-        logits = self.m.forward(ids, 0, 1)[-1]
-        t1 = time.perf_counter()
-        pos = len(ids)
-        for _ in range(n - 1):
-            logits = self.m.forward([int(logits.argmax())], pos, 1)[-1]
-            pos += 1
-        return t1 - t0, time.perf_counter() - t0
+        prefill, decode = greedy_run(self.m, ids, n)
+        return prefill, prefill + decode
 
 
 class LlamaCpp(Engine):
@@ -249,20 +243,6 @@ class Transformers(Engine):
                 past = out.past_key_values
                 tok = out.logits[0, -1].argmax()
         return t1 - t0, time.perf_counter() - t0
-
-
-def memory_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """Read bandwidth (bytes/s): `threads` numpy reductions over disjoint halves of a
-    buffer much larger than the caches; median of `repeats`."""
-    a = np.ones(int(gib * 2**30) // 8, np.float64)
-    parts = np.array_split(a, threads)
-    best = []
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best.append(a.nbytes / (time.perf_counter() - t0))
-    return statistics.median(best)
 
 
 def main() -> None:

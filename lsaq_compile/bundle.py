@@ -160,8 +160,9 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
         needed = {i: {p.precisions[i] for p in plans} for i in range(spec.num_layers)}
         # The CPU graphs of quantized variants may read an INT8 copy of the LM head: on CPU the
         # float head is held as float32 (4 bytes a weight) and is a quarter of int4 decode time.
+        quantized = {p.name: not {"fp16", "fp32"} & set(p.precisions) for p in plans}
         head_int8 = q.cpu_lm_head == "int8" and "cpu" in prof.build.providers and \
-            any("fp16" not in p.precisions and "fp32" not in p.precisions for p in plans)
+            any(quantized.values())
         index = write_weight_store(source, tmp, needed, schemes, progress=progress.stage("quantizing"),
                                    head_int8=head_int8)
 
@@ -175,8 +176,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
             cuda_info = None
             for prov in prof.build.providers:
                 dtype = PROVIDER_DTYPES[prov]
-                quantized = "fp16" not in plan.precisions and "fp32" not in plan.precisions
-                head = "int8" if head_int8 and prov == "cpu" and quantized else "fp16"
+                head = "int8" if head_int8 and prov == "cpu" and quantized[plan.name] else "fp16"
                 graph, info = build_graph(spec, list(plan.precisions), index, dtype, max_context,
                                           name=f"{spec.name} {plan.name} {prov}",
                                           accuracy_level=accuracy[prov], lm_head=head)

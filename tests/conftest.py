@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,3 +100,17 @@ def smollm_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "smollm2"
     return build_bundle(None, out, profile=_small_profile(samples=8, seq_len=128),
                         progress=Progress(quiet=True))
+
+
+def empty_cache_feed(manifest: dict, ids: list[int], keep: int = 0) -> dict:
+    """Inputs of a bundle graph for one sequence on an empty KV cache (a plain session, no
+    IOBinding): the reference the runtime's cached runs are compared with. keep 0: all logits."""
+    mo = manifest["model"]
+    empty = np.zeros((1, mo["num_key_value_heads"], 0, mo["head_dim"]), np.float32)
+    feed = {"input_ids": np.asarray([ids], np.int64),
+            "seqlens_k": np.array([len(ids) - 1], np.int32),
+            "total_sequence_length": np.array(len(ids), np.int32),
+            "num_logits_to_keep": np.array(keep, np.int64)}
+    for i in range(mo["num_layers"]):
+        feed[f"past_key_values.{i}.key"] = feed[f"past_key_values.{i}.value"] = empty
+    return feed

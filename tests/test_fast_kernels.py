@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 
 import numpy as np
@@ -21,7 +20,7 @@ from lsaq_runtime.graph_check import check_graph
 from lsaq_runtime.manifest import load_manifest
 from lsaq_runtime.probe import physical_cores
 
-from conftest import WIKITEXT
+from conftest import WIKITEXT, empty_cache_feed
 
 
 def _graph_nodes(bundle, variant, provider="cpu"):
@@ -111,19 +110,6 @@ def _exact_session(bundle, graph_file):
     return ort.InferenceSession(g.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _logits(session, m, ids):
-    feed = {"input_ids": np.asarray([ids], np.int64),
-            "seqlens_k": np.array([len(ids) - 1], np.int32),
-            "total_sequence_length": np.array(len(ids), np.int32),
-            "num_logits_to_keep": np.array(0, np.int64)}
-    mo = m["model"]
-    for i in range(mo["num_layers"]):
-        for part in ("key", "value"):
-            feed[f"past_key_values.{i}.{part}"] = np.zeros(
-                (1, mo["num_key_value_heads"], 0, mo["head_dim"]), np.float32)
-    return session.run(["logits"], feed)[0][0]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["int8", "int4"])
 def test_fast_kernels_keep_perplexity_of_the_exact_path(smollm_bundle, variant):
@@ -142,7 +128,7 @@ def test_fast_kernels_keep_perplexity_of_the_exact_path(smollm_bundle, variant):
     agree = []
     for w in tw.windows:
         ids = [int(x) for x in w]
-        for name, logits in (("fast", fast(w)), ("exact", _logits(exact, m, ids))):
+        for name, logits in (("fast", fast(w)), ("exact", exact.run(["logits"], empty_cache_feed(m, ids))[0][0])):
             lp = ev._log_softmax(logits[:-1])
             nll[name] -= lp[np.arange(len(ids) - 1), w[1:]].sum()
             if name == "fast":

@@ -20,6 +20,8 @@ from lsaq_runtime.errors import LsaqRuntimeError
 from lsaq_runtime.planner import precision_key
 from lsaq_runtime.manifest import SCHEMA_VERSION
 
+from conftest import empty_cache_feed
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), str(REPO)])}
 N_TOKENS = 32
@@ -45,15 +47,7 @@ def reference_logits(bundle: Path, variant: str, ids: list[int]) -> np.ndarray:
     if sess is None:
         sess = _sessions[bundle, variant] = ort.InferenceSession(
             str(bundle / info["graph"]), providers=["CPUExecutionProvider"])
-    mo = m["model"]
-    empty = np.zeros((1, mo["num_key_value_heads"], 0, mo["head_dim"]), np.float32)
-    feeds = {"input_ids": np.array([ids], np.int64),
-             "seqlens_k": np.array([len(ids) - 1], np.int32),
-             "total_sequence_length": np.array(len(ids), np.int32),
-             "num_logits_to_keep": np.array(1, np.int64)}
-    for i in range(mo["num_layers"]):
-        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
-    return sess.run(["logits"], feeds)[0][0, -1]
+    return sess.run(["logits"], empty_cache_feed(m, ids, keep=1))[0][0, -1]
 
 
 _sessions: dict = {}

@@ -32,6 +32,7 @@ sys.path[:0] = [str(REPO), str(REPO / "runtime")]
 TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 
 import lsaq_runtime  # noqa: E402
+from bench_speed import greedy_run  # noqa: E402  (same folder)
 from lsaq_compile import evaluate as ev  # noqa: E402
 from lsaq_compile.bundle import build_bundle  # noqa: E402
 from lsaq_compile.profiles import load_profile  # noqa: E402
@@ -71,18 +72,13 @@ def speed(bundles: dict, variants: list[str], prompt: int, new: int, repeats: in
               for s, b in bundles.items() for v in variants}
     first = next(iter(models.values()))
     ids = first.codec.encode(TEXT.read_text(encoding="utf-8")[: prompt * 10])[:prompt]
-    greedy = lambda logits: int(logits.argmax())
     pre = {k: [] for k in models}
     dec = {k: [] for k in models}
     for _ in range(repeats):
         for k, m in models.items():
-            t0 = time.perf_counter()
-            m.forward(ids, 0, 1)
-            t1 = time.perf_counter()
-            out = list(m.generate_ids(ids, new + 1, greedy))
-            t2 = time.perf_counter()
-            pre[k].append(prompt / (t1 - t0))
-            dec[k].append(max(1, len(out) - 1) / max(1e-9, (t2 - t1) - (t1 - t0)))
+            tp, td = greedy_run(m, ids, new)
+            pre[k].append(prompt / tp)
+            dec[k].append((new - 1) / td)
     for m in models.values():
         m.close()
     return ({k: statistics.median(x) for k, x in pre.items()},

@@ -296,7 +296,7 @@ _ONNX_DTYPES = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT,
 
 
 class _GraphBuilder:
-    def __init__(self, index: dict[str, TensorRef], dtype: str):
+    def __init__(self, index: dict[str, TensorRef], dtype: str, accuracy_level: int = 0):
         self.index = index
         self.dtype = dtype
         self.T = _ONNX_DTYPES[dtype]
@@ -308,7 +308,7 @@ class _GraphBuilder:
         # in, measured as ~0 by benchmarks/bench_memory.py; on CUDA it is copied to the device).
         self.uses: dict[str, set[str]] = defaultdict(set)
         self.extra_resident = 0      # memory kernels add beyond the stored bytes
-        self.accuracy_level = 0
+        self.accuracy_level = accuracy_level   # of every MatMulNBits node
         self._count = 0
 
     def fresh(self, hint: str) -> str:
@@ -380,8 +380,7 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
         raise LsaqError(f"{len(precisions)} precisions given for {spec.num_layers} decoder layers")
     if max_context < 1:
         raise LsaqError(f"max_context must be positive, got {max_context}")
-    g = _GraphBuilder(index, dtype)
-    g.accuracy_level = accuracy_level
+    g = _GraphBuilder(index, dtype, accuracy_level)
     T, hd = g.T, spec.head_dim
     eps = float(spec.rms_norm_eps)
 

@@ -114,20 +114,21 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
         raise bad(f"its LM head is {'int8' if head_q in g.initializers else 'fp16'}, the "
                   f"manifest says {info['lm_head']}")
     for n in g.nodes:
-        if n.op_type == "MatMulNBits" and n.inputs[1:2] == [head_q]:
-            if n.ints.get("bits") != 8:
-                raise bad(f"the LM head's MatMulNBits has bits={n.ints.get('bits')}, not 8")
-        elif n.op_type == "MatMulNBits":
+        if n.op_type != "MatMulNBits":
+            continue
+        bits = n.ints.get("bits")
+        if n.inputs[1:2] == [head_q]:
+            if bits != 8:
+                raise bad(f"the LM head's MatMulNBits has bits={bits}, not 8")
+        else:
             m = LINEAR_WEIGHT.match(n.inputs[1] if len(n.inputs) > 1 else "")
             prec = m.group(3) if m else None
-            if prec not in _BITS or n.ints.get("bits") != _BITS[prec]:
-                raise bad(f"a MatMulNBits node with bits={n.ints.get('bits')} reads "
-                          f"{n.inputs[1:2]}")
-        if n.op_type == "MatMulNBits":
-            level = n.ints.get("accuracy_level", 0)
-            if level != info["accuracy_level"]:
-                raise bad(f"a MatMulNBits node computes at accuracy_level {level}, the manifest "
-                          f"says {info['accuracy_level']}")
+            if prec not in _BITS or bits != _BITS[prec]:
+                raise bad(f"a MatMulNBits node with bits={bits} reads {n.inputs[1:2]}")
+        level = n.ints.get("accuracy_level", 0)
+        if level != info["accuracy_level"]:
+            raise bad(f"a MatMulNBits node computes at accuracy_level {level}, the manifest "
+                      f"says {info['accuracy_level']}")
 
     # -- interface and KV shapes -----------------------------------------------------------
     mo = manifest["model"]

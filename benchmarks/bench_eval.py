@@ -15,7 +15,6 @@ each variant both ways are timed on the same items and their log-likelihoods com
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,23 +27,7 @@ DATA = REPO.parent / "shared" / "data" / "zeroshot"
 
 import lsaq_runtime  # noqa: E402
 from lsaq_compile import evaluate as ev  # noqa: E402
-
-
-def piqa(n: int) -> list[ev.ChoiceItem]:
-    lines = (DATA / "piqa" / "valid.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-    labels = (DATA / "piqa" / "valid-labels.lst").read_text().split()[:n]
-    return [ev.ChoiceItem(f"Question: {d['goal']}\nAnswer:", [" " + d["sol1"], " " + d["sol2"]],
-                          int(y)) for d, y in zip(map(json.loads, lines), labels)]
-
-
-def boolq(n: int) -> list[ev.ChoiceItem]:
-    lines = (DATA / "boolq" / "val.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-    out = []
-    for d in map(json.loads, lines):
-        label = d["label"] if isinstance(d["label"], bool) else str(d["label"]).lower() == "true"
-        out.append(ev.ChoiceItem(f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:",
-                                 [" no", " yes"], int(label)))
-    return out
+from lsaq_compile import zeroshot as zs  # noqa: E402
 
 
 def main() -> None:
@@ -59,9 +42,9 @@ def main() -> None:
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(bundle / m["tokenizer"]["dir"] / "tokenizer.json"))
     encode = lambda s: tok.encode(s, add_special_tokens=False).ids
-    tasks = {"piqa": piqa(args.items), "boolq": boolq(args.items)}
+    tasks = {t: zs.load_task(t, DATA, args.items) for t in ("piqa", "boolq")}
     items = [it for t in tasks.values() for it in t]
-    requests = [ev.split_request(encode, it.context, c) for it in items for c in it.choices]
+    requests = [ev.split_request(encode, ctx, c) for it in items for ctx, c in it.requests]
     tokens = sum(len(w) - 1 for w, _ in requests)
     rows = ev.shared_rows(requests)[1]
     print(f"{len(items)} two-way items ({', '.join(f'{k} {len(v)}' for k, v in tasks.items())}): "
@@ -74,8 +57,8 @@ def main() -> None:
         fn = ev.onnx_logits_fn(bundle, m, v, threads=args.threads)
         fn(np.asarray(requests[0][0]))  # load once, outside the timings
         t0 = time.perf_counter()
-        old = [ev.continuation_loglikelihood(fn, encode, it.context, c)[0]
-               for it in items for c in it.choices]
+        old = [ev.continuation_loglikelihood(fn, encode, ctx, c)[0]
+               for it in items for ctx, c in it.requests]
         t1 = time.perf_counter()
         res = {k: ev.multiple_choice(fn, encode, t) for k, t in tasks.items()}
         t2 = time.perf_counter()

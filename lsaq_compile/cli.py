@@ -165,33 +165,52 @@ def _variant_names(manifest: dict, spec: str) -> list[str]:
 @click.option("--text", type=click.Path(dir_okay=False), help="text for perplexity (e.g. WikiText-2 test)")
 @click.option("--seq-len", type=click.IntRange(2), default=1024, show_default=True)
 @click.option("--windows", type=click.IntRange(1), default=None, help="first N windows [default: all]")
-@click.option("--tasks", type=click.Path(dir_okay=False), help="multiple-choice JSONL: context, choices, label")
+@click.option("--tasks", help="zero-shot tasks by name (piqa,arc_easy,arc_challenge,boolq,winogrande or all; "
+              "needs --data), or a multiple-choice JSONL file: context, choices, label")
+@click.option("--data", type=click.Path(file_okay=False), help="folder of the zero-shot tasks' published files "
+              "(laid out like shared/data/zeroshot)")
+@click.option("--limit", type=click.IntRange(1), default=None, help="first N questions of each task [default: all]")
+@click.option("--cross-check", is_flag=True, help="also run each variant through real lm-evaluation-harness "
+              "on the same questions and compare (needs the eval extra)")
 @click.option("--variants", default="all", show_default=True, help="all, or a comma list of names")
 @click.option("--reference", is_flag=True, help="also run the torch reference of each plan (needs the source model)")
 @click.option("-q", "--quiet", is_flag=True)
-def eval_cmd(bundle, text, seq_len, windows, tasks, variants, reference, quiet):
+def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, variants, reference, quiet):
     """Perplexity and multiple-choice accuracy of each variant, run on its ONNX graph."""
     import datetime
 
     from .bundle import read_manifest
     from . import evaluate as ev
+    from . import zeroshot as zs
 
     if not text and not tasks:
-        raise LsaqError("nothing to evaluate: give --text FILE (perplexity) and/or --tasks FILE.jsonl")
+        raise LsaqError("nothing to evaluate: give --text FILE (perplexity) and/or --tasks "
+                        "(task names with --data DIR, or FILE.jsonl)")
     progress = Progress(quiet)
     bundle = Path(bundle)
     m = read_manifest(bundle)
     names = _variant_names(m, variants)
     tok_json = bundle / m["tokenizer"]["dir"] / "tokenizer.json"
     tw = ev.text_windows(text, tok_json, seq_len, windows) if text else None
-    items = ev.load_choice_tasks(tasks) if tasks else None
-    if items:
+    task_files = {}   # task name -> its items
+    if tasks and tasks.endswith(".jsonl"):
+        if cross_check:
+            raise LsaqError("--cross-check runs lm-eval's own task definitions: name the tasks "
+                            "(piqa, arc_easy, ...) with --data, not a JSONL file")
+        task_files[Path(tasks).name] = (ev.load_choice_tasks(tasks), ev.file_sha256(tasks), str(tasks))
+    elif tasks:
+        if not data:
+            raise LsaqError("zero-shot tasks by name need --data DIR: the folder of their published "
+                            "files (e.g. ../shared/data/zeroshot)")
+        for t in zs.parse_tasks(tasks):
+            task_files[t] = (zs.load_task(t, data, limit), None, str(data))
+    if task_files:
         from tokenizers import Tokenizer
 
         tk = Tokenizer.from_file(str(tok_json))
         encode = lambda s: tk.encode(s, add_special_tokens=False).ids
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    entries, rows = [], []
+    entries, rows, checks = [], [], []
     for name in names:
         v = next(x for x in m["variants"] if x["name"] == name)
         fns = {"onnx": ev.onnx_logits_fn(bundle, m, name, context=seq_len)}
@@ -208,17 +227,42 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, variants, reference, quiet):
                                 "settings": {"seq_len": seq_len, "windows": r["windows"]},
                                 "value": r["perplexity"], "tokens": r["tokens"]})
                 row.append(f"{r['perplexity']:.3f}")
-            if items:
-                r = ev.multiple_choice(fn, encode, items)
-                entries.append({**base, "kind": "multiple_choice", "data": str(tasks),
-                                "data_sha256": ev.file_sha256(tasks), "settings": {},
-                                "value": r["acc"], "acc_norm": r["acc_norm"], "items": r["items"]})
-                row += [f"{r['acc']:.3f}", f"{r['acc_norm']:.3f}"]
+            for t, (items, sha, src) in task_files.items():
+                r = ev.multiple_choice(fn, encode, items, progress=progress.stage(f"{t} {name} [{kind}]"))
+                if sha is None and "acc_norm" not in zs.TASKS[t].metrics:
+                    r.pop("acc_norm", None)
+                entries.append({**base, "kind": "multiple_choice", "task": t, "data": src,
+                                "data_sha256": sha, "settings": {"limit": limit} if sha is None else {},
+                                "value": r["acc"], "acc_stderr": r["acc_stderr"],
+                                "acc_norm": r.get("acc_norm"), "items": r["items"]})
+                row.append(f"{r['acc']:.3f}±{r['acc_stderr']:.3f}" + (f" / {r['acc_norm']:.3f}" if "acc_norm" in r else ""))
+                if cross_check and kind == "onnx":
+                    checks.append((name, t, r))
         rows.append(row)
+    if checks:
+        import tempfile
+
+        from .lm_eval_adapter import zero_shot
+
+        for name in dict.fromkeys(n for n, _, _ in checks):
+            ts = [t for n, t, _ in checks if n == name]
+            progress(f"cross-check {name}: {', '.join(ts)} through lm-evaluation-harness")
+            with tempfile.TemporaryDirectory() as work:
+                theirs = zero_shot(bundle, name, ts, data, work, limit)
+            for n, t, r in checks:
+                if n == name:
+                    th = theirs[t]
+                    same = th["items"] == r["items"] and all(th.get(k) == r.get(k) for k in ("acc", "acc_norm"))
+                    click.echo(f"cross-check {name} {t}: acc {r['acc']:.4f} (ours) vs {th['acc']:.4f} "
+                               f"(lm-eval) on {th['items']} questions: {'identical' if same else 'DIFFERENT'}")
+                    if not same:
+                        raise LsaqError(f"cross-check failed: {name} {t} differs from lm-evaluation-harness")
     ev.record_evaluations(bundle, [e for e in entries if e["engine"] == "onnx"])
     head = ["variant", "avg bits"]
     for kind in (["onnx", "torch"] if reference else ["onnx"]):
-        head += ([f"ppl ({kind})"] if tw is not None else []) + ([f"acc ({kind})", f"acc_norm ({kind})"] if items else [])
+        head += ([f"ppl ({kind})"] if tw is not None else []) + \
+            [f"{t} acc" + (" / acc_norm" if not zs.TASKS.get(t) or "acc_norm" in zs.TASKS[t].metrics else "")
+             + f" ({kind})" for t in task_files]
     click.echo(_table(head, rows))
     click.echo(f"results recorded in {bundle / 'manifest.json'} (evaluations)")
 
@@ -240,9 +284,17 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, variants, reference, quiet):
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False), default="docs/results", show_default=True)
 @click.option("--bundles", type=click.Path(file_okay=False), help="where the per-metric bundles go [default: OUTPUT/bundles]")
 @click.option("--force", is_flag=True, help="rebuild bundles even when their scores are unchanged")
+@click.option("--data", type=click.Path(file_okay=False), help="folder of the zero-shot tasks (like "
+              "shared/data/zeroshot) for Table I [default: no Table I]")
+@click.option("--tasks", default="all", show_default=True, help="zero-shot tasks for Table I")
+@click.option("--items", type=click.IntRange(0), default=200, show_default=True,
+              help="first N questions of each task (0: all)")
+@click.option("--no-cross-check", is_flag=True, help="skip running FP16 through real lm-evaluation-harness")
+@click.option("--quick", is_flag=True, help="small sizes throughout (about 3 minutes; for tests, not results)")
 def study(model, metrics, text, calibration, samples, seq_len, k, final_norm, eval_seq_len, windows,
-          reference_windows, budgets, out, bundles, force):
-    """The paper's comparison: perplexity against average bits for each metric's layer order."""
+          reference_windows, budgets, out, bundles, force, data, tasks, items, no_cross_check, quick):
+    """The paper's comparison: perplexity (Table III) and zero-shot accuracy (Table I) against
+    average bits for each metric's layer order, and which variant each memory budget gets."""
     from lsaq_runtime.sizes import parse_size
 
     from .study import run_study
@@ -253,7 +305,8 @@ def study(model, metrics, text, calibration, samples, seq_len, k, final_norm, ev
         raise LsaqError(f"unknown metric(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METRICS)}")
     bl = [parse_size(b) for b in budgets.split(",")] if budgets else None
     d = run_study(model, ms, text, out, bundles, calibration, samples, seq_len, k, final_norm,
-                  eval_seq_len, windows, reference_windows, bl, force)
+                  eval_seq_len, windows, reference_windows, bl, force, tasks_dir=data, tasks=tasks,
+                  items=items or None, cross_check=not no_cross_check, quick=quick)
     click.echo((d / "report.md").read_text())
 
 

@@ -148,13 +148,24 @@ def perplexity(logits_fn: LogitsFn, tw: TextWindows, progress=None, limit: int |
 # ---------------------------------------------------------------- multiple choice
 @dataclass
 class ChoiceItem:
-    context: str
-    choices: list[str]
+    """One question: choice i is the log-likelihood of requests[i] = (context, continuation).
+    Most tasks share one context; partial scoring (WinoGrande) has one context per choice and a
+    shared continuation."""
+    requests: list[tuple[str, str]]
     label: int
+    # acc_norm divides choice i's log-likelihood by norm_lengths[i]: lm-eval uses the length in
+    # characters of the choice as its task lists it (no delimiter). None: the task has no acc_norm.
+    norm_lengths: list[int] | None = None
+
+    @classmethod
+    def shared(cls, context: str, choices: list[str], label: int) -> "ChoiceItem":
+        """Every choice continues the same context; acc_norm divides by len(choice)."""
+        return cls([(context, c) for c in choices], label, [len(c) for c in choices])
 
 
 def load_choice_tasks(path: str | os.PathLike) -> list[ChoiceItem]:
-    """JSONL: one {"context": str, "choices": [str, ...], "label": int} per line."""
+    """JSONL: one {"context": str, "choices": [str, ...], "label": int} per line; each choice is
+    appended to the context as it is (give it its leading space)."""
     p = Path(path)
     if not p.is_file():
         raise LsaqError(f"{p}: task file not found")
@@ -164,11 +175,11 @@ def load_choice_tasks(path: str | os.PathLike) -> list[ChoiceItem]:
             continue
         try:
             d = json.loads(line)
-            item = ChoiceItem(str(d["context"]), [str(c) for c in d["choices"]], int(d["label"]))
+            item = ChoiceItem.shared(str(d["context"]), [str(c) for c in d["choices"]], int(d["label"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise LsaqError(f"{p}:{n}: expected {{\"context\", \"choices\", \"label\"}} ({e})") from None
-        if not 0 <= item.label < len(item.choices):
-            raise LsaqError(f"{p}:{n}: label {item.label} out of range for {len(item.choices)} choices")
+        if not 0 <= item.label < len(item.requests):
+            raise LsaqError(f"{p}:{n}: label {item.label} out of range for {len(item.requests)} choices")
         items.append(item)
     if not items:
         raise LsaqError(f"{p}: no tasks")
@@ -230,13 +241,28 @@ def loglikelihoods(logits_fn, requests: list[tuple[list[int], int]], max_tokens:
     rows are scored many per run (sorted by length, at most `max_tokens` padded tokens a run);
     otherwise one call per row."""
     inputs, rows, cover, first = shared_rows(requests)
-    logits: dict[tuple, np.ndarray] = {}   # row -> logits from position first[row] on
+    users: dict[tuple, list[int]] = {}   # row -> the requests it answers
+    for k, x in enumerate(inputs):
+        users.setdefault(cover[x], []).append(k)
+    results: list = [None] * len(requests)
+
+    def score(r: tuple, logits: np.ndarray) -> None:
+        # logits from position first[r] on; reduced to each request's numbers at once, so
+        # memory holds one run's logits, not every row's (4 bytes x vocab per position)
+        for k in users[r]:
+            whole, n_ctx = requests[k]
+            lo = n_ctx - 1 - first[r]
+            lp = _log_softmax(logits[lo: lo + len(whole) - n_ctx])
+            cont = np.asarray(whole[n_ctx:])
+            results[k] = (float(lp[np.arange(len(cont)), cont].sum()),
+                          bool(np.all(lp.argmax(axis=-1) == cont)))
+
     batch = getattr(logits_fn, "batch", None)
     i = 0
     while i < len(rows):
         if batch is None:
             r = rows[i]
-            logits[r] = logits_fn(np.asarray(r, np.int64))[first[r]:]
+            score(r, logits_fn(np.asarray(r, np.int64))[first[r]:])
             i += 1
         else:
             # grow the run while its padded tokens, and the logits rows it returns (4 bytes x
@@ -249,39 +275,48 @@ def loglikelihoods(logits_fn, requests: list[tuple[list[int], int]], max_tokens:
                 j, low = j + 1, low2
             group = rows[i:j]
             for r, out in zip(group, batch([list(r) for r in group], [first[r] for r in group])):
-                logits[r] = out
+                score(r, out)
             i = j
         if progress:
             progress(f"{i}/{len(rows)} sequences")
-    results = []
-    for (whole, n_ctx), x in zip(requests, inputs):
-        r = cover[x]
-        lo = n_ctx - 1 - first[r]
-        lp = _log_softmax(logits[r][lo: lo + len(whole) - n_ctx])
-        cont = np.asarray(whole[n_ctx:])
-        results.append((float(lp[np.arange(len(cont)), cont].sum()),
-                        bool(np.all(lp.argmax(axis=-1) == cont))))
     return results
 
 
 def multiple_choice(logits_fn: LogitsFn, encode, items: Iterable[ChoiceItem], progress=None) -> dict:
-    """acc: argmax of summed log-likelihood; acc_norm: of log-likelihood per byte (lm-eval).
-    All items' choices are scored together (see loglikelihoods)."""
+    """acc: argmax of summed log-likelihood; acc_norm: of log-likelihood / norm length (lm-eval),
+    for items that have one. Each metric comes with lm-eval's standard error (sample std /
+    sqrt(n)); `correct` keeps the per-item outcomes for paired comparisons. All items' requests
+    are scored together (see loglikelihoods)."""
     items = list(items)
-    requests = [split_request(encode, it.context, c) for it in items for c in it.choices]
+    requests = [split_request(encode, ctx, cont) for it in items for ctx, cont in it.requests]
     flat = [ll for ll, _ in loglikelihoods(logits_fn, requests, progress=progress)]
-    correct = correct_norm = 0
-    details = []
+    correct, correct_norm, details = [], [], []
     pos = 0
     for it in items:
-        lls = flat[pos: pos + len(it.choices)]
-        pos += len(it.choices)
-        norm = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(lls, it.choices)]
-        correct += int(np.argmax(lls) == it.label)
-        correct_norm += int(np.argmax(norm) == it.label)
+        lls = flat[pos: pos + len(it.requests)]
+        pos += len(it.requests)
+        correct.append(int(np.argmax(lls) == it.label))
+        if it.norm_lengths is not None:
+            correct_norm.append(int(np.argmax(np.asarray(lls) / np.asarray(it.norm_lengths, float)) == it.label))
         details.append({"loglikelihoods": lls, "label": it.label})
-    return {"acc": correct / len(items), "acc_norm": correct_norm / len(items),
-            "items": len(items), "details": details}
+    labels = [it.label for it in items]
+    out = {"items": len(items), "acc": float(np.mean(correct)), "acc_stderr": mean_stderr(correct),
+           "correct": correct, "details": details,
+           # what guessing scores on these questions: uniformly, or always the commonest answer
+           "chance": float(np.mean([1 / len(it.requests) for it in items])),
+           "majority": max(map(labels.count, set(labels))) / len(items)}
+    if correct_norm:
+        if len(correct_norm) != len(items):
+            raise LsaqError("acc_norm needs every item's choice lengths, or none")
+        out.update(acc_norm=float(np.mean(correct_norm)), acc_norm_stderr=mean_stderr(correct_norm),
+                   correct_norm=correct_norm)
+    return out
+
+
+def mean_stderr(xs) -> float:
+    """lm-eval's standard error of a mean: sample standard deviation (n - 1) / sqrt(n)."""
+    x = np.asarray(xs, np.float64)
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 # ---------------------------------------------------------------- results in the bundle

@@ -6,8 +6,9 @@ module, which registers `lsaq` and hands the rest of the command line to lm-eval
     python -m lsaq_compile.lm_eval_adapter --model lsaq \\
         --model_args bundle=bundles/smollm2,variant=int4x15 --tasks piqa,arc_easy,boolq,hellaswag,winogrande
 
-(needs `pip install -e ".[eval]"` and network access for the hub datasets). Log-likelihoods
-come from the variant's ONNX graph through the runtime, the same path `lsaq-run` uses.
+(needs `pip install -e ".[eval]"` and network access for the hub datasets; `zero_shot` runs the
+paper's five tasks offline on local files instead). Log-likelihoods come from the variant's ONNX
+graph through the runtime, the same path `lsaq-run` uses.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class LsaqLM(LM):
                                        memory_budget=memory_budget, device=device, variant=variant,
                                        log=lambda msg: None)
         self.max_length = self.model.context
+        self._eot = min(self.model.codec.eos_ids) if self.model.codec.eos_ids else 0
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -52,7 +54,22 @@ class LsaqLM(LM):
         return ll, bool(np.all(lp.argmax(-1) == np.asarray(cont)))
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        return [self._score(*r.args) for r in requests]
+        """All requests at once through the project's scorer (shared rows, batched runs), split
+        as lm-eval's HF model splits them; the prompts, choices and metrics stay lm-eval's."""
+        from .evaluate import loglikelihoods, split_request
+
+        reqs = []
+        for r in requests:
+            context, continuation = r.args
+            if context:
+                whole, n_ctx = split_request(self._encode, context, continuation)
+            else:  # lm-eval conditions an empty context on the end-of-text token
+                whole, n_ctx = [self._eot] + self._encode(continuation), 1
+            if len(whole) > self.max_length:  # keep the end, as lm-eval's HF model does
+                cut = len(whole) - self.max_length
+                whole, n_ctx = whole[cut:], max(1, n_ctx - cut)
+            reqs.append((whole, n_ctx))
+        return loglikelihoods(_ModelLogits(self.model), reqs)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         out = []
@@ -78,6 +95,48 @@ class LsaqLM(LM):
                 text = text.split(stop)[0]
             out.append(text)
         return out
+
+
+class _ModelLogits:
+    """A loaded runtime Model as evaluate.loglikelihoods' logits function."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, ids):
+        return self.model.score_tokens([int(i) for i in ids])
+
+    def batch(self, rows, starts):
+        return self.model.score_batch(rows, starts)
+
+
+def zero_shot(bundle, variant: str, names: list[str], data_dir, workdir, limit: int | None = None,
+              lm: "LsaqLM | None" = None) -> dict[str, dict]:
+    """Real lm-eval on the local copies of the zero-shot tasks (zeroshot.write_lm_eval_tasks):
+    per task its metrics and stderrs, and per document the (context, continuation) requests
+    lm-eval built and their log-likelihoods."""
+    import os
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from .zeroshot import write_lm_eval_tasks
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    registered = write_lm_eval_tasks(names, data_dir, workdir)
+    lm = lm or LsaqLM(bundle=str(bundle), variant=variant, device="cpu")
+    out = simple_evaluate(model=lm, tasks=list(registered.values()), limit=limit, log_samples=True,
+                          task_manager=TaskManager(include_path=str(workdir)))
+    res = {}
+    for name, task in registered.items():
+        r = out["results"][task]
+        samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+        res[name] = {k.split(",")[0]: v for k, v in r.items() if k.endswith(",none")}
+        res[name]["items"] = len(samples)
+        res[name]["loglikelihoods"] = [[float(x[0]) for x in s["filtered_resps"]] for s in samples]
+        res[name]["requests"] = [[tuple(a) for a in s["arguments"]] for s in samples]
+    return res
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Bar charts of layer importance (PNG via matplotlib's Agg backend: no display needed)."""
+"""The study's plots (PNG via matplotlib's Agg backend: no display needed)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,44 @@ def plot_quality_vs_bits(results: dict[str, dict[str, dict]], path: str | os.Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("INT4 on the least important 0/25/50/75/100% of layers, INT8 elsewhere")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_zeroshot_vs_bits(results: dict[str, dict[str, dict]], tasks: list[str],
+                          path: str | os.PathLike) -> None:
+    """Average zero-shot accuracy against average bits, one line per order, error bars of one
+    standard error; FP16 as a reference band."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def avg(r):
+        z = r["zeroshot"]
+        return (100 * sum(z[t]["acc"] for t in tasks) / len(tasks),
+                100 * math.sqrt(sum(z[t]["acc_stderr"] ** 2 for t in tasks)) / len(tasks))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    first = next(iter(results.values()))
+    a, se = avg(first["fp16"])
+    ax.axhspan(a - se, a + se, color="grey", alpha=0.2, label=f"FP16 ({a:.1f} ± {se:.1f})")
+    keys = ["int8", "25%", "50%", "75%", "int4"]
+    for i, (order, pts) in enumerate(results.items()):
+        ys = [avg(pts[k]) for k in keys]
+        # a small horizontal offset per order keeps overlapping error bars readable
+        ax.errorbar([pts[k]["avg_bits"] + 0.04 * (i - 1.5) for k in keys], [y for y, _ in ys],
+                    yerr=[e for _, e in ys], marker="o", capsize=3, label=order,
+                    ls="--" if order == "best" else "-")
+    ax.set_xlabel("average bits per decoder weight (stored bytes, scales included)")
+    ax.set_ylabel(f"mean accuracy over {len(tasks)} tasks, % (higher is better)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Zero-shot accuracy: INT4 on the least important layers, INT8 elsewhere", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -3,6 +3,7 @@ bundle (built once per session; the real model must be exercised by the suite)."
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -19,6 +20,10 @@ def _private_verify_cache(tmp_path_factory):
 SHARED_DATA = REPO.parent / "shared" / "data"
 C4 = SHARED_DATA / "c4-calibration.txt"
 WIKITEXT = SHARED_DATA / "wikitext-2-raw-test.txt"
+ZEROSHOT = SHARED_DATA / "zeroshot"
+# lm-evaluation-harness is in the test extra; the dependency-floor run (older transformers and
+# huggingface-hub, which lm-eval's `datasets` cannot use) turns it off.
+LM_EVAL = importlib.util.find_spec("lm_eval") is not None and os.environ.get("LSAQ_SKIP_LM_EVAL") != "1"
 
 
 def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:

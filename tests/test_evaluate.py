@@ -110,14 +110,14 @@ def test_multiple_choice_on_real_model(smollm_bundle):
 
     ref = reference_model(open_model(None), ["fp16"] * 30, schemes_for("channel")).eval()
     for it, d in zip(items, res["details"]):
-        for choice, ll in zip(it.choices, d["loglikelihoods"]):
-            ctx, cont = encode(it.context), encode(choice)
-            assert encode(it.context + choice) == ctx + cont  # the split is unambiguous here
+        for (context, choice), ll in zip(it.requests, d["loglikelihoods"]):
+            ctx, cont = encode(context), encode(choice)
+            assert encode(context + choice) == ctx + cont  # the split is unambiguous here
             ids = torch.tensor(ctx + cont)[None]
             with torch.no_grad():
                 lp = torch.log_softmax(ref(ids).logits[0].double(), -1)
             direct = sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
-            assert abs(ll - direct) < 1e-3 * max(1.0, abs(direct)), (it.context, choice, ll, direct)
+            assert abs(ll - direct) < 1e-3 * max(1.0, abs(direct)), (context, choice, ll, direct)
 
 
 def test_lm_eval_adapter_with_a_local_task(tiny_bundle, tmp_path, monkeypatch):
@@ -157,5 +157,5 @@ metric_list:
     ours = ev.multiple_choice(ev.onnx_logits_fn(tiny_bundle, m, "int8"), lm._encode, ev.load_choice_tasks(EASY))
     assert acc == pytest.approx(ours["acc"])
     for it, d in zip(ev.load_choice_tasks(EASY), ours["details"]):
-        for c, ll in zip(it.choices, d["loglikelihoods"]):
-            assert lm._score(it.context, c)[0] == pytest.approx(ll, abs=1e-4)
+        for (context, c), ll in zip(it.requests, d["loglikelihoods"]):
+            assert lm._score(context, c)[0] == pytest.approx(ll, abs=1e-4)

@@ -252,7 +252,7 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
             for n, t, r in checks:
                 if n == name:
                     th = theirs[t]
-                    same = th["items"] == r["items"] and all(th.get(k) == r.get(k) for k in ("acc", "acc_norm"))
+                    same = zs.agrees(r, th)
                     click.echo(f"cross-check {name} {t}: acc {r['acc']:.4f} (ours) vs {th['acc']:.4f} "
                                f"(lm-eval) on {th['items']} questions: {'identical' if same else 'DIFFERENT'}")
                     if not same:

@@ -6,8 +6,9 @@ module, which registers `lsaq` and hands the rest of the command line to lm-eval
     python -m lsaq_compile.lm_eval_adapter --model lsaq \\
         --model_args bundle=bundles/smollm2,variant=int4x15 --tasks piqa,arc_easy,boolq,hellaswag,winogrande
 
-(needs `pip install -e ".[eval]"` and network access for the hub datasets; `zero_shot` runs the
-paper's five tasks offline on local files instead). Log-likelihoods come from the variant's ONNX
+(needs `pip install -e ".[eval]"` and network access for the hub datasets). Offline, `zero_shot`
+runs the paper's five tasks from local files with lm-eval's own task definitions
+(`lsaq-compile eval BUNDLE --tasks all --data DIR --cross-check` from the command line). Log-likelihoods come from the variant's ONNX
 graph through the runtime, the same path `lsaq-run` uses.
 """
 

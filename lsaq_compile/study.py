@@ -112,7 +112,7 @@ def run_study(model=None, metrics=("jaccard", "cosine", "zscore"), text=None, ou
                 old = read_manifest(b)
                 reuse = old["scores"]["order"] == list(scores[metric].order) and \
                     old["scores"].get("calibration") == scores[metric].to_json().get("calibration") and \
-                    len(old["variants"]) == len(_ladder_counts(old, ladder))
+                    len(old["variants"]) == len(_ladder_plans(old, ladder))
             except Exception:
                 reuse = False
         if not reuse:
@@ -188,7 +188,7 @@ def run_study(model=None, metrics=("jaccard", "cosine", "zscore"), text=None, ou
     return out_dir
 
 
-def _ladder_counts(manifest: dict, ladder: str) -> list[int]:
+def _ladder_plans(manifest: dict, ladder: str) -> list:
     from .plan import ladder as make_ladder
 
     return make_ladder(list(manifest["scores"]["order"]), ladder)
@@ -296,6 +296,8 @@ def _cross_check(bundle, fp16: dict, task_names, tasks_dir, items, out_dir, prog
     accuracies next to ours, and whether they are identical."""
     import tempfile
 
+    from .zeroshot import agrees
+
     try:
         from .lm_eval_adapter import zero_shot
     except ImportError as e:
@@ -311,8 +313,7 @@ def _cross_check(bundle, fp16: dict, task_names, tasks_dir, items, out_dir, prog
         rows[t] = {"items": theirs[t]["items"],
                    **{f"{k_}_ours": ours.get(k_) for k_ in ("acc", "acc_norm")},
                    **{f"{k_}_lm_eval": theirs[t].get(k_) for k_ in ("acc", "acc_norm")},
-                   "identical": all(ours.get(k_) == theirs[t].get(k_) for k_ in ("acc", "acc_norm"))
-                   and theirs[t]["items"] == ours["items"]}
+                   "identical": agrees(ours, theirs[t])}
     return {"variant": fp16["variant"], "tasks": rows, "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -183,6 +183,11 @@ def evaluate_tasks(logits_fn, encode, names: list[str], data_dir, limit: int | N
 
 
 # ---------------------------------------------------------------- real lm-eval on the same items
+def agrees(ours: dict, theirs: dict) -> bool:
+    """Same number of questions and the very same acc and acc_norm (where the task has it)."""
+    return theirs["items"] == ours["items"] and all(ours.get(k) == theirs.get(k) for k in ("acc", "acc_norm"))
+
+
 def write_lm_eval_tasks(names: list[str], data_dir, out_dir) -> dict[str, str]:
     """Documents as JSONL and one task YAML per task that includes lm-eval's own definition
     (prompt templates, metrics) and only swaps the dataset for the local file. Returns

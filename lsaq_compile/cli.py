@@ -290,7 +290,7 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
 @click.option("--items", type=click.IntRange(0), default=200, show_default=True,
               help="first N questions of each task (0: all)")
 @click.option("--no-cross-check", is_flag=True, help="skip running FP16 through real lm-evaluation-harness")
-@click.option("--quick", is_flag=True, help="small sizes throughout (about 3 minutes; for tests, not results)")
+@click.option("--quick", is_flag=True, help="small sizes throughout (a few minutes; for tests, not results)")
 def study(model, metrics, text, calibration, samples, seq_len, k, final_norm, eval_seq_len, windows,
           reference_windows, budgets, out, bundles, force, data, tasks, items, no_cross_check, quick):
     """The paper's comparison: perplexity (Table III) and zero-shot accuracy (Table I) against

@@ -39,9 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     bundle = Path(args.bundle)
     m = lsaq_runtime.load_manifest(bundle)
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(bundle / m["tokenizer"]["dir"] / "tokenizer.json"))
-    encode = lambda s: tok.encode(s, add_special_tokens=False).ids
+    encode = ev.encoder(bundle / m["tokenizer"]["dir"] / "tokenizer.json")
     tasks = {t: zs.load_task(t, DATA, args.items) for t in ("piqa", "boolq")}
     items = [it for t in tasks.values() for it in t]
     requests = [ev.split_request(encode, ctx, c) for it in items for ctx, c in it.requests]

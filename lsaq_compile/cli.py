@@ -192,23 +192,19 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
     names = _variant_names(m, variants)
     tok_json = bundle / m["tokenizer"]["dir"] / "tokenizer.json"
     tw = ev.text_windows(text, tok_json, seq_len, windows) if text else None
-    task_files = {}   # task name -> its items
+    task_items = {}   # task name -> (its items, file sha256 or None, source)
     if tasks and tasks.endswith(".jsonl"):
         if cross_check:
             raise LsaqError("--cross-check runs lm-eval's own task definitions: name the tasks "
                             "(piqa, arc_easy, ...) with --data, not a JSONL file")
-        task_files[Path(tasks).name] = (ev.load_choice_tasks(tasks), ev.file_sha256(tasks), str(tasks))
+        task_items[Path(tasks).name] = (ev.load_choice_tasks(tasks), ev.file_sha256(tasks), str(tasks))
     elif tasks:
         if not data:
             raise LsaqError("zero-shot tasks by name need --data DIR: the folder of their published "
                             "files (e.g. ../shared/data/zeroshot)")
         for t in zs.parse_tasks(tasks):
-            task_files[t] = (zs.load_task(t, data, limit), None, str(data))
-    if task_files:
-        from tokenizers import Tokenizer
-
-        tk = Tokenizer.from_file(str(tok_json))
-        encode = lambda s: tk.encode(s, add_special_tokens=False).ids
+            task_items[t] = (zs.load_task(t, data, limit), None, str(data))
+    encode = ev.encoder(tok_json) if task_items else None
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     entries, rows, checks = [], [], []
     for name in names:
@@ -227,10 +223,8 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
                                 "settings": {"seq_len": seq_len, "windows": r["windows"]},
                                 "value": r["perplexity"], "tokens": r["tokens"]})
                 row.append(f"{r['perplexity']:.3f}")
-            for t, (items, sha, src) in task_files.items():
+            for t, (items, sha, src) in task_items.items():
                 r = ev.multiple_choice(fn, encode, items, progress=progress.stage(f"{t} {name} [{kind}]"))
-                if sha is None and "acc_norm" not in zs.TASKS[t].metrics:
-                    r.pop("acc_norm", None)
                 entries.append({**base, "kind": "multiple_choice", "task": t, "data": src,
                                 "data_sha256": sha, "settings": {"limit": limit} if sha is None else {},
                                 "value": r["acc"], "acc_stderr": r["acc_stderr"],
@@ -262,7 +256,7 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
     for kind in (["onnx", "torch"] if reference else ["onnx"]):
         head += ([f"ppl ({kind})"] if tw is not None else []) + \
             [f"{t} acc" + (" / acc_norm" if not zs.TASKS.get(t) or "acc_norm" in zs.TASKS[t].metrics else "")
-             + f" ({kind})" for t in task_files]
+             + f" ({kind})" for t in task_items]
     click.echo(_table(head, rows))
     click.echo(f"results recorded in {bundle / 'manifest.json'} (evaluations)")
 

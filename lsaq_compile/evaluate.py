@@ -41,6 +41,13 @@ class OnnxLogits:
         self.bundle, self.variant, self.cap, self.threads = bundle, variant, cap, threads
         self.context, self.model = context, None
 
+    @classmethod
+    def of(cls, model) -> "OnnxLogits":
+        """An already loaded runtime Model; inputs longer than its context are refused."""
+        fn = cls(None, None, model.context, None, model.context)
+        fn.model = model
+        return fn
+
     def _model_for(self, n: int):
         import lsaq_runtime
 
@@ -61,6 +68,14 @@ class OnnxLogits:
 
     def batch(self, rows: list[list[int]], starts: list[int]) -> list[np.ndarray]:
         return self._model_for(max(map(len, rows))).score_batch(rows, starts)
+
+
+def encoder(tokenizer_json) -> Callable[[str], list[int]]:
+    """text -> token ids with the bundle's tokenizer, no special tokens added."""
+    from tokenizers import Tokenizer
+
+    tk = Tokenizer.from_file(str(tokenizer_json))
+    return lambda s: tk.encode(s, add_special_tokens=False).ids
 
 
 def torch_logits_fn(model_path, precisions: list[str], scheme_kind: str = "channel",

@@ -42,35 +42,28 @@ class LsaqLM(LM):
     def _encode(self, text: str) -> list[int]:
         return self.model.codec.encode(text)
 
+    def _request(self, context: str, continuation: str) -> tuple[list[int], int]:
+        """(tokens, context tokens), split as lm-eval's HF model splits them."""
+        from .evaluate import split_request
+
+        if context:
+            whole, n_ctx = split_request(self._encode, context, continuation)
+        else:  # lm-eval conditions an empty context on the end-of-text token
+            whole, n_ctx = [self._eot] + self._encode(continuation), 1
+        if len(whole) > self.max_length:  # keep the end, as lm-eval's HF model does
+            cut = len(whole) - self.max_length
+            whole, n_ctx = whole[cut:], max(1, n_ctx - cut)
+        return whole, n_ctx
+
     def _score(self, context: str, continuation: str) -> tuple[float, bool]:
-        # lm-eval's split: encode the whole string, the continuation is what follows the context
-        whole = self._encode(context + continuation)
-        n_ctx = len(self._encode(context)) if context else 0
-        if n_ctx == 0:  # no context: condition on the first token of the continuation itself
-            n_ctx = 1
-        whole = whole[-self.max_length:] if len(whole) > self.max_length else whole
-        cont = whole[n_ctx:]
-        lp = _log_softmax(self.model.score_tokens(whole)[n_ctx - 1: len(whole) - 1])
-        ll = float(lp[np.arange(len(cont)), cont].sum())
-        return ll, bool(np.all(lp.argmax(-1) == np.asarray(cont)))
+        return self.loglikelihood([_Args((context, continuation))])[0]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        """All requests at once through the project's scorer (shared rows, batched runs), split
-        as lm-eval's HF model splits them; the prompts, choices and metrics stay lm-eval's."""
-        from .evaluate import loglikelihoods, split_request
+        """All requests at once through the project's scorer (shared rows, batched runs); the
+        prompts, choices and metrics stay lm-eval's."""
+        from .evaluate import OnnxLogits, loglikelihoods
 
-        reqs = []
-        for r in requests:
-            context, continuation = r.args
-            if context:
-                whole, n_ctx = split_request(self._encode, context, continuation)
-            else:  # lm-eval conditions an empty context on the end-of-text token
-                whole, n_ctx = [self._eot] + self._encode(continuation), 1
-            if len(whole) > self.max_length:  # keep the end, as lm-eval's HF model does
-                cut = len(whole) - self.max_length
-                whole, n_ctx = whole[cut:], max(1, n_ctx - cut)
-            reqs.append((whole, n_ctx))
-        return loglikelihoods(_ModelLogits(self.model), reqs)
+        return loglikelihoods(OnnxLogits.of(self.model), [self._request(*r.args) for r in requests])
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         out = []
@@ -98,17 +91,11 @@ class LsaqLM(LM):
         return out
 
 
-class _ModelLogits:
-    """A loaded runtime Model as evaluate.loglikelihoods' logits function."""
+class _Args:
+    """The one field of lm-eval's Instance that loglikelihood reads."""
 
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, ids):
-        return self.model.score_tokens([int(i) for i in ids])
-
-    def batch(self, rows, starts):
-        return self.model.score_batch(rows, starts)
+    def __init__(self, args):
+        self.args = args
 
 
 def zero_shot(bundle, variant: str, names: list[str], data_dir, workdir, limit: int | None = None,

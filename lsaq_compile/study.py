@@ -126,8 +126,9 @@ def run_study(model=None, metrics=("jaccard", "cosine", "zscore"), text=None, ou
     # 3. evaluate each distinct plan once: perplexity (ONNX on every window, torch on the first
     #    few), perplexity on the calibration windows (to pick "best"), the zero-shot tasks
     m0 = manifests[metrics[0]]
-    tw = ev.text_windows(text, bundles[metrics[0]] / "tokenizer" / "tokenizer.json",
-                         eval_seq_len, windows)
+    tok_json = bundles[metrics[0]] / m0["tokenizer"]["dir"] / "tokenizer.json"   # one model: one tokenizer
+    tw = ev.text_windows(text, tok_json, eval_seq_len, windows)
+    encode = ev.encoder(tok_json)
     sel = ev.TextWindows(calib.source, calib.sha256, calib.seq_len,
                          calib.windows[:: max(1, len(calib.windows) // select_windows)][:select_windows],
                          calib.samples * calib.seq_len)
@@ -143,7 +144,7 @@ def run_study(model=None, metrics=("jaccard", "cosine", "zscore"), text=None, ou
             if key not in cache:
                 cache[key] = _evaluate_plan(ev, bundles[metric], manifests[metric], v, metric, tw,
                                             eval_seq_len, reference_windows, source.path, q, progress,
-                                            sel, task_names, tasks_dir, items, task_sha)
+                                            sel, task_names, tasks_dir, items, task_sha, encode)
             results[metric][point] = cache[key]
     # "best": at each mix, the order with the lowest calibration perplexity
     results["best"] = {p: results[metrics[0]][p] for p in PAPER_POINTS}
@@ -154,7 +155,7 @@ def run_study(model=None, metrics=("jaccard", "cosine", "zscore"), text=None, ou
     xcheck = None
     if task_names and cross_check:
         xcheck = _cross_check(bundles[metrics[0]], results[metrics[0]]["fp16"], task_names, tasks_dir,
-                              items, out_dir, progress)
+                              items, progress)
 
     # 5. which variant each memory budget gets (the paper's Table IV), from the jaccard bundle
     mj = manifests["jaccard" if "jaccard" in manifests else metrics[0]]
@@ -234,7 +235,7 @@ def _measure(ev, bundle, manifest, entry: dict, need: str, run, progress, name) 
 
 
 def _evaluate_plan(ev, bundle, manifest, v, metric, tw, seq_len, reference_windows, model_path, q,
-                   progress, sel, task_names, tasks_dir, items, task_sha) -> dict:
+                   progress, sel, task_names, tasks_dir, items, task_sha, encode) -> dict:
     """ONNX perplexity on every window and the torch reference on the first few, perplexity on
     the selection windows, and the zero-shot tasks, each measured once per bundle."""
     from . import zeroshot as zs
@@ -265,14 +266,8 @@ def _evaluate_plan(ev, bundle, manifest, v, metric, tw, seq_len, reference_windo
         t = got["torch"]["value"]
         ref = {"windows": reference_windows, "onnx": onnx_sub, "torch": t, "rel_diff": abs(onnx_sub - t) / t}
     zero = {}
-    encode = None
     for task in task_names:
         def run(task=task):
-            nonlocal encode
-            if encode is None:
-                from tokenizers import Tokenizer
-                tk = Tokenizer.from_file(str(bundle / manifest["tokenizer"]["dir"] / "tokenizer.json"))
-                encode = lambda s: tk.encode(s, add_special_tokens=False).ids
             r = zs.evaluate_tasks(fn, encode, [task], tasks_dir, items,
                                   progress=progress.stage(f"zero-shot {name}"))[task]
             r.pop("details")
@@ -291,7 +286,7 @@ def _evaluate_plan(ev, bundle, manifest, v, metric, tw, seq_len, reference_windo
                          for t, z in zero.items()}}
 
 
-def _cross_check(bundle, fp16: dict, task_names, tasks_dir, items, out_dir, progress) -> dict | None:
+def _cross_check(bundle, fp16: dict, task_names, tasks_dir, items, progress) -> dict | None:
     """FP16 through real lm-evaluation-harness (lm_eval_adapter) on the same items: its
     accuracies next to ours, and whether they are identical."""
     import tempfile

@@ -174,11 +174,7 @@ def evaluate_tasks(logits_fn, encode, names: list[str], data_dir, limit: int | N
     for name in names:
         items = load_task(name, data_dir, limit)
         log = (lambda msg, name=name: progress(f"{name}: {msg}")) if progress else None
-        r = multiple_choice(logits_fn, encode, items, progress=log)
-        if "acc_norm" not in TASKS[name].metrics:
-            for k in ("acc_norm", "acc_norm_stderr", "correct_norm"):
-                r.pop(k, None)
-        out[name] = r
+        out[name] = multiple_choice(logits_fn, encode, items, progress=log)
     return out
 
 

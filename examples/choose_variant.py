@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     manifest = load_manifest(args.bundle)
 
-    print(f"{'budget':>9}  {'variant':<9} {'int8':>4} {'int4':>4} {'bits':>5} {'need':>10}")
+    print(f"{'budget':>9}  {'variant':<9} {'int8':>4} {'int4':>4} {'mixed':>5} {'bits':>5} {'need':>10}")
     for text in args.budgets:
         budget = parse_size(text)
         # A simulated device with exactly this much free memory; decide() does the same for
@@ -40,7 +40,7 @@ def main() -> None:
             continue
         c = row.layer_counts
         print(f"{format_size(budget):>9}  {row.name:<9} {c['int8']:>4} {c['int4']:>4} "
-              f"{row.avg_bits:>5.2f} {format_size(row.need_bytes):>10}")
+              f"{c.get('mixed', 0):>5} {row.avg_bits:>5.2f} {format_size(row.need_bytes):>10}")
 
     # The same question for this machine, as `lsaq-run BUNDLE --dry-run` would answer it:
     try:

@@ -1,4 +1,5 @@
-"""Compile a model into a bundle from Python: score once, reuse the scores for two profiles.
+"""Compile a model into bundles from Python: the paper's ladder, and the default's measured
+sensitivity scored once and reused for two ladders.
 
     python examples/compile_model.py [MODEL] [--out bundles/]
 
@@ -9,10 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
-from lsaq_compile.bundle import build_bundle, read_manifest
+from lsaq_compile.bundle import build_bundle, read_manifest, score_for_profile
 from lsaq_compile.calibration import load_calibration, load_tokenizer
 from lsaq_compile.importance import score_model
 from lsaq_compile.model_source import open_model
+from lsaq_compile.profiles import load_profile
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model", nargs="?")
@@ -21,16 +23,26 @@ ap.add_argument("--calibration", help="UTF-8 text (default: Python's own documen
 args = ap.parse_args()
 
 source = open_model(args.model)
-calib = load_calibration(args.calibration, load_tokenizer(source), samples=32, seq_len=256)
-scores = score_model(source, metrics=("jaccard",), calibration=calib)["jaccard"]
-Path(args.out).mkdir(parents=True, exist_ok=True)
-Path(args.out, "scores.json").write_text(json.dumps(scores.to_json(), indent=1))
-print("least important layers first:", scores.order)
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
 
-# The measurement is reused: the paper's ladder and the full ladder cost no second scoring pass.
-for profile in ("paper", "default"):
-    out = build_bundle(source.path, Path(args.out) / f"{source.path.stem}-{profile}",
-                       profile=profile, scores=scores, force=True)
-    m = read_manifest(out)
-    print(f"{out}: {len(m['variants'])} variants, FP16 {m['variants'][0]['weight_bytes'] / 2**20:.0f} MiB "
-          f"down to {m['variants'][-1]['name']} {m['variants'][-1]['weight_bytes'] / 2**20:.0f} MiB")
+# The paper's method: Jaccard scores, INT4 on the least important 25/50/75% of layers.
+calib = load_calibration(args.calibration, load_tokenizer(source), samples=32, seq_len=256)
+jaccard = score_model(source, metrics=("jaccard",), calibration=calib)["jaccard"]
+print("least important layers first (jaccard):", jaccard.order)
+build_bundle(source.path, out / f"{source.path.stem}-paper", profile="paper", scores=jaccard, force=True)
+
+# The default: measured sensitivity (KL of quantizing each layer's attention and MLP), measured
+# once and reused for two ladders: evenly spaced bytes, and the paper's mixes' bytes.
+prof = load_profile("default")
+if args.calibration:
+    prof.scoring.calibration = args.calibration
+sens = score_for_profile(source, prof)
+(out / "sensitivity.json").write_text(json.dumps(sens.to_json(), indent=1))
+for ladder in ("bytes", "paper"):
+    prof.build.ladder = ladder
+    b = build_bundle(source.path, out / f"{source.path.stem}-{ladder}", profile=prof, scores=sens,
+                     force=True)
+    m = read_manifest(b)
+    print(f"{b}: " + ", ".join(f"{v['name']} {v['weight_bytes'] / 2**20:.0f} MiB "
+                               f"ppl {v['quality']['perplexity']:.2f}" for v in m["variants"]))

@@ -19,7 +19,7 @@ from lsaq_runtime.manifest import (ELEM_BYTES, MANIFEST, SCHEMA_VERSION, kv_byte
 from . import __version__
 from .errors import LsaqError
 from .model_source import ModelSource, ModelSpec, open_model
-from .plan import avg_bits_real, ladder
+from .plan import avg_bits_real, ladder, part_params
 from .profiles import Profile, load_profile, parse_size
 from .progress import Progress
 from .quantize import schemes_for
@@ -53,24 +53,50 @@ def workspace_model(spec: ModelSpec, provider: str) -> dict:
     return {"fixed_bytes": fixed, "per_token_bytes": per_token, "per_token_sq_bytes": sq}
 
 
-def _load_scores(scores, source: ModelSource, profile: Profile, metric: str | None, progress):
-    """Scores from a scores.json path, a Scores object, or measured now."""
-    from .importance import Scores, score_model
+def _calibration(source: ModelSource, profile: Profile, metric: str):
+    """(scoring calibration, held-out windows): scoring.samples windows of the calibration text
+    and build.quality_samples more from the gaps between them, for measuring each variant's
+    quality. (None, None) when nothing needs text."""
     from .calibration import load_calibration, load_tokenizer
+
+    sc, held = profile.scoring, profile.build.quality_samples
+    if metric == "zscore" and not held and profile.quantization.clip != "mse-act":
+        return None, None
+    calib = load_calibration(sc.calibration or None, load_tokenizer(source), samples=sc.samples,
+                             seq_len=sc.seq_len, held_out=held)
+    return calib, calib.held_out
+
+
+def _activation_stats(source: ModelSource, profile: Profile, calib, progress):
+    """(stats, calibration facts) for clip 'mse-act', measured on the scoring calibration
+    windows; (None, None) for the other clips, which need no activations."""
+    if profile.quantization.clip != "mse-act":
+        return None, None
+    from .activations import activation_stats, windows_fingerprint
+
+    log = progress.stage("activations")
+    stats = activation_stats(source, calib.windows,
+                             progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))
+    return stats, {"source": calib.source, "sha256": calib.sha256, "samples": calib.samples,
+                   "seq_len": calib.seq_len, "windows_sha256": windows_fingerprint(calib.windows)}
+
+
+def _load_scores(scores, source: ModelSource, profile: Profile, metric: str, progress, calib,
+                 schemes, act_stats):
+    """(Scores, KLMeter or None) from a scores.json path, a Scores object, or measured now."""
+    from .importance import Scores, score_model
+    from . import sensitivity
 
     L = source.spec.num_layers
     if scores is None:
         sc = profile.scoring
-        metric = metric or sc.metric
-        calib = None
-        if metric != "zscore":
-            calib = load_calibration(sc.calibration or None, load_tokenizer(source),
-                                     samples=sc.samples, seq_len=sc.seq_len)
         log = progress.stage("scoring")
+        if metric == "sensitivity":
+            return sensitivity.score(source, calib, calib.windows, schemes, act_stats, log)
         result = score_model(source, metrics=(metric,), k=sc.k, final_norm=sc.final_norm,
-                             calibration=calib,
+                             calibration=calib if metric != "zscore" else None,
                              progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))
-        return result[metric]
+        return result[metric], None
     if isinstance(scores, (str, os.PathLike)):
         p = Path(scores)
         try:
@@ -84,7 +110,40 @@ def _load_scores(scores, source: ModelSource, profile: Profile, metric: str | No
     if len(scores.importance) != L:
         raise LsaqError(f"scores cover {len(scores.importance)} layers but the model has {L}; "
                         "score this model again")
-    return scores
+    return scores, None
+
+
+def _plans(sc, meter, source: ModelSource, profile: Profile, schemes, calib, act_stats, progress):
+    """(plans most precise first, measured KL per plan, additive fit). Sensitivity scores are
+    allocated by bytes (ladders 'bytes' and 'paper'); every other order makes the paper's mixes."""
+    from . import sensitivity
+
+    kind = profile.build.ladder
+    if sc.metric != "sensitivity" or kind == "full":
+        if kind == "bytes":
+            raise LsaqError(f"build.ladder 'bytes' allocates by measured sensitivity, but the "
+                            f"scores are {sc.metric}; use --metric sensitivity or a profile with "
+                            "ladder 'full' or 'paper'")
+        return ladder(list(sc.order), kind), {}, {}
+    sens = sensitivity.from_scores(sc, schemes)
+    if meter is None:  # reused scores: the plans are still validated on this build's windows
+        meter = sensitivity.KLMeter(source, calib.windows, schemes, act_stats)
+    return sensitivity.ladder_plans(meter, sens, schemes, kind, profile.build.rungs,
+                                    profile.build.refine, progress.stage("allocating"))
+
+
+def score_for_profile(source: ModelSource, profile: str | Profile | None = None,
+                      metric: str | None = None, progress: Progress | None = None):
+    """Scores measured as `build` would measure them with this profile (its calibration, and
+    for sensitivity its quantizers); pass them to build_bundle(scores=...) to reuse them."""
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    progress = progress or Progress(quiet=True)
+    q = prof.quantization
+    schemes = schemes_for(q.scheme, q.group_size, q.symmetric, q.block_size or None, q.clip)
+    metric = metric or prof.scoring.metric
+    calib, _ = _calibration(source, prof, metric)
+    act_stats, _ = _activation_stats(source, prof, calib, progress)
+    return _load_scores(None, source, prof, metric, progress, calib, schemes, act_stats)[0]
 
 
 def _file_entries(root: Path) -> list[dict]:
@@ -142,10 +201,14 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
     spec = source.spec
     progress(f"model: {spec.name} ({spec.architecture}, {spec.num_layers} layers, "
              f"hidden {spec.hidden_size}) from {source.path}")
-    sc = _load_scores(scores, source, prof, metric, progress)
-    plans = ladder(list(sc.order), prof.build.ladder)
     q = prof.quantization
-    schemes = schemes_for(q.scheme, q.group_size, q.symmetric, q.block_size or None)
+    schemes = schemes_for(q.scheme, q.group_size, q.symmetric, q.block_size or None, q.clip)
+    metric = metric or prof.scoring.metric
+    calib, held_out = _calibration(source, prof, metric)
+    act_stats, act_calib = _activation_stats(source, prof, calib, progress)
+    sc, meter = _load_scores(scores, source, prof, metric, progress, calib, schemes, act_stats)
+    plans, plan_kl, additive = _plans(sc, meter, source, prof, schemes, calib, act_stats, progress)
+    del meter  # its cached activations and weights are not needed past planning
     accuracy = {"cpu": q.cpu_accuracy_level, "cuda": 0}
     max_context = min(prof.build.max_context, spec.max_position_embeddings)
 
@@ -164,7 +227,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
         head_int8 = q.cpu_lm_head == "int8" and "cpu" in prof.build.providers and \
             any(quantized.values())
         index = write_weight_store(source, tmp, needed, schemes, progress=progress.stage("quantizing"),
-                                   head_int8=head_int8)
+                                   head_int8=head_int8, act_stats=act_stats)
 
         log = progress.stage("exporting")
         per_layer = layer_params(spec)
@@ -200,11 +263,13 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                 "layer_counts": plan.counts,
                 "avg_bits": round(avg_bits_real(cuda_info.decoder_linear_bytes,
                                                 [per_layer] * spec.num_layers), 4),
-                "avg_bits_nominal": round(plan.avg_bits_nominal(), 4),
+                "avg_bits_nominal": round(plan.avg_bits_nominal(part_params(spec)), 4),
                 "weight_bytes": cuda_info.weight_bytes,
                 "providers": providers,
             })
-            log(f"{plan.name}: {plan.counts['int8']} INT8 / {plan.counts['int4']} INT4 layers "
+            c = plan.counts
+            log(f"{plan.name}: {c['int8']} INT8 / {c['int4']} INT4"
+                + (f" / {c['mixed']} mixed" if c["mixed"] else "") + f" layers "
                 f"({rank + 1}/{len(plans)})")
 
         d = prof.deployment
@@ -223,13 +288,13 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                 "max_context": max_context, "tie_word_embeddings": spec.tie_word_embeddings,
             },
             "tokenizer": {"dir": "tokenizer", **tok},
-            "scores": sc.to_json(),
+            "scores": _scores_record(sc, additive),
             "quantization": {
                 "scheme": prof.quantization.scheme, "symmetric": prof.quantization.symmetric,
                 "group_size": prof.quantization.group_size if prof.quantization.scheme == "group" else None,
                 "int8": schemes["int8"].name, "int4": schemes["int4"].name,
                 "block_size": q.block_size or None, "cpu_accuracy_level": q.cpu_accuracy_level,
-                "cpu_lm_head": q.cpu_lm_head,
+                "cpu_lm_head": q.cpu_lm_head, "clip": q.clip, "clip_calibration": act_calib,
             },
             "deployment": {
                 "profile": prof.name,
@@ -245,6 +310,12 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
         manifest["files"] = _file_entries(tmp)
         _validate(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if held_out is not None:
+            # Each variant's graph on held-out calibration windows, through the runtime (the
+            # bundle is complete but still in its temporary folder); then rank by it.
+            _measure_quality(tmp, manifest, held_out, plan_kl, calib, progress.stage("quality"))
+            _validate(manifest)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
             check_replaceable(out, force)  # again: the folder may have changed during the build
             trash = out.parent / f".{out.name}.lsaq-old-{os.getpid()}"
@@ -263,6 +334,40 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
         raise
     progress(f"bundle written to {out} in {time.perf_counter() - t0:.1f}s")
     return out
+
+
+def _scores_record(sc, additive: dict) -> dict:
+    rec = sc.to_json()
+    if additive:
+        rec["params"] = {**rec["params"], "additive_fit": additive}
+    return rec
+
+
+def _measure_quality(root: Path, manifest: dict, windows, plan_kl: dict, calib, log) -> None:
+    """Perplexity of every variant's CPU graph on `windows`, recorded in the manifest, which
+    then ranks variants by it (deployment.rank_by = measured_quality), best first."""
+    from lsaq_runtime.planner import quality_key
+
+    from .evaluate import TextWindows, onnx_logits_fn, perplexity
+
+    tw = TextWindows(calib.source, calib.sha256, int(windows.shape[1]), windows, int(windows.size))
+    t0 = time.perf_counter()
+    for v in manifest["variants"]:
+        fn = onnx_logits_fn(root, manifest, v["name"], context=tw.seq_len)
+        r = perplexity(fn, tw)
+        fn.close()
+        v["quality"] = {"perplexity": round(r["perplexity"], 4), "tokens": r["tokens"]}
+        if v["name"] in plan_kl:
+            v["quality"]["kl"] = round(plan_kl[v["name"]], 6)
+        log(f"{v['name']}: perplexity {r['perplexity']:.3f} on {r['windows']} held-out windows "
+            f"({time.perf_counter() - t0:.0f}s)")
+    manifest["variants"].sort(key=quality_key)
+    for rank, v in enumerate(manifest["variants"]):
+        v["rank"] = rank
+    manifest["deployment"]["rank_by"] = "measured_quality"
+    manifest["deployment"]["quality"] = {
+        "what": "perplexity of each variant's CPU graph on held-out calibration windows",
+        "source": calib.source, "windows": int(len(windows)), "seq_len": tw.seq_len}
 
 
 def check_replaceable(out: Path, force: bool) -> None:

@@ -48,6 +48,9 @@ class Calibration:
     sha256: str          # of the text and the windowing settings
     samples: int
     seq_len: int
+    # Windows disjoint from `windows` (in the gaps between them) for measuring variants: they
+    # do not change `windows` nor the fingerprint.
+    held_out: np.ndarray | None = None
 
 
 def load_tokenizer(source):
@@ -101,7 +104,7 @@ def _read_text(path: str | os.PathLike) -> str:
 
 
 def load_calibration(path: str | os.PathLike | None, tokenizer, samples: int = 32,
-                     seq_len: int = 256) -> Calibration:
+                     seq_len: int = 256, held_out: int = 0) -> Calibration:
     """Cut `samples` windows of `seq_len` tokens from a text file (None: the built-in text).
 
     `tokenizer` needs `encode(text, add_special_tokens=False) -> list[int]` (any transformers
@@ -133,4 +136,19 @@ def load_calibration(path: str | os.PathLike | None, tokenizer, samples: int = 3
     h = hashlib.sha256(text.encode("utf-8"))
     h.update(f"|{_WINDOWING}|samples={samples}|seq_len={seq_len}".encode())
     return Calibration(windows=windows, source=source, sha256=h.hexdigest(), samples=samples,
-                       seq_len=seq_len)
+                       seq_len=seq_len, held_out=_gap_windows(ids, samples, seq_len, held_out, source))
+
+
+def _gap_windows(ids: np.ndarray, samples: int, seq_len: int, count: int, source: str):
+    """`count` windows from the gaps after each calibration window, round robin over the gaps."""
+    if not count:
+        return None
+    stride = len(ids) // samples
+    per_gap = (stride - seq_len) // seq_len
+    if per_gap * samples < count:
+        raise LsaqError(f"{source}: {len(ids)} tokens leave room for {per_gap * samples} held-out "
+                        f"windows of {seq_len} beside {samples} calibration windows, not {count}; "
+                        "use fewer build.quality_samples, a shorter seq_len or a longer text")
+    starts = [g * stride + seq_len * (1 + q // samples)
+              for q in range(count) for g in [q % samples]]
+    return np.stack([ids[s:s + seq_len] for s in starts])

@@ -58,16 +58,19 @@ def cli():
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--metric", type=click.Choice(METRICS), default="jaccard", show_default=True,
-              help="jaccard: LSAQ (top-k token sets); cosine, zscore: LWQ baselines.")
+              help="jaccard: LSAQ (top-k token sets); cosine, zscore: LWQ baselines; "
+                   "sensitivity: measured KL of quantizing each layer's attention and MLP.")
 @click.option("--k", "k", type=click.IntRange(1), default=10, show_default=True, help="top-k tokens (jaccard)")
 @click.option("--final-norm", is_flag=True, help="apply the model's final norm before projecting (logit lens)")
 @click.option("--calibration", type=click.Path(dir_okay=False), help="UTF-8 text file [default: built-in]")
-@click.option("--samples", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--seq-len", type=click.IntRange(2), default=256, show_default=True)
+@click.option("--samples", type=click.IntRange(1), help="windows [default: 32; sensitivity: the profile's]")
+@click.option("--seq-len", type=click.IntRange(2), help="tokens per window [default: 256; sensitivity: the profile's]")
+@click.option("--profile", default="default", show_default=True,
+              help="sensitivity: the profile whose INT8/INT4 schemes are measured")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="scores.json", show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), help="write a bar chart of importance per layer (PNG)")
 @click.option("-q", "--quiet", is_flag=True)
-def score(model, metric, k, final_norm, calibration, samples, seq_len, output, plot, quiet):
+def score(model, metric, k, final_norm, calibration, samples, seq_len, profile, output, plot, quiet):
     """Score every decoder layer's importance. MODEL: HF folder or .gguf (default: SmolLM2-135M)."""
     from .calibration import load_calibration, load_tokenizer
     from .importance import score_model
@@ -78,13 +81,17 @@ def score(model, metric, k, final_norm, calibration, samples, seq_len, output, p
     progress = Progress(quiet)
     source = open_model(model)
     progress(f"model: {source.spec.name} ({source.spec.num_layers} layers) from {source.path}")
-    calib = None
-    if metric != "zscore":
-        calib = load_calibration(calibration, load_tokenizer(source), samples=samples, seq_len=seq_len)
-        progress(f"calibration: {calib.samples} x {calib.seq_len} tokens from {calib.source}")
-    log = progress.stage("scoring")
-    result = score_model(source, metrics=(metric,), k=k, final_norm=final_norm, calibration=calib,
-                         progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))[metric]
+    if metric == "sensitivity":
+        result = _score_sensitivity(source, profile, calibration, samples, seq_len, progress)
+    else:
+        calib = None
+        if metric != "zscore":
+            calib = load_calibration(calibration, load_tokenizer(source), samples=samples or 32,
+                                     seq_len=seq_len or 256)
+            progress(f"calibration: {calib.samples} x {calib.seq_len} tokens from {calib.source}")
+        log = progress.stage("scoring")
+        result = score_model(source, metrics=(metric,), k=k, final_norm=final_norm, calibration=calib,
+                             progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))[metric]
     _write_text(output, json.dumps(result.to_json(), indent=1))
     rank = {layer: r for r, layer in enumerate(result.order)}
     rows = [[i, f"{v:.4f}", rank[i] + 1] for i, v in enumerate(result.importance)]
@@ -96,6 +103,19 @@ def score(model, metric, k, final_norm, calibration, samples, seq_len, output, p
 
         plot_importance(result, plot)
         click.echo(f"wrote {plot}")
+
+
+def _score_sensitivity(source, profile, calibration, samples, seq_len, progress):
+    """Measured sensitivity with a profile's quantizers; a build given these scores reuses them."""
+    from .bundle import score_for_profile
+    from .profiles import load_profile
+
+    prof = load_profile(profile)
+    prof.build.quality_samples = 0
+    prof.scoring.calibration = calibration or prof.scoring.calibration
+    prof.scoring.samples = samples or prof.scoring.samples
+    prof.scoring.seq_len = seq_len or prof.scoring.seq_len
+    return score_for_profile(source, prof, "sensitivity", progress)
 
 
 @cli.command()
@@ -122,10 +142,14 @@ def variant_table(manifest: dict) -> str:
         prov = v["providers"].get("cpu", v["providers"].get("cuda"))
         weights = v.get("weight_bytes", prov.get("weight_bytes", 0))
         nominal = v.get("avg_bits_nominal")
-        rows.append([v["name"], c["fp16"], c["int8"], c["int4"], f"{v['avg_bits']:.2f}",
+        q = v.get("quality")
+        rows.append([v["name"], c["fp16"], c["int8"], c["int4"], c.get("mixed", 0),
+                     f"{v['avg_bits']:.2f}",
                      f"{nominal:.2f}" if isinstance(nominal, (int, float)) else "-",
-                     _mib(weights), _mib(prov["resident_bytes"])])
-    head = ["variant", "FP16", "INT8", "INT4", "avg bits", "nominal", "weight bytes", "cpu resident"]
+                     _mib(weights), _mib(prov["resident_bytes"]),
+                     f"{q['perplexity']:.3f}" if q else "-"])
+    head = ["variant", "FP16", "INT8", "INT4", "mixed", "avg bits", "nominal", "weight bytes",
+            "cpu resident", "calib ppl"]
     total = sum(f["bytes"] for f in manifest["files"])
     out = _table(head, rows) + f"\n{len(manifest['variants'])} variants; bundle files {_mib(total)}"
     fp16 = next((v.get("weight_bytes") for v in manifest["variants"] if v["name"] == "fp16"), None)
@@ -213,7 +237,8 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
         if reference:
             q = m["quantization"]
             fns["torch"] = ev.torch_logits_fn(m["model"]["source"]["path"], v["precisions"],
-                                              q["scheme"], q.get("group_size"), q.get("symmetric", True))
+                                              q["scheme"], q.get("group_size"), q.get("symmetric", True),
+                                              q.get("clip", "none"), q.get("clip_calibration"))
         row = [name, f"{v['avg_bits']:.2f}"]
         for kind, fn in fns.items():
             base = {"variant": name, "provider": "cpu", "engine": kind, "created": now}

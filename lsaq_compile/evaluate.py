@@ -69,6 +69,11 @@ class OnnxLogits:
     def batch(self, rows: list[list[int]], starts: list[int]) -> list[np.ndarray]:
         return self._model_for(max(map(len, rows))).score_batch(rows, starts)
 
+    def close(self) -> None:
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+
 
 def encoder(tokenizer_json) -> Callable[[str], list[int]]:
     """text -> token ids with the bundle's tokenizer, no special tokens added."""
@@ -79,22 +84,46 @@ def encoder(tokenizer_json) -> Callable[[str], list[int]]:
 
 
 def torch_logits_fn(model_path, precisions: list[str], scheme_kind: str = "channel",
-                    group_size: int | None = None, symmetric: bool = True) -> LogitsFn:
-    """The same plan in transformers, with exactly the dequantized weights the graph uses."""
+                    group_size: int | None = None, symmetric: bool = True, clip: str = "none",
+                    clip_calibration: dict | None = None) -> LogitsFn:
+    """The same plan in transformers, with exactly the dequantized weights the graph uses.
+    clip_calibration: the manifest's record of the text 'mse-act' clipping was measured on."""
     import torch
 
     from .model_source import open_model
     from .quantize import schemes_for
     from .reference import reference_model
 
-    model = reference_model(open_model(model_path), precisions,
-                            schemes_for(scheme_kind, group_size, symmetric)).eval()
+    source = open_model(model_path)
+    act = _clip_activations(source, clip_calibration) if clip == "mse-act" else None
+    model = reference_model(source, precisions, schemes_for(scheme_kind, group_size, symmetric,
+                                                            clip=clip), act_stats=act).eval()
 
     def run(ids: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return model(torch.as_tensor(np.asarray(ids, np.int64))[None]).logits[0].float().numpy()
 
     return run
+
+
+def _clip_activations(source, calib: dict | None) -> dict:
+    """The activation statistics an 'mse-act' bundle was quantized with, measured again on the
+    same calibration windows (checked by their fingerprint)."""
+    from .activations import activation_stats, windows_fingerprint
+    from .calibration import load_calibration, load_tokenizer
+
+    if not calib:
+        raise LsaqError("the manifest does not say which calibration text the 'mse-act' "
+                        "clipping used, so its torch reference cannot be rebuilt")
+    path = None if calib["source"].startswith("builtin:") else calib["source"]
+    c = load_calibration(path, load_tokenizer(source), calib["samples"], calib["seq_len"])
+    same = (windows_fingerprint(c.windows) == calib["windows_sha256"]
+            if "windows_sha256" in calib else c.sha256 == calib["sha256"])
+    if not same:
+        raise LsaqError(f"{calib['source']}: cannot cut the calibration windows the bundle's "
+                        "'mse-act' clipping used (fingerprint differs: another text, or windows "
+                        "cut differently), so its torch reference cannot be rebuilt")
+    return activation_stats(source, c.windows)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

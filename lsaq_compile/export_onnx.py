@@ -65,6 +65,12 @@ def norm_key(i: int, which: str) -> str:
     return f"model.layers.{i}.{which}.weight"
 
 
+def act_key(i: int, lin: str) -> str:
+    """Key of stored linear `lin`'s activation statistics (mean x^2 of its input, clip
+    'mse-act'); members of a fused linear read the same input, so they share it."""
+    return f"model.layers.{i}.{lin}"
+
+
 def bias_key(i: int) -> str:
     """The q/k/v biases (Qwen2), concatenated like the fused qkv weight."""
     return f"model.layers.{i}.{QKV_BIAS_KEY}"
@@ -82,6 +88,20 @@ def linear_keys(i: int, lin: str, precision: str, scheme: QuantScheme | None) ->
     return keys
 
 
+def part_precision(layer_precision: str, lin: str) -> str:
+    """The precision of stored linear `lin` (e.g. "mlp.down_proj") in a layer whose precision
+    is "P" or "ATTN/MLP" (BUNDLE_FORMAT.md); lin may also be an HF name like "mlp.up_proj"."""
+    parts = layer_precision.split("/")
+    if len(parts) > 2:
+        raise LsaqError(f"layer precision {layer_precision!r}: use P or ATTN/MLP")
+    return parts[-1] if lin.startswith("mlp.") else parts[0]
+
+
+def lin_precisions(layer_precisions, lin: str) -> list[str]:
+    """Every precision stored linear `lin` has among a layer's precisions (sorted, unique)."""
+    return sorted({part_precision(p, lin) for p in layer_precisions})
+
+
 def _check_precision(p: str, schemes: dict[str, QuantScheme]) -> None:
     if p not in PRECISIONS:
         raise LsaqError(f"unknown precision {p!r}; use one of {', '.join(PRECISIONS)}")
@@ -93,14 +113,14 @@ def _check_precision(p: str, schemes: dict[str, QuantScheme]) -> None:
             raise LsaqError(f"scheme {s.name} does not produce {p} weights")
 
 
-def _linear_arrays(w: np.ndarray, precision: str, scheme: QuantScheme | None
-                   ) -> dict[str, np.ndarray]:
+def _linear_arrays(w: np.ndarray, precision: str, scheme: QuantScheme | None,
+                   act: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """What the store holds for HF weight w [N, K] at one precision, by role."""
     if precision == "fp32":
         return {"weight": np.ascontiguousarray(w.T, dtype=np.float32)}
     if precision == "fp16":
         return {"weight": np.ascontiguousarray(w.T.astype(np.float16))}
-    q = quantize(w, scheme)
+    q = quantize(w, scheme, act=act)
     # MatMulNBits wants scales in the activation dtype, as initializers (a Cast node feeding
     # them triggers an ORT bug): keep an exact float32 copy for the CPU graph.
     out = {"qweight": q.packed, "scales": q.scales, "scales_f32": q.scales.astype(np.float32)}
@@ -109,15 +129,16 @@ def _linear_arrays(w: np.ndarray, precision: str, scheme: QuantScheme | None
     return out
 
 
-def effective_linear_weight(w: np.ndarray, precision: str, schemes: dict[str, QuantScheme]
-                            ) -> np.ndarray:
-    """float32 [N, K]: exactly the weight the graph computes with for HF weight w."""
+def effective_linear_weight(w: np.ndarray, precision: str, schemes: dict[str, QuantScheme],
+                            act: np.ndarray | None = None) -> np.ndarray:
+    """float32 [N, K]: exactly the weight the graph computes with for HF weight w (act: its
+    input's activation statistics, for clip 'mse-act')."""
     _check_precision(precision, schemes)
     if precision == "fp32":
         return np.asarray(w, dtype=np.float32)
     if precision == "fp16":
         return np.asarray(w, dtype=np.float16).astype(np.float32)
-    return quantize(w, schemes[precision]).dequantize()
+    return quantize(w, schemes[precision], act=act).dequantize()
 
 
 def _layer_window(spec: ModelSpec, i: int) -> int | None:
@@ -213,10 +234,12 @@ def _yarn(rs: dict, dim: int, base: float, factor: float, original: int, pos_fre
 def write_weight_store(source: ModelSource, bundle_dir: Path,
                        layer_precisions: dict[int, set[str]], schemes: dict[str, QuantScheme],
                        progress: Callable[[str], None] | None = None,
-                       head_int8: bool = False) -> dict[str, TensorRef]:
+                       head_int8: bool = False,
+                       act_stats: dict[str, np.ndarray] | None = None) -> dict[str, TensorRef]:
     """Write weights/{float,int8,int4}.safetensors (only those that get tensors); return the
     index of every stored tensor. Works one decoder layer at a time. head_int8: also store the
-    LM head quantized with the INT8 scheme (HEAD_INT8.*)."""
+    LM head quantized with the INT8 scheme (HEAD_INT8.*). act_stats: activation statistics by
+    act_key (activations.activation_stats), needed by schemes with clip 'mse-act'."""
     spec = source.spec
     check_supported(source)
     bundle_dir = Path(bundle_dir)
@@ -224,8 +247,9 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
     if missing:
         raise LsaqError(f"no precision given for decoder layer(s) {missing}")
     for precs in layer_precisions.values():
-        for p in precs:
-            _check_precision(p, schemes)
+        for lin in STORED_LINEARS:
+            for p in lin_precisions(precs, lin):
+                _check_precision(p, schemes)
     untied = not spec.tie_word_embeddings and source.has_tensor(LM_HEAD)
     biases = [p for p in QKV_BIAS
               if spec.attention_bias and source.has_tensor(f"model.layers.0.self_attn.{p}.bias")]
@@ -238,8 +262,8 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
     for i in range(spec.num_layers):
         plan[FLOAT_FILE] += [norm_key(i, n) for n in ("input_layernorm", "post_attention_layernorm")]
         plan[FLOAT_FILE] += [bias_key(i)] if biases else []
-        for p in sorted(layer_precisions[i]):
-            for lin in STORED_LINEARS:
+        for lin in STORED_LINEARS:
+            for p in lin_precisions(layer_precisions[i], lin):
                 plan[STORE_FILES[p]] += linear_keys(i, lin, p, schemes.get(p)).values()
 
     index: dict[str, TensorRef] = {}
@@ -271,9 +295,10 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
                     np.zeros(t[f"self_attn.{p}.weight"].shape[0], np.float32) for p in QKV_BIAS]))
             for lin in STORED_LINEARS:
                 w = np.concatenate([t.pop(f"{m}.weight") for m in FUSED[lin]], axis=0)
-                for p in sorted(layer_precisions[i]):
+                for p in lin_precisions(layer_precisions[i], lin):
                     keys = linear_keys(i, lin, p, schemes.get(p))
-                    for role, arr in _linear_arrays(w, p, schemes.get(p)).items():
+                    act = (act_stats or {}).get(act_key(i, lin))
+                    for role, arr in _linear_arrays(w, p, schemes.get(p), act).items():
                         put(keys[role], arr)
             if progress:
                 progress(f"stored layer {i + 1}/{spec.num_layers}")
@@ -435,7 +460,8 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
         h, residual = _skip_norm(g, down, residual,
                                  FINAL_NORM if last else norm_key(i + 1, "input_layernorm"), eps,
                                  want_sum=not last)
-        prefixes = tuple(f"model.layers.{i}.{lin}.{p}." for lin in STORED_LINEARS)
+        prefixes = tuple(f"model.layers.{i}.{lin}.{part_precision(p, lin)}."
+                         for lin in STORED_LINEARS)
         linear_bytes.append(sum(index[key].length for key in g.initializers
                                 if key.startswith(prefixes)))
 
@@ -494,7 +520,9 @@ def _rotary_cache(g: _GraphBuilder, spec: ModelSpec, max_context: int) -> tuple[
     return out[0], out[1]
 
 
-def _linear(g: _GraphBuilder, x: str, i: int, lin: str, precision: str, spec: ModelSpec) -> str:
+def _linear(g: _GraphBuilder, x: str, i: int, lin: str, layer_precision: str, spec: ModelSpec
+            ) -> str:
+    precision = part_precision(layer_precision, lin)
     hint = f"layers.{i}/{lin}"
     k_in, n_out = _linear_dims(spec, lin)
     if precision in ("fp32", "fp16"):

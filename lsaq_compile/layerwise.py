@@ -28,7 +28,10 @@ _CLASSES = {
 # on_weights(i, tensors): the layer's weights, before its forward pass.
 # on_hidden(i, h_in, h_out): one mini-batch of hidden states entering and leaving layer i.
 # progress(i, num_layers, seconds): layer i is done, it took `seconds`.
+# on_layer(i, layer): the loaded decoder layer module, before its forward pass (e.g. to register
+# forward pre-hooks on its linears; they go away with the layer).
 WeightsHook = Callable[[int, dict], None]
+LayerHook = Callable[[int, torch.nn.Module], None]
 HiddenHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 ProgressHook = Callable[[int, int, float], None]
 
@@ -65,7 +68,7 @@ def causal_mask(seq_len: int, window: int | None = None) -> torch.Tensor:
 
 def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: HiddenHook | None = None,
                    on_weights: WeightsHook | None = None, batch_size: int = 8,
-                   progress: ProgressHook | None = None) -> None:
+                   progress: ProgressHook | None = None, on_layer: LayerHook | None = None) -> None:
     """Embed `windows` (int64 [samples, seq_len]) and push them through every decoder layer."""
     spec = source.spec
     config = spec.to_hf_config()
@@ -94,6 +97,8 @@ def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: Hidde
         layer.load_state_dict({k: as_tensor(v) for k, v in tensors.items()},
                               strict=True, assign=True)
         layer.eval()
+        if on_layer:
+            on_layer(i, layer)
         window = _sliding_window(config, spec.architecture, i)
         if window not in masks:
             masks[window] = causal_mask(seq_len, window)

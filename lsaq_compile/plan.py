@@ -9,7 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import LsaqError
+from .export_onnx import STORED_LINEARS, part_precision
+from .quantize import QuantScheme, stored_bytes
 
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
 PAPER_FRACTIONS = (0.25, 0.50, 0.75)
@@ -22,16 +26,22 @@ class Plan:
 
     @property
     def counts(self) -> dict[str, int]:
-        return {p: self.precisions.count(p) for p in ("fp16", "int8", "int4")}
+        """Layers wholly at each precision, and layers whose attention and MLP differ."""
+        c = {p: self.precisions.count(p) for p in ("fp16", "int8", "int4")}
+        c["mixed"] = sum("/" in p for p in self.precisions)
+        return c
 
     @property
     def int4_layers(self) -> list[int]:
         return [i for i, p in enumerate(self.precisions) if p == "int4"]
 
-    def avg_bits_nominal(self, layer_params: list[int] | None = None) -> float:
-        """Bits per decoder-linear weight, scales ignored (the paper's 8/7/6/5/4 figures)."""
-        w = layer_params or [1] * len(self.precisions)
-        return sum(BITS[p] * n for p, n in zip(self.precisions, w)) / sum(w)
+    def avg_bits_nominal(self, part_params: dict[str, int] | None = None) -> float:
+        """Bits per decoder-linear weight, scales ignored (the paper's 8/7/6/5/4 figures).
+        part_params: weights in one layer's attention and MLP (equal when not given)."""
+        w = part_params or {"attn": 1, "mlp": 1}
+        bits = sum(BITS[part_precision(p, lin)] * w[part] for p in self.precisions
+                   for part, lin in (("attn", "self_attn."), ("mlp", "mlp.")))
+        return bits / (len(self.precisions) * sum(w.values()))
 
 
 def avg_bits_real(layer_bytes: list[int], layer_params: list[int]) -> float:
@@ -74,3 +84,102 @@ def ladder(order: list[int], kind: str = "full") -> list[Plan]:
     else:
         raise LsaqError(f"unknown ladder {kind!r}; use 'full' or 'paper'")
     return [Plan("fp16", ("fp16",) * L), mix_plan(order, 0)] + [mix_plan(order, n) for n in counts]
+
+
+# ---------------------------------------------------------------- allocation by bytes
+def linear_shapes(spec) -> dict[str, tuple[int, int]]:
+    """[N, K] of each stored (fused) linear of one decoder layer."""
+    h, hd, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    return {"self_attn.qkv_proj": ((spec.num_heads + 2 * spec.num_kv_heads) * hd, h),
+            "self_attn.o_proj": (h, spec.num_heads * hd),
+            "mlp.gate_up_proj": (2 * i, h), "mlp.down_proj": (h, i)}
+
+
+def part_params(spec) -> dict[str, int]:
+    """Weights in one layer's attention and MLP projections."""
+    out = {"attn": 0, "mlp": 0}
+    for lin, (n, k) in linear_shapes(spec).items():
+        out["mlp" if lin.startswith("mlp.") else "attn"] += n * k
+    return out
+
+
+def part_bytes(spec, part: str, precision: str, schemes: dict[str, QuantScheme]) -> int:
+    """Exact stored bytes of one layer's attention or MLP at one precision."""
+    total = 0
+    for lin in STORED_LINEARS:
+        if lin.startswith("mlp.") != (part == "mlp"):
+            continue
+        n, k = linear_shapes(spec)[lin]
+        total += {"fp32": 4, "fp16": 2}.get(precision, 0) * n * k or \
+            stored_bytes(n, k, schemes[precision])
+    return total
+
+
+def allocate(costs: list[dict[str, float]], weights: list[dict[str, int]],
+             budgets: list[int], cells: int = 200_000) -> list[list[str]]:
+    """Multiple-choice knapsack: for each budget, one choice per item (a key of its costs)
+    minimising the summed cost with summed weight <= budget. One dynamic program over capacity
+    serves every budget.
+
+    Capacity is counted in units of the weights' greatest common divisor, which is exact (a
+    model's layers repeat a few sizes, so the divisor is large). Only when that would take more
+    than `cells` cells are weights rounded to units of max(budgets)/cells; a solution whose exact
+    bytes then overshoot is repaired by the cheapest downgrades per byte saved."""
+    if not costs or len(costs) != len(weights):
+        raise LsaqError("allocate: one cost and one weight table per item")
+    need = sum(min(w.values()) for w in weights)
+    for b in budgets:
+        if b < need:
+            raise LsaqError(f"a budget of {b:,} bytes is below the smallest plan ({need:,} bytes)")
+    unit = math.gcd(*(int(v) for w in weights for v in w.values())) or 1
+    if max(budgets) // unit > cells:
+        unit = -(-max(budgets) // cells)
+    cap = max(budgets) // unit
+    units = [{k: round(v / unit) for k, v in w.items()} for w in weights]
+    best = np.zeros(cap + 1)                      # no items: cost 0 at any capacity
+    picks = []
+    for c, u in zip(costs, units):
+        keys = list(c)
+        new = np.full(cap + 1, np.inf)
+        arg = np.zeros(cap + 1, np.int16)
+        for j, key in enumerate(keys):
+            if u[key] > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[u[key]:] = best[:cap + 1 - u[key]] + c[key]
+            better = cand < new
+            new[better], arg[better] = cand[better], j
+        best = new
+        picks.append((keys, arg))
+
+    out = []
+    for b in budgets:
+        at = b // unit
+        while not np.isfinite(best[at]):  # only after rounding: the smallest plan fits exactly
+            at += 1
+        choice = []
+        for (keys, arg), u in zip(reversed(picks), reversed(units)):
+            key = keys[arg[at]]
+            choice.append(key)
+            at -= u[key]
+        out.append(_repair(choice[::-1], costs, weights, b))
+    return out
+
+
+def _repair(choice: list[str], costs, weights, budget: int) -> list[str]:
+    """Downgrade items, cheapest cost increase per byte saved first, until the bytes fit."""
+    choice = list(choice)
+    used = sum(w[k] for w, k in zip(weights, choice))
+    while used > budget:
+        moves = [((costs[j][k] - costs[j][choice[j]]) / (weights[j][choice[j]] - weights[j][k]), j, k)
+                 for j in range(len(choice)) for k in costs[j]
+                 if weights[j][k] < weights[j][choice[j]]]
+        _, j, k = min(moves)
+        used -= weights[j][choice[j]] - weights[j][k]
+        choice[j] = k
+    return choice
+
+
+def byte_budgets(low: int, high: int, rungs: int) -> list[int]:
+    """`rungs` + 1 budgets evenly spaced from `low` (all INT4) to `high` (all INT8)."""
+    return [low + (high - low) * r // rungs for r in range(rungs + 1)]

@@ -25,29 +25,33 @@ def parse_size(text: str | int) -> int:
 
 @dataclass
 class BuildSection:
-    ladder: str = "full"
+    ladder: str = "bytes"
     providers: list[str] = field(default_factory=lambda: ["cpu", "cuda"])
     max_context: int = 8192
+    rungs: int = 8             # ladder "bytes": steps from all-INT4 to all-INT8 bytes
+    refine: int = 1            # ladder "bytes"/"paper" with sensitivity: greedy swap rounds
+    quality_samples: int = 16  # held-out calibration windows each variant's graph is measured on
 
 
 @dataclass
 class ScoringSection:
-    metric: str = "jaccard"
+    metric: str = "sensitivity"
     k: int = 10
     final_norm: bool = False
     calibration: str = ""
-    samples: int = 32
-    seq_len: int = 256
+    samples: int = 4
+    seq_len: int = 128
 
 
 @dataclass
 class QuantizationSection:
-    scheme: str = "channel"
+    scheme: str = "group"
     group_size: int = 32
-    symmetric: bool = True
+    symmetric: bool = False
     block_size: int = 32
     cpu_accuracy_level: int = 4
     cpu_lm_head: str = "int8"
+    clip: str = "mse-act"
 
 
 @dataclass
@@ -70,13 +74,20 @@ class Profile:
 
     def validate(self) -> "Profile":
         where = f"profile {self.name!r}"
-        if self.build.ladder not in ("full", "paper"):
-            raise LsaqError(f"{where}: build.ladder must be 'full' or 'paper', not {self.build.ladder!r}")
+        if self.build.ladder not in ("full", "paper", "bytes"):
+            raise LsaqError(f"{where}: build.ladder must be 'bytes', 'full' or 'paper', not "
+                            f"{self.build.ladder!r}")
+        if self.build.ladder == "bytes" and self.scoring.metric != "sensitivity":
+            raise LsaqError(f"{where}: build.ladder 'bytes' allocates by measured sensitivity; "
+                            "set scoring.metric = \"sensitivity\" or use ladder 'full'/'paper'")
+        if self.build.quality_samples and "cpu" not in self.build.providers:
+            raise LsaqError(f"{where}: build.quality_samples measures each variant's CPU graph; "
+                            "add 'cpu' to build.providers or set quality_samples = 0")
         bad = set(self.build.providers) - {"cpu", "cuda"}
         if bad or not self.build.providers:
             raise LsaqError(f"{where}: build.providers must name 'cpu' and/or 'cuda' (got {self.build.providers})")
-        if self.scoring.metric not in ("jaccard", "cosine", "zscore"):
-            raise LsaqError(f"{where}: scoring.metric must be jaccard, cosine or zscore")
+        if self.scoring.metric not in ("jaccard", "cosine", "zscore", "sensitivity"):
+            raise LsaqError(f"{where}: scoring.metric must be sensitivity, jaccard, cosine or zscore")
         if self.quantization.scheme not in ("channel", "group"):
             raise LsaqError(f"{where}: quantization.scheme must be 'channel' or 'group'")
         if self.quantization.group_size not in (32, 64, 128):
@@ -86,10 +97,16 @@ class Profile:
                             "0 (the largest that divides each weight's input size)")
         if self.quantization.cpu_lm_head not in ("fp16", "int8"):
             raise LsaqError(f"{where}: quantization.cpu_lm_head must be 'fp16' or 'int8'")
+        if self.quantization.clip not in ("none", "mse", "mse-act"):
+            raise LsaqError(f"{where}: quantization.clip must be 'none', 'mse' or 'mse-act', "
+                            f"not {self.quantization.clip!r}")
         if self.quantization.cpu_accuracy_level not in (0, 4):
             raise LsaqError(f"{where}: quantization.cpu_accuracy_level must be 4 (int8 "
                             "activations, fast) or 0 (float activations, exact)")
         for key, value, low in (("build.max_context", self.build.max_context, 1),
+                                ("build.rungs", self.build.rungs, 1),
+                                ("build.refine", self.build.refine, 0),
+                                ("build.quality_samples", self.build.quality_samples, 0),
                                 ("scoring.k", self.scoring.k, 1),
                                 ("scoring.samples", self.scoring.samples, 1),
                                 ("scoring.seq_len", self.scoring.seq_len, 2),

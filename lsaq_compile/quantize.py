@@ -7,6 +7,13 @@ holds exactly the bytes the kernel uses:
   zero_points (asymmetric only) uint8 [N, ceil(n_blocks * bits / 8)]
 Symmetric schemes store q + 2^(bits-1) and leave zero points out: MatMulNBits then implies
 8 (4-bit) or 128 (8-bit). Weights use the Hugging Face layout W[N_out, K_in].
+
+Clipping (`clip`): round to nearest spends its range on the largest weight of a row or group.
+"mse" shrinks that range by the ratio r in CLIP_RATIOS that minimises the squared error of the
+dequantized weights (fp16 scales and integer zero points, exactly as the kernel computes);
+"mse-act" weights each input feature's error by the mean x^2 of the activations it multiplies
+(the AWQ / llama.cpp imatrix idea), i.e. the error of x @ W.T on calibration inputs, diagonally.
+No gradients, no calibration of the weights themselves: one grid search per row or group.
 """
 
 from __future__ import annotations
@@ -18,6 +25,11 @@ import numpy as np
 from .errors import LsaqError
 
 MATMULNBITS_BLOCKS = (256, 128, 64, 32, 16)  # the only block sizes the kernel accepts
+CLIPS = ("none", "mse", "mse-act")
+# Range ratios the clipping search tries, 1.0 first: r = 1 is round to nearest itself and ties
+# keep the first, so the search never ends with a larger (weighted) error than RTN.
+CLIP_RATIOS = np.round(np.arange(1.0, 0.495, -0.02), 2).astype(np.float32)   # 1.00 ... 0.50
+_CHUNK = 1 << 15   # elements per search step: keeps each step's temporaries in cache
 
 
 @dataclass(frozen=True)
@@ -32,12 +44,15 @@ class QuantScheme:
     # divides K). It does not change the weights; at accuracy_level 4 it is also the block over
     # which ONNX Runtime quantizes activations, so a small block keeps that step accurate.
     block_size: int | None = None
+    clip: str = "none"                # "none" (RTN) | "mse" | "mse-act": see the module docstring
 
     @property
     def name(self) -> str:
         if self.kind == "channel":
-            return f"int{self.bits}-channel-sym"
-        return f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}"
+            base = f"int{self.bits}-channel-sym"
+        else:
+            base = f"int{self.bits}-g{self.group_size}-{'sym' if self.symmetric else 'asym'}"
+        return base if self.clip == "none" else f"{base}-{self.clip}"
 
 
 @dataclass
@@ -125,45 +140,134 @@ def _pad_k(w: np.ndarray, block: int) -> np.ndarray:
     return np.pad(w, ((0, 0), (0, pad))) if pad else w
 
 
-def quantize_channel(w: np.ndarray, bits: int, block: int | None = None) -> QuantizedTensor:
-    """Per output channel, symmetric, round to nearest: s = max|w_row| / qmax, q = round(w / s).
+def _check_act(act: np.ndarray | None, clip: str, k: int) -> np.ndarray | None:
+    """The per-input-feature error weights the search uses (None: unweighted)."""
+    if clip not in CLIPS:
+        raise LsaqError(f"unknown clip {clip!r}; use one of {', '.join(CLIPS)}")
+    if clip != "mse-act":
+        return None
+    if act is None:
+        raise LsaqError("clip 'mse-act' needs activation statistics (mean x^2 per input "
+                        "feature of each linear, from calibration text); none were given")
+    act = np.asarray(act, dtype=np.float32)
+    if act.shape != (k,) or not np.all(np.isfinite(act)) or act.min() < 0:
+        raise LsaqError(f"activation statistics must be {k} finite values >= 0 "
+                        f"(got shape {act.shape})")
+    return act
+
+
+def _weighted_sq(d: np.ndarray, act: np.ndarray | None) -> np.ndarray:
+    """sum over the last axis of act * d^2: d [n, nb, gs], act [nb, gs] or None."""
+    if act is None:
+        return np.einsum("nbg,nbg->nb", d, d)
+    return np.einsum("nbg,nbg,bg->nb", d, d, act, optimize=False)
+
+
+def _search(g: np.ndarray, error) -> np.ndarray:
+    """Ratio [n, nb] from CLIP_RATIOS with the least error(rows, r) per (row, group).
+
+    g [n, nb, gs] float32; error(rows: slice, r) -> [len(rows), nb] (weighted) squared error
+    of that ratio's dequantized weights. Works on a few rows at a time, so every candidate's
+    temporaries stay in cache (the grid is scanned once per chunk)."""
+    n, nb, gs = g.shape
+    best = np.ones((n, nb), np.float32)
+    step = max(1, _CHUNK // (nb * gs))
+    for a in range(0, n, step):
+        rows = slice(a, min(n, a + step))
+        best_err = error(rows, CLIP_RATIOS[0])             # r = 1: round to nearest
+        for r in CLIP_RATIOS[1:]:
+            err = error(rows, r)
+            better = err < best_err                        # strict: ties keep the larger range
+            best_err = np.where(better, err, best_err)
+            best[rows] = np.where(better, r, best[rows])
+    return best
+
+
+def _sym_range(g: np.ndarray, qmax: int, clip: str, act: np.ndarray | None) -> np.ndarray:
+    """max|w| per (row, group) [n, nb], shrunk by the searched ratio unless clip is 'none'."""
+    amax = np.abs(g).max(axis=2)
+    if clip == "none":
+        return amax
+
+    def error(rows, r):
+        gc = g[rows]
+        s = _fp16_scale_up(amax[rows] * r / qmax).astype(np.float32)[..., None]
+        d = np.clip(np.rint(gc / s), -qmax, qmax) * s - gc
+        return _weighted_sq(d, act)
+
+    return amax * _search(g, error)
+
+
+def _asym_range(g: np.ndarray, levels: int, clip: str, act: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) per (row, group), each including 0; both scaled by the searched ratio: shrinking
+    them together keeps zero where RTN puts it relative to the range."""
+    lo = np.minimum(g.min(axis=2), 0.0)
+    hi = np.maximum(g.max(axis=2), 0.0)
+    if clip == "none":
+        return lo, hi
+
+    def error(rows, r):
+        gc = g[rows]
+        s, zp = _asym_scale_zp(lo[rows] * r, hi[rows] * r, levels)
+        s, zp = s.astype(np.float32)[..., None], zp.astype(np.float32)[..., None]
+        d = (np.clip(np.rint(gc / s) + zp, 0, levels) - zp) * s - gc
+        return _weighted_sq(d, act)
+
+    ratio = _search(g, error)
+    return lo * ratio, hi * ratio
+
+
+def _asym_scale_zp(lo: np.ndarray, hi: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 scale and integer zero point of the range [lo, hi] (lo <= 0 <= hi)."""
+    scale = _fp16_scale_up((hi - lo) / levels)
+    zp = np.clip(np.rint(-lo / scale.astype(np.float32)), 0, levels).astype(np.uint8)
+    return scale, zp
+
+
+def quantize_channel(w: np.ndarray, bits: int, block: int | None = None, clip: str = "none",
+                     act: np.ndarray | None = None) -> QuantizedTensor:
+    """Per output channel, symmetric, round to nearest: s = max|w_row| / qmax, q = round(w / s)
+    (max|w_row| shrunk by the clipping search when clip is not 'none').
 
     The row's scale is repeated in every MatMulNBits block of the row, which is exact."""
     w = np.asarray(w, dtype=np.float32)
     n, k = w.shape
+    act = _check_act(act, clip, k)
     block = choose_block(k, block)
     qmax = 2 ** (bits - 1) - 1
-    scale = _fp16_scale_up(np.abs(w).max(axis=1) / qmax)            # [n]
+    amax = _sym_range(w[:, None, :], qmax, clip, None if act is None else act[None])[:, 0]
+    scale = _fp16_scale_up(amax / qmax)                               # [n]
     s = scale.astype(np.float32)[:, None]
     q = np.clip(np.rint(w / s), -qmax, qmax)
     codes = _pad_k(q + 2 ** (bits - 1), block)                        # pad codes = zero point = 0.0
     nb = codes.shape[1] // block
-    return QuantizedTensor(QuantScheme(bits, "channel"), n, k, block, _pack(codes, bits, n, block),
-                           np.repeat(scale[:, None], nb, axis=1))
+    return QuantizedTensor(QuantScheme(bits, "channel", clip=clip), n, k, block,
+                           _pack(codes, bits, n, block), np.repeat(scale[:, None], nb, axis=1))
 
 
-def quantize_group(w: np.ndarray, bits: int, group_size: int, symmetric: bool = True
-                   ) -> QuantizedTensor:
-    """Group-wise round to nearest over `group_size` input features (block == group)."""
+def quantize_group(w: np.ndarray, bits: int, group_size: int, symmetric: bool = True,
+                   clip: str = "none", act: np.ndarray | None = None) -> QuantizedTensor:
+    """Group-wise round to nearest over `group_size` input features (block == group), over a
+    range shrunk per group by the clipping search when clip is not 'none'."""
     if group_size not in (32, 64, 128):
         raise LsaqError(f"group size {group_size} not supported; use 32, 64 or 128")
     w = np.asarray(w, dtype=np.float32)
     n, k = w.shape
+    act = _check_act(act, clip, k)
     g = _pad_k(w, group_size).reshape(n, -1, group_size)
     nb = g.shape[1]
+    if act is not None:
+        act = _pad_k(act[None], group_size).reshape(nb, group_size)   # padded features: weight 0
     zp_packed = None
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        scale = _fp16_scale_up(np.abs(g).max(axis=2) / qmax)
+        scale = _fp16_scale_up(_sym_range(g, qmax, clip, act) / qmax)
         q = np.clip(np.rint(g / scale.astype(np.float32)[..., None]), -qmax, qmax) + 2 ** (bits - 1)
     else:
         levels = 2 ** bits - 1
-        lo = np.minimum(g.min(axis=2), 0.0)
-        hi = np.maximum(g.max(axis=2), 0.0)
-        scale = _fp16_scale_up((hi - lo) / levels)
-        s = scale.astype(np.float32)
-        zp = np.clip(np.rint(-lo / s), 0, levels).astype(np.uint8)          # [n, nb]
-        q = np.clip(np.rint(g / s[..., None]) + zp[..., None], 0, levels)
+        scale, zp = _asym_scale_zp(*_asym_range(g, levels, clip, act), levels)   # zp [n, nb]
+        q = np.clip(np.rint(g / scale.astype(np.float32)[..., None]) + zp[..., None], 0, levels)
         if k % group_size:
             # padded tail must dequantize to 0: code = zero point
             tail = np.arange(nb * group_size).reshape(nb, group_size) >= k
@@ -173,27 +277,45 @@ def quantize_group(w: np.ndarray, bits: int, group_size: int, symmetric: bool = 
             zp_packed = np.ascontiguousarray(zpp[:, 0::2] | (zpp[:, 1::2] << 4))
         else:
             zp_packed = zp
-    return QuantizedTensor(QuantScheme(bits, "group", group_size, symmetric), n, k, group_size,
-                           _pack(q, bits, n, group_size), scale.astype(np.float16), zp_packed)
+    return QuantizedTensor(QuantScheme(bits, "group", group_size, symmetric, clip=clip), n, k,
+                           group_size, _pack(q, bits, n, group_size), scale.astype(np.float16),
+                           zp_packed)
 
 
-def quantize(w: np.ndarray, scheme: QuantScheme, block: int | None = None) -> QuantizedTensor:
+def quantize(w: np.ndarray, scheme: QuantScheme, block: int | None = None,
+             act: np.ndarray | None = None) -> QuantizedTensor:
+    """act: float32 [K], mean x^2 per input feature of this linear's input (clip 'mse-act')."""
     if scheme.kind == "channel":
-        return quantize_channel(w, scheme.bits, block if block is not None else scheme.block_size)
+        return quantize_channel(w, scheme.bits, block if block is not None else scheme.block_size,
+                                scheme.clip, act)
     if scheme.kind == "group":
-        return quantize_group(w, scheme.bits, scheme.group_size, scheme.symmetric)
+        return quantize_group(w, scheme.bits, scheme.group_size, scheme.symmetric, scheme.clip, act)
     raise LsaqError(f"unknown quantization scheme {scheme.kind!r}; use 'channel' or 'group'")
 
 
 def schemes_for(kind: str, group_size: int | None = None, symmetric: bool = True,
-                block_size: int | None = None) -> dict[str, QuantScheme]:
+                block_size: int | None = None, clip: str = "none") -> dict[str, QuantScheme]:
     """The INT8 and INT4 schemes of a quantization setting. INT8 is always per channel (the
-    paper); `kind` chooses INT4's scheme. block_size: see QuantScheme (per-channel only)."""
+    paper); `kind` chooses INT4's scheme. block_size: see QuantScheme (per-channel only).
+    clip: INT4's clipping search (INT8 stays round to nearest)."""
     if block_size is not None:
         choose_block(1, block_size)  # raises for a block MatMulNBits does not accept
+    if clip not in CLIPS:
+        raise LsaqError(f"unknown clip {clip!r}; use one of {', '.join(CLIPS)}")
     int8 = QuantScheme(8, "channel", block_size=block_size)
     if kind == "channel":
-        return {"int8": int8, "int4": QuantScheme(4, "channel", block_size=block_size)}
+        return {"int8": int8, "int4": QuantScheme(4, "channel", block_size=block_size, clip=clip)}
     if kind == "group":
-        return {"int8": int8, "int4": QuantScheme(4, "group", group_size or 32, symmetric)}
+        return {"int8": int8, "int4": QuantScheme(4, "group", group_size or 32, symmetric, clip=clip)}
     raise LsaqError(f"unknown quantization scheme {kind!r}; use 'channel' or 'group'")
+
+
+def stored_bytes(n: int, k: int, scheme: QuantScheme) -> int:
+    """Exact bytes `quantize` stores for an [n, k] weight (packed codes, fp16 scales, zero
+    points), without quantizing it: the ladder's byte budgets are planned from this."""
+    block = choose_block(k, scheme.block_size) if scheme.kind == "channel" else scheme.group_size
+    nb = -(-k // block)
+    total = n * nb * (block * scheme.bits // 8 + 2)
+    if scheme.kind == "group" and not scheme.symmetric:
+        total += n * -(-nb * scheme.bits // 8)
+    return total

@@ -12,14 +12,17 @@ import numpy as np
 import torch
 
 from .errors import LsaqError
-from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, check_supported, effective_linear_weight
+from .export_onnx import (EMBED, FINAL_NORM, FUSED, LM_HEAD, act_key, check_supported,
+                          effective_linear_weight, part_precision)
 from .model_source import LINEAR_NAMES, ModelSource
 from .quantize import QuantScheme
 
 
 def reference_model(source: ModelSource, precisions: list[str],
-                    schemes: dict[str, QuantScheme], dtype: torch.dtype = torch.float32):
-    """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM in eval mode (eager attention)."""
+                    schemes: dict[str, QuantScheme], dtype: torch.dtype = torch.float32,
+                    act_stats: dict[str, np.ndarray] | None = None):
+    """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM in eval mode (eager attention).
+    act_stats: as given to write_weight_store (clip 'mse-act')."""
     from transformers import AutoModelForCausalLM
 
     spec = source.spec
@@ -39,10 +42,12 @@ def reference_model(source: ModelSource, precisions: list[str],
     if not tied:
         state[LM_HEAD] = fp16_rounded(source.tensor(LM_HEAD))
     linear = {f"{n}.weight" for n in LINEAR_NAMES}
+    stored_of = {f"{m}.weight": lin for lin, members in FUSED.items() for m in members}
     for i, p in enumerate(precisions):
         for name, a in source.layer_tensors(i).items():
             if name in linear:
-                a = effective_linear_weight(a, p, schemes)
+                act = (act_stats or {}).get(act_key(i, stored_of[name]))
+                a = effective_linear_weight(a, part_precision(p, name), schemes, act)
             state[f"model.layers.{i}.{name}"] = t(a)
 
     config = spec.to_hf_config()

@@ -101,8 +101,9 @@ def run_study(model=None, metrics=("jaccard", "cosine", "zscore"), text=None, ou
     plot_importance(scores, out_dir / "importance.png")
 
     # 2. one bundle per metric, reused when its scores are unchanged
-    profile = load_profile("default")
-    profile.build.ladder = ladder
+    # The paper's quantizer (per-channel RTN) and selection rule (most precise that fits).
+    profile = load_profile("paper")
+    profile.build.ladder, profile.build.quality_samples = ladder, 0
     manifests, bundles = {}, {}
     for metric in metrics:
         b = bundles_dir / metric
@@ -247,7 +248,8 @@ def _evaluate_plan(ev, bundle, manifest, v, metric, tw, seq_len, reference_windo
     def ppl(text, n, engine, stage):
         def run():
             f = fn if engine == "onnx" else ev.torch_logits_fn(
-                model_path, v["precisions"], q["scheme"], q.get("group_size"), q.get("symmetric", True))
+                model_path, v["precisions"], q["scheme"], q.get("group_size"), q.get("symmetric", True),
+                q.get("clip", "none"), q.get("clip_calibration"))
             r = ev.perplexity(f, text, limit=n, progress=progress.stage(f"{stage} {name} [{engine}]"))
             return {"value": r["perplexity"], "tokens": r["tokens"], "per_window_nll": r["per_window_nll"]}
         return _measure(ev, bundle, manifest, {**base, "engine": engine, "kind": "perplexity",

@@ -89,22 +89,26 @@ def tiny_bundle(tiny_llama_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     # The exact kernel path (float activations, float LM head): the fixture the parity tests
     # compare with transformers bit for bit; smollm_bundle keeps the fast defaults.
-    prof = _small_profile(samples=8, seq_len=64)
+    prof = _small_profile(samples=8, seq_len=64, metric="jaccard")
     prof.quantization.cpu_accuracy_level, prof.quantization.cpu_lm_head = 0, "fp16"
+    # The paper's ladder shape (every INT4 count), ranked by precision.
+    prof.build.ladder, prof.build.quality_samples = "full", 0
     return build_bundle(tiny_llama_dir, out, profile=prof, progress=Progress(quiet=True))
 
 
 @pytest.fixture(scope="session")
 def smollm_bundle(tmp_path_factory) -> Path:
-    """The real default model, full ladder; calibration kept small so the suite stays fast."""
+    """The real default model through the default profile (measured sensitivity, a ladder by
+    bytes, quality measured per variant); calibration and rungs kept small for speed."""
     from lsaq_compile.bundle import build_bundle
     from lsaq_compile.progress import Progress
 
     if os.environ.get("LSAQ_TEST_BUNDLE"):  # reuse a bundle built by hand while developing
         return Path(os.environ["LSAQ_TEST_BUNDLE"])
     out = tmp_path_factory.mktemp("bundles") / "smollm2"
-    return build_bundle(None, out, profile=_small_profile(samples=8, seq_len=128),
-                        progress=Progress(quiet=True))
+    prof = _small_profile(samples=2, seq_len=96)
+    prof.build.rungs, prof.build.refine, prof.build.quality_samples = 4, 1, 2
+    return build_bundle(None, out, profile=prof, progress=Progress(quiet=True))
 
 
 def empty_cache_feed(manifest: dict, ids: list[int], keep: int = 0) -> dict:

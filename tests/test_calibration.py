@@ -87,3 +87,22 @@ def test_tokenizer_missing_is_clear(tiny_llama_dir, tmp_path):
         shutil.copy(tiny_llama_dir / f, d / f)
     with pytest.raises(LsaqError, match="cannot load the model's tokenizer"):
         load_tokenizer(open_model(d))
+
+
+def test_held_out_windows_sit_in_the_gaps(tok, text_file):
+    plain = load_calibration(text_file, tok, samples=5, seq_len=40)
+    cal = load_calibration(text_file, tok, samples=5, seq_len=40, held_out=7)
+    # the scoring windows and their fingerprint do not move
+    assert np.array_equal(cal.windows, plain.windows) and cal.sha256 == plain.sha256
+    assert plain.held_out is None and cal.held_out.shape == (7, 40)
+    ids = np.asarray(tok.encode(text_file.read_text(encoding="utf-8"), add_special_tokens=False))
+    stride = len(ids) // 5
+    used = set()
+    for j in range(5):
+        used |= set(range(j * stride, j * stride + 40))
+    for w in cal.held_out:
+        starts = [s for s in range(len(ids) - 39) if np.array_equal(ids[s:s + 40], w)]
+        assert starts and not used & set(range(starts[0], starts[0] + 40))
+        used |= set(range(starts[0], starts[0] + 40))
+    with pytest.raises(LsaqError, match="held-out windows"):
+        load_calibration(text_file, tok, samples=5, seq_len=40, held_out=10_000)

@@ -21,8 +21,8 @@ from safetensors import safe_open
 
 from lsaq_compile.errors import LsaqError
 from lsaq_compile.export_onnx import (
-    EMBED, LM_HEAD, STORED_LINEARS, build_graph, effective_linear_weight, linear_keys, rope_inv_freq, save_graph,
-    write_weight_store)
+    EMBED, FUSED, LM_HEAD, STORED_LINEARS, act_key, build_graph, effective_linear_weight, linear_keys,
+    rope_inv_freq, save_graph, write_weight_store)
 from lsaq_compile.model_source import open_model
 from lsaq_compile.quantize import quantize, schemes_for
 from lsaq_compile.reference import reference_model
@@ -471,3 +471,107 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
     source = open_model(tmp_path / "hf")
     with pytest.raises(LsaqError, match="RoPE scaling 'dynamic'"):
         write_weight_store(source, tmp_path / "b", {i: {"fp16"} for i in range(3)}, CHANNEL)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation-weighted clipping (quantization clip "mse-act")
+
+MSE_ACT = schemes_for("group", 32, symmetric=False, clip="mse-act")
+
+
+def _hf_input_stats(hf, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """mean x^2 per input feature of each stored linear, straight from the transformers model."""
+    sums, handles = {}, []
+    for i, layer in enumerate(hf.model.layers):
+        for lin, members in FUSED.items():
+            def hook(module, args, key=act_key(i, lin)):
+                sums[key] = args[0].reshape(-1, args[0].shape[-1]).double().square().mean(0)
+            handles.append(layer.get_submodule(members[0]).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        hf(torch.from_numpy(ids))
+    for h in handles:
+        h.remove()
+    return {k: v.numpy() for k, v in sums.items()}
+
+
+def test_mse_act_store_and_graph_match_reference(tiny, tmp_path):
+    """Activation statistics (layer by layer) equal the full model's; the store is quantized
+    with them, and the graph computes exactly the torch reference built with the same ones."""
+    from lsaq_compile.activations import activation_stats
+
+    L = tiny.layers
+    windows = np.random.default_rng(7).integers(0, 300, (3, 16))
+    stats = activation_stats(tiny.source, windows, batch_size=2)
+    want = _hf_input_stats(tiny.hf, windows)
+    assert set(stats) == {act_key(i, lin) for i in range(L) for lin in STORED_LINEARS} == set(want)
+    for key, v in stats.items():
+        assert v.dtype == np.float32 and v.shape == want[key].shape
+        np.testing.assert_allclose(v, want[key], rtol=2e-4, atol=1e-9, err_msg=key)
+
+    with pytest.raises(LsaqError, match="mse-act.*activation statistics"):
+        write_weight_store(tiny.source, tmp_path / "none", {i: {"int4"} for i in range(L)}, MSE_ACT)
+    index = write_weight_store(tiny.source, tmp_path / "b", {i: {"int8", "int4"} for i in range(L)},
+                               MSE_ACT, act_stats=stats)
+    # The stored codes are those of the act-weighted search, not of the unweighted one.
+    w = np.concatenate([tiny.source.tensor(f"model.layers.1.mlp.{m}.weight")
+                        for m in ("gate_proj", "up_proj")])
+    keys = linear_keys(1, "mlp.gate_up_proj", "int4", MSE_ACT["int4"])
+    q = quantize(w, MSE_ACT["int4"], act=stats[act_key(1, "mlp.gate_up_proj")])
+    plain = quantize(w, schemes_for("group", 32, symmetric=False, clip="mse")["int4"])
+    with safe_open(str(tmp_path / "b" / "weights/int4.safetensors"), framework="numpy") as f:
+        np.testing.assert_array_equal(f.get_tensor(keys["qweight"]), q.packed)
+        np.testing.assert_array_equal(f.get_tensor(keys["scales"]), q.scales)
+    assert not np.array_equal(q.packed, plain.packed)
+
+    for precisions in (["int4"] * L, [["int8", "int4"][i % 2] for i in range(L)]):
+        model, _ = build_graph(tiny.source.spec, precisions, index, "float32", MAX_CONTEXT)
+        path = tmp_path / "b" / "g.onnx"
+        save_graph(model, path)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = generate(session, tiny.source.spec, tiny.ids, "float32")
+        ref_model = reference_model(tiny.source, precisions, MSE_ACT, act_stats=stats)
+        with torch.no_grad():
+            ref = ref_model(torch.from_numpy(tiny.ids)).logits.numpy()
+        assert max_diff(got, ref) <= 1e-3
+        # ... and the statistics matter: without them (unweighted search) the logits differ
+        other = reference_logits(tiny, precisions, schemes_for("group", 32, symmetric=False,
+                                                               clip="mse"))
+        assert max_diff(other, ref) > 1e-2
+
+
+def test_mse_act_bundle_matches_its_torch_reference(tiny_llama_dir, tmp_path):
+    """A bundle built with clip = "mse-act": the manifest records the clip and its calibration,
+    and the INT4 graph matches the torch reference rebuilt from that record."""
+    from lsaq_compile import evaluate as ev
+    from lsaq_compile.bundle import build_bundle, read_manifest
+    from lsaq_compile.profiles import Profile
+    from lsaq_compile.progress import Progress
+
+    prof = Profile(name="test")
+    prof.build.ladder, prof.build.providers = "paper", ["cpu"]
+    # A file, not the built-in text: that one depends on which modules the process has
+    # imported (transformers adds logging.Logger.warning_advice), so its fingerprint can differ.
+    prof.scoring.calibration = str(Path(__file__).resolve().parents[1] / "README.md")
+    prof.scoring.samples, prof.scoring.seq_len = 4, 64
+    if hasattr(prof.build, "quality_samples"):
+        prof.build.quality_samples = 0   # held-out windows would be cut from the same text
+    prof.quantization.cpu_accuracy_level, prof.quantization.cpu_lm_head = 0, "fp16"
+    prof.quantization.clip = "mse-act"
+    out = build_bundle(tiny_llama_dir, tmp_path / "b", profile=prof.validate(),
+                       progress=Progress(quiet=True))
+    m = read_manifest(out)
+    q = m["quantization"]
+    assert q["clip"] == "mse-act" and q["int4"] == "int4-channel-sym-mse-act"
+    assert q["int8"] == "int8-channel-sym"
+    assert q["clip_calibration"]["samples"] == 4 and q["clip_calibration"]["seq_len"] == 64
+    v = next(x for x in m["variants"] if x["name"] == "int4")
+    ids = np.random.default_rng(3).integers(0, 512, 40)
+    got = ev.onnx_logits_fn(out, m, "int4")(ids)
+    ref = ev.torch_logits_fn(tiny_llama_dir, v["precisions"], q["scheme"], q["group_size"],
+                             q["symmetric"], q["clip"], q["clip_calibration"])(ids)
+    assert max_diff(got, ref) <= 1e-3
+    rtn = ev.torch_logits_fn(tiny_llama_dir, v["precisions"])(ids)
+    assert max_diff(rtn, ref) > 1e-2
+    with pytest.raises(LsaqError, match="fingerprint differs"):
+        ev.torch_logits_fn(tiny_llama_dir, v["precisions"], clip="mse-act",
+                           clip_calibration={**q["clip_calibration"], "windows_sha256": "0" * 64})

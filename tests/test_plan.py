@@ -44,7 +44,7 @@ def test_paper_ladder_uses_least_important_quarters():
 def test_weighted_nominal_bits_and_bad_orders():
     p = mix_plan([1, 0], 1)
     assert p.precisions == ("int8", "int4")
-    assert p.avg_bits_nominal([1, 3]) == (8 * 1 + 4 * 3) / 4
+    assert p.avg_bits_nominal({"attn": 1, "mlp": 3}) == (8 + 4) / 2   # layers weigh alike
     with pytest.raises(LsaqError, match="permutation"):
         ladder([0, 0, 1], "full")
     with pytest.raises(LsaqError, match="unknown ladder"):

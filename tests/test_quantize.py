@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from lsaq_compile.errors import LsaqError
-from lsaq_compile.quantize import QuantScheme, choose_block, quantize, schemes_for
+from lsaq_compile.quantize import CLIP_RATIOS, QuantScheme, choose_block, quantize, schemes_for
 
 RNG = np.random.default_rng(0)
 SCHEMES = [QuantScheme(8), QuantScheme(4), QuantScheme(4, "group", 32, True),
@@ -82,3 +82,178 @@ def test_block_choice_and_errors():
     with pytest.raises(LsaqError, match="unknown quantization scheme"):
         schemes_for("awq")
     assert schemes_for("group", 64)["int4"].name == "int4-g64-sym"
+
+
+# --------------------------------------------------------------------------------------------
+# Clipping search (clip "mse" / "mse-act")
+
+CLIPPED = [QuantScheme(4, "channel", block_size=32), QuantScheme(4, "group", 32, True),
+           QuantScheme(4, "group", 64, False), QuantScheme(4, "group", 128, True),
+           QuantScheme(4, "group", 32, False), QuantScheme(8)]
+
+
+def _heavy(n, k, seed=1):
+    """Student-t (3 dof) weights: a few large values per row, where clipping pays off."""
+    return (np.random.default_rng(seed).standard_t(3, (n, k)) * 0.02).astype(np.float32)
+
+
+def _act(k, seed=2):
+    """Activation magnitudes spread over orders of magnitude, as in real models."""
+    return (np.random.default_rng(seed).lognormal(0.0, 2.0, k)).astype(np.float32)
+
+
+def _with(scheme, clip):
+    return QuantScheme(scheme.bits, scheme.kind, scheme.group_size, scheme.symmetric,
+                       scheme.block_size, clip)
+
+
+def _group_err(qt, w, act=None, group=None):
+    """(Weighted) squared error per (row, group) [n, k / group] in float64; group None: row."""
+    d = (qt.dequantize().astype(np.float64) - w) ** 2
+    if act is not None:
+        d = d * act
+    group = group or w.shape[1]
+    d = np.pad(d, ((0, 0), (0, (-w.shape[1]) % group)))
+    return d.reshape(w.shape[0], -1, group).sum(axis=2)
+
+
+def _err_group(scheme):
+    return scheme.group_size if scheme.kind == "group" else None
+
+
+@pytest.mark.parametrize("scheme", CLIPPED, ids=lambda s: s.name)
+@pytest.mark.parametrize("weights", ["normal", "heavy"])
+@pytest.mark.parametrize("clip", ["mse", "mse-act"])
+def test_clip_search_never_worse_than_rtn(scheme, weights, clip):
+    w = _weight(24, 200) if weights == "normal" else _heavy(24, 200)
+    act = _act(200) if clip == "mse-act" else None
+    rtn = quantize(w, scheme)
+    got = quantize(w, _with(scheme, clip), act=act)
+    assert got.scheme.name == f"{scheme.name}-{clip}"
+    e_rtn = _group_err(rtn, w, act, _err_group(scheme))
+    e_got = _group_err(got, w, act, _err_group(scheme))
+    # per row / group (the unit the search works on), up to float32 summation noise
+    assert np.all(e_got <= e_rtn * (1 + 1e-5) + 1e-12)
+    if weights == "heavy" and scheme.bits == 4:
+        assert e_got.sum() < 0.98 * e_rtn.sum()    # and it does find better ranges
+
+
+def _up16(x: float) -> np.float32:
+    """fp16 scale rounded up (never below x), as stored."""
+    s = np.float16(x)
+    if np.float32(s) < np.float32(x):
+        s = np.nextafter(s, np.float16(np.inf))
+    return np.float32(s) if s > 0 else np.float32(2.0 ** -24)
+
+
+def _brute_force(w, scheme, act):
+    """Least (weighted) error per (row, group) over CLIP_RATIOS, one group and ratio at a time."""
+    n, k = w.shape
+    gs = scheme.group_size if scheme.kind == "group" else k
+    qmax, levels = 2 ** (scheme.bits - 1) - 1, 2 ** scheme.bits - 1
+    out = np.zeros((n, -(-k // gs)))
+    for i in range(n):
+        for b in range(out.shape[1]):
+            x = w[i, b * gs:(b + 1) * gs]
+            a = np.ones_like(x) if act is None else act[b * gs:(b + 1) * gs]
+            errs = []
+            for r in CLIP_RATIOS:
+                if scheme.symmetric:
+                    s = _up16(np.abs(x).max() * r / np.float32(qmax))
+                    deq = np.clip(np.rint(x / s), -qmax, qmax) * s
+                else:
+                    lo, hi = min(x.min(), 0) * r, max(x.max(), 0) * r
+                    s = _up16((hi - lo) / np.float32(levels))
+                    zp = np.clip(np.rint(-lo / s), 0, levels)
+                    deq = (np.clip(np.rint(x / s) + zp, 0, levels) - zp) * s
+                errs.append(float((a.astype(np.float64) * (deq.astype(np.float64) - x) ** 2).sum()))
+            out[i, b] = min(errs)
+    return out
+
+
+@pytest.mark.parametrize("scheme", CLIPPED[:5], ids=lambda s: s.name)
+@pytest.mark.parametrize("clip", ["mse", "mse-act"])
+def test_clip_search_finds_the_grid_optimum(scheme, clip):
+    w = _heavy(6, 160, seed=3)
+    act = _act(160, seed=4) if clip == "mse-act" else None
+    got = _group_err(quantize(w, _with(scheme, clip), act=act), w, act, _err_group(scheme))
+    want = _brute_force(w, scheme, act)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+    # the optimum is not just round to nearest here: the test can tell a no-op search apart
+    rtn = _group_err(quantize(w, scheme), w, act, _err_group(scheme))
+    assert np.any(want < rtn * (1 - 1e-3))
+
+
+@pytest.mark.parametrize("scheme", CLIPPED[:5], ids=lambda s: s.name)
+def test_activation_weighting_lowers_the_weighted_error(scheme):
+    """Outlier weights sit in input features whose activations are ~0, the rest see large
+    ones: weighted by activations, clipping the outliers is nearly free and worth it, which
+    the unweighted search cannot know (it keeps them, at the other weights' expense)."""
+    n, k = 16, 256
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+    quiet = np.arange(0, k, 16)                        # one feature per 16: outliers, silent input
+    w[:, quiet] = rng.choice([-1, 1], (n, len(quiet))) * 0.2
+    act = np.ones(k, np.float32)
+    act[quiet] = 1e-4
+    plain = quantize(w, _with(scheme, "mse"))
+    weighted = quantize(w, _with(scheme, "mse-act"), act=act)
+    e_plain = _group_err(plain, w, act).sum()
+    e_weighted = _group_err(weighted, w, act).sum()
+    assert e_weighted < 0.5 * e_plain
+    # ... and the unweighted search is still the better one by its own measure
+    assert _group_err(plain, w).sum() < _group_err(weighted, w).sum()
+
+
+@pytest.mark.parametrize("scheme", CLIPPED, ids=lambda s: s.name)
+@pytest.mark.parametrize("clip", ["mse", "mse-act"])
+def test_clipped_codes_scales_and_zero_points_stay_in_range(scheme, clip):
+    n, k = 24, 200
+    w = _heavy(n, k)
+    w[5] = 0.0                                           # an all-zero row
+    qt = quantize(w, _with(scheme, clip), act=_act(k) if clip == "mse-act" else None)
+    all_codes = qt.codes().astype(int)
+    codes = all_codes[:, :k]                             # per-channel pads K with code 0
+    assert qt.scales.dtype == np.float16 and np.all(np.isfinite(qt.scales))
+    assert np.all(qt.scales.astype(np.float32) > 0)
+    if scheme.symmetric:
+        qmax = 2 ** (scheme.bits - 1) - 1
+        assert qt.zero_points is None
+        assert codes.min() >= 2 ** (scheme.bits - 1) - qmax and codes.max() <= 2 ** (scheme.bits - 1) + qmax
+    else:
+        assert codes.min() >= 0 and codes.max() <= 2 ** scheme.bits - 1
+        zp = qt.zero_point_values()
+        assert zp.min() >= 0 and zp.max() <= 2 ** scheme.bits - 1
+    # dequantize() is (code - zero point) * fp16 scale, element by element
+    c = all_codes.reshape(n, qt.n_blocks, qt.block_size).astype(np.float32)
+    by_hand = (c - qt.zero_point_values()[..., None]) * qt.scales.astype(np.float32)[..., None]
+    np.testing.assert_array_equal(qt.dequantize(), by_hand.reshape(n, -1)[:, :k])
+    assert np.all(qt.dequantize()[5] == 0.0)
+    # the padded tail of group schemes dequantizes to 0
+    if scheme.kind == "group":
+        assert np.all(by_hand.reshape(n, -1)[:, k:] == 0.0)
+    # same bytes as round to nearest: clipping changes values, not the layout
+    rtn = quantize(w, scheme)
+    assert qt.packed.shape == rtn.packed.shape and qt.nbytes == rtn.nbytes
+
+
+def test_clip_errors():
+    w = _weight(8, 64)
+    with pytest.raises(LsaqError, match="mse-act.*activation statistics"):
+        quantize(w, QuantScheme(4, "group", 32, clip="mse-act"))
+    with pytest.raises(LsaqError, match="activation statistics must be 64"):
+        quantize(w, QuantScheme(4, clip="mse-act"), act=np.ones(32, np.float32))
+    with pytest.raises(LsaqError, match="activation statistics must be"):
+        quantize(w, QuantScheme(4, clip="mse-act"), act=np.full(64, np.nan, np.float32))
+    with pytest.raises(LsaqError, match="unknown clip"):
+        quantize(w, QuantScheme(4, clip="awq"))
+    with pytest.raises(LsaqError, match="unknown clip"):
+        schemes_for("channel", clip="minmax")
+    s = schemes_for("group", 64, symmetric=False, clip="mse-act")
+    assert s["int4"].name == "int4-g64-asym-mse-act" and s["int8"].name == "int8-channel-sym"
+    assert schemes_for("channel", block_size=32, clip="mse")["int4"].name == "int4-channel-sym-mse"
+    # r = 1 comes first: round to nearest is always a candidate
+    assert CLIP_RATIOS[0] == 1.0 and CLIP_RATIOS.min() <= 0.5 + 1e-6
+    # clip 'mse' takes no statistics (and ignores any given); 'none' is round to nearest
+    np.testing.assert_array_equal(quantize(w, QuantScheme(4, clip="mse"), act=np.ones(64)).packed,
+                                  quantize(w, QuantScheme(4, clip="mse")).packed)

@@ -25,7 +25,7 @@ def test_dry_run_table(bundle, capsys):
     code, out, err = run(capsys, bundle, "--dry-run", "--memory-budget", "64GiB", "--device", "cpu")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[1].split()[:5] == ["variant", "fp16", "int8", "int4", "avg"]
+    assert lines[1].split()[:6] == ["variant", "fp16", "int8", "int4", "mixed", "avg"]
     assert [l for l in lines if l.startswith("*")][0].split()[1] == "fp16"
     assert "most precise variant that fits" in out
 

@@ -165,3 +165,38 @@ def test_schema_file_is_valid_draft_2020_12():
     schema = json.loads((Path(__import__("lsaq_runtime").__file__).parent / "manifest.schema.json").read_text())
     assert schema["$schema"].endswith("2020-12/schema")
     jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def _set_layer(m, variant: int, layer: int, precision: str, counts: dict | None = None):
+    v = m["variants"][variant]
+    v["precisions"][layer] = precision
+    if counts is not None:
+        v["layer_counts"] = counts
+
+
+def test_per_part_precisions_and_their_counts():
+    m = synthetic_manifest(layers=3)
+    v = m["variants"][1]                       # int8 everywhere
+    _set_layer(m, 1, 2, "int8/int4", {"fp16": 0, "int8": 2, "int4": 0, "mixed": 1})
+    validate_manifest(m)                       # attention INT8, MLP INT4 in layer 2
+    v["layer_counts"].pop("mixed")
+    with pytest.raises(LsaqRuntimeError, match="layer_counts"):
+        validate_manifest(m)
+    _invalid(lambda m: _set_layer(m, 1, 0, "int8/int8", {"fp16": 0, "int8": 2, "int4": 0, "mixed": 1}),
+             "write 'int8', not 'int8/int8'")
+    _invalid(lambda m: _set_layer(m, 1, 0, "int8/int4/int4"), "variants/1/precisions/0")
+    _invalid(lambda m: _set_layer(m, 1, 0, "int3/int4"), "variants/1/precisions/0")
+
+
+def test_quality_ranking_needs_every_variant_measured():
+    m = synthetic_manifest(layers=3)
+    m["deployment"]["rank_by"] = "measured_quality"
+    with pytest.raises(LsaqRuntimeError, match="no measured quality"):
+        validate_manifest(m)
+    for i, v in enumerate(m["variants"]):
+        v["quality"] = {"perplexity": 20.0 + i, "tokens": 100}
+    validate_manifest(m)
+    _invalid(lambda m: m["deployment"].update(rank_by="bits"), "deployment/rank_by")
+    m["variants"][0]["quality"]["perplexity"] = 0
+    with pytest.raises(LsaqRuntimeError, match="quality/perplexity"):
+        validate_manifest(m)

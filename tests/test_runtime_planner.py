@@ -150,7 +150,7 @@ def test_manifest_order_is_not_trusted():
     random.Random(3).shuffle(shuffled["variants"])
     for free in (10**12, plan(m, host(10**12)).rows[1].need_bytes, plan(m, host(10**12)).smallest_need):
         assert plan(shuffled, host(free)).chosen == plan(m, host(free)).chosen
-    assert any("sorted by precision" in n for n in plan(shuffled, host(10**12)).notes)
+    assert any("most precise first; sorted" in n for n in plan(shuffled, host(10**12)).notes)
     assert not plan(m, host(10**12)).notes
 
 

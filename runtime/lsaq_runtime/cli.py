@@ -170,8 +170,9 @@ def inspect_cmd(bundle):
     for v in m["variants"]:
         c = v["layer_counts"]
         provs = ", ".join(f"{p}: {format_size(i['resident_bytes'])}" for p, i in v["providers"].items())
-        _echo(f"  {v['name']:<10} fp16 {c['fp16']:>3} int8 {c['int8']:>3} int4 {c['int4']:>3}  "
-                   f"{v['avg_bits']:.2f} bits  resident {provs}")
+        q = f"  ppl {v['quality']['perplexity']:.3f}" if "quality" in v else ""
+        _echo(f"  {v['name']:<10} fp16 {c['fp16']:>3} int8 {c['int8']:>3} int4 {c['int4']:>3} "
+              f"mixed {c.get('mixed', 0):>3}  {v['avg_bits']:.2f} bits{q}  resident {provs}")
     total = sum(f["bytes"] for f in m["files"])
     _echo(f"{len(m['files'])} files, {format_size(total)}")
 

@@ -10,8 +10,8 @@ and run another, or size its buffers for a model the graph is not. Checked here:
   that file's safetensors header; the lengths add up to the provider's `weight_bytes`, and every
   listed weight file is used;
 - precisions: the decoder linear weights of layer i are stored as `model.layers.{i}.{linear}.
-  {precision}.{role}` (BUNDLE_FORMAT.md); each layer uses exactly the precision the manifest
-  gives it, and every MatMulNBits node's `bits` matches the precision of the weight it reads;
+  {precision}.{role}` (BUNDLE_FORMAT.md); each layer's attention and MLP use exactly the
+  precisions the manifest gives them, and every MatMulNBits node's `bits` matches the precision of the weight it reads;
 - interface: the inputs and outputs are exactly those of the format, the KV tensors have the
   provider's dtype and the manifest's [batch, kv_heads, seq, head_dim], logits end in the vocab,
   and every GroupQueryAttention node has the manifest's head counts.
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .errors import LsaqRuntimeError
 from .integrity import bundle_path, check_relpath, safetensors_index
+from .manifest import LINEAR_PART, PARTS, split_precision
 from .onnx_proto import DTYPES, EXTERNAL, GraphFormatError, read_model
 
 LINEAR_WEIGHT = re.compile(
@@ -97,18 +98,20 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
 
     # -- precisions ----------------------------------------------------------------------
     L = manifest["model"]["num_layers"]
-    found: list[set[str]] = [set() for _ in range(L)]
+    found: list[dict[str, set[str]]] = [{p: set() for p in PARTS} for _ in range(L)]
     for name in g.initializers:
         m = LINEAR_WEIGHT.match(name)
         if m:
             i = int(m.group(1))
             if i >= L:
                 raise bad(f"initializer {name!r} belongs to layer {i}, the model has {L} layers")
-            found[i].add(m.group(3))
+            found[i][LINEAR_PART[m.group(2)]].add(m.group(3))
     for i, want in enumerate(variant["precisions"]):
-        if found[i] != {want}:
-            got = ", ".join(sorted(found[i])) or "no linear weights"
-            raise bad(f"layer {i} computes with {got} weights, the manifest says {want}")
+        for part, p in split_precision(want).items():
+            if found[i][part] != {p}:
+                got = ", ".join(sorted(found[i][part])) or "no linear weights"
+                raise bad(f"layer {i}'s {part} computes with {got} weights, the manifest says "
+                          f"{want}")
     head_q = f"{HEAD_INT8}.qweight"
     if (head_q in g.initializers) != (info["lm_head"] == "int8"):
         raise bad(f"its LM head is {'int8' if head_q in g.initializers else 'fp16'}, the "

@@ -24,16 +24,39 @@ import jsonschema
 from .errors import LsaqRuntimeError
 from .integrity import bundle_path, check_size, sha256_file
 
-__all__ = ["MANIFEST", "SCHEMA_VERSION", "METRICS", "PRECISIONS", "ELEM_BYTES", "MAX_MANIFEST_BYTES",
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "METRICS", "PRECISIONS", "PARTS", "LINEAR_PART",
+           "split_precision", "join_precision", "ELEM_BYTES", "MAX_MANIFEST_BYTES",
            "kv_bytes_per_token", "workspace_bytes", "validate_manifest", "read_manifest_json",
            "load_manifest", "check_files", "verify_bundle", "sha256_file", "tokenizer_file",
            "variant_files", "replace_refusal", "parse_json"]
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
-METRICS = ("jaccard", "cosine", "zscore")          # scores.metric: how layers were ranked
-PRECISIONS = ("fp16", "int8", "int4")              # per decoder layer
+METRICS = ("jaccard", "cosine", "zscore", "sensitivity")  # scores.metric: how layers were ranked
+PRECISIONS = ("fp16", "int8", "int4")              # per decoder layer, or per part of one
+# A layer's precision is one of PRECISIONS, or "ATTN/MLP" when its attention projections
+# (qkv, o) and its MLP projections (gate_up, down) differ, e.g. "int8/int4".
+PARTS = ("attn", "mlp")
+LINEAR_PART = {"self_attn.qkv_proj": "attn", "self_attn.o_proj": "attn",
+               "mlp.gate_up_proj": "mlp", "mlp.down_proj": "mlp"}
+RANK_BY = ("precision", "measured_quality")        # deployment.rank_by
+
+
+def split_precision(p: str) -> dict[str, str]:
+    """{"attn": ..., "mlp": ...} of a layer precision ("int8" or "int8/int4")."""
+    parts = p.split("/")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or any(x not in PRECISIONS for x in parts):
+        raise ValueError(f"layer precision {p!r} is not one of {', '.join(PRECISIONS)} nor "
+                         "ATTN/MLP of two of them")
+    return dict(zip(PARTS, parts))
+
+
+def join_precision(attn: str, mlp: str) -> str:
+    """The canonical layer precision: one name when both parts agree."""
+    return attn if attn == mlp else f"{attn}/{mlp}"
 ELEM_BYTES = {"float32": 4, "float16": 2}          # activation / KV dtype of a provider's graph
 MAX_MANIFEST_BYTES = 16 << 20
 _MAX_INT_DIGITS = 30
@@ -101,7 +124,8 @@ def _check_version(m: dict, where: str) -> None:
     if v < SCHEMA_VERSION:
         raise LsaqRuntimeError(
             f"{where}: bundle written by an older lsaq-compile (schema_version {v}; this runtime "
-            f"reads {SCHEMA_VERSION}, which records each graph's kernel settings); rebuild it with "
+            f"reads {SCHEMA_VERSION}, which adds per-part precisions and measured quality); "
+            "rebuild it with "
             "`lsaq-compile build`")
 
 
@@ -145,10 +169,21 @@ def validate_manifest(m: dict, where: str = MANIFEST) -> None:
         if len(v["precisions"]) != layers:
             raise bad(f"variant {name!r} lists {len(v['precisions'])} layer precisions but the "
                       f"model has {layers} layers")
+        for i, p in enumerate(v["precisions"]):
+            try:
+                parts = split_precision(p)
+            except ValueError as e:
+                raise bad(f"variant {name!r}, layer {i}: {e}") from None
+            if join_precision(parts["attn"], parts["mlp"]) != p:
+                raise bad(f"variant {name!r}, layer {i}: write {parts['attn']!r}, not {p!r}")
         counts = {p: v["precisions"].count(p) for p in PRECISIONS}
-        if counts != {p: v["layer_counts"][p] for p in counts}:
+        counts["mixed"] = sum("/" in p for p in v["precisions"])
+        if counts != {p: v["layer_counts"].get(p, 0) for p in counts}:
             raise bad(f"variant {name!r}: layer_counts {v['layer_counts']} disagree with its "
                       f"precisions {counts}")
+        if m["deployment"].get("rank_by") == "measured_quality" and "quality" not in v:
+            raise bad(f"variant {name!r} has no measured quality, but deployment.rank_by is "
+                      "measured_quality")
         for prov, info in v["providers"].items():
             if info["graph"] not in info["files"]:
                 raise bad(f"variant {name!r} ({prov}): its graph {info['graph']} is not among "

@@ -24,6 +24,7 @@ class Row:
     rank: int
     layer_counts: dict
     avg_bits: float
+    perplexity: float | None = None   # measured at build time (held-out calibration text)
     resident_bytes: int = 0
     kv_bytes: int = 0
     workspace_bytes: int = 0
@@ -66,15 +67,17 @@ class Decision:
                 "notes": self.notes, "variants": [asdict(r) for r in self.rows]}
 
     def table(self) -> str:
-        head = ("", "variant", "fp16", "int8", "int4", "avg bits", "need", "fits")
+        head = ("", "variant", "fp16", "int8", "int4", "mixed", "avg bits", "ppl", "need", "fits")
         lines = [head]
         for r in self.rows:
             c = r.layer_counts
             need = format_size(r.need_bytes) if r.need_bytes is not None else f"no {self.provider} graph"
+            ppl = f"{r.perplexity:.3f}" if r.perplexity is not None else "-"
             lines.append(("*" if r.chosen else "", r.name, str(c["fp16"]), str(c["int8"]), str(c["int4"]),
-                          f"{r.avg_bits:.2f}", need, "yes" if r.fits else "no"))
+                          str(c.get("mixed", 0)), f"{r.avg_bits:.2f}", ppl, need,
+                          "yes" if r.fits else "no"))
         widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
-        right = {2, 3, 4, 5, 6}
+        right = {2, 3, 4, 5, 6, 7, 8}
         out = ["  ".join(s.rjust(w) if i in right else s.ljust(w)
                          for i, (s, w) in enumerate(zip(l, widths))).rstrip() for l in lines]
         budget = f" (budget {format_size(self.budget_bytes)})" if self.budget_bytes is not None else ""
@@ -86,19 +89,34 @@ class Decision:
 
 
 def precision_key(v: dict) -> tuple:
-    """Most precise first: more FP16 layers, then more INT8 layers, then more real bits."""
+    """Most precise first: more FP16 layers, then more real bits (bytes stored per decoder
+    weight), then more INT8 layers."""
     c = v["layer_counts"]
-    return (-c["fp16"], -c["int8"], c["int4"], -float(v["avg_bits"]))
+    return (-c["fp16"], -float(v["avg_bits"]), -c["int8"], c["int4"])
+
+
+def quality_key(v: dict) -> tuple:
+    """Best measured quality first: lowest perplexity on the build's held-out calibration
+    windows; equal perplexities go to the more precise variant."""
+    return (float(v["quality"]["perplexity"]),) + precision_key(v)
+
+
+def ranking(manifest: dict) -> str:
+    return manifest["deployment"].get("rank_by", "precision")
 
 
 def ordered_variants(manifest: dict) -> tuple[list[dict], list[str]]:
-    """Variants most precise first. Manifest order is the contract, but a hand-edited or buggy
-    manifest must not make the runtime pick a less precise variant than one that fits."""
+    """Variants best first: by measured quality when the bundle measured every variant
+    (deployment.rank_by = measured_quality), else most precise first. Manifest order is the
+    contract, but a hand-edited or buggy manifest must not make the runtime pick a worse
+    variant than one that fits."""
     listed = list(manifest["variants"])
-    ordered = sorted(listed, key=precision_key)  # stable: ties keep manifest order
+    by_quality = ranking(manifest) == "measured_quality"
+    ordered = sorted(listed, key=quality_key if by_quality else precision_key)  # stable
     notes = []
     if [v["name"] for v in ordered] != [v["name"] for v in listed]:
-        notes.append("manifest variants were not listed most precise first; sorted by precision")
+        what = "best measured quality" if by_quality else "most precise"
+        notes.append(f"manifest variants were not listed {what} first; sorted that way")
     return ordered, notes
 
 
@@ -118,8 +136,9 @@ def resolve_context(manifest: dict, context: int | None) -> int:
 
 def estimate(manifest: dict, variant: dict, provider: str, context: int, batch: int) -> Row:
     """The memory need of one variant on one provider (BUNDLE_FORMAT.md formula)."""
+    q = variant.get("quality")
     row = Row(variant["name"], variant.get("rank", 0), dict(variant["layer_counts"]),
-              float(variant["avg_bits"]))
+              float(variant["avg_bits"]), float(q["perplexity"]) if q else None)
     info = variant["providers"].get(provider)
     if info is None:
         return row
@@ -189,6 +208,14 @@ def plan(manifest: dict, device: Device, context: int | None = None, batch: int 
         return d
     first.chosen, d.chosen = True, first.name
     better = [r for r in rows[:rows.index(first)] if r.need_bytes is not None]
+    if ranking(manifest) == "measured_quality":
+        d.reason = (f"{first.name}: the best measured quality that fits (perplexity "
+                    f"{first.perplexity:.3f} on held-out calibration text; needs "
+                    f"{format_size(first.need_bytes)} of {format_size(free)} free)")
+        if better:
+            d.reason += (f"; {better[-1].name} ({better[-1].perplexity:.3f}) would need "
+                         f"{format_size(better[-1].need_bytes)}")
+        return d
     d.reason = (f"{first.name}: the most precise variant that fits (needs "
                 f"{format_size(first.need_bytes)} of {format_size(free)} free)")
     if better:

@@ -1,0 +1,56 @@
+"""Activation statistics for the act-weighted clipping search (quantization clip 'mse-act').
+
+For each stored linear of each decoder layer: the mean of x^2 per input feature of that
+linear's input, over every calibration token. A weight's rounding error reaches the output
+through x, so E[(x @ (W - W_q).T)^2] ~= sum_k E[x_k^2] (W - W_q)_k^2 when features are treated
+as independent: the AWQ / llama.cpp "importance matrix" idea. The inputs come from the float
+model (transformers' own decoder layers, one at a time: layerwise.forward_layers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import LsaqError
+from .export_onnx import FUSED, act_key
+from .layerwise import ProgressHook, forward_layers
+from .model_source import ModelSource
+
+
+def activation_stats(source: ModelSource, windows: np.ndarray, batch_size: int = 8,
+                     progress: ProgressHook | None = None) -> dict[str, np.ndarray]:
+    """{act_key(i, lin): float32 [K]} for every layer i and stored linear lin (export_onnx.FUSED).
+
+    windows: int64 [samples, seq_len] calibration token ids (calibration.load_calibration)."""
+    windows = np.asarray(windows, dtype=np.int64)
+    sums: dict[str, torch.Tensor] = {}
+
+    def on_layer(i: int, layer: torch.nn.Module) -> None:
+        for lin, members in FUSED.items():
+            # The members of a fused linear (q/k/v, gate/up) read one input: hook the first.
+            def hook(module, args, key=act_key(i, lin)):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                s = x.square().sum(dim=0, dtype=torch.float64)
+                sums[key] = s if key not in sums else sums[key] + s
+
+            layer.get_submodule(members[0]).register_forward_pre_hook(hook)
+
+    forward_layers(source, windows, on_layer=on_layer, batch_size=batch_size, progress=progress)
+    tokens = windows.size
+    out = {}
+    for key, s in sums.items():
+        mean = (s / tokens).numpy().astype(np.float32)
+        if not np.all(np.isfinite(mean)):
+            raise LsaqError(f"{key}: non-finite activation statistics; the hidden states "
+                            "overflowed or the weights hold NaN/inf — check the model files")
+        out[key] = mean
+    return out
+
+
+def windows_fingerprint(windows: np.ndarray) -> str:
+    """sha256 of the token windows the statistics were measured on (int64, row-major), so they
+    can be measured again and checked however the windows were cut from the text."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes()).hexdigest()

@@ -1,0 +1,413 @@
+"""Measured sensitivity: how much quantizing each part of each layer moves the model's output.
+
+The paper ranks layers by a proxy (how a layer changes the top-k tokens of its hidden state);
+here the quantity the ladder trades against bytes is measured directly. On calibration windows,
+for every decoder layer's attention (qkv, o) and MLP (gate, up, down) separately, and for every
+quantized precision the bundle can hold, quantize that part alone (everything else FP16) and
+measure the mean KL divergence of the final next-token distributions from the FP16 model's.
+
+    cost(plan) ~ sum over parts of cost(part, its precision)          (the additive model)
+
+`plan.allocate` then picks, for any byte budget, the precision of every part that minimises the
+summed cost (a multiple-choice knapsack). Single-part errors do not add exactly, so each chosen
+plan is measured as a whole (`KLMeter.kl`) and refined greedily by swaps that keep its bytes.
+
+Layers run one module per decoder layer (transformers' own class), with the FP16 inputs of every
+layer cached once, so a single-part measurement only runs the layers from that part's layer on.
+All weights sit in memory as float32 (four bytes a weight, ~0.5 GB for a 135M model): this stage
+is meant for the small and mid-sized models this machine can hold.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from lsaq_runtime.manifest import PARTS
+
+from .errors import LsaqError
+from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, effective_linear_weight, part_precision
+from .layerwise import _classes, _sliding_window, as_tensor, causal_mask
+from .model_source import LINEAR_NAMES, ModelSource
+from .plan import Plan, allocate, part_bytes
+from .quantize import QuantScheme
+
+QUANTIZED = ("int8", "int4")
+
+
+@dataclass
+class Sensitivity:
+    """KL cost of each part at each precision (FP16 everywhere else) and the bytes it takes."""
+    cost: dict[str, list[dict[str, float]]]     # part -> per layer {precision: mean KL}
+    base_kl: float                              # KL of the FP16 graph weights itself (0 by definition)
+    tokens: int
+    seconds: float
+    params: dict = field(default_factory=dict)
+
+    def layer_importance(self) -> list[float]:
+        """One number per layer for the `scores` record: the KL cost of INT4 on the whole layer."""
+        L = len(self.cost["attn"])
+        return [self.cost["attn"][i]["int4"] + self.cost["mlp"][i]["int4"] for i in range(L)]
+
+    def to_json(self) -> dict:
+        return {"cost": self.cost, "tokens": self.tokens, "seconds": round(self.seconds, 1),
+                **self.params}
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+class KLMeter:
+    """Mean KL(FP16 || plan) of next-token distributions over fixed calibration windows."""
+
+    def __init__(self, source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantScheme],
+                 act_stats: dict | None = None, batch_size: int = 4):
+        spec = self.spec = source.spec
+        self.source, self.schemes, self.act_stats = source, schemes, act_stats or {}
+        self.batch_size = batch_size
+        config = spec.to_hf_config()
+        config._attn_implementation = "sdpa"
+        layer_cls, rotary_cls = _classes(spec.architecture)
+        ids = torch.from_numpy(np.asarray(windows, dtype=np.int64))
+        self.n, self.seq_len = ids.shape
+        self.tokens = self.n * (self.seq_len - 1)
+        f16 = lambda a: torch.from_numpy(np.asarray(a, np.float32).astype(np.float16)).float()  # noqa: E731
+        table = f16(source.embedding())
+        if int(ids.max()) >= table.shape[0]:
+            raise LsaqError(f"calibration token id {int(ids.max())} is outside the model's "
+                            f"{table.shape[0]}-row embedding")
+        tied = spec.tie_word_embeddings or not source.has_tensor(LM_HEAD)
+        self.head = table if tied else f16(source.tensor(LM_HEAD))
+        self.norm = as_tensor(np.asarray(source.tensor(FINAL_NORM), np.float32))
+        self.positions = torch.arange(self.seq_len)[None]
+        with torch.no_grad():
+            self.cos_sin = rotary_cls(config)(table[:1][None], self.positions)
+        self.layers, self.masks, self.fp16 = [], [], []
+        linear = {f"{n}.weight" for n in LINEAR_NAMES}
+        for i in range(spec.num_layers):
+            tensors = source.layer_tensors(i)
+            state = {k: (f16(v) if k in linear else as_tensor(np.asarray(v, np.float32)))
+                     for k, v in tensors.items()}
+            with torch.device("meta"):
+                layer = layer_cls(config, i)
+            layer.load_state_dict(state, strict=True, assign=True)
+            self.layers.append(layer.eval())
+            self.fp16.append({n: state[f"{n}.weight"] for n in LINEAR_NAMES})
+            self.masks.append(causal_mask(self.seq_len, _sliding_window(config, spec.architecture, i)))
+        self._weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        # The FP16 model's input to every layer and its output distribution: each measurement
+        # starts at the first layer it changes and compares against these.
+        with torch.no_grad():
+            h = table[ids]
+            self.inputs = [h]
+            for i in range(spec.num_layers):
+                h = self._layer(i, h)
+                self.inputs.append(h)
+            self.ref_logp = [torch.log_softmax(self._logits(h[b:b + 1]), -1)
+                             for b in range(self.n)]
+            self.ref_p = [lp.exp() for lp in self.ref_logp]
+
+    def _layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(h)
+        for b in range(0, self.n, self.batch_size):
+            out[b:b + self.batch_size] = self.layers[i](
+                h[b:b + self.batch_size], attention_mask=self.masks[i],
+                position_ids=self.positions, position_embeddings=self.cos_sin)
+        return out
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        # The last position predicts nothing inside the window.
+        return _rms(h[:, :-1], self.norm, self.spec.rms_norm_eps) @ self.head.T
+
+    def _weight(self, i: int, name: str, precision: str) -> torch.Tensor:
+        if precision == "fp16":
+            return self.fp16[i][name]
+        if (i, precision) not in self._weights:  # the whole layer at once: one read of its tensors
+            tensors = self.source.layer_tensors(i)
+            out = {}
+            for n in LINEAR_NAMES:
+                act = self.act_stats.get(_stats_key(i, n))
+                kw = {"act": act} if act is not None else {}
+                out[n] = torch.from_numpy(np.ascontiguousarray(effective_linear_weight(
+                    tensors[f"{n}.weight"], precision, self.schemes, **kw), dtype=np.float32))
+            self._weights[(i, precision)] = out
+        return self._weights[(i, precision)][name]
+
+    def _set(self, i: int, layer_precision: str) -> None:
+        mods = dict(self.layers[i].named_modules())
+        for name in LINEAR_NAMES:
+            mods[name].weight.data = self._weight(i, name, part_precision(layer_precision, name))
+
+    def kl(self, precisions: list[str] | tuple[str, ...]) -> float:
+        """Mean KL(FP16 || plan) per predicted token."""
+        if len(precisions) != self.spec.num_layers:
+            raise LsaqError(f"{len(precisions)} precisions for {self.spec.num_layers} layers")
+        changed = [i for i, p in enumerate(precisions) if p != "fp16"]
+        if not changed:
+            return 0.0
+        total = 0.0
+        with torch.no_grad():
+            try:
+                h = self.inputs[changed[0]]
+                for i in range(changed[0], self.spec.num_layers):
+                    self._set(i, precisions[i])
+                    h = self._layer(i, h)
+            finally:
+                for i in changed:
+                    self._set(i, "fp16")
+            for b in range(self.n):
+                lq = torch.log_softmax(self._logits(h[b:b + 1]), -1)
+                total += float((self.ref_p[b] * (self.ref_logp[b] - lq)).sum())
+        return total / self.tokens
+
+
+def _stats_key(i: int, name: str) -> str:
+    """Activation-statistics key of an HF linear: the stored (fused) linear that holds it."""
+    stored = {"q_proj": "self_attn.qkv_proj", "k_proj": "self_attn.qkv_proj",
+              "v_proj": "self_attn.qkv_proj", "o_proj": "self_attn.o_proj",
+              "gate_proj": "mlp.gate_up_proj", "up_proj": "mlp.gate_up_proj",
+              "down_proj": "mlp.down_proj"}[name.rsplit(".", 1)[-1]]
+    return f"model.layers.{i}.{stored}"
+
+
+def part_plan(L: int, layer: int, part: str, precision: str) -> list[str]:
+    """FP16 everywhere but one part of one layer."""
+    p = ["fp16"] * L
+    p[layer] = f"{precision}/fp16" if part == "attn" else f"fp16/{precision}"
+    return p
+
+
+def measure(meter: KLMeter, precisions=QUANTIZED,
+            progress: Callable[[str], None] | None = None) -> Sensitivity:
+    """Single-part costs: 2 x layers x precisions KL measurements."""
+    L = meter.spec.num_layers
+    t0 = time.perf_counter()
+    cost = {part: [dict() for _ in range(L)] for part in PARTS}
+    n, done = 2 * L * len(precisions), 0
+    for i in range(L):
+        for part in PARTS:
+            for p in precisions:
+                cost[part][i][p] = meter.kl(part_plan(L, i, part, p))
+                done += 1
+            if progress:
+                progress(f"layer {i + 1}/{L} {part}: " + ", ".join(
+                    f"{p} {cost[part][i][p]:.2e}" for p in precisions)
+                    + f" ({done}/{n}, {time.perf_counter() - t0:.0f}s)")
+    return Sensitivity(cost, 0.0, meter.tokens, time.perf_counter() - t0)
+
+
+@dataclass
+class Rung:
+    """One ladder plan chosen for a byte budget, with what it measured."""
+    budget: int
+    plan: Plan
+    bytes: int
+    predicted: float        # additive model: summed single-part costs
+    measured: float         # KL of the whole plan
+    refined: int = 0        # swaps the greedy refinement kept
+
+
+def plan_costs(sens: Sensitivity, precisions: list[str]) -> float:
+    total = 0.0
+    for i, p in enumerate(precisions):
+        for part in PARTS:
+            q = part_precision(p, "mlp." if part == "mlp" else "self_attn.")
+            total += sens.cost[part][i].get(q, 0.0)
+    return total
+
+
+def _items(sens: Sensitivity, sizes: list[dict[str, dict[str, int]]], choices=QUANTIZED):
+    """Knapsack items in (layer, part) order: cost and bytes of each precision choice."""
+    costs, weights = [], []
+    for i, layer in enumerate(sizes):
+        for part in PARTS:
+            costs.append({p: sens.cost[part][i][p] for p in choices})
+            weights.append({p: layer[part][p] for p in choices})
+    return costs, weights
+
+
+def _precisions(choice: list[str], L: int) -> tuple[str, ...]:
+    from lsaq_runtime.manifest import join_precision
+
+    return tuple(join_precision(choice[2 * i], choice[2 * i + 1]) for i in range(L))
+
+
+def _plan_bytes(precisions, sizes) -> int:
+    return sum(sizes[i][part][part_precision(p, "mlp." if part == "mlp" else "self_attn.")]
+               for i, p in enumerate(precisions) for part in PARTS)
+
+
+def allocate_rungs(meter: KLMeter, sens: Sensitivity, sizes: list[dict[str, dict[str, int]]],
+                   budgets: list[tuple[str, int]], refine: int = 2,
+                   progress: Callable[[str], None] | None = None) -> list[Rung]:
+    """For each (name, byte budget): the additive-model optimum, measured as a whole, then up to
+    `refine` rounds of the best measured swap (one INT4 part up to INT8 and one INT8 part down,
+    bytes still within budget; candidates ranked by the additive model)."""
+    L = meter.spec.num_layers
+    costs, weights = _items(sens, sizes)
+    choices = allocate(costs, weights, [b for _, b in budgets])
+    rungs = []
+    for (name, budget), choice in zip(budgets, choices):
+        prec = _precisions(choice, L)
+        rung = Rung(budget, Plan(name, prec), _plan_bytes(prec, sizes), plan_costs(sens, prec),
+                    meter.kl(prec))
+        for _ in range(refine):
+            best = None
+            for cand in _swaps(choice, costs, weights, budget, limit=3):
+                cp = _precisions(cand, L)
+                kl = meter.kl(cp)
+                if kl < rung.measured and (best is None or kl < best[1]):
+                    best = (cand, kl)
+            if best is None:
+                break
+            choice = best[0]
+            prec = _precisions(choice, L)
+            rung = Rung(budget, Plan(name, prec), _plan_bytes(prec, sizes),
+                        plan_costs(sens, prec), best[1], rung.refined + 1)
+        if progress:
+            progress(f"{name}: {rung.bytes / 2**20:.1f} MiB of decoder weights, KL "
+                     f"{rung.measured:.4f} measured / {rung.predicted:.4f} additive"
+                     + (f", {rung.refined} swap(s) kept" if rung.refined else ""))
+        rungs.append(rung)
+    return rungs
+
+
+def _swaps(choice: list[str], costs, weights, budget: int, limit: int) -> list[list[str]]:
+    """The `limit` byte-neutral-or-cheaper swaps the additive model rates best."""
+    used = sum(w[c] for w, c in zip(weights, choice))
+    up = [j for j, c in enumerate(choice) if c == "int4"]
+    down = [j for j, c in enumerate(choice) if c == "int8"]
+    cands = []
+    for a in up:
+        for b in down:
+            extra = (weights[a]["int8"] - weights[a]["int4"]) - (weights[b]["int8"] - weights[b]["int4"])
+            if used + extra > budget:
+                continue
+            delta = (costs[a]["int8"] - costs[a]["int4"]) + (costs[b]["int4"] - costs[b]["int8"])
+            cands.append((delta, a, b))
+    cands.sort()
+    out = []
+    for _, a, b in cands[:limit]:
+        c = list(choice)
+        c[a], c[b] = "int8", "int4"
+        out.append(c)
+    return out
+
+
+def additive_fit(rungs: list[Rung]) -> dict:
+    """How well summed single-part costs predict whole-plan KL: least-squares slope through the
+    origin and the worst ratio."""
+    pts = [(r.predicted, r.measured) for r in rungs if r.predicted > 0]
+    if not pts:
+        return {}
+    slope = sum(p * m for p, m in pts) / sum(p * p for p, _ in pts)
+    ratios = [m / p for p, m in pts]
+    return {"slope": round(slope, 4), "min_ratio": round(min(ratios), 4),
+            "max_ratio": round(max(ratios), 4), "plans": len(pts)}
+
+
+def layer_part_sizes(spec, schemes: dict[str, QuantScheme], precisions=("fp16",) + QUANTIZED
+                     ) -> list[dict[str, dict[str, int]]]:
+    """Stored bytes of each layer's attention and MLP at each precision (scales included)."""
+    one = {part: {p: part_bytes(spec, part, p, schemes) for p in precisions} for part in PARTS}
+    return [one for _ in range(spec.num_layers)]
+
+
+def check_finite(sens: Sensitivity) -> None:
+    bad = [(part, i) for part in PARTS for i, c in enumerate(sens.cost[part])
+           if not all(math.isfinite(v) for v in c.values())]
+    if bad:
+        raise LsaqError(f"sensitivity: non-finite KL for {bad[:3]}; the weights hold NaN/inf "
+                        "or the hidden states overflowed — check the model files")
+
+
+# ---------------------------------------------------------------- scoring and the ladder
+def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[str, QuantScheme],
+          act_stats: dict | None = None, progress: Callable[[str], None] | None = None):
+    """Measure every part's sensitivity; return (Scores with metric "sensitivity", the meter)."""
+    from .importance import Scores
+
+    t0 = time.perf_counter()
+    meter = KLMeter(source, windows, schemes, act_stats)
+    if progress:
+        progress(f"FP16 reference on {meter.n} x {meter.seq_len} tokens "
+                 f"({time.perf_counter() - t0:.0f}s)")
+    sens = measure(meter, progress=progress)
+    check_finite(sens)
+    spec = source.spec
+    model = {"name": spec.name, "architecture": spec.architecture, "num_layers": spec.num_layers,
+             "fingerprint": source.fingerprint()}
+    calib = {"source": calibration.source, "sha256": calibration.sha256,
+             "samples": int(len(windows)), "seq_len": int(meter.seq_len)}
+    params = {"int8": schemes["int8"].name, "int4": schemes["int4"].name, **sens.to_json()}
+    return Scores(metric="sensitivity", params=params, calibration=calib, model=model,
+                  importance=sens.layer_importance()), meter
+
+
+def from_scores(scores, schemes: dict[str, QuantScheme]) -> Sensitivity:
+    """The measured costs inside sensitivity Scores, checked against the schemes to build."""
+    p = scores.params
+    L = len(scores.importance)
+    for prec in QUANTIZED:
+        if p.get(prec) != schemes[prec].name:
+            raise LsaqError(f"these sensitivity scores measured {prec.upper()} as {p.get(prec)!r}, "
+                            f"but the profile quantizes it as {schemes[prec].name!r}; score again "
+                            "with this profile")
+    cost = p.get("cost")
+    ok = isinstance(cost, dict) and all(
+        isinstance(cost.get(part), list) and len(cost[part]) == L and all(
+            isinstance(c, dict) and all(isinstance(c.get(q), (int, float)) and
+                                        math.isfinite(c[q]) and c[q] >= 0 for q in QUANTIZED)
+            for c in cost[part]) for part in PARTS)
+    if not ok:
+        raise LsaqError("sensitivity scores lack per-part costs (params.cost); score again with "
+                        "`lsaq-compile score --metric sensitivity`")
+    return Sensitivity({part: [dict(c) for c in cost[part]] for part in PARTS}, 0.0,
+                       int(p.get("tokens", 0)), float(p.get("seconds", 0.0)))
+
+
+def ladder_plans(meter: KLMeter, sens: Sensitivity, schemes: dict[str, QuantScheme], kind: str,
+                 rungs: int = 8, refine: int = 2, progress: Callable[[str], None] | None = None
+                 ) -> tuple[list[Plan], dict[str, float], dict]:
+    """FP16, then quantized plans most bytes first. kind "bytes": `rungs` + 1 budgets evenly
+    spaced from all-INT4 to all-INT8 bytes; "paper": the bytes of INT4 on 25/50/75% of the
+    layers (each plan named after the mix whose bytes it uses). Returns the plans, each
+    quantized plan's measured KL, and the additive model's fit."""
+    from .plan import avg_bits_real, byte_budgets, mix_plan, paper_counts, part_params
+
+    spec = meter.spec
+    L = spec.num_layers
+    sizes = layer_part_sizes(spec, schemes)
+    layer = {p: sum(sizes[0][part][p] for part in PARTS) for p in QUANTIZED}
+    if kind == "bytes":
+        budgets = [(f"r{r}", b) for r, b in
+                   enumerate(byte_budgets(L * layer["int4"], L * layer["int8"], rungs))]
+    elif kind == "paper":
+        counts = [0] + sorted(set(c for c in paper_counts(L) if 0 < c < L)) + [L]
+        budgets = [(mix_plan(list(range(L)), n).name, n * layer["int4"] + (L - n) * layer["int8"])
+                   for n in counts]
+    else:
+        raise LsaqError(f"ladder {kind!r} is not allocated by sensitivity; use 'bytes' or 'paper'")
+    budgets.sort(key=lambda nb: -nb[1])  # most bytes first, the order the bundle lists them
+    found = allocate_rungs(meter, sens, sizes, budgets, refine=refine, progress=progress)
+    params = L * sum(part_params(spec).values())
+    plans, kl, seen = [Plan("fp16", ("fp16",) * L)], {}, set()
+    for r in found:
+        if r.plan.precisions in seen:  # two budgets that chose the same plan ship it once
+            continue
+        seen.add(r.plan.precisions)
+        name = r.plan.name
+        if kind == "bytes":
+            c = r.plan.counts
+            name = ("int8" if c["int8"] == L else "int4" if c["int4"] == L else
+                    f"mix{avg_bits_real([r.bytes], [params]):.2f}")
+        if name in kl:  # two rungs whose bits round alike
+            name = f"{name}-{len(plans)}"
+        plans.append(Plan(name, r.plan.precisions))
+        kl[name] = r.measured
+    return plans, kl, additive_fit(found)

@@ -196,12 +196,13 @@ def lsaq_results(label: str, bundle: Path, text: Path, seq_len: int, windows: in
     tw = ev.text_windows(text, bundle / m["tokenizer"]["dir"] / "tokenizer.json", seq_len, windows)
     settings = {"seq_len": seq_len, "windows": len(tw.windows)}
     params = decoder_linear_params(m["model"])
-    rows = []
+    rows, reused = [], 0
     for v in m["variants"]:
         if variants and v["name"] not in variants:
             continue
         e = _recorded(m, v["name"], "onnx", tw.sha256, settings, need="value")
         if e is not None:
+            reused += 1
             log(f"{label} {v['name']}: perplexity {e['value']:.3f} (recorded in the manifest)")
         else:
             t0 = time.perf_counter()
@@ -230,7 +231,7 @@ def lsaq_results(label: str, bundle: Path, text: Path, seq_len: int, windows: in
     info = {"path": str(bundle), "quantization": m["quantization"],
             "metric": m.get("scores", {}).get("metric"), "model": m["model"]["name"],
             "model_source": m["model"].get("source"), "windows_sha256": windows_key(tw),
-            "variants": rows}
+            "reused": reused, "variants": rows}
     return info, tw
 
 
@@ -398,11 +399,15 @@ def plot(bundles: dict, llama: dict, path: Path) -> None:
         ax.annotate(name + (" †" if flattered_gguf(r) else ""), (x, y), textcoords="offset points",
                     xytext=(5, 5), fontsize=8, color="C3")
     ax.set_yscale("log")
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
 
+    lo, hi = ax.get_ylim()
+    ticks = [t for t in (*range(10, 30, 2), *range(30, 60, 5), *range(60, 200, 20), 200, 300, 500)
+             if lo <= t <= hi]
+    if len(ticks) >= 3:
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel("bits per decoder-linear weight (stored bytes, scales included)")
     ax.set_ylabel("WikiText-2 perplexity (log scale, lower is better)")
     ax.grid(alpha=0.3, which="both")
@@ -433,8 +438,11 @@ def markdown(res: dict, rows, comps) -> str:
         "",
         f"Command: `{res['command']}`  ",
         f"Wall time: {res['seconds']:.0f} s on this machine ({res['threads']} threads)"
-        + (f"; {res['llama_cpp']['cached']} of {len(llama)} llama.cpp results read from the cache"
-           if res["llama_cpp"]["cached"] else "") + ".",
+        + f"; {res['llama_cpp']['cached']} of {len(llama)} llama.cpp results read from the "
+        f"workdir's cache, {sum(b['reused'] for b in bundles.values())} of "
+        f"{sum(len(b['variants']) for b in bundles.values())} LSAQ perplexities read back from "
+        "the bundles' manifests (where an earlier run recorded them); the llama.cpp evaluations "
+        f"took {sum(r.get('seconds', 0) for r in llama.values()):.0f} s when measured.",
         "",
         f"Perplexity on the first {t['windows']} non-overlapping windows of {t['seq_len']} tokens of "
         f"`{Path(t['source']).name}` (the windows of `lsaq-compile eval --windows {t['windows']}` "

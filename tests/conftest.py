@@ -91,8 +91,10 @@ def tiny_bundle(tiny_llama_dir, tmp_path_factory) -> Path:
     # compare with transformers bit for bit; smollm_bundle keeps the fast defaults.
     prof = _small_profile(samples=8, seq_len=64, metric="jaccard")
     prof.quantization.cpu_accuracy_level, prof.quantization.cpu_lm_head = 0, "fp16"
-    # The paper's ladder shape (every INT4 count), ranked by precision.
+    # The paper's quantizer and ladder shape (every INT4 count), ranked by precision.
     prof.build.ladder, prof.build.quality_samples = "full", 0
+    q = prof.quantization
+    q.scheme, q.symmetric, q.clip = "channel", True, "none"
     return build_bundle(tiny_llama_dir, out, profile=prof, progress=Progress(quiet=True))
 
 
@@ -107,7 +109,7 @@ def smollm_bundle(tmp_path_factory) -> Path:
         return Path(os.environ["LSAQ_TEST_BUNDLE"])
     out = tmp_path_factory.mktemp("bundles") / "smollm2"
     prof = _small_profile(samples=2, seq_len=96)
-    prof.build.rungs, prof.build.refine, prof.build.quality_samples = 4, 1, 2
+    prof.build.rungs, prof.build.refine, prof.build.quality_samples = 4, 1, 4
     return build_bundle(None, out, profile=prof, progress=Progress(quiet=True))
 
 

@@ -550,7 +550,7 @@ def _(c):
     (d / "thesis.tex").write_text("years of work")
     (d / "src" / "main.py").write_text("print(1)")
     c.after = lambda: (d / "thesis.tex").read_text() == "years of work"
-    return ["build", c.model, "-o", d, "--force", "-q", "--scores", c.scores]
+    return ["build", c.model, "-o", d, "--force", "-q", "--scores", c.scores, "--profile", "paper"]
 
 
 @case("force-onto-bundle-with-notes", "compile")
@@ -558,7 +558,7 @@ def _(c):
     """holds files that are not part of the bundle (notes.txt)"""
     (c.bundle / "notes.txt").write_text("mine")
     c.after = lambda: (c.bundle / "notes.txt").is_file()
-    return ["build", c.model, "-o", c.bundle, "--force", "-q", "--scores", c.scores]
+    return ["build", c.model, "-o", c.bundle, "--force", "-q", "--scores", c.scores, "--profile", "paper"]
 
 
 @case("force-onto-fake-manifest", "compile")
@@ -568,20 +568,20 @@ def _(c):
     d.mkdir()
     (d / "manifest.json").write_text('{"name": "a web app manifest"}')
     c.after = lambda: (d / "manifest.json").is_file()
-    return ["build", c.model, "-o", d, "--force", "-q", "--scores", c.scores]
+    return ["build", c.model, "-o", d, "--force", "-q", "--scores", c.scores, "--profile", "paper"]
 
 
 @case("no-force-onto-existing", "compile")
 def _(c):
     """already exists; pass --force to replace it"""
-    return ["build", c.model, "-o", c.bundle, "-q", "--scores", c.scores]
+    return ["build", c.model, "-o", c.bundle, "-q", "--scores", c.scores, "--profile", "paper"]
 
 
 @case("output-parent-is-a-file", "compile")
 def _(c):
     """cannot create the output folder"""
     (c.tmp / "afile").write_text("x")
-    return ["build", c.model, "-o", c.tmp / "afile" / "bundle", "-q", "--scores", c.scores]
+    return ["build", c.model, "-o", c.tmp / "afile" / "bundle", "-q", "--scores", c.scores, "--profile", "paper"]
 
 
 @case("disk-full-during-build", "compile")
@@ -594,7 +594,7 @@ def _(c):
     c.monkeypatch.setattr(ex, "save_graph", full)
     out = c.tmp / "new-bundle"
     c.after = lambda: not out.exists() and not list(c.tmp.glob(".new-bundle.lsaq-tmp-*"))
-    return ["build", c.model, "-o", out, "-q", "--scores", c.scores]
+    return ["build", c.model, "-o", out, "-q", "--scores", c.scores, "--profile", "paper"]
 
 
 @case("read-only-output", "compile")
@@ -607,7 +607,7 @@ def _(c):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
         return real_mkdir(self, *a, **k)
     c.monkeypatch.setattr(Path, "mkdir", denied)
-    return ["build", c.model, "-o", c.tmp / "ro" / "b", "-q", "--scores", c.scores]
+    return ["build", c.model, "-o", c.tmp / "ro" / "b", "-q", "--scores", c.scores, "--profile", "paper"]
 
 
 @case("scores-not-json", "compile")
@@ -630,6 +630,12 @@ def _(c):
 def _(c):
     """scores file not found"""
     return ["build", c.model, "-o", c.tmp / "o", "-q", "--scores", c.tmp / "none.json"]
+
+
+@case("proxy-scores-for-the-bytes-ladder", "compile")
+def _(c):
+    """build.ladder 'bytes' allocates by measured sensitivity, but the scores are jaccard"""
+    return ["build", c.model, "-o", c.tmp / "o", "-q", "--scores", c.scores]
 
 
 @case("profile-wrong-type", "compile")

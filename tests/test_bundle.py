@@ -120,8 +120,8 @@ def test_tampered_bundle_is_rejected_naming_the_file(tiny_bundle, tmp_path):
 def test_smollm_bundle_size_and_fp16_agreement(smollm_bundle):
     """FP16 variant vs transformers (float32) on 512 teacher-forced WikiText-2 positions; the
     whole ladder's files within 2x the FP16 variant's weight bytes (one INT8 and one INT4 copy
-    of every layer with scales for both providers at block 32, and the CPU graphs' INT8 LM
-    head: 1.92x measured; one weight file per variant would be 17x)."""
+    of every layer with scales for both providers, and the CPU graphs' INT8 LM head: 1.90x
+    measured for the default ladder)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -129,9 +129,9 @@ def test_smollm_bundle_size_and_fp16_agreement(smollm_bundle):
     from lsaq_compile.model_source import open_model
 
     m = read_manifest(smollm_bundle)
-    assert m["model"]["num_layers"] == 30 and len(m["variants"]) == 32
+    assert m["model"]["num_layers"] == 30 and {"fp16", "int8", "int4"} <= {v["name"] for v in m["variants"]}
     total = sum(f["bytes"] for f in m["files"])
-    fp16 = m["variants"][0]["weight_bytes"]
+    fp16 = next(v for v in m["variants"] if v["name"] == "fp16")["weight_bytes"]
     assert total <= 2.0 * fp16, (total, fp16)
 
     if not WIKITEXT.is_file():

@@ -557,6 +557,8 @@ def test_mse_act_bundle_matches_its_torch_reference(tiny_llama_dir, tmp_path):
         prof.build.quality_samples = 0   # held-out windows would be cut from the same text
     prof.quantization.cpu_accuracy_level, prof.quantization.cpu_lm_head = 0, "fp16"
     prof.quantization.clip = "mse-act"
+    prof.quantization.scheme, prof.quantization.symmetric = "channel", True
+    prof.scoring.metric = "jaccard"
     out = build_bundle(tiny_llama_dir, tmp_path / "b", profile=prof.validate(),
                        progress=Progress(quiet=True))
     m = read_manifest(out)

@@ -43,7 +43,6 @@ QUANTIZED = ("int8", "int4")
 class Sensitivity:
     """KL cost of each part at each precision (FP16 everywhere else) and the bytes it takes."""
     cost: dict[str, list[dict[str, float]]]     # part -> per layer {precision: mean KL}
-    base_kl: float                              # KL of the FP16 graph weights itself (0 by definition)
     tokens: int
     seconds: float
     params: dict = field(default_factory=dict)
@@ -198,7 +197,7 @@ def measure(meter: KLMeter, precisions=QUANTIZED,
                 progress(f"layer {i + 1}/{L} {part}: " + ", ".join(
                     f"{p} {cost[part][i][p]:.2e}" for p in precisions)
                     + f" ({done}/{n}, {time.perf_counter() - t0:.0f}s)")
-    return Sensitivity(cost, 0.0, meter.tokens, time.perf_counter() - t0)
+    return Sensitivity(cost, meter.tokens, time.perf_counter() - t0)
 
 
 @dataclass
@@ -212,11 +211,16 @@ class Rung:
     refined: int = 0        # swaps the greedy refinement kept
 
 
+def _part(layer_precision: str, part: str) -> str:
+    """The precision of one part ("attn" or "mlp") of a layer."""
+    return part_precision(layer_precision, "mlp." if part == "mlp" else "self_attn.")
+
+
 def plan_costs(sens: Sensitivity, precisions: list[str]) -> float:
     total = 0.0
     for i, p in enumerate(precisions):
         for part in PARTS:
-            q = part_precision(p, "mlp." if part == "mlp" else "self_attn.")
+            q = _part(p, part)
             total += sens.cost[part][i].get(q, 0.0)
     return total
 
@@ -238,7 +242,7 @@ def _precisions(choice: list[str], L: int) -> tuple[str, ...]:
 
 
 def _plan_bytes(precisions, sizes) -> int:
-    return sum(sizes[i][part][part_precision(p, "mlp." if part == "mlp" else "self_attn.")]
+    return sum(sizes[i][part][_part(p, part)]
                for i, p in enumerate(precisions) for part in PARTS)
 
 
@@ -367,7 +371,7 @@ def from_scores(scores, schemes: dict[str, QuantScheme]) -> Sensitivity:
     if not ok:
         raise LsaqError("sensitivity scores lack per-part costs (params.cost); score again with "
                         "`lsaq-compile score --metric sensitivity`")
-    return Sensitivity({part: [dict(c) for c in cost[part]] for part in PARTS}, 0.0,
+    return Sensitivity({part: [dict(c) for c in cost[part]] for part in PARTS},
                        int(p.get("tokens", 0)), float(p.get("seconds", 0.0)))
 
 

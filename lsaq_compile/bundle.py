@@ -92,7 +92,8 @@ def _load_scores(scores, source: ModelSource, profile: Profile, metric: str, pro
         sc = profile.scoring
         log = progress.stage("scoring")
         if metric == "sensitivity":
-            return sensitivity.score(source, calib, calib.windows, schemes, act_stats, log)
+            return sensitivity.score(source, calib, calib.windows, schemes, act_stats, log,
+                                     granularity=sc.granularity)
         result = score_model(source, metrics=(metric,), k=sc.k, final_norm=sc.final_norm,
                              calibration=calib if metric != "zscore" else None,
                              progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))
@@ -126,10 +127,16 @@ def _plans(sc, meter, source: ModelSource, profile: Profile, schemes, calib, act
                             "ladder 'full' or 'paper'")
         return ladder(list(sc.order), kind), {}, {}
     sens = sensitivity.from_scores(sc, schemes)
+    want = sensitivity.GRANULARITY[profile.scoring.granularity]
+    if sens.units != want:
+        raise LsaqError(f"these sensitivity scores measured {'/'.join(sens.units)}, but the "
+                        f"profile allocates {'/'.join(want)} (scoring.granularity "
+                        f"{profile.scoring.granularity!r}); score again with this profile")
     if meter is None:  # reused scores: the plans are still validated on this build's windows
         meter = sensitivity.KLMeter(source, calib.windows, schemes, act_stats)
     return sensitivity.ladder_plans(meter, sens, schemes, kind, profile.build.rungs,
-                                    profile.build.refine, progress.stage("allocating"))
+                                    profile.build.refine, progress.stage("allocating"),
+                                    profile.build.rung_bits)
 
 
 def score_for_profile(source: ModelSource, profile: str | Profile | None = None,

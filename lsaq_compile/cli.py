@@ -59,7 +59,7 @@ def cli():
 @click.argument("model", required=False)
 @click.option("--metric", type=click.Choice(METRICS), default="jaccard", show_default=True,
               help="jaccard: LSAQ (top-k token sets); cosine, zscore: LWQ baselines; "
-                   "sensitivity: measured KL of quantizing each layer's attention and MLP.")
+                   "sensitivity: measured KL of quantizing each linear of each layer (profile scoring.granularity).")
 @click.option("--k", "k", type=click.IntRange(1), default=10, show_default=True, help="top-k tokens (jaccard)")
 @click.option("--final-norm", is_flag=True, help="apply the model's final norm before projecting (logit lens)")
 @click.option("--calibration", type=click.Path(dir_okay=False), help="UTF-8 text file [default: built-in]")

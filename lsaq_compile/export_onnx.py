@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from lsaq_runtime.manifest import LINEAR_PART, split_precision
+
 from .errors import LsaqError
 from .model_source import ModelSource, ModelSpec
 from .quantize import QuantScheme, quantize
@@ -58,6 +60,8 @@ FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
          "mlp.down_proj": ("mlp.down_proj",)}
 STORED_LINEARS = tuple(FUSED)
+# last name component (HF member or stored) -> stored linear, e.g. "up_proj" -> "mlp.gate_up_proj"
+STORED_OF = {n.rsplit(".", 1)[-1]: lin for lin, members in FUSED.items() for n in (lin, *members)}
 QKV_BIAS_KEY = "self_attn.qkv_proj.bias"
 
 
@@ -90,11 +94,18 @@ def linear_keys(i: int, lin: str, precision: str, scheme: QuantScheme | None) ->
 
 def part_precision(layer_precision: str, lin: str) -> str:
     """The precision of stored linear `lin` (e.g. "mlp.down_proj") in a layer whose precision
-    is "P" or "ATTN/MLP" (BUNDLE_FORMAT.md); lin may also be an HF name like "mlp.up_proj"."""
-    parts = layer_precision.split("/")
-    if len(parts) > 2:
-        raise LsaqError(f"layer precision {layer_precision!r}: use P or ATTN/MLP")
-    return parts[-1] if lin.startswith("mlp.") else parts[0]
+    is "P", "ATTN/MLP" or "QKV/O/GATE_UP/DOWN" (BUNDLE_FORMAT.md); lin may also be an HF name
+    like "model.layers.3.mlp.up_proj.weight"."""
+    names = [c for c in lin.split(".") if c in STORED_OF]   # "...mlp.up_proj.weight" too
+    if not names:
+        raise LsaqError(f"{lin!r} is not a decoder linear ({', '.join(STORED_OF)})")
+    if "/" not in layer_precision:  # one precision for the whole layer (also "fp32", tests' graphs)
+        return layer_precision
+    try:
+        parts = split_precision(layer_precision)
+    except ValueError as e:
+        raise LsaqError(str(e)) from None
+    return parts[LINEAR_PART[STORED_OF[names[-1]]]]
 
 
 def lin_precisions(layer_precisions, lin: str) -> list[str]:

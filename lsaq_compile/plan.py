@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from lsaq_runtime.manifest import LINEAR_PART, PARTS, split_precision
 
 from .errors import LsaqError
-from .export_onnx import STORED_LINEARS, part_precision
 from .quantize import QuantScheme, stored_bytes
 
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
@@ -26,7 +26,7 @@ class Plan:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Layers wholly at each precision, and layers whose attention and MLP differ."""
+        """Layers wholly at each precision, and layers whose linears differ ("mixed")."""
         c = {p: self.precisions.count(p) for p in ("fp16", "int8", "int4")}
         c["mixed"] = sum("/" in p for p in self.precisions)
         return c
@@ -37,10 +37,10 @@ class Plan:
 
     def avg_bits_nominal(self, part_params: dict[str, int] | None = None) -> float:
         """Bits per decoder-linear weight, scales ignored (the paper's 8/7/6/5/4 figures).
-        part_params: weights in one layer's attention and MLP (equal when not given)."""
-        w = part_params or {"attn": 1, "mlp": 1}
-        bits = sum(BITS[part_precision(p, lin)] * w[part] for p in self.precisions
-                   for part, lin in (("attn", "self_attn."), ("mlp", "mlp.")))
+        part_params: weights in each of a layer's stored linears, by part (equal if not given)."""
+        w = part_params or {part: 1 for part in PARTS}
+        bits = sum(BITS[split_precision(p)[part]] * w[part] for p in self.precisions
+                   for part in PARTS)
         return bits / (len(self.precisions) * sum(w.values()))
 
 
@@ -87,6 +87,11 @@ def ladder(order: list[int], kind: str = "full") -> list[Plan]:
 
 
 # ---------------------------------------------------------------- allocation by bytes
+# What the allocation may give a precision of its own: a layer's attention (qkv, o) or MLP
+# (gate_up, down) half, or one stored linear (a part).
+UNITS = {"attn": ("self_attn.qkv_proj", "self_attn.o_proj"),
+         "mlp": ("mlp.gate_up_proj", "mlp.down_proj"),
+         **{part: (lin,) for lin, part in LINEAR_PART.items()}}
 def linear_shapes(spec) -> dict[str, tuple[int, int]]:
     """[N, K] of each stored (fused) linear of one decoder layer."""
     h, hd, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
@@ -96,19 +101,14 @@ def linear_shapes(spec) -> dict[str, tuple[int, int]]:
 
 
 def part_params(spec) -> dict[str, int]:
-    """Weights in one layer's attention and MLP projections."""
-    out = {"attn": 0, "mlp": 0}
-    for lin, (n, k) in linear_shapes(spec).items():
-        out["mlp" if lin.startswith("mlp.") else "attn"] += n * k
-    return out
+    """Weights in each stored linear of one layer, by part (qkv, o, gate_up, down)."""
+    return {LINEAR_PART[lin]: n * k for lin, (n, k) in linear_shapes(spec).items()}
 
 
-def part_bytes(spec, part: str, precision: str, schemes: dict[str, QuantScheme]) -> int:
-    """Exact stored bytes of one layer's attention or MLP at one precision."""
+def part_bytes(spec, unit: str, precision: str, schemes: dict[str, QuantScheme]) -> int:
+    """Exact stored bytes of one unit of a layer (a part, or "attn"/"mlp") at one precision."""
     total = 0
-    for lin in STORED_LINEARS:
-        if lin.startswith("mlp.") != (part == "mlp"):
-            continue
+    for lin in UNITS[unit]:
         n, k = linear_shapes(spec)[lin]
         total += {"fp32": 4, "fp16": 2}.get(precision, 0) * n * k or \
             stored_bytes(n, k, schemes[precision])

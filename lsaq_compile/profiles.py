@@ -31,6 +31,9 @@ class BuildSection:
     rungs: int = 8             # ladder "bytes": steps from all-INT4 to all-INT8 bytes
     refine: int = 1            # ladder "bytes"/"paper" with sensitivity: greedy swap rounds
     quality_samples: int = 16  # held-out calibration windows each variant's graph is measured on
+    # ladder "bytes": extra variants at these average bits per decoder-linear weight (scales
+    # included), e.g. a target device's budget or a peer's file size to compare at equal bytes
+    rung_bits: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -41,6 +44,7 @@ class ScoringSection:
     calibration: str = ""
     samples: int = 4
     seq_len: int = 128
+    granularity: str = "linear"  # sensitivity: linear (qkv, o, gate_up, down) | block (attention, MLP)
 
 
 @dataclass
@@ -88,6 +92,9 @@ class Profile:
             raise LsaqError(f"{where}: build.providers must name 'cpu' and/or 'cuda' (got {self.build.providers})")
         if self.scoring.metric not in ("jaccard", "cosine", "zscore", "sensitivity"):
             raise LsaqError(f"{where}: scoring.metric must be sensitivity, jaccard, cosine or zscore")
+        if self.scoring.granularity not in ("block", "linear"):
+            raise LsaqError(f"{where}: scoring.granularity must be 'block' (attention and MLP) "
+                            f"or 'linear' (each stored linear), not {self.scoring.granularity!r}")
         if self.quantization.scheme not in ("channel", "group"):
             raise LsaqError(f"{where}: quantization.scheme must be 'channel' or 'group'")
         if self.quantization.group_size not in (32, 64, 128):
@@ -103,6 +110,9 @@ class Profile:
         if self.quantization.cpu_accuracy_level not in (0, 4):
             raise LsaqError(f"{where}: quantization.cpu_accuracy_level must be 4 (int8 "
                             "activations, fast) or 0 (float activations, exact)")
+        if self.build.rung_bits and self.build.ladder != "bytes":
+            raise LsaqError(f"{where}: build.rung_bits places variants of ladder 'bytes'; "
+                            f"remove it or set ladder = \"bytes\"")
         for key, value, low in (("build.max_context", self.build.max_context, 1),
                                 ("build.rungs", self.build.rungs, 1),
                                 ("build.refine", self.build.refine, 0),
@@ -165,16 +175,21 @@ def load_profile(name_or_path: str | None = None) -> Profile:
     return prof.validate()
 
 
+NUMBER_LISTS = {"rung_bits"}
+
+
 def _check_type(p: Path, sec: str, key: str, value, default) -> None:
     """A profile value must have its default's type (an int is accepted for a float)."""
     want = type(default)
     ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
+    numbers = key in NUMBER_LISTS
     if want is list:
-        ok = ok and all(isinstance(x, str) for x in value)
+        ok = ok and all((isinstance(x, (int, float)) and not isinstance(x, bool)) if numbers
+                        else isinstance(x, str) for x in value)
     if not ok:
         names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-                 list: "a list of strings"}
+                 list: "a list of numbers" if numbers else "a list of strings"}
         raise LsaqError(f"{p}: [{sec}] {key} must be {names.get(want, want.__name__)}, "
                         f"not {value!r}")

@@ -2,7 +2,8 @@
 
 The paper ranks layers by a proxy (how a layer changes the top-k tokens of its hidden state);
 here the quantity the ladder trades against bytes is measured directly. On calibration windows,
-for every decoder layer's attention (qkv, o) and MLP (gate, up, down) separately, and for every
+for every stored linear of every decoder layer (qkv, o, gate_up, down; or, coarser, its
+attention and MLP halves) separately, and for every
 quantized precision the bundle can hold, quantize that part alone (everything else FP16) and
 measure the mean KL divergence of the final next-token distributions from the FP16 model's.
 
@@ -27,30 +28,37 @@ from typing import Callable
 
 import numpy as np
 import torch
-from lsaq_runtime.manifest import PARTS
+from lsaq_runtime.manifest import LINEAR_PART, PARTS, join_precision
 
 from .errors import LsaqError
 from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, effective_linear_weight, part_precision
 from .layerwise import _classes, _sliding_window, as_tensor, causal_mask
 from .model_source import LINEAR_NAMES, ModelSource
-from .plan import Plan, allocate, part_bytes
+from .plan import UNITS, Plan, allocate, part_bytes
 from .quantize import QuantScheme
 
 QUANTIZED = ("int8", "int4")
+# What gets a precision of its own: each layer's attention and MLP halves, or each stored linear
+# (qkv, o, gate_up, down: twice the measurements, finer choices for the knapsack).
+GRANULARITY = {"block": ("attn", "mlp"), "linear": PARTS}
 
 
 @dataclass
 class Sensitivity:
     """KL cost of each part at each precision (FP16 everywhere else) and the bytes it takes."""
-    cost: dict[str, list[dict[str, float]]]     # part -> per layer {precision: mean KL}
+    cost: dict[str, list[dict[str, float]]]     # unit -> per layer {precision: mean KL}
     tokens: int
     seconds: float
     params: dict = field(default_factory=dict)
 
+    @property
+    def units(self) -> tuple[str, ...]:
+        return tuple(self.cost)
+
     def layer_importance(self) -> list[float]:
         """One number per layer for the `scores` record: the KL cost of INT4 on the whole layer."""
-        L = len(self.cost["attn"])
-        return [self.cost["attn"][i]["int4"] + self.cost["mlp"][i]["int4"] for i in range(L)]
+        L = len(next(iter(self.cost.values())))
+        return [sum(self.cost[u][i]["int4"] for u in self.units) for i in range(L)]
 
     def to_json(self) -> dict:
         return {"cost": self.cost, "tokens": self.tokens, "seconds": round(self.seconds, 1),
@@ -174,22 +182,29 @@ def _stats_key(i: int, name: str) -> str:
     return f"model.layers.{i}.{stored}"
 
 
-def part_plan(L: int, layer: int, part: str, precision: str) -> list[str]:
-    """FP16 everywhere but one part of one layer."""
+def _layer_precision(unit_precisions: dict[str, str]) -> str:
+    """The layer precision whose units (see plan.UNITS) have these precisions."""
+    parts = {LINEAR_PART[lin]: p for u, p in unit_precisions.items() for lin in UNITS[u]}
+    return join_precision(parts)
+
+
+def part_plan(L: int, layer: int, unit: str, precision: str) -> list[str]:
+    """FP16 everywhere but one unit (plan.UNITS: "attn", "mlp" or one linear) of one layer."""
     p = ["fp16"] * L
-    p[layer] = f"{precision}/fp16" if part == "attn" else f"fp16/{precision}"
+    units = GRANULARITY["linear" if unit in PARTS else "block"]
+    p[layer] = _layer_precision({u: precision if u == unit else "fp16" for u in units})
     return p
 
 
-def measure(meter: KLMeter, precisions=QUANTIZED,
+def measure(meter: KLMeter, precisions=QUANTIZED, units: tuple[str, ...] = GRANULARITY["block"],
             progress: Callable[[str], None] | None = None) -> Sensitivity:
-    """Single-part costs: 2 x layers x precisions KL measurements."""
+    """Single-unit costs: units x layers x precisions KL measurements."""
     L = meter.spec.num_layers
     t0 = time.perf_counter()
-    cost = {part: [dict() for _ in range(L)] for part in PARTS}
-    n, done = 2 * L * len(precisions), 0
+    cost = {part: [dict() for _ in range(L)] for part in units}
+    n, done = len(units) * L * len(precisions), 0
     for i in range(L):
-        for part in PARTS:
+        for part in units:
             for p in precisions:
                 cost[part][i][p] = meter.kl(part_plan(L, i, part, p))
                 done += 1
@@ -211,15 +226,16 @@ class Rung:
     refined: int = 0        # swaps the greedy refinement kept
 
 
-def _part(layer_precision: str, part: str) -> str:
-    """The precision of one part ("attn" or "mlp") of a layer."""
-    return part_precision(layer_precision, "mlp." if part == "mlp" else "self_attn.")
+def _part(layer_precision: str, unit: str) -> str:
+    """The precision of one unit of a layer (of its first linear: a plan chosen at a unit's
+    granularity gives all of its linears one precision)."""
+    return part_precision(layer_precision, UNITS[unit][0])
 
 
 def plan_costs(sens: Sensitivity, precisions: list[str]) -> float:
     total = 0.0
     for i, p in enumerate(precisions):
-        for part in PARTS:
+        for part in sens.units:
             q = _part(p, part)
             total += sens.cost[part][i].get(q, 0.0)
     return total
@@ -229,21 +245,21 @@ def _items(sens: Sensitivity, sizes: list[dict[str, dict[str, int]]], choices=QU
     """Knapsack items in (layer, part) order: cost and bytes of each precision choice."""
     costs, weights = [], []
     for i, layer in enumerate(sizes):
-        for part in PARTS:
+        for part in sens.units:
             costs.append({p: sens.cost[part][i][p] for p in choices})
             weights.append({p: layer[part][p] for p in choices})
     return costs, weights
 
 
-def _precisions(choice: list[str], L: int) -> tuple[str, ...]:
-    from lsaq_runtime.manifest import join_precision
-
-    return tuple(join_precision(choice[2 * i], choice[2 * i + 1]) for i in range(L))
+def _precisions(choice: list[str], L: int, units: tuple[str, ...]) -> tuple[str, ...]:
+    """Layer precisions of a knapsack choice (one precision per (layer, unit), in that order)."""
+    u = len(units)
+    return tuple(_layer_precision(dict(zip(units, choice[u * i:u * i + u]))) for i in range(L))
 
 
 def _plan_bytes(precisions, sizes) -> int:
-    return sum(sizes[i][part][_part(p, part)]
-               for i, p in enumerate(precisions) for part in PARTS)
+    return sum(sizes[i][unit][_part(p, unit)]
+               for i, p in enumerate(precisions) for unit in sizes[i])
 
 
 def allocate_rungs(meter: KLMeter, sens: Sensitivity, sizes: list[dict[str, dict[str, int]]],
@@ -257,20 +273,20 @@ def allocate_rungs(meter: KLMeter, sens: Sensitivity, sizes: list[dict[str, dict
     choices = allocate(costs, weights, [b for _, b in budgets])
     rungs = []
     for (name, budget), choice in zip(budgets, choices):
-        prec = _precisions(choice, L)
+        prec = _precisions(choice, L, sens.units)
         rung = Rung(budget, Plan(name, prec), _plan_bytes(prec, sizes), plan_costs(sens, prec),
                     meter.kl(prec))
         for _ in range(refine):
             best = None
             for cand in _swaps(choice, costs, weights, budget, limit=3):
-                cp = _precisions(cand, L)
+                cp = _precisions(cand, L, sens.units)
                 kl = meter.kl(cp)
                 if kl < rung.measured and (best is None or kl < best[1]):
                     best = (cand, kl)
             if best is None:
                 break
             choice = best[0]
-            prec = _precisions(choice, L)
+            prec = _precisions(choice, L, sens.units)
             rung = Rung(budget, Plan(name, prec), _plan_bytes(prec, sizes),
                         plan_costs(sens, prec), best[1], rung.refined + 1)
         if progress:
@@ -315,15 +331,15 @@ def additive_fit(rungs: list[Rung]) -> dict:
             "max_ratio": round(max(ratios), 4), "plans": len(pts)}
 
 
-def layer_part_sizes(spec, schemes: dict[str, QuantScheme], precisions=("fp16",) + QUANTIZED
-                     ) -> list[dict[str, dict[str, int]]]:
-    """Stored bytes of each layer's attention and MLP at each precision (scales included)."""
-    one = {part: {p: part_bytes(spec, part, p, schemes) for p in precisions} for part in PARTS}
+def layer_part_sizes(spec, schemes: dict[str, QuantScheme], units=GRANULARITY["block"],
+                     precisions=("fp16",) + QUANTIZED) -> list[dict[str, dict[str, int]]]:
+    """Stored bytes of each layer's units at each precision (scales included)."""
+    one = {u: {p: part_bytes(spec, u, p, schemes) for p in precisions} for u in units}
     return [one for _ in range(spec.num_layers)]
 
 
 def check_finite(sens: Sensitivity) -> None:
-    bad = [(part, i) for part in PARTS for i, c in enumerate(sens.cost[part])
+    bad = [(part, i) for part in sens.units for i, c in enumerate(sens.cost[part])
            if not all(math.isfinite(v) for v in c.values())]
     if bad:
         raise LsaqError(f"sensitivity: non-finite KL for {bad[:3]}; the weights hold NaN/inf "
@@ -332,8 +348,13 @@ def check_finite(sens: Sensitivity) -> None:
 
 # ---------------------------------------------------------------- scoring and the ladder
 def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[str, QuantScheme],
-          act_stats: dict | None = None, progress: Callable[[str], None] | None = None):
-    """Measure every part's sensitivity; return (Scores with metric "sensitivity", the meter)."""
+          act_stats: dict | None = None, progress: Callable[[str], None] | None = None,
+          granularity: str = "block"):
+    """Measure every unit's sensitivity (GRANULARITY: "block" = attention and MLP, "linear" =
+    each stored linear); return (Scores with metric "sensitivity", the meter)."""
+    if granularity not in GRANULARITY:
+        raise LsaqError(f"sensitivity granularity {granularity!r}: use "
+                        f"{' or '.join(map(repr, GRANULARITY))}")
     from .importance import Scores
 
     t0 = time.perf_counter()
@@ -341,7 +362,7 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
     if progress:
         progress(f"FP16 reference on {meter.n} x {meter.seq_len} tokens "
                  f"({time.perf_counter() - t0:.0f}s)")
-    sens = measure(meter, progress=progress)
+    sens = measure(meter, units=GRANULARITY[granularity], progress=progress)
     check_finite(sens)
     spec = source.spec
     model = {"name": spec.name, "architecture": spec.architecture, "num_layers": spec.num_layers,
@@ -363,34 +384,44 @@ def from_scores(scores, schemes: dict[str, QuantScheme]) -> Sensitivity:
                             f"but the profile quantizes it as {schemes[prec].name!r}; score again "
                             "with this profile")
     cost = p.get("cost")
-    ok = isinstance(cost, dict) and all(
+    units = tuple(cost) if isinstance(cost, dict) else ()
+    ok = units in GRANULARITY.values() and all(
         isinstance(cost.get(part), list) and len(cost[part]) == L and all(
             isinstance(c, dict) and all(isinstance(c.get(q), (int, float)) and
                                         math.isfinite(c[q]) and c[q] >= 0 for q in QUANTIZED)
-            for c in cost[part]) for part in PARTS)
+            for c in cost[part]) for part in units)
     if not ok:
         raise LsaqError("sensitivity scores lack per-part costs (params.cost); score again with "
                         "`lsaq-compile score --metric sensitivity`")
-    return Sensitivity({part: [dict(c) for c in cost[part]] for part in PARTS},
+    return Sensitivity({part: [dict(c) for c in cost[part]] for part in units},
                        int(p.get("tokens", 0)), float(p.get("seconds", 0.0)))
 
 
 def ladder_plans(meter: KLMeter, sens: Sensitivity, schemes: dict[str, QuantScheme], kind: str,
-                 rungs: int = 8, refine: int = 2, progress: Callable[[str], None] | None = None
-                 ) -> tuple[list[Plan], dict[str, float], dict]:
+                 rungs: int = 8, refine: int = 2, progress: Callable[[str], None] | None = None,
+                 rung_bits: list[float] = ()) -> tuple[list[Plan], dict[str, float], dict]:
     """FP16, then quantized plans most bytes first. kind "bytes": `rungs` + 1 budgets evenly
-    spaced from all-INT4 to all-INT8 bytes; "paper": the bytes of INT4 on 25/50/75% of the
+    spaced from all-INT4 to all-INT8 bytes, plus one at each of `rung_bits` (average bits per
+    decoder-linear weight, scales included); "paper": the bytes of INT4 on 25/50/75% of the
     layers (each plan named after the mix whose bytes it uses). Returns the plans, each
     quantized plan's measured KL, and the additive model's fit."""
     from .plan import avg_bits_real, byte_budgets, mix_plan, paper_counts, part_params
 
     spec = meter.spec
     L = spec.num_layers
-    sizes = layer_part_sizes(spec, schemes)
-    layer = {p: sum(sizes[0][part][p] for part in PARTS) for p in QUANTIZED}
+    sizes = layer_part_sizes(spec, schemes, sens.units)
+    layer = {p: sum(sizes[0][u][p] for u in sens.units) for p in QUANTIZED}
+    params = L * sum(part_params(spec).values())
     if kind == "bytes":
-        budgets = [(f"r{r}", b) for r, b in
-                   enumerate(byte_budgets(L * layer["int4"], L * layer["int8"], rungs))]
+        low, high = L * layer["int4"], L * layer["int8"]
+        budgets = [(f"r{r}", b) for r, b in enumerate(byte_budgets(low, high, rungs))]
+        for bits in rung_bits:
+            b = math.floor(bits * params / 8)
+            if not low <= b <= high:
+                raise LsaqError(f"build.rung_bits {bits}: this model's quantized variants take "
+                                f"{8 * low / params:.3f} (all INT4) to {8 * high / params:.3f} "
+                                "(all INT8) bits per weight; pick a value in that range")
+            budgets.append((f"b{bits}", b))
     elif kind == "paper":
         counts = [0] + sorted(set(c for c in paper_counts(L) if 0 < c < L)) + [L]
         budgets = [(mix_plan(list(range(L)), n).name, n * layer["int4"] + (L - n) * layer["int8"])
@@ -399,7 +430,6 @@ def ladder_plans(meter: KLMeter, sens: Sensitivity, schemes: dict[str, QuantSche
         raise LsaqError(f"ladder {kind!r} is not allocated by sensitivity; use 'bytes' or 'paper'")
     budgets.sort(key=lambda nb: -nb[1])  # most bytes first, the order the bundle lists them
     found = allocate_rungs(meter, sens, sizes, budgets, refine=refine, progress=progress)
-    params = L * sum(part_params(spec).values())
     plans, kl, seen = [Plan("fp16", ("fp16",) * L)], {}, set()
     for r in found:
         if r.plan.precisions in seen:  # two budgets that chose the same plan ship it once

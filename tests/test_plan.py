@@ -44,7 +44,8 @@ def test_paper_ladder_uses_least_important_quarters():
 def test_weighted_nominal_bits_and_bad_orders():
     p = mix_plan([1, 0], 1)
     assert p.precisions == ("int8", "int4")
-    assert p.avg_bits_nominal({"attn": 1, "mlp": 3}) == (8 + 4) / 2   # layers weigh alike
+    w = {"qkv": 1, "o": 2, "gate_up": 4, "down": 1}
+    assert p.avg_bits_nominal(w) == (8 + 4) / 2   # layers weigh alike
     with pytest.raises(LsaqError, match="permutation"):
         ladder([0, 0, 1], "full")
     with pytest.raises(LsaqError, match="unknown ladder"):

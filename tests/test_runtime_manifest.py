@@ -11,7 +11,8 @@ import pytest
 
 from lsaq_runtime.errors import LsaqRuntimeError
 from lsaq_runtime.integrity import verify_files
-from lsaq_runtime.manifest import SCHEMA_VERSION, load_manifest, validate_manifest, verify_bundle
+from lsaq_runtime.manifest import (SCHEMA_VERSION, join_precision, load_manifest, split_precision,
+                                   validate_manifest, verify_bundle)
 from test_runtime_planner import synthetic_manifest
 
 
@@ -185,6 +186,23 @@ def test_per_part_precisions_and_their_counts():
     _invalid(lambda m: _set_layer(m, 1, 0, "int8/int8", {"fp16": 0, "int8": 2, "int4": 0, "mixed": 1}),
              "write 'int8', not 'int8/int8'")
     _invalid(lambda m: _set_layer(m, 1, 0, "int8/int4/int4"), "variants/1/precisions/0")
+    _invalid(lambda m: _set_layer(m, 1, 0, "int8/int4/int4/int8/int4"), "variants/1/precisions/0")
+    # one precision per stored linear (qkv/o/gate_up/down), in its shortest form
+    _set_layer(m, 1, 0, "int8/int8/int8/int4", {"fp16": 0, "int8": 1, "int4": 0, "mixed": 2})
+    validate_manifest(m)
+    _invalid(lambda m: _set_layer(m, 1, 0, "int8/int8/int4/int4", {"fp16": 0, "int8": 2, "int4": 0, "mixed": 1}),
+             "write 'int8/int4', not 'int8/int8/int4/int4'")
+    _invalid(lambda m: _set_layer(m, 1, 0, "int4/int4/int4/int4", {"fp16": 0, "int8": 2, "int4": 0, "mixed": 1}),
+             "write 'int4', not 'int4/int4/int4/int4'")
+    assert split_precision("int8/int4") == {"qkv": "int8", "o": "int8", "gate_up": "int4", "down": "int4"}
+    assert split_precision("fp16/int8/int4/int8")["down"] == "int8"
+    assert join_precision({"qkv": "int4", "o": "int4", "gate_up": "int4", "down": "int8"}) == "int4/int4/int4/int8"
+
+
+def test_schema_4_bundles_still_read():
+    m = synthetic_manifest(layers=3)
+    m["schema_version"] = 4        # 5 only added QKV/O/GATE_UP/DOWN precisions
+    validate_manifest(m)
     _invalid(lambda m: _set_layer(m, 1, 0, "int3/int4"), "variants/1/precisions/0")
 
 

@@ -17,6 +17,7 @@ from lsaq_compile.plan import Plan, allocate, byte_budgets, part_bytes, part_par
 from lsaq_compile.progress import Progress
 from lsaq_compile.quantize import QuantScheme, quantize, schemes_for, stored_bytes
 from lsaq_compile.reference import reference_model
+from lsaq_runtime.manifest import join_precision, split_precision
 
 
 # ------------------------------------------------------------------------ knapsack
@@ -78,11 +79,12 @@ def test_stored_bytes_is_what_quantize_stores(scheme, shape):
 
 
 def test_plan_counts_and_nominal_bits_of_mixed_layers():
-    p = Plan("x", ("int8", "int8/int4", "int4/int8", "int4"))
-    assert p.counts == {"fp16": 0, "int8": 1, "int4": 1, "mixed": 2}
-    # attention 1 weight, MLP 3 weights per layer
-    assert p.avg_bits_nominal({"attn": 1, "mlp": 3}) == pytest.approx(
-        (8 * 4 + (8 + 12) + (4 + 24) + 4 * 4) / 16)
+    p = Plan("x", ("int8", "int8/int4", "int4/int8", "int4", "int4/int4/int4/int8"))
+    assert p.counts == {"fp16": 0, "int8": 1, "int4": 1, "mixed": 3}
+    # qkv, o: 1 weight each; gate_up 2, down 1: attention 2 and MLP 3 weights per layer
+    w = {"qkv": 1, "o": 1, "gate_up": 2, "down": 1}
+    assert p.avg_bits_nominal(w) == pytest.approx(
+        (8 * 5 + (8 * 2 + 4 * 3) + (4 * 2 + 8 * 3) + 4 * 5 + (4 * 4 + 8)) / 25)
 
 
 # ------------------------------------------------------------------------ the meter
@@ -109,7 +111,8 @@ def _kl_from_reference(src, schemes, windows, precisions):
 
 
 @pytest.mark.parametrize("precisions", [("int4",) * 4, ("fp16", "int8/int4", "int4/int8", "int8"),
-                                        ("fp16", "fp16", "fp16", "fp16/int4")])
+                                        ("fp16", "fp16", "fp16", "fp16/int4"),
+                                        ("int4/int8/int8/int4", "fp16", "int8/int8/int4/int8", "int4")])
 def test_meter_agrees_with_full_reference_models(tiny_meter, precisions):
     src, schemes, calib, meter = tiny_meter
     want = _kl_from_reference(src, schemes, calib.windows, precisions)
@@ -129,6 +132,36 @@ def test_measure_costs_every_part_and_int4_costs_more(tiny_meter):
     L = 4
     assert sens.cost["mlp"][2]["int4"] == meter.kl(sensitivity.part_plan(L, 2, "mlp", "int4"))
     assert sens.layer_importance()[1] == sens.cost["attn"][1]["int4"] + sens.cost["mlp"][1]["int4"]
+
+
+def test_linear_granularity_measures_each_stored_linear(tiny_meter):
+    src, schemes, calib, meter = tiny_meter
+    units = sensitivity.GRANULARITY["linear"]
+    assert units == ("qkv", "o", "gate_up", "down")
+    assert sensitivity.part_plan(4, 1, "down", "int4")[1] == "fp16/fp16/fp16/int4"
+    assert sensitivity.part_plan(4, 1, "qkv", "int8")[1] == "int8/fp16/fp16/fp16"
+    sens = sensitivity.measure(meter, units=units)
+    assert sens.units == units
+    assert sens.cost["o"][3]["int4"] == meter.kl(sensitivity.part_plan(4, 3, "o", "int4"))
+    for u in units:
+        assert all(c["int4"] > c["int8"] >= 0 for c in sens.cost[u])
+    # bytes of the four linears add up to the two halves'
+    for p in ("int8", "int4"):
+        assert sum(part_bytes(src.spec, u, p, schemes) for u in units) == \
+            part_bytes(src.spec, "attn", p, schemes) + part_bytes(src.spec, "mlp", p, schemes)
+    # an extra rung at given average bits, kept within its bytes; finer choices than the halves
+    params = 4 * sum(part_params(src.spec).values())
+    plans, kl, _ = sensitivity.ladder_plans(meter, sens, schemes, "bytes", rungs=2, refine=0,
+                                            rung_bits=[5.3])
+    sizes = sensitivity.layer_part_sizes(src.spec, schemes, units)
+    bits = [8 * sensitivity._plan_bytes(p.precisions, sizes) / params for p in plans[1:]]
+    assert bits == sorted(bits, reverse=True) and len(plans) == 5
+    assert max(b for b in bits if b <= 5.3) > 5.3 - 0.5 and any(b <= 5.3 for b in bits[1:-1])
+    assert any(len(q.split("/")) == 4 for p in plans for q in p.precisions)
+    for p in plans[1:]:
+        assert kl[p.name] == pytest.approx(meter.kl(list(p.precisions)))
+    with pytest.raises(LsaqError, match="rung_bits 9.0.*pick a value"):
+        sensitivity.ladder_plans(meter, sens, schemes, "bytes", rungs=2, refine=0, rung_bits=[9.0])
 
 
 def test_ladder_plans_fit_their_budgets_and_are_validated(tiny_meter):
@@ -170,6 +203,21 @@ def test_sensitivity_scores_round_trip_and_refuse_other_schemes(tiny_meter):
         sensitivity.from_scores(broken, schemes)
 
 
+def test_scores_of_another_granularity_are_refused(tiny_meter, tiny_llama_dir, tmp_path):
+    src, schemes, calib, _ = tiny_meter
+    sc, _ = sensitivity.score(src, calib, calib.windows[:2], schemes, granularity="block")
+    prof = _small_profile(samples=2, seq_len=32)
+    prof.build.rungs, prof.build.quality_samples = 2, 0
+    prof.quantization.clip = "none"
+    assert prof.scoring.granularity == "linear"
+    out = tmp_path / "b"
+    with pytest.raises(LsaqError, match="measured attn/mlp.*score again"):
+        build_bundle(tiny_llama_dir, out, profile=prof, scores=sc, progress=Progress(quiet=True))
+    assert not out.exists()
+    with pytest.raises(LsaqError, match="granularity 'layer'"):
+        sensitivity.score(src, calib, calib.windows[:2], schemes, granularity="layer")
+
+
 # ------------------------------------------------------------------------ bundles
 @pytest.fixture(scope="module")
 def tiny_sensitivity_bundle(tiny_llama_dir, tmp_path_factory):
@@ -177,6 +225,7 @@ def tiny_sensitivity_bundle(tiny_llama_dir, tmp_path_factory):
     prof.build.rungs, prof.build.refine, prof.build.quality_samples = 3, 1, 2
     prof.quantization.cpu_accuracy_level, prof.quantization.cpu_lm_head = 0, "fp16"
     prof.quantization.clip = "none"   # its torch reference needs no activation statistics
+    prof.scoring.granularity = "linear"   # per-linear precisions end to end (default: halves)
     out = tmp_path_factory.mktemp("sens") / "b"
     return build_bundle(tiny_llama_dir, out, profile=prof, progress=Progress(quiet=True))
 
@@ -247,8 +296,10 @@ def test_graph_check_reads_each_part(tiny_sensitivity_bundle):
     data = (tiny_sensitivity_bundle / v["providers"]["cpu"]["graph"]).read_bytes()
     check_graph(tiny_sensitivity_bundle, m, v, "cpu", data)
     i = next(i for i, p in enumerate(v["precisions"]) if "/" in p)
-    attn, mlp = v["precisions"][i].split("/")
-    for claim, part in ((attn, "mlp"), (f"{mlp}/{attn}", "attn")):
+    have = split_precision(v["precisions"][i])
+    other = {"int8": "int4", "int4": "int8", "fp16": "int8"}
+    for part in ("qkv", "down", "gate_up"):
+        claim = join_precision({**have, part: other[have[part]]})
         bad = {**v, "precisions": [*v["precisions"][:i], claim, *v["precisions"][i + 1:]]}
         with pytest.raises(LsaqRuntimeError, match=f"layer {i}'s {part} computes with"):
             check_graph(tiny_sensitivity_bundle, m, bad, "cpu", data)

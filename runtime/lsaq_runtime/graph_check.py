@@ -10,8 +10,8 @@ and run another, or size its buffers for a model the graph is not. Checked here:
   that file's safetensors header; the lengths add up to the provider's `weight_bytes`, and every
   listed weight file is used;
 - precisions: the decoder linear weights of layer i are stored as `model.layers.{i}.{linear}.
-  {precision}.{role}` (BUNDLE_FORMAT.md); each layer's attention and MLP use exactly the
-  precisions the manifest gives them, and every MatMulNBits node's `bits` matches the precision of the weight it reads;
+  {precision}.{role}` (BUNDLE_FORMAT.md); each stored linear of a layer uses exactly the
+  precision the manifest gives it, and every MatMulNBits node's `bits` matches the precision of the weight it reads;
 - interface: the inputs and outputs are exactly those of the format, the KV tensors have the
   provider's dtype and the manifest's [batch, kv_heads, seq, head_dim], logits end in the vocab,
   and every GroupQueryAttention node has the manifest's head counts.

@@ -31,32 +31,44 @@ __all__ = ["MANIFEST", "SCHEMA_VERSION", "METRICS", "PRECISIONS", "PARTS", "LINE
            "variant_files", "replace_refusal", "parse_json"]
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+MIN_SCHEMA_VERSION = 4   # 5 only adds per-linear precisions (QKV/O/GATE_UP/DOWN): 4 reads as is
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 METRICS = ("jaccard", "cosine", "zscore", "sensitivity")  # scores.metric: how layers were ranked
 PRECISIONS = ("fp16", "int8", "int4")              # per decoder layer, or per part of one
-# A layer's precision is one of PRECISIONS, or "ATTN/MLP" when its attention projections
-# (qkv, o) and its MLP projections (gate_up, down) differ, e.g. "int8/int4".
-PARTS = ("attn", "mlp")
-LINEAR_PART = {"self_attn.qkv_proj": "attn", "self_attn.o_proj": "attn",
-               "mlp.gate_up_proj": "mlp", "mlp.down_proj": "mlp"}
+# A layer's precision is one of PRECISIONS when its four stored linears agree; "ATTN/MLP" when
+# the attention projections (qkv, o) and the MLP projections (gate_up, down) differ, e.g.
+# "int8/int4"; or "QKV/O/GATE_UP/DOWN", one per linear, when neither shorter form says it.
+PARTS = ("qkv", "o", "gate_up", "down")             # a layer's stored linears, in that order
+LINEAR_PART = {"self_attn.qkv_proj": "qkv", "self_attn.o_proj": "o",
+               "mlp.gate_up_proj": "gate_up", "mlp.down_proj": "down"}
 RANK_BY = ("precision", "measured_quality")        # deployment.rank_by
 
 
 def split_precision(p: str) -> dict[str, str]:
-    """{"attn": ..., "mlp": ...} of a layer precision ("int8" or "int8/int4")."""
+    """{part: precision} over PARTS of a layer precision ("int8", "int8/int4" or
+    "int8/int8/int4/int8")."""
     parts = p.split("/")
     if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or any(x not in PRECISIONS for x in parts):
-        raise ValueError(f"layer precision {p!r} is not one of {', '.join(PRECISIONS)} nor "
-                         "ATTN/MLP of two of them")
+        parts = parts * 4
+    elif len(parts) == 2:
+        parts = [parts[0], parts[0], parts[1], parts[1]]
+    if len(parts) != 4 or any(x not in PRECISIONS for x in parts):
+        raise ValueError(f"layer precision {p!r} is not one of {', '.join(PRECISIONS)}, nor "
+                         "ATTN/MLP nor QKV/O/GATE_UP/DOWN of them")
     return dict(zip(PARTS, parts))
 
 
-def join_precision(attn: str, mlp: str) -> str:
-    """The canonical layer precision: one name when both parts agree."""
-    return attn if attn == mlp else f"{attn}/{mlp}"
+def join_precision(parts: dict[str, str]) -> str:
+    """The canonical (shortest) layer precision of {part: precision} over PARTS."""
+    q, o, g, d = (parts[k] for k in PARTS)
+    if q == o == g == d:
+        return q
+    if q == o and g == d:
+        return f"{q}/{g}"
+    return f"{q}/{o}/{g}/{d}"
+
+
 ELEM_BYTES = {"float32": 4, "float16": 2}          # activation / KV dtype of a provider's graph
 MAX_MANIFEST_BYTES = 16 << 20
 _MAX_INT_DIGITS = 30
@@ -121,10 +133,11 @@ def _check_version(m: dict, where: str) -> None:
         raise LsaqRuntimeError(
             f"{where}: bundle written by a newer lsaq-compile (schema_version {v}; this runtime "
             f"reads {SCHEMA_VERSION}); upgrade lsaq")
-    if v < SCHEMA_VERSION:
+    if v < MIN_SCHEMA_VERSION:
         raise LsaqRuntimeError(
             f"{where}: bundle written by an older lsaq-compile (schema_version {v}; this runtime "
-            f"reads {SCHEMA_VERSION}, which adds per-part precisions and measured quality); "
+            f"reads {MIN_SCHEMA_VERSION} to {SCHEMA_VERSION}, which add per-part precisions and "
+            "measured quality); "
             "rebuild it with "
             "`lsaq-compile build`")
 
@@ -174,8 +187,9 @@ def validate_manifest(m: dict, where: str = MANIFEST) -> None:
                 parts = split_precision(p)
             except ValueError as e:
                 raise bad(f"variant {name!r}, layer {i}: {e}") from None
-            if join_precision(parts["attn"], parts["mlp"]) != p:
-                raise bad(f"variant {name!r}, layer {i}: write {parts['attn']!r}, not {p!r}")
+            if join_precision(parts) != p:
+                raise bad(f"variant {name!r}, layer {i}: write {join_precision(parts)!r}, "
+                          f"not {p!r}")
         counts = {p: v["precisions"].count(p) for p in PRECISIONS}
         counts["mixed"] = sum("/" in p for p in v["precisions"])
         if counts != {p: v["layer_counts"].get(p, 0) for p in counts}:

@@ -4,8 +4,9 @@ Runtime: a fresh venv gets exactly the `>=` floor of every runtime dependency (`
 pyproject itself) and runs every variant of a bundle; its logits must match the project's own
 environment. Compiler: the compile extra's floors are laid over the project's environment
 (`pip install --no-deps --target`, shadowing the newer copies) and the tests that use them run.
-Both need PyPI and take about two minutes, so they run when LSAQ_FLOOR_CHECKS=1 (.ci/run sets
-it) and are skipped in a plain `pytest`.
+Server: the serve extra's floors are laid over the same way and the server's tests run on them.
+All need PyPI and take a few minutes, so they run when LSAQ_FLOOR_CHECKS=1 (.ci/run sets it)
+and are skipped in a plain `pytest`.
 """
 
 from __future__ import annotations
@@ -109,3 +110,27 @@ def test_compile_floors(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     print(f"compile floors {pins}: {r.stdout.strip().splitlines()[-1]}")
+
+
+def test_serve_floors(tmp_path):
+    extra = floors(project()["optional-dependencies"]["serve"])
+    pins = [f"{n}=={v}" for n, v in extra.items()]
+    overlay = tmp_path / "overlay"
+    pip(sys.executable, "--no-deps", "--target", str(overlay), *pins)
+    env = {**os.environ, "PYTHONPATH": str(overlay)}
+    probe = subprocess.run([sys.executable, "-c", "import json, starlette, uvicorn, h11;"
+                            "print(json.dumps({'starlette': starlette.__version__, 'uvicorn': "
+                            "uvicorn.__version__, 'h11': h11.__version__, 'at': starlette.__file__}))"],
+                           env=env, capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    got = json.loads(probe.stdout)
+    from packaging.version import Version
+
+    assert str(overlay) in got.pop("at")
+    assert {k: Version(v) for k, v in got.items()} == {k: Version(v) for k, v in extra.items()}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        "--basetemp", str(tmp_path / "pt"), "tests/test_serve.py"],
+                       cwd=REPO, env={**env, "LSAQ_FLOOR_CHECKS": "0"}, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    print(f"serve floors {pins}: {r.stdout.strip().splitlines()[-1]}")

@@ -3,12 +3,15 @@
     lsaq-run BUNDLE [PROMPT] [options]     (PROMPT "-" or absent: read stdin)
     lsaq-run verify BUNDLE                 check every file's sha256
     lsaq-run inspect BUNDLE                model, variants and files at a glance
+    lsaq-run serve BUNDLE [options]        OpenAI-compatible HTTP server that re-plans the
+                                           variant as free memory changes (extra: serve)
 
 User errors print one line and exit 2; there are no tracebacks for them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -21,7 +24,7 @@ from .sizes import format_size
 
 DEBUG_ENV = "LSAQ_DEBUG"  # set to 1: let unexpected exceptions show their traceback
 
-SUBCOMMANDS = ("run", "verify", "inspect")
+SUBCOMMANDS = ("run", "verify", "inspect", "serve")
 
 
 class DefaultRunGroup(click.Group):
@@ -175,6 +178,71 @@ def inspect_cmd(bundle):
               f"mixed {c.get('mixed', 0):>3}  {v['avg_bits']:.2f} bits{q}  resident {provs}")
     total = sum(f["bytes"] for f in m["files"])
     _echo(f"{len(m['files'])} files, {format_size(total)}")
+
+
+@cli.command("serve")
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; then set --api-key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="0 picks a free port (the address is printed).")
+@click.option("--context", type=click.IntRange(min=1), default=None,
+              help="KV cache capacity in tokens: prompt + completion of one request. Default: "
+                   "the bundle's deployment.context_length.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--memory-budget", envvar="LSAQ_MEMORY_BUDGET", default=None,
+              help="Cap the memory to plan with (e.g. 6GiB). Env: LSAQ_MEMORY_BUDGET.")
+@click.option("--memory-budget-file", type=click.Path(dir_okay=False, path_type=str),
+              default=None, help="Read the budget from FILE at every probe ('300MB', 'none'): "
+                                 "rewrite it to squeeze or free the server while it runs.")
+@click.option("--wait", type=click.FloatRange(min=0), default=60, show_default=True,
+              help="While no variant fits, a request waits up to SECONDS in the queue, then "
+                   "fails with 503.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Requests that may wait behind the running one; more get 503.")
+@click.option("--poll", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+              help="Seconds between memory probes.")
+@click.option("--upgrade-after", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Switch to a better variant only after it has fitted for SECONDS.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for ONNX Runtime (default: the physical cores).")
+@click.option("--model-name", default=None,
+              help="The model id clients send (default: the bundle's model name, lower case).")
+@click.option("--api-key", envvar="LSAQ_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1/* (OpenAI clients send their "
+                   "api_key so). Env: LSAQ_API_KEY.")
+@click.option("--access-log", is_flag=True, help="Log every HTTP request (uvicorn).")
+def serve_cmd(bundle, host, port, context, device, memory_budget, memory_budget_file, wait,
+              max_queue, poll, upgrade_after, threads, model_name, api_key, access_log):
+    """Serve BUNDLE over the OpenAI API, re-planning the variant as free memory changes.
+
+    One generation at a time from a FIFO queue. Switches down at once when the loaded
+    variant no longer fits, up after --upgrade-after seconds, and pauses (requests wait up to
+    --wait) when nothing fits; every switch is logged with its numbers."""
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LsaqRuntimeError(f"lsaq-run serve needs {' and '.join(missing)}, which the plain "
+                               'runtime leaves out: pip install "lsaq[serve]"')
+    from .adaptive import Engine, FileBudget
+    from .model import resolve_budget, stderr_log
+    from .server import bind, model_id, serve, url_of
+
+    if memory_budget is not None and memory_budget_file is not None:
+        raise LsaqRuntimeError("give --memory-budget or --memory-budget-file, not both")
+    budget = (FileBudget(memory_budget_file, log=stderr_log) if memory_budget_file
+              else resolve_budget(memory_budget))
+    sock = bind(host, port)
+    try:
+        engine = Engine(bundle, context=context, device=device, budget=budget, wait=wait,
+                        max_queue=max_queue, poll=poll, upgrade_after=upgrade_after,
+                        threads=threads, log=stderr_log).start()
+    except BaseException:
+        sock.close()
+        raise
+    name = model_name or model_id(engine.manifest)
+    stderr_log(f"serving '{name}' on {url_of(sock)}/v1 (one generation at a time, up to "
+               f"{max_queue} waiting; memory probed every {poll:g}s) — Ctrl-C stops")
+    serve(engine, sock, name, access_log, api_key)
 
 
 def main(argv=None) -> int:

@@ -283,7 +283,7 @@ def _(c):
 
 @case("providers-swapped")
 def _(c):
-    """layer 0's attn computes with int4 weights, the manifest says int8"""
+    """layer 0's qkv computes with int4 weights, the manifest says int8"""
     m = manifest(c.bundle)
     a, b = variant(m, "int8"), variant(m, "int4")
     a["providers"], b["providers"] = b["providers"], a["providers"]

@@ -14,7 +14,7 @@ import torch
 
 from .errors import LsaqError
 from .export_onnx import FUSED, act_key
-from .layerwise import ProgressHook, forward_layers
+from .layerwise import ProgressHook, forward_layers, torch_linears
 from .model_source import ModelSource
 
 
@@ -25,6 +25,8 @@ def activation_stats(source: ModelSource, windows: np.ndarray, batch_size: int =
     windows: int64 [samples, seq_len] calibration token ids (calibration.load_calibration)."""
     windows = np.asarray(windows, dtype=np.int64)
     sums: dict[str, torch.Tensor] = {}
+    # transformers' module holding each stored linear's first member (Phi-3: its fused module)
+    module_of = {m: mod for mod, members in torch_linears(source.spec).items() for m in members}
 
     def on_layer(i: int, layer: torch.nn.Module) -> None:
         for lin, members in FUSED.items():
@@ -34,7 +36,7 @@ def activation_stats(source: ModelSource, windows: np.ndarray, batch_size: int =
                 s = x.square().sum(dim=0, dtype=torch.float64)
                 sums[key] = s if key not in sums else sums[key] + s
 
-            layer.get_submodule(members[0]).register_forward_pre_hook(hook)
+            layer.get_submodule(module_of[members[0]]).register_forward_pre_hook(hook)
 
     forward_layers(source, windows, on_layer=on_layer, batch_size=batch_size, progress=progress)
     tokens = windows.size

@@ -28,6 +28,15 @@ PROVIDER_DTYPES = {"cpu": "float32", "cuda": "float16"}
 TMP_MARK = ".lsaq-tmp-"
 
 
+def context_limit(spec: ModelSpec) -> int:
+    """The longest context a bundle may offer: the model's maximum, or with dynamic NTK RoPE
+    (which exists to stretch it) that times its factor."""
+    rs = spec.rope_scaling or {}
+    if rs.get("rope_type") == "dynamic":
+        return int(spec.max_position_embeddings * float(rs.get("factor", 1.0)))
+    return spec.max_position_embeddings
+
+
 def layer_params(spec: ModelSpec) -> int:
     """Weights in one decoder layer's seven linear projections."""
     h, hd = spec.hidden_size, spec.head_dim
@@ -191,7 +200,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                  profile: str | Profile | None = None, scores=None, metric: str | None = None,
                  force: bool = False, progress: Progress | None = None) -> Path:
     """Compile `model` (None = the default SmolLM2) into a bundle folder at `out`."""
-    from .export_onnx import build_graph, save_graph, write_weight_store
+    from .export_onnx import build_graph, rope_for, save_graph, write_weight_store
 
     progress = progress or Progress()
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -217,7 +226,8 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
     plans, plan_kl, additive = _plans(sc, meter, source, prof, schemes, calib, act_stats, progress)
     del meter  # its cached activations and weights are not needed past planning
     accuracy = {"cpu": q.cpu_accuracy_level, "cuda": 0}
-    max_context = min(prof.build.max_context, spec.max_position_embeddings)
+    max_context = min(prof.build.max_context, context_limit(spec))
+    switch = rope_for(spec).switch   # longrope: the runtime rebuilds the cache past it
 
     tmp = _tmp_dir_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -293,6 +303,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                 "head_dim": spec.head_dim, "vocab_size": spec.vocab_size,
                 "max_position_embeddings": spec.max_position_embeddings,
                 "max_context": max_context, "tie_word_embeddings": spec.tie_word_embeddings,
+                **({"rope_switch_length": switch} if switch and switch < max_context else {}),
             },
             "tokenizer": {"dir": "tokenizer", **tok},
             "scores": _scores_record(sc, additive),

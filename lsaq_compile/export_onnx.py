@@ -7,11 +7,18 @@ few hundred KB and any number of variants share one copy of the weights.
 
 Graph per decoder layer (ORT fused ops, activation dtype T = float32 for CPU, float16 for CUDA):
   SkipSimplifiedLayerNormalization (residual add + RMSNorm) -> one packed q|k|v projection ->
-  GroupQueryAttention (packed QKV, rotary inside, KV cache in/out) -> o_proj ->
-  SkipSimplifiedLayerNorm -> one gate|up projection, Split -> SiLU-gated MLP -> down_proj.
+  [q/k RMSNorm per head] -> GroupQueryAttention (packed QKV, rotary inside, KV cache in/out) ->
+  o_proj -> [RMSNorm] -> SkipSimplifiedLayerNorm -> one gate|up projection, Split ->
+  SiLU- or GELU-gated MLP -> down_proj -> [RMSNorm].
+Bracketed steps are the families' own (model_source.FAMILIES: Qwen3 and Gemma 3 normalise q
+and k per head; Gemma 3 normalises the attention and MLP outputs too, scales embeddings by
+sqrt(hidden), stores its (1 + w) norms as the factors they are, uses GELU-tanh and per-layer
+RoPE bases, and may soft-cap the logits). Every family's specifics are inside the graph: the
+runtime runs any bundle the same way.
 Projections are MatMul over [K, N] weights (fp16/fp32) or MatMulNBits (int8/int4). The LM head
 is Gemm(transB=1) over the fp16 [vocab, hidden] table, shared with the embedding Gather when
-tied, or (CPU graphs of quantized variants, optional) MatMulNBits over an INT8 copy. Mistral's sliding window becomes GQA's local_window_size (same meaning, tested).
+tied, or (CPU graphs of quantized variants, optional) MatMulNBits over an INT8 copy. Sliding
+windows become GQA's local_window_size (same meaning, tested).
 GQA on CPU needs head_dim % 16 == 0; past/present may share one preallocated buffer (tested).
 """
 
@@ -31,12 +38,12 @@ from onnx import TensorProto, helper
 from lsaq_runtime.manifest import LINEAR_PART, split_precision
 
 from .errors import LsaqError
-from .model_source import ModelSource, ModelSpec
+from .model_source import ACTIVATIONS, QK_NORMS, SANDWICH_NORMS, ModelSource, ModelSpec
 from .quantize import QuantScheme, quantize
 from .store import SafetensorsWriter, TensorRef
 
 __all__ = ["TensorRef", "GraphInfo", "write_weight_store", "build_graph", "save_graph",
-           "effective_linear_weight", "rope_inv_freq", "PRECISIONS"]
+           "effective_linear_weight", "rope_inv_freq", "rope_for", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")   # fp32 exists for tests only
 FLOAT_FILE = "weights/float.safetensors"
@@ -49,6 +56,8 @@ EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 FINAL_NORM = "model.norm.weight"
 INV_FREQ = "rope.inv_freq"
+INV_FREQ_LONG = "rope.inv_freq_long"     # longrope: the frequencies past the original length
+INV_FREQ_LOCAL = "rope.local.inv_freq"   # Gemma 3: the sliding layers' own RoPE base
 HEAD_INT8 = "lm_head.int8"   # the LM head quantized like an INT8 layer (CPU graphs, optional)
 QKV_BIAS = ("q_proj", "k_proj", "v_proj")
 # How the decoder's linear layers are stored and computed: q/k/v read the same input, as do
@@ -73,6 +82,18 @@ def act_key(i: int, lin: str) -> str:
     """Key of stored linear `lin`'s activation statistics (mean x^2 of its input, clip
     'mse-act'); members of a fused linear read the same input, so they share it."""
     return f"model.layers.{i}.{lin}"
+
+
+def qk_norm_key(i: int) -> str:
+    """q_norm tiled over the query heads, then k_norm over the KV heads: [heads + kv_heads,
+    head_dim], one RMSNorm over the packed q|k heads (Qwen3, Gemma 3)."""
+    return f"model.layers.{i}.self_attn.qk_norm.weight"
+
+
+def layer_norms(spec: ModelSpec) -> tuple[str, ...]:
+    """The hidden-size norms of one decoder layer (as named in the store and in HF)."""
+    extra = SANDWICH_NORMS if spec.family.sandwich_norms else ()
+    return ("input_layernorm", "post_attention_layernorm", *extra)
 
 
 def bias_key(i: int) -> str:
@@ -152,49 +173,73 @@ def effective_linear_weight(w: np.ndarray, precision: str, schemes: dict[str, Qu
     return quantize(w, schemes[precision], act=act).dequantize()
 
 
-def _layer_window(spec: ModelSpec, i: int) -> int | None:
-    """Sliding-window size of layer i, or None for full attention."""
-    if not spec.sliding_window:
-        return None
-    layer_types = spec.hf_config.get("layer_types")
-    if layer_types and layer_types[i] != "sliding_attention":
-        return None
-    return int(spec.sliding_window)
-
-
 def check_supported(source: ModelSource) -> None:
     """Refuse model features the graph does not implement, rather than export wrong math."""
     spec, cfg = source.spec, source.spec.hf_config
-    act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise LsaqError(f"activation {act!r} is not supported (SiLU-gated MLPs only)")
+    if spec.hidden_act not in ACTIVATIONS:
+        raise LsaqError(f"activation {spec.hidden_act!r} is not supported (gated MLPs with "
+                        f"{', '.join(ACTIVATIONS)})")
     if cfg.get("mlp_bias") or source.has_tensor("model.layers.0.self_attn.o_proj.bias"):
         raise LsaqError("MLP or o_proj biases are not supported (only q/k/v biases, as in Qwen2)")
     if spec.head_dim % 16:
         raise LsaqError(f"head_dim {spec.head_dim} is not a multiple of 16, which ONNX Runtime's "
                         "GroupQueryAttention requires on CPU")
-    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise LsaqError("partial rotary embeddings are not supported")
-    rope_inv_freq(spec)  # raises for unsupported RoPE scaling
+    rp = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    partial = cfg.get("partial_rotary_factor") or rp.get("partial_rotary_factor") or 1.0
+    if float(partial) != 1.0:
+        raise LsaqError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not "
+                        "supported: every head dimension must rotate")
+    if cfg.get("use_bidirectional_attention"):
+        raise LsaqError("use_bidirectional_attention is set: bidirectional attention (an "
+                        "embedding model's) is not supported; only causal language models")
+    bad = sorted(set(spec.layer_types or ()) - {"full_attention", "sliding_attention"})
+    if bad:
+        raise LsaqError(f"layer types {bad} are not supported (full_attention, sliding_attention)")
+    # Gemma 3's attn_logit_softcapping is ignored: transformers' and llama.cpp's Gemma 3 never
+    # apply it (only Gemma 2 did), and the graph follows them.
+    rope_for(spec)  # raises for unsupported RoPE scaling
 
 
 # --------------------------------------------------------------------------------------------
 # RoPE: the same inverse frequencies transformers computes (float32), so cos/sin match.
 
-def rope_inv_freq(spec: ModelSpec) -> tuple[np.ndarray, float]:
-    """(inv_freq float32 [head_dim/2], attention factor applied to cos and sin)."""
-    dim = spec.head_dim
-    base = spec.rope_theta
+@dataclass
+class Rope:
+    """How one kind of layer rotates q and k."""
+    inv_freq: np.ndarray                  # float32 [head_dim/2]; longrope: the short factors'
+    attention_factor: float = 1.0         # multiplies cos and sin
+    long_inv_freq: np.ndarray | None = None   # longrope: once the sequence is longer than switch
+    switch: int | None = None
+    # dynamic NTK: (factor, max_position_embeddings, base); past max_position_embeddings the
+    # base grows with the sequence length, so the graph computes the frequencies every run
+    dynamic: tuple[float, int, float] | None = None
+
+    @property
+    def length_dependent(self) -> bool:
+        return self.long_inv_freq is not None or self.dynamic is not None
+
+
+def _default_inv_freq(base: float, dim: int) -> np.ndarray:
     exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    pos_freqs = np.float32(base) ** exps
-    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    return (np.float32(1.0) / (np.float32(base) ** exps)).astype(np.float32)
+
+
+def rope_for(spec: ModelSpec, local: bool = False) -> Rope:
+    """The RoPE of the model's (global) layers, or of Gemma 3's sliding layers (local)."""
+    dim = spec.head_dim
+    if local:
+        return Rope(_default_inv_freq(spec.local_rope_theta, dim))
+    base = spec.rope_theta
+    inv_freq = _default_inv_freq(base, dim)
     rs = dict(spec.rope_scaling or {})
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
-        return inv_freq, 1.0
+        return Rope(inv_freq)
+    if kind in ("linear", "dynamic", "yarn", "llama3") and "factor" not in rs:
+        raise LsaqError(f"RoPE scaling {kind!r} needs a factor; the config's rope_scaling has none")
     factor = float(rs.get("factor", 1.0))
     if kind == "linear":
-        return (inv_freq / np.float32(factor)).astype(np.float32), 1.0
+        return Rope((inv_freq / np.float32(factor)).astype(np.float32))
     original = rs.get("original_max_position_embeddings") or spec.max_position_embeddings
     if kind == "llama3":
         low_ff, high_ff = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
@@ -204,10 +249,44 @@ def rope_inv_freq(spec: ModelSpec) -> tuple[np.ndarray, float]:
         smooth = (original / wavelen - low_ff) / (high_ff - low_ff)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+        return Rope(np.where(medium, smoothed, scaled).astype(np.float32))
     if kind == "yarn":
-        return _yarn(rs, dim, base, factor, original, pos_freqs)
-    raise LsaqError(f"RoPE scaling {kind!r} is not supported (default, linear, llama3, yarn)")
+        exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+        return Rope(*_yarn(rs, dim, base, factor, original, np.float32(base) ** exps))
+    if kind == "dynamic":
+        # transformers: past max_position_embeddings (not any original length) the base becomes
+        # base * (factor * len / max - (factor - 1)) ** (dim / (dim - 2)) for the current length
+        return Rope(inv_freq, dynamic=(factor, int(spec.max_position_embeddings), float(base)))
+    if kind == "longrope":
+        short, long = rs.get("short_factor"), rs.get("long_factor")
+        if not (isinstance(short, list) and isinstance(long, list)
+                and len(short) == len(long) == dim // 2):
+            raise LsaqError(f"longrope needs short_factor and long_factor lists of head_dim/2 = "
+                            f"{dim // 2} numbers each")
+        f = rs.get("factor") or spec.max_position_embeddings / original
+        attention = rs.get("attention_factor")
+        if attention is None:  # transformers' default (LongRoPE paper)
+            attention = 1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(original))
+        exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+        pos_freqs = np.float32(base) ** exps
+
+        def inv(ext):
+            return (np.float32(1.0) / (np.asarray(ext, np.float32) * pos_freqs)).astype(np.float32)
+
+        if list(short) == list(long):  # one set of factors (a GGUF's rope_freqs): fixed
+            return Rope(inv(short), float(attention))
+        # transformers switches to the long factors once max(position) + 1 exceeds the original
+        # length, for the whole forward call; cached keys keep the rotation they were made with
+        return Rope(inv(short), float(attention), inv(long), int(original))
+    raise LsaqError(f"RoPE scaling {kind!r} is not supported "
+                    "(default, linear, llama3, yarn, dynamic, longrope)")
+
+
+def rope_inv_freq(spec: ModelSpec) -> tuple[np.ndarray, float]:
+    """(inv_freq float32 [head_dim/2], attention factor applied to cos and sin) of the global
+    layers at short lengths (what transformers' rotary module holds after construction)."""
+    r = rope_for(spec)
+    return r.inv_freq, r.attention_factor
 
 
 def _yarn(rs: dict, dim: int, base: float, factor: float, original: int, pos_freqs: np.ndarray
@@ -239,6 +318,17 @@ def _yarn(rs: dict, dim: int, base: float, factor: float, original: int, pos_fre
     return inv_freq.astype(np.float32), float(attention)
 
 
+def rope_tables(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """The inverse-frequency tensors the graphs read, by store key."""
+    g = rope_for(spec)
+    out = {INV_FREQ: g.inv_freq}
+    if g.long_inv_freq is not None:
+        out[INV_FREQ_LONG] = g.long_inv_freq
+    if any(spec.uses_local_rope(i) for i in range(spec.num_layers)):
+        out[INV_FREQ_LOCAL] = rope_for(spec, local=True).inv_freq
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Weight store
 
@@ -265,13 +355,17 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
     biases = [p for p in QKV_BIAS
               if spec.attention_bias and source.has_tensor(f"model.layers.0.self_attn.{p}.bias")]
 
+    ropes = rope_tables(spec)
+    offset = np.float32(spec.family.norm_offset)   # Gemma's (1 + w): the graph multiplies by it
+
     plan: dict[str, list[str]] = defaultdict(list)
-    plan[FLOAT_FILE] += [EMBED] + ([LM_HEAD] if untied else []) + [FINAL_NORM, INV_FREQ]
+    plan[FLOAT_FILE] += [EMBED] + ([LM_HEAD] if untied else []) + [FINAL_NORM, *ropes]
     if head_int8:
         _check_precision("int8", schemes)
         plan[STORE_FILES["int8"]] += [f"{HEAD_INT8}.{r}" for r in ("qweight", "scales", "scales_f32")]
     for i in range(spec.num_layers):
-        plan[FLOAT_FILE] += [norm_key(i, n) for n in ("input_layernorm", "post_attention_layernorm")]
+        plan[FLOAT_FILE] += [norm_key(i, n) for n in layer_norms(spec)]
+        plan[FLOAT_FILE] += [qk_norm_key(i)] if spec.family.qk_norm else []
         plan[FLOAT_FILE] += [bias_key(i)] if biases else []
         for lin in STORED_LINEARS:
             for p in lin_precisions(layer_precisions[i], lin):
@@ -294,12 +388,17 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
             table = (source.tensor(LM_HEAD) if untied else source.embedding()).astype(np.float16)
             for role, arr in _linear_arrays(table.astype(np.float32), "int8", schemes["int8"]).items():
                 put(f"{HEAD_INT8}.{role}", arr)
-        put(FINAL_NORM, source.tensor(FINAL_NORM))
-        put(INV_FREQ, rope_inv_freq(spec)[0])
+        put(FINAL_NORM, source.tensor(FINAL_NORM) + offset)
+        for key, inv_freq in ropes.items():
+            put(key, inv_freq)
         for i in range(spec.num_layers):
             t = source.layer_tensors(i)
-            for which in ("input_layernorm", "post_attention_layernorm"):
-                put(norm_key(i, which), t[f"{which}.weight"])
+            for which in layer_norms(spec):
+                put(norm_key(i, which), t[f"{which}.weight"] + offset)
+            if spec.family.qk_norm:
+                q, k = (t[f"{n}.weight"] + offset for n in QK_NORMS)
+                put(qk_norm_key(i), np.concatenate([np.tile(q, (spec.num_heads, 1)),
+                                                    np.tile(k, (spec.num_kv_heads, 1))]))
             if biases:
                 put(bias_key(i), np.concatenate([
                     t[f"self_attn.{p}.bias"] if p in biases else
@@ -435,23 +534,32 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
             outputs.append(helper.make_tensor_value_info(
                 f"present.{i}.{kv}", T, ["batch", spec.num_kv_heads, "total_sequence", hd]))
 
-    cos, sin = _rotary_cache(g, spec, max_context)
+    ropes = {local: _rotary_cache(g, spec, max_context, local)
+             for local in sorted({spec.uses_local_rope(i) for i in range(spec.num_layers)})}
+    act = ACTIVATIONS[spec.hidden_act]
+    sandwich = spec.family.sandwich_norms
 
     x = g.op("Gather", [g.weight(EMBED, "gather"), "input_ids"], "embed", axis=0)
     if dtype == "float32":
         x = g.op("Cast", [x], "embed_T", to=T)
+    if spec.embed_scale is not None:  # Gemma: in the activation dtype, as transformers does
+        x = g.op("Mul", [x, g.const(spec.embed_scale, np.float32 if dtype == "float32"
+                                    else np.float16, "embed_scale")], "embed_scaled")
     h = _rms_norm(g, x, norm_key(0, "input_layernorm"), eps)
     residual = x
     linear_bytes = []
     for i, p in enumerate(precisions):
         qkv = _linear(g, h, i, "self_attn.qkv_proj", p, spec)
+        if spec.family.qk_norm:
+            qkv = _qk_norm(g, qkv, i, spec, eps)
         attn_attrs = dict(num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
-                          scale=1.0 / math.sqrt(hd), do_rotary=1, rotary_interleaved=0)
-        window = _layer_window(spec, i)
+                          scale=spec.attention_scale, do_rotary=1, rotary_interleaved=0)
+        window = spec.layer_window(i)
         if window:
             # Same meaning as HF's sliding_window: a token sees `window` positions, itself
             # included (checked against transformers in the tests).
             attn_attrs["local_window_size"] = window
+        cos, sin = ropes[spec.uses_local_rope(i)]
         attn, _, _ = g.op(
             "GroupQueryAttention",
             # packed q|k|v in the query input (key and value left out)
@@ -460,13 +568,21 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
             outputs=[g.fresh(f"layers.{i}/attn"), f"present.{i}.key", f"present.{i}.value"],
             domain="com.microsoft", **attn_attrs)
         o = _linear(g, attn, i, "self_attn.o_proj", p, spec)
-        h, residual = _skip_norm(g, o, residual, norm_key(i, "post_attention_layernorm"), eps)
+        if sandwich:  # Gemma 3: post_attention_layernorm normalises the attention output
+            o = _rms_norm(g, o, norm_key(i, "post_attention_layernorm"), eps)
+        h, residual = _skip_norm(g, o, residual, norm_key(
+            i, "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"), eps)
         gate, up = g.op("Split", [_linear(g, h, i, "mlp.gate_up_proj", p, spec)],
                         f"layers.{i}/gate_up", outputs=2, axis=-1, num_outputs=2)
-        silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"layers.{i}/sigmoid")],
-                    f"layers.{i}/silu")
-        gated = g.op("Mul", [silu, up], f"layers.{i}/gated")
+        if act == "silu":
+            a = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"layers.{i}/sigmoid")],
+                     f"layers.{i}/silu")
+        else:  # opset 20's Gelu, tanh approximation (gelu_pytorch_tanh)
+            a = g.op("Gelu", [gate], f"layers.{i}/gelu", approximate="tanh")
+        gated = g.op("Mul", [a, up], f"layers.{i}/gated")
         down = _linear(g, gated, i, "mlp.down_proj", p, spec)
+        if sandwich:
+            down = _rms_norm(g, down, norm_key(i, "post_feedforward_layernorm"), eps)
         last = i + 1 == spec.num_layers
         h, residual = _skip_norm(g, down, residual,
                                  FINAL_NORM if last else norm_key(i + 1, "input_layernorm"), eps,
@@ -496,6 +612,11 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
                      axis=0)
     if dtype == "float16":
         logits = g.op("Cast", [logits], "logits_f32", to=TensorProto.FLOAT)
+    cap = spec.final_logit_softcapping
+    if cap:  # Gemma: logits = cap * tanh(logits / cap)
+        c = g.const(float(cap), np.float32, "softcap")
+        logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, c], "softcap_div")],
+                                   "softcap_tanh"), c], "softcapped")
     g.op("Reshape", [logits, out_shape], "logits", outputs=["logits"])
 
     graph = helper.make_graph(g.nodes, name, inputs, outputs,
@@ -503,32 +624,98 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
     model = helper.make_model(graph, ir_version=IR_VERSION, producer_name="lsaq-compile",
                               opset_imports=[helper.make_opsetid(d, v) for d, v in OPSETS])
     referenced = {k: index[k].length for k in g.initializers}
-    cache_bytes = 2 * max_context * (hd // 2) * (4 if dtype == "float32" else 2)
+    # cos and sin of every rotary cache ORT folds into constants at session creation
+    folded = sum(not rope_for(spec, local).length_dependent for local in ropes)
+    cache_bytes = folded * 2 * max_context * (hd // 2) * (4 if dtype == "float32" else 2)
     info = GraphInfo(referenced=referenced, weight_bytes=sum(referenced.values()),
                      resident_bytes=g.resident_bytes() + cache_bytes,
                      decoder_linear_bytes=linear_bytes)
     return model, info
 
 
-def _rotary_cache(g: _GraphBuilder, spec: ModelSpec, max_context: int) -> tuple[str, str]:
-    """cos/sin [max_context, head_dim/2] from the stored inv_freq. Only constants feed it, so
-    ORT folds it into two initializers at session creation; positions are multiplied in
-    float32 exactly as transformers does."""
-    pos = g.op("Range", [g.const(0.0, np.float32, "pos0"),
-                         g.const(float(max_context), np.float32, "pos_end"),
-                         g.const(1.0, np.float32, "pos_step")], "positions")
-    pos = g.op("Unsqueeze", [pos, g.const([1], np.int64, "axis1")], "positions_col")
-    freqs = g.op("Mul", [pos, g.weight(INV_FREQ)], "freqs")
-    factor = rope_inv_freq(spec)[1]
+def _rotary_cache(g: _GraphBuilder, spec: ModelSpec, max_context: int, local: bool = False
+                  ) -> tuple[str, str]:
+    """cos/sin tables for GQA, [positions, head_dim/2], from the stored inv_freq; positions are
+    multiplied in float32 exactly as transformers does.
+
+    A fixed RoPE's table covers max_context positions and only constants feed it, so ORT folds
+    it into two initializers at session creation. A length-dependent one (longrope, dynamic NTK)
+    picks its frequencies from total_sequence_length every run, as transformers does per forward
+    call, and computes only the new tokens' rows: GQA reads the rows of the positions it rotates
+    (the cached keys were rotated when they were new), so the rows before them are zeros."""
+    rope = rope_for(spec, local)
+    tag = "rope_local" if local else "rope"
+    key = INV_FREQ_LOCAL if local else INV_FREQ
+    if not rope.length_dependent:
+        start = g.const(0.0, np.float32, f"{tag}/pos0")
+        end = g.const(float(max_context), np.float32, f"{tag}/pos_end")
+        inv = g.weight(key)
+    else:
+        total = g.op("Cast", ["total_sequence_length"], f"{tag}/total", to=TensorProto.FLOAT)
+        new = g.op("Gather", [g.op("Shape", ["input_ids"], f"{tag}/ids_shape"),
+                              g.const(1, np.int64, f"{tag}/seq_axis")], f"{tag}/new_tokens")
+        start = g.op("Sub", [total, g.op("Cast", [new], f"{tag}/new_f", to=TensorProto.FLOAT)],
+                     f"{tag}/first_new")
+        end = total
+        if rope.long_inv_freq is not None:
+            longer = g.op("Greater", [total, g.const(float(rope.switch), np.float32,
+                                                     f"{tag}/original_len")], f"{tag}/is_long")
+            inv = g.op("Where", [longer, g.weight(INV_FREQ_LONG), g.weight(key)],
+                       f"{tag}/inv_freq")
+        else:
+            factor, mpe, base = rope.dynamic
+            dim = spec.head_dim
+            f32 = lambda v, h: g.const(v, np.float32, f"{tag}/{h}")  # noqa: E731
+            seq = g.op("Max", [total, f32(float(mpe), "max_pos")], f"{tag}/seq")
+            ratio = g.op("Sub", [g.op("Div", [g.op("Mul", [seq, f32(factor, "factor")],
+                                                   f"{tag}/f_seq"), f32(float(mpe), "mpe")],
+                                      f"{tag}/f_ratio"), f32(factor - 1.0, "factor_m1")],
+                         f"{tag}/ratio")
+            grown = g.op("Mul", [f32(base, "base"), g.op("Pow", [ratio, f32(dim / (dim - 2), "exp")],
+                                                          f"{tag}/ratio_pow")], f"{tag}/base")
+            exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+            dyn = g.op("Reciprocal", [g.op("Pow", [grown, f32(exps, "exps")], f"{tag}/pos_freqs")],
+                       f"{tag}/inv_dyn")
+            # at or below the maximum, the stored (exact) frequencies, as transformers resets to
+            longer = g.op("Greater", [total, f32(float(mpe), "mpe_gt")], f"{tag}/is_long")
+            inv = g.op("Where", [longer, dyn, g.weight(key)], f"{tag}/inv_freq")
+    pos = g.op("Range", [start, end, g.const(1.0, np.float32, f"{tag}/pos_step")],
+               f"{tag}/positions")
+    pos = g.op("Unsqueeze", [pos, g.const([1], np.int64, f"{tag}/axis1")], f"{tag}/positions_col")
+    freqs = g.op("Mul", [pos, inv], f"{tag}/freqs")
     out = []
     for fn in ("Cos", "Sin"):
-        c = g.op(fn, [freqs], fn.lower())
-        if factor != 1.0:
-            c = g.op("Mul", [c, g.const(factor, np.float32, "rope_attention_factor")], fn.lower())
+        c = g.op(fn, [freqs], f"{tag}/{fn.lower()}")
+        if rope.attention_factor != 1.0:
+            c = g.op("Mul", [c, g.const(rope.attention_factor, np.float32,
+                                        f"{tag}/attention_factor")], f"{tag}/{fn.lower()}")
         if g.dtype == "float16":
-            c = g.op("Cast", [c], f"{fn.lower()}_T", to=g.T)
+            c = g.op("Cast", [c], f"{tag}/{fn.lower()}_T", to=g.T)
+        if rope.length_dependent:
+            first = g.op("Cast", [start], f"{tag}/first_i", to=TensorProto.INT64)
+            pads = g.op("Concat", [g.op("Unsqueeze", [first, g.const([0], np.int64, f"{tag}/ax0")],
+                                        f"{tag}/first_1d"),
+                                   g.const([0, 0, 0], np.int64, f"{tag}/pads_rest")],
+                        f"{tag}/pads", axis=0)
+            c = g.op("Pad", [c, pads], f"{tag}/{fn.lower()}_padded")
         out.append(c)
     return out[0], out[1]
+
+
+def _qk_norm(g: _GraphBuilder, qkv: str, i: int, spec: ModelSpec, eps: float) -> str:
+    """RMSNorm over each head of q and k inside the packed q|k|v (Qwen3, Gemma 3): q and k
+    viewed as [batch, seq, heads + kv_heads, head_dim] take one norm with the tiled weights."""
+    hint = f"layers.{i}/qk_norm"
+    hd = spec.head_dim
+    qk_heads = spec.num_heads + spec.num_kv_heads
+    qk, v = g.op("Split", [qkv, g.const([qk_heads * hd, spec.num_kv_heads * hd], np.int64,
+                                         f"{hint}/sizes")], hint, outputs=2, axis=-1)
+    heads = g.op("Reshape", [qk, g.const([0, 0, qk_heads, hd], np.int64, f"{hint}/heads")],
+                 f"{hint}/by_head")
+    normed = _rms_norm(g, heads, qk_norm_key(i), eps)
+    flat = g.op("Reshape", [normed, g.const([0, 0, qk_heads * hd], np.int64, f"{hint}/flat")],
+                f"{hint}/packed")
+    return g.op("Concat", [flat, v], f"{hint}/qkv", axis=-1)
 
 
 def _linear(g: _GraphBuilder, x: str, i: int, lin: str, layer_precision: str, spec: ModelSpec

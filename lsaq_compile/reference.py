@@ -14,6 +14,7 @@ import torch
 from .errors import LsaqError
 from .export_onnx import (EMBED, FINAL_NORM, FUSED, LM_HEAD, act_key, check_supported,
                           effective_linear_weight, part_precision)
+from .layerwise import module_state
 from .model_source import LINEAR_NAMES, ModelSource
 from .quantize import QuantScheme
 
@@ -21,8 +22,8 @@ from .quantize import QuantScheme
 def reference_model(source: ModelSource, precisions: list[str],
                     schemes: dict[str, QuantScheme], dtype: torch.dtype = torch.float32,
                     act_stats: dict[str, np.ndarray] | None = None):
-    """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM in eval mode (eager attention).
-    act_stats: as given to write_weight_store (clip 'mse-act')."""
+    """The architecture's transformers model (model_source.SUPPORTED_ARCHITECTURES) in eval mode
+    (eager attention). act_stats: as given to write_weight_store (clip 'mse-act')."""
     from transformers import AutoModelForCausalLM
 
     spec = source.spec
@@ -44,10 +45,13 @@ def reference_model(source: ModelSource, precisions: list[str],
     linear = {f"{n}.weight" for n in LINEAR_NAMES}
     stored_of = {f"{m}.weight": lin for lin, members in FUSED.items() for m in members}
     for i, p in enumerate(precisions):
+        layer = {}
         for name, a in source.layer_tensors(i).items():
             if name in linear:
                 act = (act_stats or {}).get(act_key(i, stored_of[name]))
                 a = effective_linear_weight(a, part_precision(p, name), schemes, act)
+            layer[name] = a
+        for name, a in module_state(spec, layer).items():  # Phi-3: fused modules
             state[f"model.layers.{i}.{name}"] = t(a)
 
     config = spec.to_hf_config()
@@ -62,6 +66,17 @@ def reference_model(source: ModelSource, precisions: list[str],
         raise LsaqError(f"reference model: missing {missing}, unexpected {unexpected}")
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Rotary inv_freq is a non-persistent buffer: rebuild it off the meta device.
+    # Non-persistent buffers stayed on the meta device: rebuild them. Rotary inv_freq ...
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    if hasattr(model.model, "rotary_emb_local"):  # transformers 4's Gemma 3 sliding layers
+        from .layerwise import _local_rope_config
+        model.model.rotary_emb_local = type(model.model.rotary_emb)(
+            config=_local_rope_config(config))
+    # ... and Gemma's embedding scale (sqrt(hidden), float32 as transformers makes it)
+    emb = model.model.embed_tokens
+    if getattr(emb, "embed_scale", None) is not None and emb.embed_scale.is_meta:
+        emb.embed_scale = torch.tensor(spec.embed_scale, dtype=torch.float32)
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise LsaqError(f"reference model: buffers {left} were not rebuilt off the meta device")
     return model.eval()

@@ -32,7 +32,8 @@ from lsaq_runtime.manifest import LINEAR_PART, PARTS, join_precision
 
 from .errors import LsaqError
 from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, effective_linear_weight, part_precision
-from .layerwise import _classes, _sliding_window, as_tensor, causal_mask
+from .layerwise import (_classes, as_tensor, causal_mask, embed, final_norm, lm_logits,
+                        module_state, position_embeddings, run_layer, torch_linears)
 from .model_source import LINEAR_NAMES, ModelSource
 from .plan import UNITS, Plan, allocate, part_bytes
 from .quantize import QuantScheme
@@ -65,10 +66,6 @@ class Sensitivity:
                 **self.params}
 
 
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
 class KLMeter:
     """Mean KL(FP16 || plan) of next-token distributions over fixed calibration windows."""
 
@@ -79,7 +76,7 @@ class KLMeter:
         self.batch_size = batch_size
         config = spec.to_hf_config()
         config._attn_implementation = "sdpa"
-        layer_cls, rotary_cls = _classes(spec.architecture)
+        layer_cls, _ = _classes(spec.architecture)
         ids = torch.from_numpy(np.asarray(windows, dtype=np.int64))
         self.n, self.seq_len = ids.shape
         self.tokens = self.n * (self.seq_len - 1)
@@ -92,9 +89,10 @@ class KLMeter:
         self.head = table if tied else f16(source.tensor(LM_HEAD))
         self.norm = as_tensor(np.asarray(source.tensor(FINAL_NORM), np.float32))
         self.positions = torch.arange(self.seq_len)[None]
-        with torch.no_grad():
-            self.cos_sin = rotary_cls(config)(table[:1][None], self.positions)
+        self.rotary = position_embeddings(spec, config, table[:1][None], self.positions)
         self.layers, self.masks, self.fp16 = [], [], []
+        # transformers' linear modules of a layer and the Llama-style linears each stacks
+        self.modules = torch_linears(spec)
         linear = {f"{n}.weight" for n in LINEAR_NAMES}
         for i in range(spec.num_layers):
             tensors = source.layer_tensors(i)
@@ -102,15 +100,15 @@ class KLMeter:
                      for k, v in tensors.items()}
             with torch.device("meta"):
                 layer = layer_cls(config, i)
-            layer.load_state_dict(state, strict=True, assign=True)
+            layer.load_state_dict(module_state(spec, state), strict=True, assign=True)
             self.layers.append(layer.eval())
-            self.fp16.append({n: state[f"{n}.weight"] for n in LINEAR_NAMES})
-            self.masks.append(causal_mask(self.seq_len, _sliding_window(config, spec.architecture, i)))
+            self.fp16.append({m: layer.get_submodule(m).weight.data for m in self.modules})
+            self.masks.append(causal_mask(self.seq_len, spec.layer_window(i)))
         self._weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         # The FP16 model's input to every layer and its output distribution: each measurement
         # starts at the first layer it changes and compares against these.
         with torch.no_grad():
-            h = table[ids]
+            h = embed(spec, table, ids)
             self.inputs = [h]
             for i in range(spec.num_layers):
                 h = self._layer(i, h)
@@ -122,33 +120,38 @@ class KLMeter:
     def _layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(h)
         for b in range(0, self.n, self.batch_size):
-            out[b:b + self.batch_size] = self.layers[i](
-                h[b:b + self.batch_size], attention_mask=self.masks[i],
-                position_ids=self.positions, position_embeddings=self.cos_sin)
+            out[b:b + self.batch_size] = run_layer(self.layers[i], h[b:b + self.batch_size],
+                                                   self.masks[i], self.positions, self.rotary[i])
         return out
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         # The last position predicts nothing inside the window.
-        return _rms(h[:, :-1], self.norm, self.spec.rms_norm_eps) @ self.head.T
+        return lm_logits(self.spec, final_norm(self.spec, h[:, :-1], self.norm), self.head)
 
-    def _weight(self, i: int, name: str, precision: str) -> torch.Tensor:
+    def _weight(self, i: int, module: str, precision: str) -> torch.Tensor:
+        """The weight of transformers' linear module `module` of layer i at `precision`."""
         if precision == "fp16":
-            return self.fp16[i][name]
+            return self.fp16[i][module]
         if (i, precision) not in self._weights:  # the whole layer at once: one read of its tensors
             tensors = self.source.layer_tensors(i)
             out = {}
-            for n in LINEAR_NAMES:
-                act = self.act_stats.get(_stats_key(i, n))
-                kw = {"act": act} if act is not None else {}
-                out[n] = torch.from_numpy(np.ascontiguousarray(effective_linear_weight(
-                    tensors[f"{n}.weight"], precision, self.schemes, **kw), dtype=np.float32))
+            for mod, members in self.modules.items():
+                ws = []
+                for n in members:
+                    act = self.act_stats.get(_stats_key(i, n))
+                    kw = {"act": act} if act is not None else {}
+                    ws.append(effective_linear_weight(tensors[f"{n}.weight"], precision,
+                                                      self.schemes, **kw))
+                out[mod] = torch.from_numpy(np.ascontiguousarray(np.concatenate(ws),
+                                                                 dtype=np.float32))
             self._weights[(i, precision)] = out
-        return self._weights[(i, precision)][name]
+        return self._weights[(i, precision)][module]
 
     def _set(self, i: int, layer_precision: str) -> None:
         mods = dict(self.layers[i].named_modules())
-        for name in LINEAR_NAMES:
-            mods[name].weight.data = self._weight(i, name, part_precision(layer_precision, name))
+        for mod in self.modules:
+            # a fused module's members share one stored linear, hence one precision
+            mods[mod].weight.data = self._weight(i, mod, part_precision(layer_precision, mod))
 
     def kl(self, precisions: list[str] | tuple[str, ...]) -> float:
         """Mean KL(FP16 || plan) per predicted token."""

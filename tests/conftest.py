@@ -26,8 +26,11 @@ ZEROSHOT = SHARED_DATA / "zeroshot"
 LM_EVAL = importlib.util.find_spec("lm_eval") is not None and os.environ.get("LSAQ_SKIP_LM_EVAL") != "1"
 
 
-def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Save a tiny random Llama-family model (safetensors) with a working tokenizer."""
+def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, norm_noise: float = 0.0,
+                    **overrides) -> Path:
+    """Save a tiny random model of a supported family (arch: its transformers model_type, e.g.
+    "llama", "qwen3", "phi3", "gemma3_text") in safetensors, with a working tokenizer.
+    norm_noise: spread of the norm weights (0: transformers' init)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -39,13 +42,48 @@ def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # larger weights than the default init so layers visibly matter
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif norm_noise and name.endswith("norm.weight"):
+                p.add_(norm_noise * torch.randn_like(p))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     save_tiny_tokenizer(path, cfg["vocab_size"])
     return path
+
+
+# Tiny models of every supported family for make_tiny_model (on top of its shared sizes: hidden
+# 64, 4 layers, 4 heads, 2 KV heads), each exercising its family's own pieces.
+_LONG = [1.0, 1.3, 1.9, 2.8, 4.0, 6.0, 9.0, 14.0]
+TINY_FAMILIES = {
+    "llama": dict(arch="llama"),
+    "llama3": dict(arch="llama", rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+    # past 16 positions the RoPE base grows with the length
+    "llama_dynamic": dict(arch="llama", max_position_embeddings=16,
+                          rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
+    "mistral": dict(arch="mistral", sliding_window=8),
+    "qwen2": dict(arch="qwen2"),
+    "qwen3": dict(arch="qwen3", head_dim=32, tie_word_embeddings=True, norm_noise=0.2),
+    # fused qkv / gate_up, a window on every layer, longrope past 16 positions (exactly these
+    # three keys: transformers 4's Phi-3 config accepts no others)
+    "phi3": dict(arch="phi3", pad_token_id=0, sliding_window=12,
+                 original_max_position_embeddings=16,
+                 rope_scaling={"type": "longrope", "short_factor": [1.0] * 4 + [1.2] * 4,
+                               "long_factor": _LONG}),
+    "gemma3": dict(arch="gemma3_text", head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                "sliding_attention"],
+                   rope_theta=1e6, rope_local_base_freq=1e4,
+                   rope_scaling={"rope_type": "linear", "factor": 2.0},
+                   final_logit_softcapping=8.0, tie_word_embeddings=True, norm_noise=0.2),
+}
+
+
+def make_tiny_family(path: Path, family: str, **overrides) -> Path:
+    return make_tiny_model(path, **{**TINY_FAMILIES[family], **overrides})
 
 
 def save_tiny_tokenizer(path: Path, vocab_size: int) -> None:

@@ -99,6 +99,7 @@ def test_compile_floors(tmp_path):
     # LSAQ_SKIP_LM_EVAL): that is the eval extra, whose newer `datasets` wants a newer
     # huggingface-hub than transformers' floor pairs with.
     tests = ["tests/test_importance.py", "tests/test_model_source.py", "tests/test_export.py",
+             "tests/test_families.py",
              "tests/test_calibration.py", "tests/test_store.py", "tests/test_study.py",
              "tests/test_bundle.py", "tests/test_bad_inputs.py", "tests/test_evaluate.py",
              "tests/test_plan.py", "tests/test_quantize.py", "tests/test_profiles.py",

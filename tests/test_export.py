@@ -1,8 +1,13 @@
-"""Weight store + ONNX graphs against transformers, on tiny random Llama / Mistral / Qwen2 models.
+"""Weight store + ONNX graphs against transformers, on tiny random models of every supported
+family (Llama with llama3 and dynamic-NTK RoPE, Mistral, Qwen2, Qwen3, Phi-3 with longrope,
+Gemma 3).
 
 Every graph is checked with onnx.checker (full check), loaded in ONNX Runtime (CPU), and run as
 a prefill of 10 tokens followed by 8 decode steps that feed `present` back as `past`; its logits
-are compared with transformers run over all 18 tokens at once.
+are compared with transformers run over all 18 tokens at once, or, for RoPEs whose frequencies
+depend on the sequence length (longrope, dynamic NTK), with transformers run the same way
+(prefill, then one token at a time with its KV cache): there a cached key keeps the rotation
+of the step that made it, so a full recompute is a different computation.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from safetensors import safe_open
 from lsaq_compile.errors import LsaqError
 from lsaq_compile.export_onnx import (
     EMBED, FUSED, LM_HEAD, STORED_LINEARS, act_key, build_graph, effective_linear_weight, linear_keys,
-    rope_inv_freq, save_graph, write_weight_store)
+    rope_for, rope_inv_freq, save_graph, write_weight_store)
 from lsaq_compile.model_source import open_model
 from lsaq_compile.quantize import quantize, schemes_for
 from lsaq_compile.reference import reference_model
@@ -48,7 +53,38 @@ CONFIGS = {
                   tie_word_embeddings=True, rope_theta=1e6,
                   rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                 "original_max_position_embeddings": 32}),
+    # Dynamic NTK: the base grows once the sequence passes max_position_embeddings (12): the
+    # prefill (10) uses the original frequencies, decode steps 13..18 new ones every step.
+    "llama_dynamic": dict(arch="LlamaForCausalLM", hidden_size=64, intermediate_size=96,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          tie_word_embeddings=False, max_position_embeddings=12,
+                          rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
+    # q/k RMSNorm per head, head_dim 32 != hidden / heads (q is 128 wide, o_proj 128 -> 64).
+    "qwen3": dict(arch="Qwen3ForCausalLM", hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  tie_word_embeddings=True, rope_theta=1e6),
+    # Fused qkv / gate_up, a sliding window on every layer, longrope: short factors up to the
+    # original 12 positions, long ones (and the attention factor) past them. (Only these three
+    # rope_scaling keys: transformers 4's Phi-3 config accepts no others.)
+    "phi3": dict(arch="Phi3ForCausalLM", hidden_size=64, intermediate_size=96,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 tie_word_embeddings=False, sliding_window=7, original_max_position_embeddings=12,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                 rope_scaling={"type": "longrope",
+                               "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.8],
+                               "long_factor": [1.0, 1.3, 1.9, 2.8, 4.0, 6.0, 9.0, 14.0]}),
+    # Sliding (window 5, local base 1e4) and global layers (base 1e6, linear x4), four norms
+    # a layer, q/k norms, GELU-tanh, sqrt(hidden) embeddings, tied head, logit soft-capping,
+    # query_pre_attn_scalar != head_dim.
+    "gemma3": dict(arch="Gemma3ForCausalLM", hidden_size=64, intermediate_size=96,
+                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   sliding_window=5, rope_theta=1e6, rope_local_base_freq=1e4,
+                   rope_scaling={"rope_type": "linear", "factor": 4.0},
+                   query_pre_attn_scalar=24, final_logit_softcapping=4.0),
 }
+# Families whose RoPE frequencies depend on the sequence length (see the module docstring).
+LENGTH_DEPENDENT = {"llama_dynamic", "phi3"}
 
 
 def make_tiny_model(path: Path, name: str, **overrides):
@@ -57,23 +93,40 @@ def make_tiny_model(path: Path, name: str, **overrides):
     be compared with transformers on the very same weights."""
     import transformers
 
-    kw = {**CONFIGS[name], **overrides}
+    kw = {"max_position_embeddings": 128, **CONFIGS[name], **overrides}
     arch = kw.pop("arch")
     cls = getattr(transformers, arch)
-    cfg = cls.config_class(vocab_size=300, max_position_embeddings=128, initializer_range=0.125,
-                           **kw)
+    cfg = cls.config_class(vocab_size=300, initializer_range=0.125, **kw)
     torch.manual_seed(zlib.crc32(name.encode()))
     model = cls(cfg).eval()
+    # Gemma's norms scale by (1 + w): the same spread of factors around 1
+    norm_center = 0.0 if arch == "Gemma3ForCausalLM" else 1.0
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+                p.copy_(norm_center + 0.2 * torch.randn_like(p))
             elif pname.endswith(".bias"):
                 p.copy_(0.3 * torch.randn_like(p))
             elif pname in (EMBED, LM_HEAD):
                 p.copy_(p.half().float())
     model.save_pretrained(path, safe_serialization=True)
     return model
+
+
+def torch_logits(model, ids: np.ndarray, cached: bool) -> np.ndarray:
+    """Logits of a transformers model for all positions of ids: one forward over everything,
+    or (cached) a prefill of PREFILL tokens and then one token a step with its KV cache, as the
+    graphs run."""
+    x = torch.from_numpy(ids)
+    with torch.no_grad():
+        if not cached:
+            return model(x).logits.float().numpy()
+        out = model(x[:, :PREFILL], use_cache=True)
+        logits = [out.logits]
+        for t in range(PREFILL, x.shape[1]):
+            out = model(x[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1).float().numpy()
 
 
 @dataclass
@@ -104,8 +157,10 @@ def tiny(request, tmp_path_factory) -> Tiny:
     group = write_weight_store(source, root / "group", {i: {"int8", "int4"} for i in range(L)},
                                GROUP)
     ids = np.random.default_rng(1).integers(0, 300, (BATCH, PREFILL + STEPS))
-    with torch.no_grad():
-        hf_logits = hf(torch.from_numpy(ids)).logits.numpy()
+    hf_logits = torch_logits(hf, ids, name in LENGTH_DEPENDENT)
+    # transformers' dynamic-NTK module keeps the frequencies of the longest sequence it saw:
+    # later users get a model that has seen nothing
+    hf = type(hf).from_pretrained(root / "hf").eval()
     return Tiny(name, source, hf, channel, root / "channel", group, root / "group", ids,
                 hf_logits)
 
@@ -153,8 +208,7 @@ def generate(session, spec, ids, dtype: str) -> np.ndarray:
 
 def reference_logits(tiny: Tiny, precisions, schemes, dtype=torch.float32) -> np.ndarray:
     model = reference_model(tiny.source, list(precisions), schemes, dtype=dtype)
-    with torch.no_grad():
-        return model(torch.from_numpy(tiny.ids)).logits.float().numpy()
+    return torch_logits(model, tiny.ids, tiny.name in LENGTH_DEPENDENT)
 
 
 def max_diff(a, b) -> float:
@@ -387,7 +441,12 @@ def test_graph_info_accounts_for_referenced_bytes(tiny):
                 ref.file, ref.offset, ref.length)
             assert info.referenced[name] == ref.length
         size = 4 if dtype == "float32" else 2
-        cache = 2 * MAX_CONTEXT * hd2 * size
+        # cos and sin of every rotary table ORT folds (Gemma 3: two; longrope and dynamic NTK
+        # compute theirs each run)
+        kinds = {spec.uses_local_rope(i) for i in range(spec.num_layers)}
+        folded = sum(not rope_for(spec, local).length_dependent for local in kinds)
+        assert folded == {"gemma3": 2, "phi3": 0, "llama_dynamic": 0}.get(tiny.name, 1)
+        cache = folded * 2 * MAX_CONTEXT * hd2 * size
         per_layer = []
         for i, p in enumerate(precisions):
             keys = [k for lin in STORED_LINEARS
@@ -432,12 +491,30 @@ def test_weight_store_works_layer_by_layer(tmp_path):
 # RoPE and errors
 
 def test_rope_inv_freq_matches_transformers(tiny):
-    rotary = reference_model(tiny.source, ["fp32"] * tiny.layers, CHANNEL).model.rotary_emb
-    inv_freq, factor = rope_inv_freq(tiny.source.spec)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    spec = tiny.source.spec
+    model = reference_model(tiny.source, ["fp32"] * tiny.layers, CHANNEL)
+    rotary = model.model.rotary_emb
+    inv_freq, factor = rope_inv_freq(spec)
+    if tiny.name == "gemma3":  # one RoPE per layer type: one module (transformers 5) or two (4)
+        glob, loc = ((rotary.full_attention_inv_freq, rotary.sliding_attention_inv_freq)
+                     if hasattr(rotary, "full_attention_inv_freq")
+                     else (rotary.inv_freq, model.model.rotary_emb_local.inv_freq))
+        np.testing.assert_allclose(inv_freq, glob.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(rope_for(spec, local=True).inv_freq, loc.numpy(), rtol=1e-6)
+        assert spec.uses_local_rope(0) and not spec.uses_local_rope(1)
+        return
     np.testing.assert_allclose(inv_freq, rotary.inv_freq.numpy(), rtol=1e-6)
     assert factor == pytest.approx(rotary.attention_scaling, rel=1e-7)
-    if tiny.name == "qwen2":
-        assert factor > 1.0   # yarn's attention factor is exercised
+    if tiny.name in ("qwen2", "phi3"):
+        assert factor > 1.0   # yarn's and longrope's attention factors are exercised
+    if tiny.name == "phi3":   # the frequencies past the original length
+        orig = spec.rope_scaling["original_max_position_embeddings"]
+        long, _ = ROPE_INIT_FUNCTIONS["longrope"](model.config, None, seq_len=orig + 1)
+        rope = rope_for(spec)
+        np.testing.assert_allclose(rope.long_inv_freq, long.numpy(), rtol=1e-6)
+        assert rope.switch == orig == 12 and max_diff(rope.long_inv_freq, inv_freq) > 1e-3
 
 
 def test_effective_weight_is_the_dequantized_store(tiny):
@@ -467,10 +544,32 @@ def test_user_errors_are_clear(tiny):
 
 
 def test_unsupported_rope_scaling_is_refused(tmp_path):
-    make_tiny_model(tmp_path / "hf", "llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    import json
+
+    make_tiny_model(tmp_path / "hf", "llama")
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("rope_parameters", None)
+    cfg["rope_scaling"] = {"rope_type": "mrope", "factor": 2.0}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(LsaqError, match="RoPE scaling 'mrope' is not supported"):
+        open_model(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("name,overrides,match", [
+    ("phi3", {"partial_rotary_factor": 0.5, "rope_scaling": None},
+     "partial rotary embeddings .*0.5"),
+    ("gemma3", {"use_bidirectional_attention": True}, "bidirectional attention"),
+    ("gemma3", {"hidden_activation": "gelu"}, "activation 'gelu' is not supported"),
+    ("qwen3", {"attention_bias": True}, "o_proj biases are not supported"),
+])
+def test_unsupported_family_features_are_refused(tmp_path, name, overrides, match):
+    """What the graph does not compute is refused by name, before anything is written."""
+    make_tiny_model(tmp_path / "hf", name, **overrides)
     source = open_model(tmp_path / "hf")
-    with pytest.raises(LsaqError, match="RoPE scaling 'dynamic'"):
+    with pytest.raises(LsaqError, match=match):
         write_weight_store(source, tmp_path / "b", {i: {"fp16"} for i in range(3)}, CHANNEL)
+    assert not (tmp_path / "b").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,7 +585,10 @@ def _hf_input_stats(hf, ids: np.ndarray) -> dict[str, np.ndarray]:
         for lin, members in FUSED.items():
             def hook(module, args, key=act_key(i, lin)):
                 sums[key] = args[0].reshape(-1, args[0].shape[-1]).double().square().mean(0)
-            handles.append(layer.get_submodule(members[0]).register_forward_pre_hook(hook))
+            # Phi-3's q/k/v and gate/up are one fused module each
+            module = members[0] if hasattr(layer.get_submodule(members[0].split(".")[0]),
+                                           members[0].split(".")[1]) else lin
+            handles.append(layer.get_submodule(module).register_forward_pre_hook(hook))
     with torch.no_grad():
         hf(torch.from_numpy(ids))
     for h in handles:
@@ -530,8 +632,7 @@ def test_mse_act_store_and_graph_match_reference(tiny, tmp_path):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = generate(session, tiny.source.spec, tiny.ids, "float32")
         ref_model = reference_model(tiny.source, precisions, MSE_ACT, act_stats=stats)
-        with torch.no_grad():
-            ref = ref_model(torch.from_numpy(tiny.ids)).logits.numpy()
+        ref = torch_logits(ref_model, tiny.ids, tiny.name in LENGTH_DEPENDENT)
         assert max_diff(got, ref) <= 1e-3
         # ... and the statistics matter: without them (unweighted search) the logits differ
         other = reference_logits(tiny, precisions, schemes_for("group", 32, symmetric=False,

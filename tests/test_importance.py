@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import C4, make_tiny_model
+from conftest import C4, TINY_FAMILIES, make_tiny_family, make_tiny_model
 from lsaq_compile.calibration import Calibration
 from lsaq_compile.errors import LsaqError
 from lsaq_compile.importance import Jaccard, Scores, ZScore, rank, score_model
@@ -61,7 +61,9 @@ def test_identity_layer_scores_zero_and_ranks_first(identity_model):
 def _reference_scores(hf_model, windows, k, final_norm):
     """Jaccard and cosine straight from a full-model forward with output_hidden_states."""
     last = {}
-    hook = hf_model.model.layers[-1].register_forward_hook(lambda m, a, out: last.update(out=out))
+    # (transformers 4's Gemma 3 layers return a tuple)
+    hook = hf_model.model.layers[-1].register_forward_hook(
+        lambda m, a, out: last.update(out=out[0] if isinstance(out, tuple) else out))
     with torch.no_grad():
         hs = list(hf_model(torch.from_numpy(windows), output_hidden_states=True).hidden_states)
         hook.remove()
@@ -81,13 +83,14 @@ def _reference_scores(hf_model, windows, k, final_norm):
     return hs, jac, cos
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", list(TINY_FAMILIES))
 def test_layerwise_matches_full_forward(tmp_path, arch):
+    """Every family: windows of 24 tokens pass sliding windows (mistral, phi3, gemma3), the
+    original lengths of longrope (phi3) and dynamic NTK (llama_dynamic); the final-norm option
+    uses the family's own norm (Gemma's 1 + w, its weights randomised so it matters)."""
     from transformers import AutoModelForCausalLM
 
-    # mistral: a sliding window shorter than the windows checks that mask too.
-    extra = {"sliding_window": 8} if arch == "mistral" else {}
-    d = make_tiny_model(tmp_path / arch, arch=arch, vocab_size=VOCAB, **extra)
+    d = make_tiny_family(tmp_path / arch, arch, vocab_size=VOCAB)
     src = open_model(d)
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     cal = _calib(samples=5, seq_len=24, seed=1)

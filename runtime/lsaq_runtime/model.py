@@ -104,6 +104,9 @@ class Model:
             raise LsaqRuntimeError(f"the prompt is {len(ids)} tokens but the context is "
                                    f"{self.context}; load with a larger --context")
         self.last_stop = "max_new_tokens"
+        # Graphs whose RoPE changes past a length (Phi-3 longrope) ask for the cache built
+        # within it to be rebuilt before the first token past it (BUNDLE_FORMAT.md).
+        switch = self.manifest["model"].get("rope_switch_length")
         logits = self._runner.run(ids, 0, 1)[-1]
         memory_trace("prefill")
         pos = len(ids)
@@ -118,7 +121,11 @@ class Model:
             if pos + 1 > self.context:  # no room to feed this token back
                 self.last_stop = "context"
                 return
-            logits = self._runner.run([tok], pos, 1)[-1]
+            ids.append(tok)
+            if pos == switch:
+                logits = self._runner.run(ids, 0, 1)[-1]
+            else:
+                logits = self._runner.run([tok], pos, 1)[-1]
             pos += 1
 
     def forward(self, ids: list[int], past_len: int = 0, keep: int = 1) -> np.ndarray:

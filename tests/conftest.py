@@ -119,20 +119,26 @@ def _small_profile(**scoring):
     return p
 
 
+def _exact_paper_profile(samples: int, seq_len: int, ladder: str):
+    """The paper's quantizer (per-channel symmetric round to nearest) and Jaccard order, ranked
+    by precision, on the exact kernel path (float activations, float LM head): what the parity
+    tests compare with transformers."""
+    prof = _small_profile(samples=samples, seq_len=seq_len, metric="jaccard")
+    prof.quantization.cpu_accuracy_level, prof.quantization.cpu_lm_head = 0, "fp16"
+    prof.build.ladder, prof.build.quality_samples = ladder, 0
+    q = prof.quantization
+    q.scheme, q.symmetric, q.clip = "channel", True, "none"
+    return prof
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_llama_dir, tmp_path_factory) -> Path:
     from lsaq_compile.bundle import build_bundle
     from lsaq_compile.progress import Progress
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    # The exact kernel path (float activations, float LM head): the fixture the parity tests
-    # compare with transformers bit for bit; smollm_bundle keeps the fast defaults.
-    prof = _small_profile(samples=8, seq_len=64, metric="jaccard")
-    prof.quantization.cpu_accuracy_level, prof.quantization.cpu_lm_head = 0, "fp16"
-    # The paper's quantizer and ladder shape (every INT4 count), ranked by precision.
-    prof.build.ladder, prof.build.quality_samples = "full", 0
-    q = prof.quantization
-    q.scheme, q.symmetric, q.clip = "channel", True, "none"
+    # Every INT4 count (ladder "full"); smollm_bundle keeps the fast defaults.
+    prof = _exact_paper_profile(samples=8, seq_len=64, ladder="full")
     return build_bundle(tiny_llama_dir, out, profile=prof, progress=Progress(quiet=True))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import _small_profile, make_tiny_family
+from conftest import _exact_paper_profile, make_tiny_family
 from lsaq_compile.errors import LsaqError
 from lsaq_compile.export_onnx import build_graph, rope_for, save_graph, write_weight_store
 from lsaq_compile.model_source import open_model
@@ -290,11 +290,7 @@ def _tiny_bundle(model, out: Path) -> Path:
     from lsaq_compile.bundle import build_bundle
     from lsaq_compile.progress import Progress
 
-    prof = _small_profile(samples=4, seq_len=32, metric="jaccard")
-    prof.quantization.cpu_accuracy_level, prof.quantization.cpu_lm_head = 0, "fp16"
-    prof.build.ladder, prof.build.quality_samples = "paper", 0
-    q = prof.quantization
-    q.scheme, q.symmetric, q.clip = "channel", True, "none"
+    prof = _exact_paper_profile(samples=4, seq_len=32, ladder="paper")
     return build_bundle(model, out, profile=prof, progress=Progress(quiet=True))
 
 

@@ -219,9 +219,14 @@ class Rope:
         return self.long_inv_freq is not None or self.dynamic is not None
 
 
-def _default_inv_freq(base: float, dim: int) -> np.ndarray:
+def _pos_freqs(base: float, dim: int) -> np.ndarray:
+    """base ** (2i / dim), float32 as transformers computes it; inv_freq is its reciprocal."""
     exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    return (np.float32(1.0) / (np.float32(base) ** exps)).astype(np.float32)
+    return np.float32(base) ** exps
+
+
+def _default_inv_freq(base: float, dim: int) -> np.ndarray:
+    return (np.float32(1.0) / _pos_freqs(base, dim)).astype(np.float32)
 
 
 def rope_for(spec: ModelSpec, local: bool = False) -> Rope:
@@ -230,7 +235,8 @@ def rope_for(spec: ModelSpec, local: bool = False) -> Rope:
     if local:
         return Rope(_default_inv_freq(spec.local_rope_theta, dim))
     base = spec.rope_theta
-    inv_freq = _default_inv_freq(base, dim)
+    pos_freqs = _pos_freqs(base, dim)
+    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
     rs = dict(spec.rope_scaling or {})
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
@@ -251,8 +257,7 @@ def rope_for(spec: ModelSpec, local: bool = False) -> Rope:
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return Rope(np.where(medium, smoothed, scaled).astype(np.float32))
     if kind == "yarn":
-        exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-        return Rope(*_yarn(rs, dim, base, factor, original, np.float32(base) ** exps))
+        return Rope(*_yarn(rs, dim, base, factor, original, pos_freqs))
     if kind == "dynamic":
         # transformers: past max_position_embeddings (not any original length) the base becomes
         # base * (factor * len / max - (factor - 1)) ** (dim / (dim - 2)) for the current length
@@ -267,9 +272,6 @@ def rope_for(spec: ModelSpec, local: bool = False) -> Rope:
         attention = rs.get("attention_factor")
         if attention is None:  # transformers' default (LongRoPE paper)
             attention = 1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(original))
-        exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-        pos_freqs = np.float32(base) ** exps
-
         def inv(ext):
             return (np.float32(1.0) / (np.asarray(ext, np.float32) * pos_freqs)).astype(np.float32)
 

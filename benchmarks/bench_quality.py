@@ -193,7 +193,7 @@ def lsaq_results(label: str, bundle: Path, text: Path, seq_len: int, windows: in
     from lsaq_compile.study import _recorded
 
     m = read_manifest(bundle)
-    tw = ev.text_windows(text, bundle / m["tokenizer"]["dir"] / "tokenizer.json", seq_len, windows)
+    tw = ev.text_windows(text, ev.bundle_codec(bundle, m), seq_len, windows)
     settings = {"seq_len": seq_len, "windows": len(tw.windows)}
     params = decoder_linear_params(m["model"])
     rows, reused = [], 0
@@ -566,8 +566,10 @@ def main(argv: list[str] | None = None) -> dict:
     if tws:
         tw = tws[0]
     else:
-        tw = ev.text_windows(args.text, peers.hf_folder(work, args.model) / "tokenizer.json",
-                             args.seq_len, args.windows)
+        from lsaq_compile.model_source import open_model
+
+        tw = ev.text_windows(args.text, open_model(args.model).codec(), args.seq_len,
+                             args.windows)
 
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     if "F16" not in types:

@@ -8,11 +8,13 @@ Scores are measured once and reused for every variant (exllamav2's measure-once 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 from lsaq_runtime.manifest import (ELEM_BYTES, MANIFEST, SCHEMA_VERSION, kv_bytes_per_token,
                                    replace_refusal, sha256_file, workspace_bytes)
 
@@ -198,8 +200,10 @@ def _pid_alive(pid: int) -> bool:
 
 def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike = "bundle",
                  profile: str | Profile | None = None, scores=None, metric: str | None = None,
-                 force: bool = False, progress: Progress | None = None) -> Path:
-    """Compile `model` (None = the default SmolLM2) into a bundle folder at `out`."""
+                 force: bool = False, progress: Progress | None = None,
+                 chat_template: str | None = None) -> Path:
+    """Compile `model` (None = the default SmolLM2) into a bundle folder at `out`.
+    chat_template: a Jinja template to ship instead of the source's (many GGUFs carry none)."""
     from .export_onnx import build_graph, rope_for, save_graph, write_weight_store
 
     progress = progress or Progress()
@@ -237,6 +241,8 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
         raise LsaqError(f"{out.parent}: cannot write there ({e.strerror}); choose another -o") from None
     try:
         tok = source.save_tokenizer(tmp / "tokenizer")
+        if chat_template is not None:
+            tok["chat_template"] = chat_template
         needed = {i: {p.precisions[i] for p in plans} for i in range(spec.num_layers)}
         # The CPU graphs of quantized variants may read an INT8 copy of the LM head: on CPU the
         # float head is held as float32 (4 bytes a weight) and is a quarter of int4 decode time.
@@ -362,30 +368,60 @@ def _scores_record(sc, additive: dict) -> dict:
 
 
 def _measure_quality(root: Path, manifest: dict, windows, plan_kl: dict, calib, log) -> None:
-    """Perplexity of every variant's CPU graph on `windows`, recorded in the manifest, which
-    then ranks variants by it (deployment.rank_by = measured_quality), best first."""
-    from lsaq_runtime.planner import quality_key
+    """Quality of every variant's CPU graph on held-out calibration windows (each framed as the
+    model frames a prompt): its perplexity and its KL from the FP16 variant's graph on the same
+    tokens. Recorded in the manifest, which then ranks variants by the KL
+    (deployment.rank_by = kl_fp16): paired against the same reference, it is far less noisy than
+    a perplexity difference, and unlike perplexity it cannot improve under quantization noise
+    (docs/results/ranking.md measures both against WikiText-2). The runtime's rule that a
+    variant never ranks above one at least as precise in every part applies on top."""
+    import tempfile
 
-    from .evaluate import TextWindows, onnx_logits_fn, perplexity
+    from lsaq_runtime.planner import quality_order
 
-    tw = TextWindows(calib.source, calib.sha256, int(windows.shape[1]), windows, int(windows.size))
+    from .evaluate import _log_softmax, onnx_logits_fn
+
+    n, seq = windows.shape
     t0 = time.perf_counter()
-    for v in manifest["variants"]:
-        fn = onnx_logits_fn(root, manifest, v["name"], context=tw.seq_len)
-        r = perplexity(fn, tw)
-        fn.close()
-        v["quality"] = {"perplexity": round(r["perplexity"], 4), "tokens": r["tokens"]}
-        if v["name"] in plan_kl:
-            v["quality"]["kl"] = round(plan_kl[v["name"]], 6)
-        log(f"{v['name']}: perplexity {r['perplexity']:.3f} on {r['windows']} held-out windows "
-            f"({time.perf_counter() - t0:.0f}s)")
-    manifest["variants"].sort(key=quality_key)
+    variants = sorted(manifest["variants"], key=lambda v: v["name"] != "fp16")  # FP16 first
+    if variants[0]["name"] != "fp16":
+        raise LsaqError("quality ranking needs the fp16 variant as the reference")
+    with tempfile.TemporaryDirectory(prefix="lsaq-quality-") as work:
+        # The reference distributions for every held-out position, on disk: vocabulary x
+        # positions can reach gigabytes (262k x 2k x 4 bytes for Gemma 3).
+        ref = np.lib.format.open_memmap(Path(work) / "fp16.npy", "w+", np.float32,
+                                        (n, seq - 1, manifest["model"]["vocab_size"]))
+        for v in variants:
+            fn = onnx_logits_fn(root, manifest, v["name"], context=seq)
+            nll = kl = 0.0
+            for w in range(n):
+                lp = _log_softmax(fn(windows[w])[:-1])           # float64 [seq - 1, vocab]
+                nll -= float(lp[np.arange(seq - 1), windows[w, 1:]].sum())
+                if v["name"] == "fp16":
+                    ref[w] = lp
+                else:
+                    for a in range(0, seq - 1, 32):   # bounded temporaries at any vocabulary
+                        r = ref[w, a:a + 32].astype(np.float64)
+                        kl += float((np.exp(r) * (r - lp[a:a + 32])).sum())
+            fn.close()
+            tokens = n * (seq - 1)
+            v["quality"] = {"perplexity": round(math.exp(nll / tokens), 4), "tokens": tokens,
+                            "kl_fp16": round(kl / tokens, 6)}
+            if v["name"] in plan_kl:  # the torch measurement on the calibration windows
+                v["quality"]["kl"] = round(plan_kl[v["name"]], 6)
+            log(f"{v['name']}: KL from FP16 {kl / tokens:.5f}, perplexity "
+                f"{math.exp(nll / tokens):.3f} on {n} held-out windows "
+                f"({time.perf_counter() - t0:.0f}s)")
+        del ref
+    manifest["variants"] = quality_order(manifest["variants"], "kl_fp16")
     for rank, v in enumerate(manifest["variants"]):
         v["rank"] = rank
-    manifest["deployment"]["rank_by"] = "measured_quality"
+    manifest["deployment"]["rank_by"] = "kl_fp16"
     manifest["deployment"]["quality"] = {
-        "what": "perplexity of each variant's CPU graph on held-out calibration windows",
-        "source": calib.source, "windows": int(len(windows)), "seq_len": tw.seq_len}
+        "what": "each variant's CPU graph on held-out calibration windows: KL from the FP16 "
+                "variant's CPU graph (ranks the variants) and perplexity",
+        "source": calib.source, "windows": int(n), "seq_len": int(seq),
+        "prefix": list(calib.prefix)}
 
 
 def check_replaceable(out: Path, force: bool) -> None:

@@ -121,7 +121,7 @@ def test_fast_kernels_keep_perplexity_of_the_exact_path(smollm_bundle, variant):
     info = next(v for v in m["variants"] if v["name"] == variant)["providers"]["cpu"]
     if not WIKITEXT.is_file():  # the gate is defined on WikiText-2 (../shared/data)
         pytest.skip(f"{WIKITEXT} missing")
-    tw = ev.text_windows(WIKITEXT, smollm_bundle / "tokenizer" / "tokenizer.json", 1024, 4)
+    tw = ev.text_windows(WIKITEXT, smollm_bundle, 1024, 4)
     fast = ev.onnx_logits_fn(smollm_bundle, m, variant)
     exact = _exact_session(smollm_bundle, info["graph"])
     nll = {"fast": 0.0, "exact": 0.0}

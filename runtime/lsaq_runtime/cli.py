@@ -94,6 +94,14 @@ def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait
         _print_decision(d, as_json)
         return
 
+    if chat:  # refused before minutes of hashing and loading, not after
+        from .manifest import load_manifest
+
+        if not load_manifest(bundle, check_sizes=False)["tokenizer"].get("chat_template"):
+            raise LsaqRuntimeError(f"{bundle}: this bundle has no chat template "
+                                   "(tokenizer.chat_template), so --chat cannot format a "
+                                   "conversation; run without --chat, or rebuild with "
+                                   "`lsaq-compile build --chat-template FILE`")
     if prompt is None or prompt == "-":
         if sys.stdin.isatty() and prompt is None:
             raise LsaqRuntimeError("no PROMPT given; pass it as an argument or pipe it on stdin (PROMPT -)")

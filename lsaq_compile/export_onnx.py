@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -59,6 +59,11 @@ INV_FREQ = "rope.inv_freq"
 INV_FREQ_LONG = "rope.inv_freq_long"     # longrope: the frequencies past the original length
 INV_FREQ_LOCAL = "rope.local.inv_freq"   # Gemma 3: the sliding layers' own RoPE base
 HEAD_INT8 = "lm_head.int8"   # the LM head quantized like an INT8 layer (CPU graphs, optional)
+# The token tables on the ladder: an fp16 table is stored under its HF name (EMBED, LM_HEAD), a
+# quantized one under "{base}.{precision}.{role}" in MatMulNBits' layout, which the head's
+# MatMulNBits reads as it is and the embedding's Gather reads row by row (a tied model's one
+# table serves both).
+TABLE_BASE = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
 QKV_BIAS = ("q_proj", "k_proj", "v_proj")
 # How the decoder's linear layers are stored and computed: q/k/v read the same input, as do
 # gate/up, so each group is one matmul over its weights concatenated by output rows (fewer,
@@ -111,6 +116,26 @@ def linear_keys(i: int, lin: str, precision: str, scheme: QuantScheme | None) ->
     if not scheme.symmetric:
         keys["zero_points"] = f"{base}.zero_points"
     return keys
+
+
+def table_keys(table: str, precision: str, scheme: QuantScheme | None) -> dict[str, str]:
+    """Store keys of a token table ("embed_tokens" or "lm_head") at one precision, by role."""
+    if precision == "fp16":
+        return {"weight": EMBED if table == "embed_tokens" else LM_HEAD}
+    base = f"{TABLE_BASE[table]}.{precision}"
+    keys = {"qweight": f"{base}.qweight", "scales": f"{base}.scales",
+            "scales_f32": f"{base}.scales_f32"}
+    if not scheme.symmetric:
+        keys["zero_points"] = f"{base}.zero_points"
+    return keys
+
+
+def table_scheme(schemes: dict[str, QuantScheme], precision: str) -> QuantScheme:
+    """How a token table is quantized: the linears' scheme of that precision, with a plain MSE
+    clipping search where theirs weighs by calibration activations (a lookup table's rows have
+    no input activations to weigh by)."""
+    s = schemes[precision]
+    return replace(s, clip="mse") if s.clip == "mse-act" else s
 
 
 def part_precision(layer_precision: str, lin: str) -> str:
@@ -171,6 +196,17 @@ def effective_linear_weight(w: np.ndarray, precision: str, schemes: dict[str, Qu
     if precision == "fp16":
         return np.asarray(w, dtype=np.float16).astype(np.float32)
     return quantize(w, schemes[precision], act=act).dequantize()
+
+
+def table_weight(table: np.ndarray, precision: str, schemes: dict[str, QuantScheme]
+                 ) -> np.ndarray:
+    """float32 [vocab, hidden]: exactly the token table a graph computes with at `precision`
+    (quantized from the fp16-rounded table, as the store holds it)."""
+    t16 = np.asarray(table, dtype=np.float16).astype(np.float32)
+    if precision == "fp16":
+        return t16
+    _check_precision(precision, schemes)
+    return quantize(t16, table_scheme(schemes, precision)).dequantize()
 
 
 def check_supported(source: ModelSource) -> None:
@@ -338,11 +374,16 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
                        layer_precisions: dict[int, set[str]], schemes: dict[str, QuantScheme],
                        progress: Callable[[str], None] | None = None,
                        head_int8: bool = False,
-                       act_stats: dict[str, np.ndarray] | None = None) -> dict[str, TensorRef]:
+                       act_stats: dict[str, np.ndarray] | None = None,
+                       table_precisions: dict[str, set[str]] | None = None
+                       ) -> dict[str, TensorRef]:
     """Write weights/{float,int8,int4}.safetensors (only those that get tensors); return the
     index of every stored tensor. Works one decoder layer at a time. head_int8: also store the
-    LM head quantized with the INT8 scheme (HEAD_INT8.*). act_stats: activation statistics by
-    act_key (activations.activation_stats), needed by schemes with clip 'mse-act'."""
+    LM head quantized with the INT8 scheme, for CPU graphs whose head is otherwise fp16.
+    act_stats: activation statistics by act_key (activations.activation_stats), needed by
+    schemes with clip 'mse-act'. table_precisions: the quantized precisions each token table
+    ("embed_tokens", "lm_head") is needed at (a tied model's one table is "embed_tokens"); the
+    fp16 tables are always stored (the FP16 variant reads them)."""
     spec = source.spec
     check_supported(source)
     bundle_dir = Path(bundle_dir)
@@ -360,11 +401,19 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
     ropes = rope_tables(spec)
     offset = np.float32(spec.family.norm_offset)   # Gemma's (1 + w): the graph multiplies by it
 
+    tables = {t: set(p) - {"fp16"} for t, p in (table_precisions or {}).items()}
+    if not untied and tables.get("lm_head"):
+        raise LsaqError("this model's LM head is its embedding table (tied): give the head's "
+                        "precisions as the embed_tokens table's")
+    if head_int8:   # the CPU head's INT8 copy is the int8 table itself
+        _check_precision("int8", schemes)
+        tables.setdefault("lm_head" if untied else "embed_tokens", set()).add("int8")
     plan: dict[str, list[str]] = defaultdict(list)
     plan[FLOAT_FILE] += [EMBED] + ([LM_HEAD] if untied else []) + [FINAL_NORM, *ropes]
-    if head_int8:
-        _check_precision("int8", schemes)
-        plan[STORE_FILES["int8"]] += [f"{HEAD_INT8}.{r}" for r in ("qweight", "scales", "scales_f32")]
+    for t, precs in tables.items():
+        for p in sorted(precs):
+            _check_precision(p, schemes)
+            plan[STORE_FILES[p]] += table_keys(t, p, table_scheme(schemes, p)).values()
     for i in range(spec.num_layers):
         plan[FLOAT_FILE] += [norm_key(i, n) for n in layer_norms(spec)]
         plan[FLOAT_FILE] += [qk_norm_key(i)] if spec.family.qk_norm else []
@@ -382,14 +431,20 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
         def put(key: str, array: np.ndarray) -> None:
             index[key] = writers[file_of[key]].add(key, array)
 
-        put(EMBED, source.embedding().astype(np.float16))
-        if untied:
-            put(LM_HEAD, source.tensor(LM_HEAD).astype(np.float16))
-        if head_int8:
-            # From the fp16-rounded table the float graphs use, so int8 only adds its own error.
-            table = (source.tensor(LM_HEAD) if untied else source.embedding()).astype(np.float16)
-            for role, arr in _linear_arrays(table.astype(np.float32), "int8", schemes["int8"]).items():
-                put(f"{HEAD_INT8}.{role}", arr)
+        for t in ("embed_tokens", "lm_head") if untied else ("embed_tokens",):
+            table = (source.embedding() if t == "embed_tokens" else
+                     source.tensor(LM_HEAD)).astype(np.float16)
+            put(EMBED if t == "embed_tokens" else LM_HEAD, table)
+            for p in sorted(tables.get(t, ())):
+                # From the fp16-rounded table the float graphs use, so quantizing only adds its
+                # own error.
+                sch = table_scheme(schemes, p)
+                keys = table_keys(t, p, sch)
+                for role, arr in _linear_arrays(table.astype(np.float32), p, sch).items():
+                    put(keys[role], arr)
+                if progress:
+                    progress(f"stored the {t} table at {p}")
+            del table
         put(FINAL_NORM, source.tensor(FINAL_NORM) + offset)
         for key, inv_freq in ropes.items():
             put(key, inv_freq)
@@ -502,13 +557,17 @@ class _GraphBuilder:
 
 def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorRef], dtype: str,
                 max_context: int, name: str = "model", accuracy_level: int = 0,
-                lm_head: str = "fp16") -> tuple[onnx.ModelProto, GraphInfo]:
+                lm_head: str = "fp16", embed: str = "fp16") -> tuple[onnx.ModelProto, GraphInfo]:
     """One variant's graph; precisions has one entry per decoder layer. accuracy_level goes to
     every MatMulNBits node: 0 computes in the activation dtype (exact), 4 quantizes activations
     to int8 per block and uses ORT's integer kernels (CPU). lm_head: "fp16" (Gemm over the
-    float table) or "int8" (MatMulNBits over HEAD_INT8.*, stored by write_weight_store)."""
-    if lm_head not in ("fp16", "int8"):
-        raise LsaqError(f"lm_head must be fp16 or int8, not {lm_head!r}")
+    float table) or "int8"/"int4" (MatMulNBits over the quantized head table: the tied
+    embedding's, or lm_head's). embed: the precision of the embedding table the graph gathers
+    rows from (stored by write_weight_store)."""
+    if lm_head not in ("fp16", "int8", "int4"):
+        raise LsaqError(f"lm_head must be fp16, int8 or int4, not {lm_head!r}")
+    if embed not in ("fp16", "int8", "int4"):
+        raise LsaqError(f"embed must be fp16, int8 or int4, not {embed!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise LsaqError(f"accuracy_level must be 0-4, not {accuracy_level}")
     if dtype not in ("float32", "float16"):
@@ -541,9 +600,13 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
     act = ACTIVATIONS[spec.hidden_act]
     sandwich = spec.family.sandwich_norms
 
-    x = g.op("Gather", [g.weight(EMBED, "gather"), "input_ids"], "embed", axis=0)
-    if dtype == "float32":
-        x = g.op("Cast", [x], "embed_T", to=T)
+    if embed == "fp16":
+        x = g.op("Gather", [g.weight(EMBED, "gather"), "input_ids"], "embed", axis=0)
+        if dtype == "float32":
+            x = g.op("Cast", [x], "embed_T", to=T)
+    else:
+        x = _gather_quantized(g, f"{TABLE_BASE['embed_tokens']}.{embed}", int(embed[3:]),
+                              spec.hidden_size)
     if spec.embed_scale is not None:  # Gemma: in the activation dtype, as transformers does
         x = g.op("Mul", [x, g.const(spec.embed_scale, np.float32 if dtype == "float32"
                                     else np.float16, "embed_scale")], "embed_scaled")
@@ -601,8 +664,11 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
                   "last_hidden")
     flat = g.op("Reshape", [last_h, g.const([-1, spec.hidden_size], np.int64, "flat_shape")],
                 "flat_hidden")
-    if lm_head == "int8":
-        logits = _matmul_nbits(g, flat, HEAD_INT8, 8, spec.hidden_size, spec.vocab_size, "lm_head")
+    if lm_head != "fp16":
+        untied = not spec.tie_word_embeddings and LM_HEAD in index
+        base = f"{TABLE_BASE['lm_head' if untied else 'embed_tokens']}.{lm_head}"
+        logits = _matmul_nbits(g, flat, base, int(lm_head[3:]), spec.hidden_size,
+                               spec.vocab_size, "lm_head")
     else:
         head = EMBED if spec.tie_word_embeddings or LM_HEAD not in index else LM_HEAD
         # Gemm with transB reads the [vocab, hidden] table in place: tied embeddings need no
@@ -758,6 +824,64 @@ def _matmul_nbits(g: _GraphBuilder, x: str, base: str, bits: int, k_in: int, n_o
         ins.append(g.weight(f"{base}.zero_points"))
     return g.op("MatMulNBits", [x, *ins], hint, domain="com.microsoft", K=k_in, N=n_out,
                 bits=bits, block_size=block, accuracy_level=g.accuracy_level)
+
+
+def _gather_quantized(g: _GraphBuilder, base: str, bits: int, hidden: int) -> str:
+    """Rows of a quantized table stored in MatMulNBits' layout (the head's MatMulNBits reads the
+    same initializer), dequantized with standard ops: Gather reads only the looked-up rows of
+    the memory-mapped codes, scales and zero points, and every provider runs these ops (ORT's
+    GatherBlockQuantized would do the same on CPU, but its CUDA support is not verified here)."""
+    hint = "embed_q"
+    qref = g.index.get(f"{base}.qweight")
+    if qref is None:
+        raise LsaqError(f"the weight store lacks {base}.qweight; was it written for this "
+                        "variant's table precision?")
+    _, n_blocks, blob = qref.shape
+    block = blob * 8 // bits
+    f32 = TensorProto.FLOAT
+
+    def rows(key: str) -> str:
+        return g.op("Gather", [g.weight(key, "gather"), "input_ids"], f"{hint}/rows", axis=0)
+
+    def nibbles(x: str, tag: str) -> str:
+        """uint8 [..., n] -> float32 [..., 2n]: element 2j from the low nibble, as packed.
+        In float arithmetic (exact for 0..255), which every provider has."""
+        f = g.op("Cast", [x], f"{hint}/{tag}_f", to=f32)
+        sixteen = g.const(16.0, np.float32, f"{hint}/{tag}_16")
+        hi = g.op("Floor", [g.op("Div", [f, sixteen], f"{hint}/{tag}_div")], f"{hint}/{tag}_hi")
+        lo = g.op("Sub", [f, g.op("Mul", [hi, sixteen], f"{hint}/{tag}_hi16")], f"{hint}/{tag}_lo")
+        axis = g.const([-1], np.int64, f"{hint}/{tag}_ax")
+        pair = g.op("Concat", [g.op("Unsqueeze", [lo, axis], f"{hint}/{tag}_lo1"),
+                               g.op("Unsqueeze", [hi, axis], f"{hint}/{tag}_hi1")],
+                    f"{hint}/{tag}_pair", axis=-1)
+        return g.op("Reshape", [pair, g.const([0, 0, -1], np.int64, f"{hint}/{tag}_flat")],
+                    f"{hint}/{tag}_codes")
+
+    codes = rows(f"{base}.qweight")                                 # [B, S, nb, blob] uint8
+    flat = g.op("Reshape", [codes, g.const([0, 0, -1], np.int64, f"{hint}/flat")],
+                f"{hint}/codes_flat")
+    codes = nibbles(flat, "codes") if bits == 4 else g.op("Cast", [flat], f"{hint}/codes_f", to=f32)
+    codes = g.op("Reshape", [codes, g.const([0, 0, n_blocks, block], np.int64, f"{hint}/blocks")],
+                 f"{hint}/codes_blocks")                            # [B, S, nb, block]
+    axis = g.const([-1], np.int64, f"{hint}/axis")
+    if f"{base}.zero_points" in g.index:
+        zp = rows(f"{base}.zero_points")                            # [B, S, ceil(nb*bits/8)]
+        zp = nibbles(zp, "zp") if bits == 4 else g.op("Cast", [zp], f"{hint}/zp_f", to=f32)
+        zp = g.op("Slice", [zp, g.const([0], np.int64, f"{hint}/zp0"),
+                            g.const([n_blocks], np.int64, f"{hint}/zpn"), axis], f"{hint}/zp_nb")
+        zp = g.op("Unsqueeze", [zp, axis], f"{hint}/zp_col")
+    else:   # symmetric: MatMulNBits' implied zero point
+        zp = g.const(float(2 ** (bits - 1)), np.float32, f"{hint}/zp_sym")
+    scales = rows(f"{base}.scales_f32")                             # [B, S, nb]
+    scales = g.op("Unsqueeze", [scales, axis], f"{hint}/scales_col")
+    x = g.op("Mul", [g.op("Sub", [codes, zp], f"{hint}/centered"), scales], f"{hint}/deq")
+    x = g.op("Reshape", [x, g.const([0, 0, -1], np.int64, f"{hint}/out_flat")], f"{hint}/row")
+    if n_blocks * block != hidden:   # the last block's zero padding
+        x = g.op("Slice", [x, g.const([0], np.int64, f"{hint}/h0"),
+                           g.const([hidden], np.int64, f"{hint}/h1"), axis], f"{hint}/trim")
+    if g.dtype != "float32":
+        x = g.op("Cast", [x], f"{hint}/T", to=g.T)
+    return x
 
 
 def _linear_dims(spec: ModelSpec, lin: str) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from lsaq_runtime.manifest import (ELEM_BYTES, MANIFEST, SCHEMA_VERSION, kv_bytes_per_token,
+from lsaq_runtime.manifest import (ELEM_BYTES, MANIFEST, SCHEMA_VERSION, TABLES, kv_bytes_per_token,
                                    replace_refusal, sha256_file, workspace_bytes)
 
 from . import __version__
@@ -104,7 +104,7 @@ def _load_scores(scores, source: ModelSource, profile: Profile, metric: str, pro
         log = progress.stage("scoring")
         if metric == "sensitivity":
             return sensitivity.score(source, calib, calib.windows, schemes, act_stats, log,
-                                     granularity=sc.granularity)
+                                     granularity=sc.granularity, tables=tables_on_ladder(profile))
         result = score_model(source, metrics=(metric,), k=sc.k, final_norm=sc.final_norm,
                              calibration=calib if metric != "zscore" else None,
                              progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))
@@ -147,7 +147,23 @@ def _plans(sc, meter, source: ModelSource, profile: Profile, schemes, calib, act
         meter = sensitivity.KLMeter(source, calib.windows, schemes, act_stats)
     return sensitivity.ladder_plans(meter, sens, schemes, kind, profile.build.rungs,
                                     profile.build.refine, progress.stage("allocating"),
-                                    profile.build.rung_bits)
+                                    profile.build.rung_bits, tables=tables_on_ladder(profile))
+
+
+def tables_on_ladder(profile: Profile) -> bool:
+    """Whether the embedding table and LM head get INT8/INT4 by measured sensitivity: the
+    profile asks for it and allocates by bytes (the other ladders keep the paper's fp16 tables)."""
+    return profile.quantization.tables == "ladder" and profile.build.ladder == "bytes"
+
+
+def parameter_count(spec: ModelSpec, tied: bool, qkv_bias: bool = False) -> int:
+    """Weights of the whole model: decoder linears, token tables, norms (and q/k/v biases)."""
+    h, hd = spec.hidden_size, spec.head_dim
+    norms = (4 if spec.family.sandwich_norms else 2) * h + \
+        (2 * hd if spec.family.qk_norm else 0) + \
+        ((spec.num_heads + 2 * spec.num_kv_heads) * hd if qkv_bias else 0)
+    return (spec.num_layers * (layer_params(spec) + norms) + h
+            + (1 if tied else 2) * spec.vocab_size * h)
 
 
 def score_for_profile(source: ModelSource, profile: str | Profile | None = None,
@@ -204,7 +220,8 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                  chat_template: str | None = None) -> Path:
     """Compile `model` (None = the default SmolLM2) into a bundle folder at `out`.
     chat_template: a Jinja template to ship instead of the source's (many GGUFs carry none)."""
-    from .export_onnx import build_graph, rope_for, save_graph, write_weight_store
+    from .export_onnx import (LM_HEAD, QKV_BIAS_KEY, build_graph, rope_for, save_graph,
+                              table_scheme, write_weight_store)
 
     progress = progress or Progress()
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -244,13 +261,19 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
         if chat_template is not None:
             tok["chat_template"] = chat_template
         needed = {i: {p.precisions[i] for p in plans} for i in range(spec.num_layers)}
-        # The CPU graphs of quantized variants may read an INT8 copy of the LM head: on CPU the
-        # float head is held as float32 (4 bytes a weight) and is a quarter of int4 decode time.
+        tied = spec.tie_word_embeddings or not source.has_tensor(LM_HEAD)
+        tables = ("embed_tokens",) if tied else TABLES
+        table_needed = {t: {p.table(t, tied) for p in plans} for t in tables}
+        # The CPU graphs of quantized variants may read an INT8 copy of an fp16 LM head: on CPU
+        # the float head is held as float32 (4 bytes a weight) and is a quarter of int4 decode
+        # time.
         quantized = {p.name: not {"fp16", "fp32"} & set(p.precisions) for p in plans}
         head_int8 = q.cpu_lm_head == "int8" and "cpu" in prof.build.providers and \
-            any(quantized.values())
+            any(quantized[p.name] and p.table("lm_head", tied) == "fp16" for p in plans)
         index = write_weight_store(source, tmp, needed, schemes, progress=progress.stage("quantizing"),
-                                   head_int8=head_int8, act_stats=act_stats)
+                                   head_int8=head_int8, act_stats=act_stats,
+                                   table_precisions=table_needed)
+        params = parameter_count(spec, tied, any(k.endswith(QKV_BIAS_KEY) for k in index))
 
         log = progress.stage("exporting")
         per_layer = layer_params(spec)
@@ -260,12 +283,16 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
         for rank, plan in enumerate(plans):
             providers = {}
             cuda_info = None
+            table_prec = {t: plan.table(t, tied) for t in TABLES}
             for prov in prof.build.providers:
                 dtype = PROVIDER_DTYPES[prov]
-                head = "int8" if head_int8 and prov == "cpu" and quantized[plan.name] else "fp16"
+                head = table_prec["lm_head"]
+                if head == "fp16" and head_int8 and prov == "cpu" and quantized[plan.name]:
+                    head = "int8"
                 graph, info = build_graph(spec, list(plan.precisions), index, dtype, max_context,
                                           name=f"{spec.name} {plan.name} {prov}",
-                                          accuracy_level=accuracy[prov], lm_head=head)
+                                          accuracy_level=accuracy[prov], lm_head=head,
+                                          embed=table_prec["embed_tokens"])
                 fname = f"{plan.name}.{prov}.onnx"
                 save_graph(graph, tmp / fname)
                 ws = workspace_model(spec, prov)
@@ -288,11 +315,15 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                                                 [per_layer] * spec.num_layers), 4),
                 "avg_bits_nominal": round(plan.avg_bits_nominal(part_params(spec)), 4),
                 "weight_bytes": cuda_info.weight_bytes,
+                "bits_per_weight": round(8 * cuda_info.weight_bytes / params, 4),
+                "tables": table_prec,
                 "providers": providers,
             })
             c = plan.counts
             log(f"{plan.name}: {c['int8']} INT8 / {c['int4']} INT4"
-                + (f" / {c['mixed']} mixed" if c["mixed"] else "") + f" layers "
+                + (f" / {c['mixed']} mixed" if c["mixed"] else "") + f" layers, embedding "
+                f"{table_prec['embed_tokens']}, head {table_prec['lm_head']}, "
+                f"{8 * cuda_info.weight_bytes / params:.2f} bits per weight "
                 f"({rank + 1}/{len(plans)})")
 
         d = prof.deployment
@@ -309,6 +340,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                 "head_dim": spec.head_dim, "vocab_size": spec.vocab_size,
                 "max_position_embeddings": spec.max_position_embeddings,
                 "max_context": max_context, "tie_word_embeddings": spec.tie_word_embeddings,
+                "num_parameters": params,
                 **({"rope_switch_length": switch} if switch and switch < max_context else {}),
             },
             "tokenizer": {"dir": "tokenizer", **tok},
@@ -319,6 +351,8 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                 "int8": schemes["int8"].name, "int4": schemes["int4"].name,
                 "block_size": q.block_size or None, "cpu_accuracy_level": q.cpu_accuracy_level,
                 "cpu_lm_head": q.cpu_lm_head, "clip": q.clip, "clip_calibration": act_calib,
+                "tables": q.tables if tables_on_ladder(prof) else "fp16",
+                "table_schemes": {p: table_scheme(schemes, p).name for p in ("int8", "int4")},
             },
             "deployment": {
                 "profile": prof.name,

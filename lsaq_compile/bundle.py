@@ -275,6 +275,19 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                                    table_precisions=table_needed)
         params = parameter_count(spec, tied, any(k.endswith(QKV_BIAS_KEY) for k in index))
 
+        residual = {"cpu": "float32", "cuda": "float16"}
+        f16_facts = None
+        if "cuda" in prof.build.providers:
+            if calib is not None:
+                check_windows = calib.windows[:2]
+            else:   # a build that needed no calibration text (zscore): cut two windows now
+                from .calibration import load_calibration, load_tokenizer
+
+                check_windows = load_calibration(prof.scoring.calibration or None,
+                                                 load_tokenizer(source), 2, 128).windows
+            f16_facts = float16_check(tmp, spec, index, max_context, check_windows,
+                                      progress.stage("float16 check"))
+            residual["cuda"] = f16_facts["residual_dtype"]
         log = progress.stage("exporting")
         per_layer = layer_params(spec)
         model_facts = {"num_layers": spec.num_layers, "num_key_value_heads": spec.num_kv_heads,
@@ -292,7 +305,8 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                 graph, info = build_graph(spec, list(plan.precisions), index, dtype, max_context,
                                           name=f"{spec.name} {plan.name} {prov}",
                                           accuracy_level=accuracy[prov], lm_head=head,
-                                          embed=table_prec["embed_tokens"])
+                                          embed=table_prec["embed_tokens"],
+                                          residual_dtype=residual[prov])
                 fname = f"{plan.name}.{prov}.onnx"
                 save_graph(graph, tmp / fname)
                 ws = workspace_model(spec, prov)
@@ -301,6 +315,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                 providers[prov] = {
                     "graph": fname, "files": [fname, *weight_files], "dtype": dtype,
                     "accuracy_level": accuracy[prov], "lm_head": head,
+                    "residual_dtype": residual[prov],
                     "weight_bytes": info.weight_bytes, "resident_bytes": info.resident_bytes,
                     "kv_bytes_per_token": kv_bytes_per_token(model_facts, dtype),
                     "workspace": ws, "stated_context": ctx,
@@ -363,6 +378,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                                            "cuda": parse_size(d.runtime_overhead_cuda)},
             },
             "variants": variants,
+            **({"build_checks": {"float16": f16_facts}} if f16_facts else {}),
         }
         progress("checksums: hashing bundle files")
         manifest["files"] = _file_entries(tmp)
@@ -456,6 +472,58 @@ def _measure_quality(root: Path, manifest: dict, windows, plan_kl: dict, calib, 
                 "variant's CPU graph (ranks the variants) and perplexity",
         "source": calib.source, "windows": int(n), "seq_len": int(seq),
         "prefix": list(calib.prefix)}
+
+
+def float16_check(root: Path, spec: ModelSpec, index: dict, max_context: int, windows,
+                  log=None) -> dict:
+    """Does the float16 (CUDA) graph stay finite on calibration text? Runs the FP16 variant's
+    float16 graph on ONNX Runtime's CPU provider (the values overflow, not the kernel, so the
+    CPU shows what a GPU would compute) on `windows`, framed as prompts (BOS first: a real
+    Gemma 3's residual reaches |h| = 103,795 at BOS, past float16's 65,504). Where its logits
+    are not finite the float16 graphs keep their residual stream and norms in float32, and the
+    check runs again on that graph. Returns the residual dtype to build the float16 graphs with
+    and what was measured (KL of the float16 graph from the float32 one, per token)."""
+    from lsaq_runtime.session import Runner, create_session
+
+    from .evaluate import _log_softmax
+    from .export_onnx import build_graph
+
+    model = {"num_layers": spec.num_layers, "num_key_value_heads": spec.num_kv_heads,
+             "head_dim": spec.head_dim, "vocab_size": spec.vocab_size}
+    seq = int(windows.shape[1])
+
+    def logits(dtype: str, residual: str | None = None) -> list[np.ndarray]:
+        graph, _ = build_graph(spec, ["fp16"] * spec.num_layers, index, dtype,
+                               min(max_context, seq), residual_dtype=residual)
+        session = create_session(root / "float16-check.onnx", "cpu",
+                                 data=graph.SerializeToString())
+        runner = Runner(session, {"model": model}, dtype, seq, "cpu")
+        try:
+            return [runner.run([int(t) for t in w], 0, seq).copy() for w in windows]
+        finally:
+            runner.close()
+
+    ref = logits("float32")
+    facts = {"windows": int(len(windows)), "seq_len": seq}
+    for residual in ("float16", "float32"):
+        got = logits("float16", residual)
+        finite = all(np.isfinite(x).all() for x in got)
+        facts[f"finite_with_{residual}_residual"] = bool(finite)
+        if finite:
+            kl = sum(float((np.exp(_log_softmax(r)) * (_log_softmax(r) - _log_softmax(x))).sum())
+                     for r, x in zip(ref, got)) / (len(got) * seq)
+            facts.update(residual_dtype=residual, kl_vs_float32=round(kl, 6))
+            if log:
+                log(f"float16 graph finite with a {residual} residual stream on {len(windows)} "
+                    f"calibration windows; KL from the float32 graph {kl:.2e} per token")
+            return facts
+        if log:
+            log(f"the float16 graph overflows on calibration text with a {residual} residual "
+                "stream" + ("; keeping the residual stream and norms in float32" if
+                            residual == "float16" else ""))
+    raise LsaqError("the float16 (CUDA) graph gives non-finite logits on calibration text even "
+                    "with a float32 residual stream (a matmul's own output passes 65,504); build "
+                    "without CUDA graphs: build.providers = [\"cpu\"] in a profile")
 
 
 def check_replaceable(out: Path, force: bool) -> None:

@@ -488,10 +488,15 @@ _ONNX_DTYPES = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT,
 
 
 class _GraphBuilder:
-    def __init__(self, index: dict[str, TensorRef], dtype: str, accuracy_level: int = 0):
+    def __init__(self, index: dict[str, TensorRef], dtype: str, accuracy_level: int = 0,
+                 residual_dtype: str | None = None):
         self.index = index
         self.dtype = dtype
         self.T = _ONNX_DTYPES[dtype]
+        # The residual stream and norms: the activation dtype, or float32 in a float16 graph
+        # whose float16 residual overflows (a real Gemma 3 reaches |h| = 103,795 > 65,504).
+        self.residual_dtype = residual_dtype or dtype
+        self.R = _ONNX_DTYPES[self.residual_dtype]
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, TensorProto] = {}
         # How the provider will hold each weight: "direct" (as stored), "upcast" (an fp16
@@ -538,14 +543,21 @@ class _GraphBuilder:
         self.uses[key].add(use)
         return key
 
-    def weight_as_T(self, key: str, consumer_is_matmul: bool = False) -> str:
-        """A float weight in the graph's dtype (Cast when stored otherwise)."""
+    def weight_as_T(self, key: str, consumer_is_matmul: bool = False, dtype: str | None = None
+                    ) -> str:
+        """A float weight in the graph's dtype, or `dtype` (Cast when stored otherwise)."""
+        dtype = dtype or self.dtype
         ref = self.index.get(key)
-        if ref is not None and ref.dtype == self.dtype:
+        if ref is not None and ref.dtype == dtype:
             return self.weight(key)
-        upcast = consumer_is_matmul and self.dtype == "float32"
+        upcast = consumer_is_matmul and dtype == "float32"
         name = self.weight(key, "upcast" if upcast else "direct")
-        return self.op("Cast", [name], f"{key}/as_T", to=self.T)
+        suffix = "as_T" if dtype == self.dtype else f"as_{dtype}"
+        return self.op("Cast", [name], f"{key}/{suffix}", to=_ONNX_DTYPES[dtype])
+
+    def to(self, x: str, elem: int, hint: str) -> str:
+        """x cast to ONNX element type `elem`; only called where the types differ."""
+        return self.op("Cast", [x], hint, to=elem)
 
     def resident_bytes(self) -> int:
         def copies(uses: set[str]) -> int:
@@ -557,13 +569,16 @@ class _GraphBuilder:
 
 def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorRef], dtype: str,
                 max_context: int, name: str = "model", accuracy_level: int = 0,
-                lm_head: str = "fp16", embed: str = "fp16") -> tuple[onnx.ModelProto, GraphInfo]:
+                lm_head: str = "fp16", embed: str = "fp16", residual_dtype: str | None = None
+                ) -> tuple[onnx.ModelProto, GraphInfo]:
     """One variant's graph; precisions has one entry per decoder layer. accuracy_level goes to
     every MatMulNBits node: 0 computes in the activation dtype (exact), 4 quantizes activations
     to int8 per block and uses ORT's integer kernels (CPU). lm_head: "fp16" (Gemm over the
     float table) or "int8"/"int4" (MatMulNBits over the quantized head table: the tied
     embedding's, or lm_head's). embed: the precision of the embedding table the graph gathers
-    rows from (stored by write_weight_store)."""
+    rows from (stored by write_weight_store). residual_dtype: "float32" keeps the residual
+    stream and norms of a float16 graph in float32 (matmuls, attention and the KV cache stay
+    float16), for models whose residual overflows float16."""
     if lm_head not in ("fp16", "int8", "int4"):
         raise LsaqError(f"lm_head must be fp16, int8 or int4, not {lm_head!r}")
     if embed not in ("fp16", "int8", "int4"):
@@ -576,8 +591,11 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
         raise LsaqError(f"{len(precisions)} precisions given for {spec.num_layers} decoder layers")
     if max_context < 1:
         raise LsaqError(f"max_context must be positive, got {max_context}")
-    g = _GraphBuilder(index, dtype, accuracy_level)
-    T, hd = g.T, spec.head_dim
+    if residual_dtype not in (None, dtype, "float32"):
+        raise LsaqError(f"residual_dtype must be float32 or the graph's {dtype}, not "
+                        f"{residual_dtype!r}")
+    g = _GraphBuilder(index, dtype, accuracy_level, residual_dtype)
+    T, R, hd = g.T, g.R, spec.head_dim
     eps = float(spec.rms_norm_eps)
 
     inputs = [
@@ -602,15 +620,15 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
 
     if embed == "fp16":
         x = g.op("Gather", [g.weight(EMBED, "gather"), "input_ids"], "embed", axis=0)
-        if dtype == "float32":
-            x = g.op("Cast", [x], "embed_T", to=T)
+        if g.residual_dtype == "float32":
+            x = g.op("Cast", [x], "embed_R", to=R)
     else:
         x = _gather_quantized(g, f"{TABLE_BASE['embed_tokens']}.{embed}", int(embed[3:]),
                               spec.hidden_size)
     if spec.embed_scale is not None:  # Gemma: in the activation dtype, as transformers does
-        x = g.op("Mul", [x, g.const(spec.embed_scale, np.float32 if dtype == "float32"
+        x = g.op("Mul", [x, g.const(spec.embed_scale, np.float32 if g.residual_dtype == "float32"
                                     else np.float16, "embed_scale")], "embed_scaled")
-    h = _rms_norm(g, x, norm_key(0, "input_layernorm"), eps)
+    h = _rms_norm(g, x, norm_key(0, "input_layernorm"), eps, x_dtype=g.residual_dtype)
     residual = x
     linear_bytes = []
     for i, p in enumerate(precisions):
@@ -634,9 +652,13 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
             domain="com.microsoft", **attn_attrs)
         o = _linear(g, attn, i, "self_attn.o_proj", p, spec)
         if sandwich:  # Gemma 3: post_attention_layernorm normalises the attention output
-            o = _rms_norm(g, o, norm_key(i, "post_attention_layernorm"), eps)
+            o = _rms_norm(g, o, norm_key(i, "post_attention_layernorm"), eps, out=R)
+        elif R != T:
+            o = g.to(o, R, f"layers.{i}/o_R")
         h, residual = _skip_norm(g, o, residual, norm_key(
             i, "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"), eps)
+        if R != T:
+            h = g.to(h, T, f"layers.{i}/mlp_in_T")
         gate, up = g.op("Split", [_linear(g, h, i, "mlp.gate_up_proj", p, spec)],
                         f"layers.{i}/gate_up", outputs=2, axis=-1, num_outputs=2)
         if act == "silu":
@@ -647,11 +669,15 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
         gated = g.op("Mul", [a, up], f"layers.{i}/gated")
         down = _linear(g, gated, i, "mlp.down_proj", p, spec)
         if sandwich:
-            down = _rms_norm(g, down, norm_key(i, "post_feedforward_layernorm"), eps)
+            down = _rms_norm(g, down, norm_key(i, "post_feedforward_layernorm"), eps, out=R)
+        elif R != T:
+            down = g.to(down, R, f"layers.{i}/down_R")
         last = i + 1 == spec.num_layers
         h, residual = _skip_norm(g, down, residual,
                                  FINAL_NORM if last else norm_key(i + 1, "input_layernorm"), eps,
                                  want_sum=not last)
+        if R != T:
+            h = g.to(h, T, f"layers.{i}/out_T")
         prefixes = tuple(f"model.layers.{i}.{lin}.{part_precision(p, lin)}."
                          for lin in STORED_LINEARS)
         linear_bytes.append(sum(index[key].length for key in g.initializers
@@ -879,8 +905,8 @@ def _gather_quantized(g: _GraphBuilder, base: str, bits: int, hidden: int) -> st
     if n_blocks * block != hidden:   # the last block's zero padding
         x = g.op("Slice", [x, g.const([0], np.int64, f"{hint}/h0"),
                            g.const([hidden], np.int64, f"{hint}/h1"), axis], f"{hint}/trim")
-    if g.dtype != "float32":
-        x = g.op("Cast", [x], f"{hint}/T", to=g.T)
+    if g.residual_dtype != "float32":
+        x = g.op("Cast", [x], f"{hint}/T", to=g.R)
     return x
 
 
@@ -895,26 +921,32 @@ def _linear_dims(spec: ModelSpec, lin: str) -> tuple[int, int]:
     }[lin]
 
 
-def _rms_norm(g: _GraphBuilder, x: str, key: str, eps: float) -> str:
+def _rms_norm(g: _GraphBuilder, x: str, key: str, eps: float, out: int | None = None,
+              x_dtype: str | None = None) -> str:
     """RMSNorm from standard ops: opset 21 has no RMSNormalization and ORT's
     SimplifiedLayerNormalization sits in the default domain, which onnx.checker rejects.
-    Computed in float32 like transformers, then scaled in the activation dtype."""
-    x32 = x if g.dtype == "float32" else g.op("Cast", [x], "norm0/x32", to=TensorProto.FLOAT)
+    Computed in float32 like transformers, then scaled in the activation dtype (or `out`: the
+    residual stream's, for norms whose output joins it). x_dtype: x's dtype (default the
+    graph's)."""
+    out = g.T if out is None else out
+    out_dtype = "float32" if out == TensorProto.FLOAT else g.dtype
+    x32 = x if (x_dtype or g.dtype) == "float32" else \
+        g.op("Cast", [x], "norm0/x32", to=TensorProto.FLOAT)
     ms = g.op("ReduceMean", [g.op("Mul", [x32, x32], "norm0/sq"),
                              g.const([-1], np.int64, "norm0/axes")], "norm0/ms", keepdims=1)
     inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, g.const(eps, np.float32, "eps")],
                                                   "norm0/ms_eps")], "norm0/rms")], "norm0/inv")
     y = g.op("Mul", [x32, inv], "norm0/normed")
-    if g.dtype != "float32":
-        y = g.op("Cast", [y], "norm0/normed_T", to=g.T)
-    return g.op("Mul", [y, g.weight_as_T(key)], "norm0/out")
+    if out != TensorProto.FLOAT:
+        y = g.op("Cast", [y], "norm0/normed_T", to=out)
+    return g.op("Mul", [y, g.weight_as_T(key, dtype=out_dtype)], "norm0/out")
 
 
 def _skip_norm(g: _GraphBuilder, x: str, skip: str, key: str, eps: float, want_sum: bool = True
                ) -> tuple[str, str | None]:
     """(RMSNorm(x + skip) * gamma, x + skip)."""
     hint = key.removesuffix(".weight")
-    ins = [x, skip, g.weight_as_T(key)]
+    ins = [x, skip, g.weight_as_T(key, dtype=g.residual_dtype)]
     if not want_sum:
         return g.op("SkipSimplifiedLayerNormalization", ins, hint, domain="com.microsoft",
                     epsilon=eps), None

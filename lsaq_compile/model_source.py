@@ -397,16 +397,31 @@ class ModelSource:
         return out
 
 
-def _tokenizer_facts(tok, extra_eos=()) -> dict:
+def _tokenizer_facts(tok, extra_eos=(), add_bos: bool | None = None) -> dict:
     eos = tok.eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])
     ids += [i for i in extra_eos if isinstance(i, int) and i not in ids]
     return {
         "bos_token_id": tok.bos_token_id,
         "eos_token_ids": ids,
-        "add_bos_token": bool(getattr(tok, "add_bos_token", False)),
+        "add_bos_token": _adds_bos(tok) if add_bos is None else bool(add_bos),
         "chat_template": tok.chat_template if isinstance(tok.chat_template, str) else None,
     }
+
+
+def _adds_bos(tok) -> bool:
+    """Whether the model's own tokenizer starts a sequence with BOS: its add_bos_token flag, or
+    what encoding with special tokens does (transformers 5 keeps the rule in tokenizer.json's
+    post-processor, where the flag does not show it)."""
+    bos = tok.bos_token_id
+    if bos is None:
+        return False
+    if getattr(tok, "add_bos_token", False):
+        return True
+    try:
+        return tok.encode("a", add_special_tokens=True)[:1] == [bos]
+    except Exception:  # a tokenizer that cannot encode plain text fails later, clearly
+        return False
 
 
 # llama.cpp's end-of-generation tokens when a GGUF names no end-of-turn id: control tokens with
@@ -683,7 +698,11 @@ class GGUFSource(ModelSource):
             raise LsaqError(f"{self.path}: transformers cannot convert this GGUF file's "
                             f"tokenizer ({type(e).__name__}: {e}); build from the Hugging Face "
                             "folder instead") from None
-        return _save_tokenizer(tok, dest, self._end_of_turn_ids())
+        f = self._reader.fields
+        # llama.cpp's own rule for this file, when it states one
+        add_bos = (bool(f["tokenizer.ggml.add_bos_token"].contents())
+                   if "tokenizer.ggml.add_bos_token" in f else None)
+        return _save_tokenizer(tok, dest, self._end_of_turn_ids(), add_bos)
 
     def _end_of_turn_ids(self) -> list[int]:
         """End-of-turn ids as llama.cpp finds them: tokenizer.ggml.eot_token_id and
@@ -708,14 +727,14 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja"}
 
 
-def _save_tokenizer(tok, dest: Path, extra_eos=()) -> dict:
+def _save_tokenizer(tok, dest: Path, extra_eos=(), add_bos: bool | None = None) -> dict:
     tok.save_pretrained(str(dest))
     if not (Path(dest) / "tokenizer.json").is_file():
         raise LsaqError("the tokenizer could not be saved as tokenizer.json, which the runtime needs")
     for p in Path(dest).iterdir():
         if p.name not in TOKENIZER_FILES:
             p.unlink() if p.is_file() else shutil.rmtree(p)
-    return _tokenizer_facts(tok, extra_eos)
+    return _tokenizer_facts(tok, extra_eos, add_bos)
 
 
 def default_model_path() -> Path:

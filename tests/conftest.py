@@ -104,6 +104,22 @@ def save_tiny_tokenizer(path: Path, vocab_size: int) -> None:
     fast.save_pretrained(path)
 
 
+def add_bos_to_tokenizer(path: Path) -> None:
+    """Make a saved tiny model's tokenizer start every sequence with BOS (<s>, id 1), as
+    Llama 2, Gemma and Mistral tokenizers do: a post-processor in tokenizer.json."""
+    import json
+
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.save(str(path / "tokenizer.json"))
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg["add_bos_token"] = True
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")

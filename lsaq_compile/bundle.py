@@ -60,7 +60,9 @@ def workspace_model(spec: ModelSpec, provider: str) -> dict:
     qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
     per_token = elem * (2 * h + 2 * i + qkv)
     sq = 2 * spec.num_heads if provider == "cpu" else 0
-    fixed = 4 * spec.vocab_size + (40 << 20 if provider == "cpu" else 64 << 20)
+    # the logits row and the sampler's float64 temporaries over the vocabulary (32 bytes a
+    # token: 8 MiB at 262k)
+    fixed = 32 * spec.vocab_size + (40 << 20 if provider == "cpu" else 64 << 20)
     return {"fixed_bytes": fixed, "per_token_bytes": per_token, "per_token_sq_bytes": sq}
 
 
@@ -317,6 +319,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                     "accuracy_level": accuracy[prov], "lm_head": head,
                     "residual_dtype": residual[prov],
                     "weight_bytes": info.weight_bytes, "resident_bytes": info.resident_bytes,
+                    "creation_extra_bytes": info.creation_extra_bytes,
                     "kv_bytes_per_token": kv_bytes_per_token(model_facts, dtype),
                     "workspace": ws, "stated_context": ctx,
                     "workspace_bytes_at_stated_context": workspace_bytes(ws, ctx),

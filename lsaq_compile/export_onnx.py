@@ -481,6 +481,7 @@ class GraphInfo:
     weight_bytes: int                # exact sum of referenced
     resident_bytes: int              # estimated weight memory held by the provider after load
     decoder_linear_bytes: list[int]  # per decoder layer: its 7 linear weights incl. scales/zp
+    creation_extra_bytes: int = 0    # held only while the session is created (see below)
 
 
 _ONNX_DTYPES = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT,
@@ -560,11 +561,30 @@ class _GraphBuilder:
         return self.op("Cast", [x], hint, to=elem)
 
     def resident_bytes(self) -> int:
+        """Weight memory the provider holds after the session is created. Measured on the CPU
+        provider (benchmarks/bench_memory.py, RssAnon and RssFile apart): a weight a kernel
+        prepacks is held once as its packed copy; an fp16 weight cast for MatMul/Gemm twice (its
+        float32 copy); a table only gathered from stays memory-mapped, rows paged in as looked
+        up (about 0); but a quantized table that the head prepacks *and* the embedding gathers
+        from stays mapped in full beside the packed copy: twice its bytes. CUDA copies every
+        weight to the device once."""
         def copies(uses: set[str]) -> int:
-            as_stored = "direct" in uses or ("gather" in uses and self.dtype == "float16")
-            return as_stored + 2 * ("upcast" in uses)
+            if self.dtype == "float16":
+                return 1
+            mapped_and_packed = "gather" in uses and "direct" in uses
+            return ("direct" in uses) + mapped_and_packed + 2 * ("upcast" in uses)
         return self.extra_resident + sum(self.index[key].length * copies(uses)
                                          for key, uses in self.uses.items())
+
+    def creation_extra_bytes(self) -> int:
+        """Memory held only while the session is created, on top of resident_bytes: ONNX
+        Runtime folds every Cast of an fp16 weight into a float32 copy before the kernels
+        prepack their own, so both copies exist at once (a real Gemma 3's fp16 head table peaked
+        at 1.9 GiB for 0.34 GB stored). Released before the KV cache is allocated."""
+        if self.dtype == "float16":
+            return 0
+        return sum(2 * self.index[key].length for key, uses in self.uses.items()
+                   if "upcast" in uses)
 
 
 def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorRef], dtype: str,
@@ -723,7 +743,8 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
     cache_bytes = folded * 2 * max_context * (hd // 2) * (4 if dtype == "float32" else 2)
     info = GraphInfo(referenced=referenced, weight_bytes=sum(referenced.values()),
                      resident_bytes=g.resident_bytes() + cache_bytes,
-                     decoder_linear_bytes=linear_bytes)
+                     decoder_linear_bytes=linear_bytes,
+                     creation_extra_bytes=g.creation_extra_bytes())
     return model, info
 
 

@@ -68,7 +68,7 @@ class DeploymentSection:
     batch_size: int = 1
     safety_margin_fraction: float = 0.10
     safety_margin_min: str = "64MiB"
-    runtime_overhead_cpu: str = "96MiB"
+    runtime_overhead_cpu: str = "80MiB"
     runtime_overhead_cuda: str = "600MiB"
 
 

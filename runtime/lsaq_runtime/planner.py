@@ -1,7 +1,9 @@
-"""Choose the variant to load: the most precise one whose memory need fits the free memory.
+"""Choose the variant to load: the best one (most precise, or best measured quality) whose
+memory need fits the free memory.
 
-need = predicted + margin, with predicted = resident weights + KV cache for the requested context
-+ workspace(context) + runtime overhead (BUNDLE_FORMAT.md). The KV cache is one buffer of exactly
+need = predicted + margin, with predicted = resident weights + runtime overhead (the tokenizer
+included on CPU) + the larger of (KV cache for the requested context + workspace) and the
+session's creation-time copies (BUNDLE_FORMAT.md). The KV cache is one buffer of exactly
 `context` tokens shared by past and present (see session.py), so it is counted once.
 """
 
@@ -13,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .errors import LsaqRuntimeError, NoVariantFits
-from .manifest import TABLES, kv_bytes_per_token, split_precision, workspace_bytes
+from .manifest import (TABLES, kv_bytes_per_token, split_precision, tokenizer_bytes,
+                       workspace_bytes)
 from .probe import Device
 from .sizes import format_size
 
@@ -29,7 +32,8 @@ class Row:
     resident_bytes: int = 0
     kv_bytes: int = 0
     workspace_bytes: int = 0
-    overhead_bytes: int = 0
+    overhead_bytes: int = 0      # runtime (interpreter, ONNX Runtime) and the tokenizer
+    creation_bytes: int = 0      # transient while the session is created (see estimate)
     predicted_bytes: int = 0     # need without the safety margin
     margin_bytes: int = 0
     need_bytes: int | None = None  # None: no graph for this provider
@@ -194,7 +198,13 @@ def estimate(manifest: dict, variant: dict, provider: str, context: int, batch: 
     row.kv_bytes = kv_bytes_per_token(manifest["model"], info["dtype"]) * context * batch
     row.workspace_bytes = workspace_bytes(ws, context)
     row.overhead_bytes = int(dep["runtime_overhead_bytes"].get(provider, 0))
-    row.predicted_bytes = row.resident_bytes + row.kv_bytes + row.workspace_bytes + row.overhead_bytes
+    if provider == "cpu":   # the tokenizer lives in host memory, which a CPU plan counts
+        row.overhead_bytes += tokenizer_bytes(manifest)
+    row.creation_bytes = int(info.get("creation_extra_bytes", 0))
+    # Session creation's transient copies are released before the KV cache and the prefill's
+    # activations exist: the peak is the larger of the two.
+    row.predicted_bytes = row.resident_bytes + row.overhead_bytes + max(
+        row.kv_bytes + row.workspace_bytes, row.creation_bytes)
     margin = dep["safety_margin"]
     row.margin_bytes = int(max(margin["fraction"] * row.predicted_bytes, margin["min_bytes"]))
     row.need_bytes = row.predicted_bytes + row.margin_bytes

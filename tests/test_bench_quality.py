@@ -73,3 +73,26 @@ def test_paired_difference():
     assert pct == pytest.approx(100 * np.expm1(d.mean()))
     assert se == pytest.approx(100 * np.exp(d.mean()) * d.std(ddof=1) / np.sqrt(3))
     assert bq.paired(None, [3.0]) is None and bq.paired([3.0], [3.0, 3.1]) is None
+
+
+def test_flattered_marks_follow_the_source_file():
+    """The † marks come from the source's own tensor types, not from SmolLM2's: SmolLM2 ships
+    Q4_1, which flatters 32-wide asymmetric 4-bit schemes; a Q8_0 source flatters Q8_0 only."""
+    g32_asym = {"scheme": "group", "group_size": 32, "symmetric": False}
+    channel = {"scheme": "channel", "group_size": None, "symmetric": True}
+    try:
+        types = bq.source_linear_types(None)          # the default model's GGUF
+        assert types == {"Q4_1": 30 * 7}
+        bq.SOURCE_TYPES.update(types)
+        assert bq.flattered_lsaq(g32_asym) and not bq.flattered_lsaq(channel)
+        assert bq.flattered_gguf({"linear_types": {"attn_q": {"Q4_K": 1}}})
+        assert not bq.flattered_gguf({"linear_types": {"attn_q": {"Q8_0": 1}}})
+        assert "Q4_1" in bq.source_caveat()
+        bq.SOURCE_TYPES.clear()
+        bq.SOURCE_TYPES.add("Q8_0")
+        assert not bq.flattered_lsaq(g32_asym)
+        assert bq.flattered_gguf({"linear_types": {"attn_q": {"Q8_0": 1}}})
+        bq.SOURCE_TYPES.clear()
+        assert bq.source_caveat() == "" and not bq.flattered_lsaq(g32_asym)
+    finally:
+        bq.SOURCE_TYPES.clear()

@@ -304,8 +304,10 @@ def _items(sens: Sensitivity, sizes: list[dict[str, dict[str, int]]],
             costs.append({p: sens.cost[part][i][p] for p in choices})
             weights.append({p: layer[part][p] for p in choices})
     for t, size in (table_sizes or {}).items():
-        costs.append({p: sens.tables[t][p] for p in choices})
-        weights.append({p: size[p] for p in choices})
+        # a table may also stay fp16 (no cost): between all-INT8 and FP16 a large-vocabulary
+        # model has a useful variant with INT8 linears and an exact table
+        costs.append({"fp16": 0.0, **{p: sens.tables[t][p] for p in choices}})
+        weights.append({p: size[p] for p in ("fp16", *choices)})
     return costs, weights
 
 
@@ -407,11 +409,13 @@ def additive_fit(rungs: list[Rung]) -> dict:
             "max_ratio": round(max(ratios), 4), "plans": len(pts)}
 
 
-def table_sizes(spec, schemes: dict[str, QuantScheme], tables: tuple[str, ...],
-                precisions=QUANTIZED) -> dict[str, dict[str, int]]:
-    """Stored bytes of each token table at each precision (scales included)."""
-    return {t: {p: stored_bytes(spec.vocab_size, spec.hidden_size, table_scheme(schemes, p))
-                for p in precisions} for t in tables}
+def table_sizes(spec, schemes: dict[str, QuantScheme], tables: tuple[str, ...]
+                ) -> dict[str, dict[str, int]]:
+    """Stored bytes of each token table at fp16, int8 and int4 (scales included)."""
+    n = spec.vocab_size * spec.hidden_size
+    return {t: {"fp16": 2 * n, **{p: stored_bytes(spec.vocab_size, spec.hidden_size,
+                                                   table_scheme(schemes, p)) for p in QUANTIZED}}
+            for t in tables}
 
 
 def layer_part_sizes(spec, schemes: dict[str, QuantScheme], units=GRANULARITY["block"],
@@ -518,10 +522,12 @@ def ladder_plans(meter: KLMeter, sens: Sensitivity, schemes: dict[str, QuantSche
                             "or set tables = \"fp16\"")
         tsizes = table_sizes(spec, schemes, table_units(spec, meter.source))
         params += len(tsizes) * spec.vocab_size * spec.hidden_size
-    tbytes = {p: sum(t[p] for t in (tsizes or {}).values()) for p in QUANTIZED}
+    tbytes = {p: sum(t[p] for t in (tsizes or {}).values()) for p in ("fp16", *QUANTIZED)}
     if kind == "bytes":
         low, high = L * layer["int4"] + tbytes["int4"], L * layer["int8"] + tbytes["int8"]
         budgets = [(f"r{r}", b) for r, b in enumerate(byte_budgets(low, high, rungs))]
+        if tsizes:   # one more: the bytes of INT8 linears with fp16 tables
+            budgets.append(("t16", L * layer["int8"] + tbytes["fp16"]))
         what = "quantized weight (decoder linears and token tables)" if tsizes else \
             "decoder-linear weight"
         for bits in rung_bits:

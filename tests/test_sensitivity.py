@@ -243,7 +243,12 @@ def test_bundle_records_quality_and_ranks_by_it(tiny_sensitivity_bundle):
     assert [v["rank"] for v in m["variants"]] == list(range(len(kl)))
     assert all(v["quality"]["perplexity"] > 1 for v in m["variants"])
     names = {v["name"] for v in m["variants"]}
-    assert {"fp16", "int8", "int4"} <= names and len(names) == 5
+    assert {"fp16", "int8", "int4"} <= names and len(names) == 6   # 4 rungs, + fp16 tables
+    # the rung between all-INT8 and FP16: INT8 linears, fp16 tables
+    t16 = max((v for v in m["variants"] if v["name"] != "fp16"), key=lambda v: v["weight_bytes"])
+    assert set(t16["tables"].values()) == {"fp16"} and t16["layer_counts"]["int8"] == 4
+    assert all(v["tables"]["embed_tokens"] in ("int8", "int4") for v in m["variants"]
+               if v["name"] not in ("fp16", t16["name"]))
     assert any(v["layer_counts"]["mixed"] for v in m["variants"])
     assert "additive_fit" in m["scores"]["params"]
 

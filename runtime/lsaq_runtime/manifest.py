@@ -85,10 +85,10 @@ def kv_bytes_per_token(model: dict, dtype: str) -> int:
     return 2 * model["num_layers"] * model["num_key_value_heads"] * model["head_dim"] * ELEM_BYTES[dtype]
 
 
-# Host memory of the loaded tokenizer per byte of tokenizer.json, at its peak while loading:
-# measured 13.3x (212 MiB for a 16 MB, 262,144-token BPE; steady 11.4x). Small vocabularies hide
-# it; a 262k vocabulary's tokenizer outweighs a small model's weights.
-TOKENIZER_BYTES_PER_JSON_BYTE = 14
+# Host memory the loaded tokenizer holds per byte of tokenizer.json: measured 11.4x (181 MiB for
+# a 16 MB, 262,144-token BPE; 13.3x at its peak while loading, before any weight is). Small
+# vocabularies hide it; a 262k vocabulary's tokenizer outweighs a small model's weights.
+TOKENIZER_BYTES_PER_JSON_BYTE = 12
 
 
 def tokenizer_bytes(m: dict) -> int:

@@ -2,7 +2,7 @@
 
 For each variant (FP16, INT8, smallest mix) and context (512, 2048) it runs lsaq-run in a fresh
 process with a prompt that fills the context (prompt = context - new tokens) and reads the child's
-peak resident set size from os.wait4. The KV cache is allocated and touched for the whole context
+peak resident set size (its VmHWM, which it traces with LSAQ_MEMORY_TRACE=1). The KV cache is allocated and touched for the whole context
 at load, and the prefill of a context-length prompt exercises the largest workspace, so the
 measurement covers everything the prediction counts.
 
@@ -77,7 +77,10 @@ def measure(bundle: Path, variant: str, context: int, prompt: str, new_tokens: i
         stderr = err.read().decode(errors="replace")
     if p.returncode != 0:
         raise SystemExit(f"lsaq-run failed ({p.returncode}) for {variant} @ {context}:\n{stderr}")
-    return usage.ru_maxrss * 1024, wall, stderr  # Linux reports KiB
+    # The child's own peak (VmHWM, traced at its end): wait4's ru_maxrss would also count this
+    # process's pages, which a child inherits as its high-water mark when it execs.
+    peaks = [v[1] for v in stages(stderr).values()]
+    return (max(peaks) if peaks else usage.ru_maxrss * 1024), wall, stderr
 
 
 def stages(stderr: str) -> dict:

@@ -1,6 +1,6 @@
 """What tiny random models hide and real checkpoints show, made to show on purpose (issue 20):
-a model whose predictions depend on BOS, a residual stream past float16's range, and
-measurement noise that would rank a coarser variant first.
+a model whose predictions depend on BOS, a residual stream past float16's range, measurement
+noise that would rank a coarser variant first, and a vocabulary large enough to dominate memory.
 
 The model: a tiny Gemma 3 whose tokenizer starts every sequence with BOS and whose BOS embedding
 row is huge, as real models' first position is (a real Gemma 3 270M reaches |h| = 103,795 at
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import C4, WIKITEXT, _small_profile, add_bos_to_tokenizer, make_tiny_family
+from conftest import (C4, WIKITEXT, _small_profile, add_bos_to_tokenizer, make_large_vocab_model,
+                      make_tiny_family)
 
 BOS, HUGE = 1, 12000.0
 
@@ -159,3 +160,57 @@ def test_the_runtime_never_loads_a_variant_a_finer_one_beats(bos_bundle):
         fitting = [by_name[x.name] for x in got.rows if x.fits and x.name != got.chosen]
         assert not any(dominates(f, chosen) and f is not chosen and
                        not dominates(chosen, f) for f in fitting)
+
+
+def _peak_rss(bundle, variant: str, context: int, prompt: str) -> int:
+    """Peak resident set of one `lsaq-run` process that fills the context (bytes)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lsaq_runtime.cli", str(bundle), "-", "--device", "cpu",
+           "--variant", variant, "--context", str(context), "--max-new-tokens", "4"]
+    r = subprocess.run(cmd, input=prompt.encode(), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, env={**os.environ, "LSAQ_MEMORY_TRACE": "1"},
+                       timeout=300)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    # the child's own high-water mark (VmHWM); the "end" line comes after generating
+    ends = [line for line in err.splitlines() if line.startswith("lsaq-memory: end ")]
+    assert ends, err
+    return int(ends[-1].split("peak=")[1].split()[0])
+
+
+def test_memory_plan_holds_on_a_large_vocabulary(tmp_path_factory):
+    """A 262,144-token vocabulary: the tokenizer alone holds about 180 MiB, a quantized table
+    the head prepacks stays mapped beside its packed copy, and an fp16 head's float32 copies
+    double while the session is created. The planner's need (what it compares with free memory)
+    is never below the measured peak of a process that fills the context."""
+    from lsaq_compile.bundle import build_bundle
+    from lsaq_compile.progress import Progress
+    from lsaq_runtime import decide, load_manifest
+    from lsaq_runtime.text import TextCodec
+
+    root = tmp_path_factory.mktemp("large-vocab")
+    src = make_large_vocab_model(root / "hf")
+    prof = _small_profile(samples=2, seq_len=32)
+    prof.build.rungs, prof.build.refine, prof.build.quality_samples = 1, 0, 1
+    prof.quantization.clip = "none"   # memory does not depend on rounding; the search is slow
+    bundle = build_bundle(src, root / "b", profile=prof, progress=Progress(quiet=True))
+    m = load_manifest(bundle)
+    assert m["model"]["vocab_size"] == 262_144
+    codec = TextCodec(bundle, m)
+    context = 256
+    ids = codec.encode_text(WIKITEXT.read_text(encoding="utf-8")[:20_000])[:context - 8]
+    prompt = codec.decode(ids)
+    smallest = min(m["variants"], key=lambda v: v["weight_bytes"])["name"]
+    assert any(v["tables"]["embed_tokens"] != "fp16" for v in m["variants"])
+    for name in ("fp16", smallest):
+        d = decide(bundle, context=context, device="cpu", variant=name, memory_budget="1TiB",
+                   simulate=True, manifest=m)
+        row = d.chosen_row
+        peak = _peak_rss(bundle, name, context, prompt)
+        assert peak <= row.need_bytes, (name, peak, row)
+        assert row.need_bytes <= 1.6 * peak   # and not by counting everything twice
+        # what grows with the vocabulary is in the plan: the tokenizer among the overhead
+        assert row.overhead_bytes >= 12 * (bundle / "tokenizer" / "tokenizer.json").stat().st_size

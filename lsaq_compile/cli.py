@@ -174,14 +174,18 @@ def variant_table(manifest: dict) -> str:
         weights = v.get("weight_bytes", prov.get("weight_bytes", 0))
         nominal = v.get("avg_bits_nominal")
         q = v.get("quality")
-        rows.append([v["name"], c["fp16"], c["int8"], c["int4"], c.get("mixed", 0),
+        t = v.get("tables") or {}
+        tables = "/".join(dict.fromkeys(t.get(k, "fp16") for k in ("embed_tokens", "lm_head")))
+        bpw = v.get("bits_per_weight")
+        rows.append([v["name"], c["fp16"], c["int8"], c["int4"], c.get("mixed", 0), tables,
                      f"{v['avg_bits']:.2f}",
                      f"{nominal:.2f}" if isinstance(nominal, (int, float)) else "-",
+                     f"{bpw:.2f}" if isinstance(bpw, (int, float)) else "-",
                      _mib(weights), _mib(prov["resident_bytes"]),
                      f"{q['kl_fp16']:.5f}" if q and "kl_fp16" in q else "-",
                      f"{q['perplexity']:.3f}" if q else "-"])
-    head = ["variant", "FP16", "INT8", "INT4", "mixed", "avg bits", "nominal", "weight bytes",
-            "cpu resident", "KL vs fp16", "calib ppl"]
+    head = ["variant", "FP16", "INT8", "INT4", "mixed", "tables", "avg bits", "nominal",
+            "bits/weight", "weight bytes", "cpu resident", "KL vs fp16", "calib ppl"]
     total = sum(f["bytes"] for f in manifest["files"])
     out = _table(head, rows) + f"\n{len(manifest['variants'])} variants; bundle files {_mib(total)}"
     fp16 = next((v.get("weight_bytes") for v in manifest["variants"] if v["name"] == "fp16"), None)
@@ -200,7 +204,9 @@ def inspect(bundle):
     s, q = m.get("scores") or {}, m.get("quantization") or {}
     click.echo(printable(
         f"{m['model']['name']} ({m['model']['architecture']}, {m['model']['num_layers']} layers); "
-        f"scores: {s.get('metric', '?')} {s.get('params', {})}; quantization: "
+        f"scores: {s.get('metric', '?')} "
+        f"{ {k: v for k, v in s.get('params', {}).items() if not isinstance(v, (dict, list))} }; "
+        "quantization: "
         f"{q.get('int8', '?')}, {q.get('int4', '?')}"))
     click.echo(printable(variant_table(m)))
 

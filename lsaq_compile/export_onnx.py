@@ -904,30 +904,35 @@ def _gather_quantized(g: _GraphBuilder, base: str, bits: int, hidden: int) -> st
         return g.op("Reshape", [pair, g.const([0, 0, -1], np.int64, f"{hint}/{tag}_flat")],
                     f"{hint}/{tag}_codes")
 
+    # Codes and zero points are small integers, exact in float16 too: the row is computed in the
+    # graph's dtype with the scales the head's MatMulNBits reads (fp16 scales in a float16 graph).
+    T = g.T
     codes = rows(f"{base}.qweight")                                 # [B, S, nb, blob] uint8
     flat = g.op("Reshape", [codes, g.const([0, 0, -1], np.int64, f"{hint}/flat")],
                 f"{hint}/codes_flat")
-    codes = nibbles(flat, "codes") if bits == 4 else g.op("Cast", [flat], f"{hint}/codes_f", to=f32)
+    codes = nibbles(flat, "codes") if bits == 4 else flat
+    codes = g.op("Cast", [codes], f"{hint}/codes_T", to=T)
     codes = g.op("Reshape", [codes, g.const([0, 0, n_blocks, block], np.int64, f"{hint}/blocks")],
                  f"{hint}/codes_blocks")                            # [B, S, nb, block]
     axis = g.const([-1], np.int64, f"{hint}/axis")
     if f"{base}.zero_points" in g.index:
         zp = rows(f"{base}.zero_points")                            # [B, S, ceil(nb*bits/8)]
-        zp = nibbles(zp, "zp") if bits == 4 else g.op("Cast", [zp], f"{hint}/zp_f", to=f32)
+        zp = g.op("Cast", [nibbles(zp, "zp") if bits == 4 else zp], f"{hint}/zp_T", to=T)
         zp = g.op("Slice", [zp, g.const([0], np.int64, f"{hint}/zp0"),
                             g.const([n_blocks], np.int64, f"{hint}/zpn"), axis], f"{hint}/zp_nb")
         zp = g.op("Unsqueeze", [zp, axis], f"{hint}/zp_col")
     else:   # symmetric: MatMulNBits' implied zero point
-        zp = g.const(float(2 ** (bits - 1)), np.float32, f"{hint}/zp_sym")
-    scales = rows(f"{base}.scales_f32")                             # [B, S, nb]
+        zp = g.const(float(2 ** (bits - 1)), np.float32 if T == f32 else np.float16,
+                     f"{hint}/zp_sym")
+    scales = rows(f"{base}.scales_f32" if T == f32 else f"{base}.scales")   # [B, S, nb]
     scales = g.op("Unsqueeze", [scales, axis], f"{hint}/scales_col")
     x = g.op("Mul", [g.op("Sub", [codes, zp], f"{hint}/centered"), scales], f"{hint}/deq")
     x = g.op("Reshape", [x, g.const([0, 0, -1], np.int64, f"{hint}/out_flat")], f"{hint}/row")
     if n_blocks * block != hidden:   # the last block's zero padding
         x = g.op("Slice", [x, g.const([0], np.int64, f"{hint}/h0"),
                            g.const([hidden], np.int64, f"{hint}/h1"), axis], f"{hint}/trim")
-    if g.residual_dtype != "float32":
-        x = g.op("Cast", [x], f"{hint}/T", to=g.R)
+    if g.R != T:   # a float16 graph with a float32 residual stream
+        x = g.op("Cast", [x], f"{hint}/R", to=g.R)
     return x
 
 

@@ -96,3 +96,23 @@ def test_flattered_marks_follow_the_source_file():
         assert bq.source_caveat() == "" and not bq.flattered_lsaq(g32_asym)
     finally:
         bq.SOURCE_TYPES.clear()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "qwen2"])
+def test_peer_hf_folder_keeps_every_tensor_of_the_family(family, tmp_path):
+    """The float folder the peer benchmarks give llama.cpp and transformers holds the same
+    tensors as the checkpoint (Gemma's four norms a layer, q/k norms, Qwen2's biases, Phi-3's
+    fused projections), not only Llama's."""
+    from safetensors.numpy import load_file
+
+    from conftest import make_tiny_family
+    from lsaq_compile.model_source import open_model
+
+    peers = pytest.importorskip("bench_peers")
+    d = make_tiny_family(tmp_path / "hf", family)
+    want = load_file(d / "model.safetensors")
+    got = peers.hf_tensors(open_model(d))
+    tied = "lm_head.weight" not in want
+    assert set(got) - ({"lm_head.weight"} if tied else set()) == set(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v.astype(np.float32))

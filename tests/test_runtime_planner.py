@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from lsaq_runtime.manifest import SCHEMA_VERSION
+from lsaq_runtime.manifest import SCHEMA_VERSION, TOKENIZER_BYTES_PER_JSON_BYTE
 from lsaq_runtime.errors import LsaqRuntimeError, NoVariantFits
 from lsaq_runtime.planner import estimate, plan, plan_or_wait, precision_key
 from lsaq_runtime.probe import Device
@@ -113,14 +113,22 @@ def test_need_formula():
     info, dep = v["providers"]["cpu"], m["deployment"]
     ctx = 777
     ws = info["workspace"]
+    tok = next(f["bytes"] for f in m["files"] if f["path"] == "tokenizer/tokenizer.json")
     predicted = (info["resident_bytes"] + info["kv_bytes_per_token"] * ctx
                  + ws["fixed_bytes"] + ws["per_token_bytes"] * ctx + ws["per_token_sq_bytes"] * ctx**2
-                 + dep["runtime_overhead_bytes"]["cpu"])
+                 + dep["runtime_overhead_bytes"]["cpu"] + TOKENIZER_BYTES_PER_JSON_BYTE * tok)
     row = estimate(m, v, "cpu", ctx, 1)
     assert row.predicted_bytes == predicted
     assert row.need_bytes == predicted + max(int(0.1 * predicted), 8 * MiB)
     # batch scales the KV cache only
     assert estimate(m, v, "cpu", ctx, 2).kv_bytes == 2 * row.kv_bytes
+    # the session's creation copies count instead of KV + workspace when larger; the tokenizer
+    # is host memory: a CUDA plan leaves it out
+    info["creation_extra_bytes"] = 10 * predicted
+    big = estimate(m, v, "cpu", ctx, 1)
+    assert big.predicted_bytes == predicted - row.kv_bytes - row.workspace_bytes + 10 * predicted
+    cuda = estimate(m, v, "cuda", ctx, 1)
+    assert cuda.overhead_bytes == dep["runtime_overhead_bytes"]["cuda"]
 
 
 def test_context_changes_need_and_is_capped():

@@ -397,12 +397,15 @@ class ModelSource:
         return out
 
 
-def _tokenizer_facts(tok, extra_eos=(), add_bos: bool | None = None) -> dict:
-    eos = tok.eos_token_id
+def _tokenizer_facts(tok, extra_eos=(), add_bos: bool | None = None,
+                     bos: int | None = None, eos: int | None = None) -> dict:
+    """bos/eos, when given, are the source file's own ids (a GGUF's tokenizer.ggml.*): they win
+    over what the converted tokenizer reports, which differs between transformers versions."""
+    eos = tok.eos_token_id if eos is None else eos
     ids = [eos] if isinstance(eos, int) else list(eos or [])
     ids += [i for i in extra_eos if isinstance(i, int) and i not in ids]
     return {
-        "bos_token_id": tok.bos_token_id,
+        "bos_token_id": tok.bos_token_id if bos is None else bos,
         "eos_token_ids": ids,
         "add_bos_token": _adds_bos(tok) if add_bos is None else bool(add_bos),
         "chat_template": tok.chat_template if isinstance(tok.chat_template, str) else None,
@@ -702,7 +705,9 @@ class GGUFSource(ModelSource):
         # llama.cpp's own rule for this file, when it states one
         add_bos = (bool(f["tokenizer.ggml.add_bos_token"].contents())
                    if "tokenizer.ggml.add_bos_token" in f else None)
-        return _save_tokenizer(tok, dest, self._end_of_turn_ids(), add_bos)
+        ids = {k: int(f[f"tokenizer.ggml.{k}_token_id"].contents())
+               for k in ("bos", "eos") if f"tokenizer.ggml.{k}_token_id" in f}
+        return _save_tokenizer(tok, dest, self._end_of_turn_ids(), add_bos, **ids)
 
     def _end_of_turn_ids(self) -> list[int]:
         """End-of-turn ids as llama.cpp finds them: tokenizer.ggml.eot_token_id and
@@ -727,14 +732,15 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja"}
 
 
-def _save_tokenizer(tok, dest: Path, extra_eos=(), add_bos: bool | None = None) -> dict:
+def _save_tokenizer(tok, dest: Path, extra_eos=(), add_bos: bool | None = None,
+                    bos: int | None = None, eos: int | None = None) -> dict:
     tok.save_pretrained(str(dest))
     if not (Path(dest) / "tokenizer.json").is_file():
         raise LsaqError("the tokenizer could not be saved as tokenizer.json, which the runtime needs")
     for p in Path(dest).iterdir():
         if p.name not in TOKENIZER_FILES:
             p.unlink() if p.is_file() else shutil.rmtree(p)
-    return _tokenizer_facts(tok, extra_eos, add_bos)
+    return _tokenizer_facts(tok, extra_eos, add_bos, bos, eos)
 
 
 def default_model_path() -> Path:

@@ -10,8 +10,9 @@ measurement covers everything the prediction counts.
                                                           model's bundle once into --cache)
 The prediction is the planner's need without the safety margin; the goals: |ratio - 1| <= 15%,
 and the need with the margin (what the planner compares with free memory) never below the
-measured peak. `--large-vocab` also builds a tiny random model with a 262,144-token vocabulary
-and tokenizer, where the vocabulary-sized terms (tokenizer, tables and their copies) dominate.
+measured peak. `--large-vocab DIR` measures instead a tiny random model with a 262,144-token
+vocabulary and tokenizer (built once into DIR with the test suite's factories), where the
+vocabulary-sized terms (tokenizer, tables and their copies) dominate.
 """
 
 from __future__ import annotations
@@ -45,6 +46,22 @@ def ensure_bundle(path: Path | None, cache: Path) -> Path:
         subprocess.run([sys.executable, "-m", "lsaq_compile.cli", "build", "-o", str(cache), "--force"],
                        check=True, env=ENV)
     return cache
+
+
+def large_vocab_bundle(cache: Path) -> Path:
+    """The suite's large-vocabulary model (tests/conftest.py), built into cache/bundle once."""
+    if (cache / "bundle" / "manifest.json").is_file():
+        return cache / "bundle"
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import _small_profile, make_large_vocab_model
+    from lsaq_compile.bundle import build_bundle
+    from lsaq_compile.progress import Progress
+
+    src = make_large_vocab_model(cache / "hf")
+    prof = _small_profile(samples=2, seq_len=64)
+    prof.build.rungs, prof.build.refine, prof.build.quality_samples = 2, 0, 2
+    print(f"building the large-vocabulary bundle into {cache / 'bundle'} (once)", file=sys.stderr)
+    return build_bundle(src, cache / "bundle", profile=prof, force=True, progress=Progress())
 
 
 def prompt_of(codec: TextCodec, tokens: int) -> tuple[str, int]:
@@ -101,9 +118,12 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=None, help="default: fp16 int8 and the smallest mix")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--large-vocab", type=Path, metavar="DIR",
+                    help="measure the suite's 262,144-token tiny model, built once into DIR")
     args = ap.parse_args(argv)
 
-    bundle = ensure_bundle(args.bundle, args.cache)
+    bundle = (large_vocab_bundle(args.large_vocab) if args.large_vocab
+              else ensure_bundle(args.bundle, args.cache))
     m = load_manifest(bundle)
     codec = TextCodec(bundle, m)
     ordered = [v["name"] for v in sorted(m["variants"], key=precision_key)]

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -381,9 +382,36 @@ class ModelSource:
     def has_tensor(self, name: str) -> bool:
         return self._has(name) or self._split_of(name) is not None
 
-    def save_tokenizer(self, dest: Path) -> dict:
+    def _convert_tokenizer(self, dest: Path) -> dict:
         """Write tokenizer.json (+ config, chat template) into dest; return tokenizer facts."""
         raise NotImplementedError
+
+    _saved_tokenizer = None    # (TemporaryDirectory, facts) once converted
+
+    def saved_tokenizer(self) -> tuple[Path, dict]:
+        """The model's tokenizer as the bundle will ship it (tokenizer.json and friends in a
+        private temporary folder) and its facts. Converted once per source: a GGUF's 262k-token
+        vocabulary takes about a minute to convert, and calibration, the bundle and evaluation
+        all need it."""
+        if self._saved_tokenizer is None:
+            tmp = tempfile.TemporaryDirectory(prefix="lsaq-tokenizer-")
+            facts = self._convert_tokenizer(Path(tmp.name))
+            self._saved_tokenizer = (tmp, facts)
+        return Path(self._saved_tokenizer[0].name), dict(self._saved_tokenizer[1])
+
+    def save_tokenizer(self, dest: Path) -> dict:
+        """Copy the converted tokenizer into dest (a new folder); return its facts."""
+        src, facts = self.saved_tokenizer()
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+        return facts
+
+    def codec(self):
+        """The runtime's text codec over this model's tokenizer: the one encoder every stage
+        uses, so calibration and evaluation windows start as the model's prompts do (BOS)."""
+        from lsaq_runtime.text import TextCodec
+
+        src, facts = self.saved_tokenizer()
+        return TextCodec.from_files(src / "tokenizer.json", facts, self.spec.vocab_size)
 
     def files(self) -> list[Path]:
         raise NotImplementedError
@@ -437,14 +465,43 @@ class ModelSource:
         return out
 
 
-def _tokenizer_facts(tok) -> dict:
-    eos = tok.eos_token_id
+def _tokenizer_facts(tok, extra_eos=(), add_bos: bool | None = None,
+                     bos: int | None = None, eos: int | None = None) -> dict:
+    """bos/eos, when given, are the source file's own ids (a GGUF's tokenizer.ggml.*): they win
+    over what the converted tokenizer reports, which differs between transformers versions."""
+    eos = tok.eos_token_id if eos is None else eos
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    ids += [i for i in extra_eos if isinstance(i, int) and i not in ids]
     return {
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
-        "add_bos_token": bool(getattr(tok, "add_bos_token", False)),
+        "bos_token_id": tok.bos_token_id if bos is None else bos,
+        "eos_token_ids": ids,
+        "add_bos_token": _adds_bos(tok) if add_bos is None else bool(add_bos),
         "chat_template": tok.chat_template if isinstance(tok.chat_template, str) else None,
     }
+
+
+def _adds_bos(tok) -> bool:
+    """Whether the model's own tokenizer starts a sequence with BOS: its add_bos_token flag, or
+    what encoding with special tokens does (transformers 5 keeps the rule in tokenizer.json's
+    post-processor, where the flag does not show it)."""
+    bos = tok.bos_token_id
+    if bos is None:
+        return False
+    if getattr(tok, "add_bos_token", False):
+        return True
+    try:
+        return tok.encode("a", add_special_tokens=True)[:1] == [bos]
+    except Exception:  # a tokenizer that cannot encode plain text fails later, clearly
+        return False
+
+
+# llama.cpp's end-of-generation tokens when a GGUF names no end-of-turn id: control tokens with
+# these texts end a turn (llama-vocab.cpp matches the same texts), so a chat answer stops at
+# Gemma's <end_of_turn> or ChatML's <|im_end|> and not only at the document EOS.
+END_OF_TURN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
+                     "<|endoftext|>", "<|end_of_text|>", "<EOT>", "_<EOT>",
+                     "<\uff5cend\u2581of\u2581sentence\uff5c>", "<end_of_utterance>")
+_GGUF_CONTROL = 3   # tokenizer.ggml.token_type of a control token
 
 
 class HFSource(ModelSource):
@@ -509,18 +566,30 @@ class HFSource(ModelSource):
                         return ht.get_tensor(name).float().numpy()
             raise
 
-    def save_tokenizer(self, dest):
+    def _convert_tokenizer(self, dest):
         from transformers import AutoTokenizer
 
         try:
             tok = AutoTokenizer.from_pretrained(str(self.path))
         except Exception as e:
-            raise LsaqError(f"{self.path}: cannot load its tokenizer ({e}); the folder needs "
-                            "tokenizer.json or tokenizer.model") from None
+            raise LsaqError(f"{self.path}: cannot load the model's tokenizer ({e}); the folder "
+                            "needs tokenizer.json or tokenizer.model") from None
         if not getattr(tok, "is_fast", True):
             raise LsaqError(f"{self.path}: only a slow tokenizer is available; the runtime needs "
                             "tokenizer.json")
-        return _save_tokenizer(tok, dest)
+        return _save_tokenizer(tok, dest, self._generation_eos())
+
+    def _generation_eos(self) -> list[int]:
+        """generation_config.json's eos_token_id (an int or a list: Llama 3 Instruct ends a turn
+        with <|eot_id|>, not the document EOS), which transformers' generate() stops at."""
+        p = self.path / "generation_config.json"
+        try:
+            eos = json.loads(p.read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            return []
+        eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+        return [i for i in eos if isinstance(i, int) and not isinstance(i, bool)
+                and 0 <= i < self.spec.vocab_size]
 
 
 # GGUF stores the same tensors under llama.cpp names (gguf.constants.TENSOR_NAMES).
@@ -691,7 +760,7 @@ class GGUFSource(ModelSource):
             w = w - np.float32(self.spec.family.norm_offset)
         return np.ascontiguousarray(w)
 
-    def save_tokenizer(self, dest):
+    def _convert_tokenizer(self, dest):
         from transformers import AutoTokenizer
 
         try:
@@ -700,7 +769,28 @@ class GGUFSource(ModelSource):
             raise LsaqError(f"{self.path}: transformers cannot convert this GGUF file's "
                             f"tokenizer ({type(e).__name__}: {e}); build from the Hugging Face "
                             "folder instead") from None
-        return _save_tokenizer(tok, dest)
+        f = self._reader.fields
+        # llama.cpp's own rule for this file, when it states one
+        add_bos = (bool(f["tokenizer.ggml.add_bos_token"].contents())
+                   if "tokenizer.ggml.add_bos_token" in f else None)
+        ids = {k: int(f[f"tokenizer.ggml.{k}_token_id"].contents())
+               for k in ("bos", "eos") if f"tokenizer.ggml.{k}_token_id" in f}
+        return _save_tokenizer(tok, dest, self._end_of_turn_ids(), add_bos, **ids)
+
+    def _end_of_turn_ids(self) -> list[int]:
+        """End-of-turn ids as llama.cpp finds them: tokenizer.ggml.eot_token_id and
+        eom_token_id, else control tokens whose text ends a turn (END_OF_TURN_TEXTS)."""
+        f = self._reader.fields
+        named = [f[k].contents() for k in ("tokenizer.ggml.eot_token_id",
+                                           "tokenizer.ggml.eom_token_id") if k in f]
+        ids = [int(i) for i in named if isinstance(i, int) and 0 <= i < self.spec.vocab_size]
+        if "tokenizer.ggml.tokens" in f and "tokenizer.ggml.token_type" in f:
+            tokens = f["tokenizer.ggml.tokens"].contents()
+            types = f["tokenizer.ggml.token_type"].contents()
+            wanted = set(END_OF_TURN_TEXTS)
+            ids += [i for i, (t, k) in enumerate(zip(tokens, types))
+                    if k == _GGUF_CONTROL and t in wanted and i not in ids]
+        return ids
 
 
 # What a bundle keeps of a saved tokenizer: the runtime reads tokenizer.json only. Slow-tokenizer
@@ -710,14 +800,15 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja"}
 
 
-def _save_tokenizer(tok, dest: Path) -> dict:
+def _save_tokenizer(tok, dest: Path, extra_eos=(), add_bos: bool | None = None,
+                    bos: int | None = None, eos: int | None = None) -> dict:
     tok.save_pretrained(str(dest))
     if not (Path(dest) / "tokenizer.json").is_file():
         raise LsaqError("the tokenizer could not be saved as tokenizer.json, which the runtime needs")
     for p in Path(dest).iterdir():
         if p.name not in TOKENIZER_FILES:
             p.unlink() if p.is_file() else shutil.rmtree(p)
-    return _tokenizer_facts(tok)
+    return _tokenizer_facts(tok, extra_eos, add_bos, bos, eos)
 
 
 def default_model_path() -> Path:

@@ -442,6 +442,15 @@ def _template(c, text: str):
     return _gen(c.bundle, "--chat")
 
 
+@case("chat-without-template")
+def _(c):
+    """this bundle has no chat template (tokenizer.chat_template), so --chat cannot format"""
+    m = manifest(c.bundle)
+    m["tokenizer"]["chat_template"] = None
+    save(c.bundle, m)
+    return _gen(c.bundle, "--chat")   # the first line: refused before anything was loaded
+
+
 @case("template-zero-division")
 def _(c):
     """the bundle's chat template failed: ZeroDivisionError"""
@@ -608,6 +617,21 @@ def _(c):
         return real_mkdir(self, *a, **k)
     c.monkeypatch.setattr(Path, "mkdir", denied)
     return ["build", c.model, "-o", c.tmp / "ro" / "b", "-q", "--scores", c.scores, "--profile", "paper"]
+
+
+@case("chat-template-file-invalid", "compile")
+def _(c):
+    """not a valid Jinja chat template"""
+    (c.tmp / "t.jinja").write_text("{% for %}")
+    return ["build", c.model, "-o", c.tmp / "o", "-q", "--scores", c.scores, "--profile", "paper",
+            "--chat-template", c.tmp / "t.jinja"]
+
+
+@case("calibration-file-missing", "compile")
+def _(c):
+    """calibration file not found"""
+    return ["build", c.model, "-o", c.tmp / "o", "-q", "--scores", c.scores, "--profile", "paper",
+            "--calibration", c.tmp / "none.txt"]
 
 
 @case("scores-not-json", "compile")

@@ -280,7 +280,7 @@ def test_resident_floor_holds_for_every_built_variant_and_refuses_less(tiny_bund
 
 def test_planner_floors_the_manifests_deployment_numbers():
     from lsaq_runtime.planner import (MIN_MARGIN_BYTES, MIN_MARGIN_FRACTION, MIN_OVERHEAD_BYTES,
-                                      estimate)
+                                      estimate, tokenizer_bytes)
     from test_runtime_planner import synthetic_manifest
 
     m = synthetic_manifest()
@@ -288,7 +288,8 @@ def test_planner_floors_the_manifests_deployment_numbers():
     m["deployment"]["safety_margin"] = {"fraction": 0, "min_bytes": 0}
     m["deployment"]["runtime_overhead_bytes"] = {"cpu": 0, "cuda": 0}
     row = estimate(m, m["variants"][0], "cpu", 512, 1)
-    assert row.overhead_bytes == MIN_OVERHEAD_BYTES["cpu"]
+    # the floor, plus the loaded tokenizer (host memory, counted on CPU whatever the manifest says)
+    assert row.overhead_bytes == MIN_OVERHEAD_BYTES["cpu"] + tokenizer_bytes(m)
     assert row.margin_bytes == max(int(MIN_MARGIN_FRACTION * row.predicted_bytes), MIN_MARGIN_BYTES)
     assert 0 < honest.need_bytes - row.need_bytes < honest.need_bytes   # lower, never to nothing
 

@@ -359,7 +359,7 @@ class Engine:
 
     @staticmethod
     def _what(d: Decision) -> str:
-        return ("the best measured quality that fits" if ranking(d.manifest) == "measured_quality"
+        return ("the best measured quality that fits" if ranking(d.manifest) in ("kl_fp16", "measured_quality")
                 else "the most precise variant that fits")
 
     def _fit_reason(self, d: Decision, row: Row, where: str) -> str:

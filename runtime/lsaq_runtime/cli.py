@@ -97,6 +97,14 @@ def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait
     from .sampling import Sampler
 
     Sampler(temperature, top_k, top_p, seed)  # bad settings fail now, not after loading
+    if chat:  # refused before minutes of hashing and loading, not after
+        from .manifest import load_manifest
+
+        if not load_manifest(bundle, check_sizes=False)["tokenizer"].get("chat_template"):
+            raise LsaqRuntimeError(f"{bundle}: this bundle has no chat template "
+                                   "(tokenizer.chat_template), so --chat cannot format a "
+                                   "conversation; run without --chat, or rebuild with "
+                                   "`lsaq-compile build --chat-template FILE`")
     if prompt is None or prompt == "-":
         if sys.stdin.isatty() and prompt is None:
             raise LsaqRuntimeError("no PROMPT given; pass it as an argument or pipe it on stdin (PROMPT -)")
@@ -208,9 +216,14 @@ def inspect_cmd(bundle):
     for v in m["variants"]:
         c = v["layer_counts"]
         provs = ", ".join(f"{p}: {format_size(i['resident_bytes'])}" for p, i in v["providers"].items())
-        q = f"  ppl {v['quality']['perplexity']:.3f}" if "quality" in v else ""
+        q = v.get("quality") or {}
+        q = (f"  KL {q['kl_fp16']:.4f}" if "kl_fp16" in q else "") + \
+            (f"  ppl {q['perplexity']:.3f}" if "perplexity" in q else "")
+        t = v.get("tables") or {}
+        tables = "/".join(dict.fromkeys(t.get(k, "fp16") for k in ("embed_tokens", "lm_head")))
         _echo(f"  {v['name']:<10} fp16 {c['fp16']:>3} int8 {c['int8']:>3} int4 {c['int4']:>3} "
-              f"mixed {c.get('mixed', 0):>3}  {v['avg_bits']:.2f} bits{q}  resident {provs}")
+              f"mixed {c.get('mixed', 0):>3}  tables {tables:<9} {v['avg_bits']:.2f} bits{q}  "
+              f"resident {provs}")
     total = sum(f["bytes"] for f in m["files"])
     _echo(f"{len(m['files'])} files, {format_size(total)}")
 

@@ -28,11 +28,14 @@ from pathlib import Path, PurePosixPath
 
 from .errors import LsaqRuntimeError
 from .integrity import bundle_path, check_relpath, safetensors_layout
-from .manifest import LINEAR_PART, PARTS, split_precision
+from .manifest import LINEAR_PART, PARTS, TABLES, split_precision
 from .onnx_proto import DTYPES, EXTERNAL, GraphFormatError, read_model
 
 LINEAR_WEIGHT = re.compile(
     r"^model\.layers\.(\d+)\.(self_attn\.(?:qkv|o)_proj|mlp\.(?:gate_up|down)_proj)\.([a-z0-9]+)\.")
+# A token table: "model.embed_tokens.weight" / "lm_head.weight" (fp16), or quantized
+# "{base}.{int8|int4}.{role}" (the LM head's INT8 copy of older bundles is lm_head.int8.*)
+TABLE_WEIGHT = re.compile(r"^(model\.embed_tokens|lm_head)\.(?:weight$|(int8|int4)\.)")
 _ST_TO_ONNX = {"F32": 1, "U8": 2, "I8": 3, "F16": 10}
 _ONNX_ELEM = {"float32": 1, "float16": 10}
 _BITS = {"int8": 8, "int4": 4}
@@ -83,6 +86,11 @@ def resident_floor(g) -> int:
         if best:
             held[name] = best
     return sum(held.values())
+
+
+def _table_precision(name: str) -> str:
+    m = TABLE_WEIGHT.match(name)
+    return m.group(2) or "fp16"
 
 
 @dataclass
@@ -175,17 +183,35 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
                 got = ", ".join(sorted(found[i][part])) or "no linear weights"
                 raise bad(f"layer {i}'s {part} computes with {got} weights, the manifest says "
                           f"{want}")
-    head_q = f"{HEAD_INT8}.qweight"
-    if (head_q in g.initializers) != (info["lm_head"] == "int8"):
-        raise bad(f"its LM head is {'int8' if head_q in g.initializers else 'fp16'}, the "
-                  f"manifest says {info['lm_head']}")
+    tables = {t: (variant.get("tables") or {}).get(t, "fp16") for t in TABLES}
+    gathered = {_table_precision(n.inputs[0]) for n in g.nodes
+                if n.op_type == "Gather" and TABLE_WEIGHT.match(n.inputs[0] if n.inputs else "")}
+    if gathered != {tables["embed_tokens"]}:
+        got = ", ".join(sorted(gathered)) or "no table"
+        raise bad(f"its embedding gathers rows of a {got} table, the manifest says "
+                  f"{tables['embed_tokens']}")
+    cast_of = {n.outputs[0]: n.inputs[0] for n in g.nodes if n.op_type == "Cast" and n.inputs}
+
+    def weight_of(name: str) -> str:   # through the Cast a float table takes on CPU
+        return cast_of.get(name, name)
+
+    heads = [n for n in g.nodes if n.op_type in ("MatMulNBits", "Gemm")
+             and TABLE_WEIGHT.match(weight_of(n.inputs[1]) if len(n.inputs) > 1 else "")]
+    if len(heads) != 1:
+        raise bad(f"it has {len(heads)} LM heads over a token table, not one")
+    head = heads[0]
+    head_p = _table_precision(weight_of(head.inputs[1]))
+    if head.op_type == "MatMulNBits" and head.ints.get("bits") != _BITS.get(head_p):
+        raise bad(f"the LM head's MatMulNBits has bits={head.ints.get('bits')} over a {head_p} "
+                  "table")
+    if head_p != info["lm_head"]:
+        raise bad(f"its LM head is {head_p}, the manifest says {info['lm_head']}")
     for n in g.nodes:
         if n.op_type != "MatMulNBits":
             continue
         bits = n.ints.get("bits")
-        if n.inputs[1:2] == [head_q]:
-            if bits != 8:
-                raise bad(f"the LM head's MatMulNBits has bits={bits}, not 8")
+        if n is head:
+            pass
         else:
             m = LINEAR_WEIGHT.match(n.inputs[1] if len(n.inputs) > 1 else "")
             prec = m.group(3) if m else None

@@ -25,7 +25,7 @@ import jsonschema
 from .errors import LsaqRuntimeError
 from .integrity import bundle_path, check_size, hash_settled, sha256_file
 
-__all__ = ["MANIFEST", "SCHEMA_VERSION", "METRICS", "PRECISIONS", "PARTS", "LINEAR_PART",
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "METRICS", "PRECISIONS", "PARTS", "LINEAR_PART", "TABLES",
            "split_precision", "join_precision", "ELEM_BYTES", "MAX_MANIFEST_BYTES",
            "kv_bytes_per_token", "workspace_bytes", "validate_manifest", "read_manifest_json",
            "load_manifest", "check_files", "verify_bundle", "sha256_file", "tokenizer_file",
@@ -33,8 +33,11 @@ __all__ = ["MANIFEST", "SCHEMA_VERSION", "METRICS", "PRECISIONS", "PARTS", "LINE
            "load_pinned", "manifest_digest", "SWAP_JOURNAL"]
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 5
-MIN_SCHEMA_VERSION = 4   # 5 only adds per-linear precisions (QKV/O/GATE_UP/DOWN): 4 reads as is
+SCHEMA_VERSION = 6
+# 5 added per-linear precisions (QKV/O/GATE_UP/DOWN); 6 the embedding table and LM head on the
+# ladder (variants[].tables), rank_by kl_fp16 and a float32 residual stream in float16 graphs.
+# Each only adds: 4 and 5 read as they are.
+MIN_SCHEMA_VERSION = 4
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 METRICS = ("jaccard", "cosine", "zscore", "sensitivity")  # scores.metric: how layers were ranked
 PRECISIONS = ("fp16", "int8", "int4")              # per decoder layer, or per part of one
@@ -44,7 +47,10 @@ PRECISIONS = ("fp16", "int8", "int4")              # per decoder layer, or per p
 PARTS = ("qkv", "o", "gate_up", "down")             # a layer's stored linears, in that order
 LINEAR_PART = {"self_attn.qkv_proj": "qkv", "self_attn.o_proj": "o",
                "mlp.gate_up_proj": "gate_up", "mlp.down_proj": "down"}
-RANK_BY = ("precision", "measured_quality")        # deployment.rank_by
+RANK_BY = ("precision", "kl_fp16", "measured_quality")   # deployment.rank_by
+# The token tables: the embedding (read by Gather) and the LM head (a matmul). A tied model has
+# one table, used by both, so both get one precision.
+TABLES = ("embed_tokens", "lm_head")
 
 
 def split_precision(p: str) -> dict[str, str]:
@@ -85,6 +91,19 @@ MAX_TOKENIZER_BYTES = 128 << 20
 def kv_bytes_per_token(model: dict, dtype: str) -> int:
     """Bytes of KV cache per token and sequence: a key and a value row per layer and KV head."""
     return 2 * model["num_layers"] * model["num_key_value_heads"] * model["head_dim"] * ELEM_BYTES[dtype]
+
+
+# Host memory the loaded tokenizer holds per byte of tokenizer.json: measured 11.4x (181 MiB for
+# a 16 MB, 262,144-token BPE; 13.3x at its peak while loading, before any weight is). Small
+# vocabularies hide it; a 262k vocabulary's tokenizer outweighs a small model's weights.
+TOKENIZER_BYTES_PER_JSON_BYTE = 12
+
+
+def tokenizer_bytes(m: dict) -> int:
+    """Host memory the runtime's tokenizer takes for this bundle (see the factor above)."""
+    path = tokenizer_file(m)
+    size = next((f["bytes"] for f in m["files"] if f["path"] == path), 0)
+    return TOKENIZER_BYTES_PER_JSON_BYTE * size
 
 
 def workspace_bytes(ws: dict, context: int) -> int:
@@ -218,9 +237,16 @@ def validate_manifest(m: dict, where: str = MANIFEST) -> None:
         if counts != {p: v["layer_counts"].get(p, 0) for p in counts}:
             raise bad(f"variant {name!r}: layer_counts {v['layer_counts']} disagree with its "
                       f"precisions {counts}")
-        if m["deployment"].get("rank_by") == "measured_quality" and "quality" not in v:
+        rank_by = m["deployment"].get("rank_by")
+        if rank_by in ("measured_quality", "kl_fp16") and "quality" not in v:
             raise bad(f"variant {name!r} has no measured quality, but deployment.rank_by is "
-                      "measured_quality")
+                      f"{rank_by}")
+        if rank_by == "kl_fp16" and "kl_fp16" not in v["quality"]:
+            raise bad(f"variant {name!r} has no quality.kl_fp16, but deployment.rank_by is kl_fp16")
+        tables = {t: v.get("tables", {}).get(t, "fp16") for t in TABLES}
+        if mo.get("tie_word_embeddings") and tables["embed_tokens"] != tables["lm_head"]:
+            raise bad(f"variant {name!r}: the model's embedding and LM head are one tied table, "
+                      f"but tables gives them {tables['embed_tokens']} and {tables['lm_head']}")
         for prov, info in v["providers"].items():
             if info["graph"] not in info["files"]:
                 raise bad(f"variant {name!r} ({prov}): its graph {info['graph']} is not among "
@@ -229,6 +255,9 @@ def validate_manifest(m: dict, where: str = MANIFEST) -> None:
             missing = [f for f in info["files"] if f not in listed]
             if missing:
                 raise bad(f"variant {name!r} ({prov}) uses {missing[0]}, which is not in files")
+            if tables["lm_head"] != "fp16" and info["lm_head"] != tables["lm_head"]:
+                raise bad(f"variant {name!r} ({prov}): its LM head is stored {tables['lm_head']} "
+                          f"but the graph entry says it computes with {info['lm_head']}")
             kv = kv_bytes_per_token(mo, info["dtype"])
             if info["kv_bytes_per_token"] != kv:
                 raise bad(f"variant {name!r} ({prov}): kv_bytes_per_token "

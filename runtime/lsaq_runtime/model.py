@@ -37,10 +37,16 @@ def memory_trace(stage: str) -> None:
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        rss = -1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"lsaq-memory: {stage} rss={rss} peak={peak}", file=sys.stderr, flush=True)
+        with open("/proc/self/status") as f:   # anonymous vs file-backed (memory-mapped) pages
+            kinds = {k: int(v.split()[0]) * 1024 for k, v in
+                     (line.split(":", 1) for line in f) if k in ("RssAnon", "RssFile", "VmHWM")}
+    except (OSError, ValueError):
+        rss, kinds = -1, {}
+    # VmHWM: the peak of this program's own memory. ru_maxrss would also count the parent's
+    # pages at exec time (a child started from a big process inherits that high-water mark).
+    peak = kinds.pop("VmHWM", None) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    extra = "".join(f" {k.lower()}={v}" for k, v in kinds.items())
+    print(f"lsaq-memory: {stage} rss={rss} peak={peak}{extra}", file=sys.stderr, flush=True)
 
 
 class Model:

@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from lsaq_runtime.manifest import (ELEM_BYTES, MANIFEST, SCHEMA_VERSION, TABLES, kv_bytes_per_token,
-                                   replace_refusal, sha256_file, workspace_bytes)
+from lsaq_runtime.errors import LsaqRuntimeError
+from lsaq_runtime.manifest import (ELEM_BYTES, MANIFEST, SCHEMA_VERSION, SWAP_JOURNAL, TABLES,
+                                   kv_bytes_per_token, replace_refusal, sha256_file,
+                                   verify_bundle, workspace_bytes)
 
 from . import __version__
 from .errors import LsaqError
@@ -196,12 +198,110 @@ def _tmp_dir_for(out: Path) -> Path:
 
 
 def _clean_stale_tmp(out: Path) -> None:
-    """Remove temporary folders of earlier builds of this target that died midway."""
+    """Remove temporary folders of earlier builds of this target that died midway (after
+    _recover_swap: a finished bundle an interrupted swap left hidden is put in place first)."""
     for p in out.parent.glob(f".{out.name}{TMP_MARK}*"):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and _pid_alive(int(pid)):
             continue
         shutil.rmtree(p, ignore_errors=True)
+
+
+OLD_MARK = ".lsaq-old-"
+
+
+def _journal(out: Path) -> Path:
+    return out.parent / SWAP_JOURNAL.format(name=out.name)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _swap_in(tmp: Path, out: Path, force: bool) -> None:
+    """Put the finished bundle `tmp` at `out`, replacing the bundle there (checked again: it may
+    have changed during the build). Two renames cannot be one atomic step, so a journal beside
+    `out` names both folders first; a build that dies between the renames leaves the journal,
+    and the next build of `out` (_recover_swap) finishes the swap or puts the old bundle back.
+    The old bundle is deleted only once the new one is in place, then the journal."""
+    if not (out.exists() or out.is_symlink()):
+        tmp.rename(out)
+        return
+    check_replaceable(out, force)
+    trash = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}"
+    journal = _journal(out)
+    part = journal.with_name(journal.name + ".part")
+    part.write_text(json.dumps({"target": out.name, "old": trash.name, "new": tmp.name,
+                                "pid": os.getpid()}))
+    with open(part, "rb") as f:
+        os.fsync(f.fileno())
+    part.rename(journal)
+    _fsync_dir(out.parent)
+    out.rename(trash)
+    try:
+        tmp.rename(out)
+    except BaseException:  # an error (not a crash) between the renames: put the old one back
+        trash.rename(out)
+        journal.unlink()
+        raise
+    _fsync_dir(out.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+    journal.unlink()
+
+
+def _recover_swap(out: Path, progress=None) -> None:
+    """Finish or undo the swap of an earlier build of `out` that died midway (its journal says
+    which folders): when `out` is missing and the new bundle it names passes the full check, it
+    is put in place (the build had finished); otherwise the old bundle goes back. Nothing is
+    deleted until a bundle stands at `out` again."""
+    journal = _journal(out)
+    if not journal.is_file():
+        return
+    try:
+        j = json.loads(journal.read_text(encoding="utf-8"))
+        old, new, pid = j["old"], j["new"], int(j["pid"])
+        for name, mark in ((old, OLD_MARK), (new, TMP_MARK)):
+            if not (isinstance(name, str) and "/" not in name and "\\" not in name
+                    and name.startswith(f".{out.name}{mark}")):
+                raise ValueError(name)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LsaqError(f"{journal}: an interrupted build left this swap journal, but it cannot "
+                        "be read; look at the hidden folders beside it, put the bundle you want "
+                        "back by hand, then delete the journal") from None
+    if pid != os.getpid() and _pid_alive(pid):
+        raise LsaqError(f"{out}: another build (pid {pid}) is replacing it right now; wait for "
+                        "it to finish")
+    old, new = out.parent / old, out.parent / new
+    say = progress or (lambda msg: None)
+    if not (out.exists() or out.is_symlink()):
+        if new.is_dir() and _finished(new):
+            new.rename(out)
+            say(f"recovered {out}: an interrupted build had finished it; the swap is complete")
+        elif old.is_dir():
+            old.rename(out)
+            say(f"recovered {out}: put back the bundle an interrupted build had moved aside")
+        _fsync_dir(out.parent)
+    if out.exists() and old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        journal.unlink()
+
+
+def _finished(folder: Path) -> bool:
+    """A complete bundle: it passes the runtime's full check."""
+    try:
+        return not verify_bundle(folder)
+    except LsaqRuntimeError:
+        return False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -227,7 +327,10 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
 
     progress = progress or Progress()
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
-    out = Path(out)
+    # Absolute: `-o .` names the folder by its own name, so the temporary folder goes beside
+    # it, not inside it.
+    out = Path(os.path.abspath(out))
+    _recover_swap(out, progress)
     check_replaceable(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -393,14 +496,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
             _measure_quality(tmp, manifest, held_out, plan_kl, calib, progress.stage("quality"))
             _validate(manifest)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            check_replaceable(out, force)  # again: the folder may have changed during the build
-            trash = out.parent / f".{out.name}.lsaq-old-{os.getpid()}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        _swap_in(tmp, out, force)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         where = e.filename or out

@@ -387,6 +387,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except MemoryError:  # the runtime's advice (--memory-budget, --context) is not the compiler's
+        click.echo("error: out of memory while compiling; the model needs more free memory than "
+                   "this machine has (close other programs, or compile on a larger machine)",
+                   err=True)
+        sys.exit(2)
     except Exception as e:
         if os.environ.get(DEBUG_ENV):
             raise

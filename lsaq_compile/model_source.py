@@ -211,6 +211,7 @@ def spec_from_hf_config(cfg: dict, name: str = "model", where: str = "config.jso
     if cfg["num_attention_heads"] % kvh:
         raise LsaqError(f"{where}: num_attention_heads {cfg['num_attention_heads']} is not a "
                         f"multiple of num_key_value_heads {kvh}")
+    _check_sizes(cfg, where)
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     rope_theta, rope_scaling, local_theta = _rope_config(cfg, arch, where)
@@ -239,6 +240,7 @@ def spec_from_hf_config(cfg: dict, name: str = "model", where: str = "config.jso
         query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256) if gemma else None,
         final_logit_softcapping=cfg.get("final_logit_softcapping") if gemma else None,
     )
+    _check_numbers(spec, where)
     # Which layers slide, and how far: transformers' own config class decides (Qwen2/3 derive
     # it from use_sliding_window and max_window_layers, Gemma 3 from its 5:1 pattern).
     try:
@@ -250,6 +252,62 @@ def spec_from_hf_config(cfg: dict, name: str = "model", where: str = "config.jso
     types = getattr(hf, "layer_types", None)
     spec.layer_types = list(types) if types else None
     return spec
+
+
+# Config integers past what a bundle may hold (manifest.schema.json's own bounds), by the
+# config key and the manifest key that bounds it.
+_BOUNDED = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size",
+            "intermediate_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
+            "num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim",
+            "vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings"}
+
+
+def _check_sizes(cfg: dict, where: str) -> None:
+    """Sizes a bundle cannot hold are refused before anything is built (a billion layers would
+    otherwise run out of memory building lists, and say so in the runtime's words)."""
+    from lsaq_runtime.manifest import SCHEMA_PATH
+
+    bounds = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))["properties"]["model"]["properties"]
+    for key, mkey in _BOUNDED.items():
+        v, top = cfg.get(key), bounds[mkey].get("maximum")
+        if isinstance(v, int) and top is not None and v > top:
+            raise LsaqError(f"{where}: {key} is {v:,}, more than a bundle can hold ({top:,}); "
+                            "the config is damaged or not a language model's")
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_numbers(spec: ModelSpec, where: str) -> None:
+    """Every real number the graphs compute with is finite and in its range: a NaN RoPE base or
+    an infinite norm epsilon builds a bundle that outputs nothing, a negative epsilon one that
+    fails at load. Refused with the field's name before anything is built."""
+    def bad(name: str, v, what: str) -> LsaqError:
+        return LsaqError(f"{where}: {name} is {v!r}; it must be {what}: the config is damaged, "
+                         "use the one that came with the weights")
+
+    eps = spec.rms_norm_eps
+    if not (_finite_number(eps) and 0 < eps < 1):
+        raise bad("rms_norm_eps (GGUF: attention.layer_norm_rms_epsilon)", eps,
+                  "a finite number between 0 and 1")
+    for name, v in (("rope_theta (GGUF: rope.freq_base)", spec.rope_theta),
+                    ("rope_local_base_freq (GGUF: rope.freq_base_swa)", spec.local_rope_theta)):
+        if v is not None and not (_finite_number(v) and 1 < v <= 1e15):
+            raise bad(name, v, "a finite number above 1")
+    for name, v in (("query_pre_attn_scalar", spec.query_pre_attn_scalar),
+                    ("final_logit_softcapping", spec.final_logit_softcapping)):
+        if v is not None and not (_finite_number(v) and v > 0):
+            raise bad(name, v, "a finite positive number")
+    for key, v in (spec.rope_scaling or {}).items():
+        values = v if isinstance(v, list) else [v]
+        nums = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if any(not math.isfinite(x) for x in nums):
+            raise bad(f"rope_scaling.{key}", v if not isinstance(v, list) else "a list holding "
+                      f"{next(x for x in nums if not math.isfinite(x))}", "finite")
+        if key in ("factor", "short_factor", "long_factor") and any(x <= 0 for x in nums):
+            raise bad(f"rope_scaling.{key}", v if not isinstance(v, list) else "a list with "
+                      f"{next(x for x in nums if x <= 0)}", "positive")
 
 
 class ModelSource:
@@ -290,8 +348,18 @@ class ModelSource:
         full = f"model.layers.{parts[2]}.{fused}.{kind}"
         return (full, lo, hi) if self._has(full) and not self._has(name) else None
 
+    def _finite(self, name: str, w: np.ndarray) -> np.ndarray:
+        """`w`, after checking it holds no NaN or infinity: min and max propagate both, so two
+        passes without a copy find any (a checkpoint with one builds a bundle that outputs
+        nothing)."""
+        if w.size and not (np.isfinite(w.min()) and np.isfinite(w.max())):
+            bad = int(np.count_nonzero(~np.isfinite(w)))
+            raise LsaqError(f"{self.path}: tensor {name} holds {bad:,} NaN or infinite values; "
+                            "the checkpoint is damaged, download or convert it again")
+        return w
+
     def _fused(self, full: str, rows: int) -> np.ndarray:
-        w = self._read(full)
+        w = self._finite(full, self._read(full))
         if w.shape[0] != rows:
             raise LsaqError(f"{self.path}: {full} has {w.shape[0]} rows, the config implies {rows}; "
                             "the weights do not match the config")
@@ -300,7 +368,7 @@ class ModelSource:
     def tensor(self, name: str) -> np.ndarray:
         split = self._split_of(name)
         if split is None:
-            return self._read(name)
+            return self._finite(name, self._read(name))
         full, lo, hi = split
         w = self._fused(full, self._fused_rows(full))
         return np.ascontiguousarray(w[lo:hi])

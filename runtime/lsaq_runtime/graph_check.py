@@ -6,9 +6,12 @@ the graph says what actually runs. They must agree, or the runtime would announc
 and run another, or size its buffers for a model the graph is not. Checked here:
 
 - external data: only graph initializers may have it; each points at a file the provider entry
-  lists (confined to the bundle), and at exactly the tensor of the same name, dtype and shape in
-  that file's safetensors header; the lengths add up to the provider's `weight_bytes`, and every
-  listed weight file is used;
+  lists (confined to the bundle, resolved from the graph's folder as ONNX Runtime resolves it),
+  and at exactly the tensor of the same name, dtype and shape in that file's safetensors header;
+  the lengths add up to the provider's `weight_bytes`, and every listed weight file is used;
+- bounded work: the variant's weight files may hold at most HASH_FACTOR times the bytes its
+  graph reads (plus their headers), so a listed file cannot make a launch hash without end;
+- memory: `resident_bytes` is at least what the graph itself implies (`resident_floor`);
 - precisions: the decoder linear weights of layer i are stored as `model.layers.{i}.{linear}.
   {precision}.{role}` (BUNDLE_FORMAT.md); each stored linear of a layer uses exactly the
   precision the manifest gives it, and every MatMulNBits node's `bits` matches the precision of the weight it reads;
@@ -21,10 +24,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import LsaqRuntimeError
-from .integrity import bundle_path, check_relpath, safetensors_index
+from .integrity import bundle_path, check_relpath, safetensors_layout
 from .manifest import LINEAR_PART, PARTS, TABLES, split_precision
 from .onnx_proto import DTYPES, EXTERNAL, GraphFormatError, read_model
 
@@ -38,6 +41,51 @@ _ONNX_ELEM = {"float32": 1, "float16": 10}
 _BITS = {"int8": 8, "int4": 4}
 HEAD_INT8 = "lm_head.int8"
 STATIC_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "num_logits_to_keep")
+# A store holds each layer's weights once per precision it is built at (fp16 2 bytes a weight,
+# int8 about 1.1 with scales, int4 about 0.6, scales kept in two dtypes): a variant's files hold
+# at most about 7 times what its graph reads, at the most quantized variant. Twice that is the
+# most a variant may make the runtime hash.
+HASH_FACTOR = 16
+# Ops that hold their weight input for the session's life, and the bytes per element of the
+# float types a Cast of a weight can produce (ONNX TensorProto data types).
+_HOLDS_WEIGHT = {"MatMulNBits", "MatMul", "Gemm"}
+_ELEM_SIZE = {1: 4, 10: 2, 11: 8, 16: 2, 2: 1, 3: 1}
+
+
+def resident_floor(g) -> int:
+    """A lower bound of the weight bytes the provider holds once the session is created,
+    derived from the graph alone; the manifest's `resident_bytes` may not claim less.
+
+    Counted: each external initializer a MatMulNBits, MatMul or Gemm node reads, at its stored
+    size, or, when the node reads it through a Cast, at the cast's size (ONNX Runtime folds a
+    Cast of a constant into a new constant: a float16 weight cast to float32 holds twice its
+    stored bytes). A weight read several ways counts once, at its largest. Left out, so that the
+    bound stays below any honest estimate the compiler makes: embeddings (Gather keeps them
+    memory-mapped on CPU), norms, kernel extras (prepacked block sums), rotary caches, and any
+    term the build's memory model adds (e.g. vocabulary-sized buffers)."""
+    external = {t.name: t for t in g.tensors
+                if t.where == "initializer" and (t.external or t.data_location == EXTERNAL)}
+    consumers: dict[str, list] = {}
+    for n in g.nodes:
+        for x in n.inputs:
+            consumers.setdefault(x, []).append(n)
+    held: dict[str, int] = {}
+    for name, t in external.items():
+        try:
+            length = int(t.external.get("length", 0))
+        except ValueError:
+            continue
+        elem = _ELEM_SIZE.get(t.dtype)
+        best = 0
+        for n in consumers.get(name, []):
+            if n.op_type in _HOLDS_WEIGHT:
+                best = max(best, length)
+            elif n.op_type == "Cast" and elem and n.outputs and any(
+                    c.op_type in _HOLDS_WEIGHT for c in consumers.get(n.outputs[0], [])):
+                best = max(best, length // elem * _ELEM_SIZE.get(n.ints.get("to"), elem))
+        if best:
+            held[name] = best
+    return sum(held.values())
 
 
 def _table_precision(name: str) -> str:
@@ -67,7 +115,10 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
 
     # -- external data -------------------------------------------------------------------
     declared = [f for f in info["files"] if f != info["graph"]]
+    # ONNX Runtime resolves a location from the graph's folder; so does this check.
+    folder = PurePosixPath(info["graph"]).parent
     indexes: dict[str, dict] = {}
+    headers: dict[str, int] = {}
     used: set[str] = set()
     total = 0
     for t in g.tensors:
@@ -78,13 +129,13 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
         if set(t.external) - {"location", "offset", "length", "checksum"} or \
                 not {"location", "offset", "length"} <= set(t.external):
             raise bad(f"initializer {t.name!r} has external data keys {sorted(t.external)}")
-        loc = t.external["location"]
-        check_relpath(loc, f"{where}: initializer {t.name!r}")
+        loc = (folder / check_relpath(t.external["location"],
+                                      f"{where}: initializer {t.name!r}")).as_posix()
         if loc not in declared:
             raise bad(f"initializer {t.name!r} reads {loc!r}, which is not among the variant's "
                       f"files {declared}")
         if loc not in indexes:
-            indexes[loc] = safetensors_index(bundle_path(root, loc, where))
+            indexes[loc], headers[loc] = safetensors_layout(bundle_path(root, loc, where))
         entry = indexes[loc].get(t.name)
         try:
             off, length = int(t.external["offset"]), int(t.external["length"])
@@ -103,6 +154,18 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
         raise bad(f"it reads {sorted(used)} but the manifest lists {sorted(declared)}")
     if "weight_bytes" in info and total != info["weight_bytes"]:
         raise bad(f"it references {total} weight bytes, the manifest says {info['weight_bytes']}")
+    sizes = {f["path"]: f["bytes"] for f in manifest["files"]}
+    stored = sum(sizes.get(f, 0) for f in declared)
+    allowed = HASH_FACTOR * total + sum(headers.values())
+    if stored > allowed:
+        raise bad(f"its weight files hold {stored:,} bytes but it reads only {total:,} of them; "
+                  f"a variant's files may hold at most {HASH_FACTOR}x what it reads, so they are "
+                  "refused without being hashed")
+    floor = resident_floor(g)
+    if info["resident_bytes"] < floor:
+        raise bad(f"resident_bytes {info['resident_bytes']:,} is less than the {floor:,} bytes "
+                  "its matmul weights alone hold once loaded; the manifest understates the "
+                  "memory it needs")
 
     # -- precisions ----------------------------------------------------------------------
     L = manifest["model"]["num_layers"]

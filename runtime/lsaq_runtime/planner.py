@@ -20,6 +20,14 @@ from .manifest import (TABLES, kv_bytes_per_token, split_precision, tokenizer_by
 from .probe import Device
 from .sizes import format_size
 
+# Floors under the manifest's deployment numbers, so a manifest cannot plan with less than the
+# runtime is sure to take: the interpreter, ONNX Runtime and the tokenizer hold 88 MiB on CPU
+# (benchmarks/bench_memory.py; about half is the floor), a CUDA context far more; and a margin
+# of at least 5% (8 MiB) for the allocator's slack. A manifest may say more, never less.
+MIN_OVERHEAD_BYTES = {"cpu": 48 << 20, "cuda": 128 << 20}
+MIN_MARGIN_FRACTION = 0.05
+MIN_MARGIN_BYTES = 8 << 20
+
 
 @dataclass
 class Row:
@@ -197,7 +205,8 @@ def estimate(manifest: dict, variant: dict, provider: str, context: int, batch: 
     # kv_bytes_per_token was checked against it).
     row.kv_bytes = kv_bytes_per_token(manifest["model"], info["dtype"]) * context * batch
     row.workspace_bytes = workspace_bytes(ws, context)
-    row.overhead_bytes = int(dep["runtime_overhead_bytes"].get(provider, 0))
+    row.overhead_bytes = max(int(dep["runtime_overhead_bytes"].get(provider, 0)),
+                             MIN_OVERHEAD_BYTES.get(provider, 0))
     if provider == "cpu":   # the tokenizer lives in host memory, which a CPU plan counts
         row.overhead_bytes += tokenizer_bytes(manifest)
     row.creation_bytes = int(info.get("creation_extra_bytes", 0))
@@ -206,7 +215,8 @@ def estimate(manifest: dict, variant: dict, provider: str, context: int, batch: 
     row.predicted_bytes = row.resident_bytes + row.overhead_bytes + max(
         row.kv_bytes + row.workspace_bytes, row.creation_bytes)
     margin = dep["safety_margin"]
-    row.margin_bytes = int(max(margin["fraction"] * row.predicted_bytes, margin["min_bytes"]))
+    row.margin_bytes = int(max(max(margin["fraction"], MIN_MARGIN_FRACTION) * row.predicted_bytes,
+                               margin["min_bytes"], MIN_MARGIN_BYTES))
     row.need_bytes = row.predicted_bytes + row.margin_bytes
     return row
 

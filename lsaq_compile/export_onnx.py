@@ -578,13 +578,14 @@ class _GraphBuilder:
 
     def creation_extra_bytes(self) -> int:
         """Memory held only while the session is created, on top of resident_bytes: ONNX
-        Runtime folds every Cast of an fp16 weight into a float32 copy before the kernels
-        prepack their own, so both copies exist at once (a real Gemma 3's fp16 head table peaked
-        at 1.9 GiB for 0.34 GB stored). Released before the KV cache is allocated."""
+        Runtime folds each Cast of an fp16 weight into a float32 copy and then moves it into
+        place, one weight at a time, so the transient is the float32 size of the largest cast
+        weight (measured: SmolLM2's 108 MiB head, a 262k-vocabulary head's 64 MiB; a real
+        Gemma 3's head would be 671 MB). Released before the KV cache is allocated."""
         if self.dtype == "float16":
             return 0
-        return sum(2 * self.index[key].length for key, uses in self.uses.items()
-                   if "upcast" in uses)
+        return max((2 * self.index[key].length for key, uses in self.uses.items()
+                    if "upcast" in uses), default=0)
 
 
 def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorRef], dtype: str,

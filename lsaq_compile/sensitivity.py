@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from lsaq_runtime.manifest import LINEAR_PART, PARTS, join_precision
+from lsaq_runtime.format import LINEAR_PART, PARTS, join_precision
 
 from .errors import LsaqError
 from .export_onnx import (EMBED, FINAL_NORM, LM_HEAD, effective_linear_weight, part_precision,

@@ -15,7 +15,8 @@ import pytest
 from lsaq_runtime.chat_template import render
 from lsaq_runtime.errors import LsaqRuntimeError, printable
 from lsaq_runtime.integrity import safetensors_index, verify_files
-from lsaq_runtime.manifest import load_manifest, replace_refusal
+from lsaq_runtime.bundle_folder import replace_refusal
+from lsaq_runtime.manifest import load_manifest
 from lsaq_runtime.onnx_proto import GraphFormatError, read_model
 from lsaq_runtime.probe import cgroup_limit, choose_device, probe_gpus, probe_host
 from test_runtime_probe import HOST, TWO, FakeNVML

@@ -10,7 +10,8 @@ Depends on onnxruntime, numpy, tokenizers, jsonschema and jinja2 only (never tor
 """
 
 from .errors import LsaqRuntimeError, NoVariantFits
-from .manifest import load_manifest, validate_manifest, verify_bundle
+from .manifest import load_manifest, validate_manifest
+from .verify import verify_bundle
 from .model import Model, decide, load
 from .planner import Decision
 from .sizes import format_size, parse_size

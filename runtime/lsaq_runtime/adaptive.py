@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BundleChanged, LsaqRuntimeError, NoVariantFits, first_line
-from .integrity import verify_files
-from .manifest import MANIFEST, load_pinned, manifest_digest, tokenizer_file
+from .format import MANIFEST
+from .model import open_bundle
 from .planner import Decision, Row, no_fit_message, plan, ranking, resolve_context
 from .probe import Device
 from .sampling import Sampler
 from .sizes import format_size, parse_size
-from .text import StreamDecoder, TextCodec
+from .text import StreamDecoder
 
 # A variant that failed to load is not planned for again for this long (a damaged file or a
 # session that runs out of memory would otherwise be retried at every probe).
@@ -203,14 +203,14 @@ class Engine:
                  clock: Callable[[], float] = time.monotonic,
                  on_token: Callable[[Job], None] | None = None):
         self.bundle = Path(bundle)
-        # The bundle's identity for the server's life: every later load must find these
-        # manifest bytes (model.load(pinned=...)), or the server serves no other model under
-        # this one's name (see bundle_changed).
-        self.manifest, self.manifest_sha = load_pinned(self.bundle)
+        # Opened once: the manifest, its sha256 and the tokenizer serve every variant, and are
+        # the bundle's identity for the server's life: a variant loads only while the folder
+        # still holds these manifest bytes, or the server would serve another model under this
+        # one's name (see bundle_changed).
+        self.opened = open_bundle(self.bundle)
+        self.manifest, self.manifest_sha = self.opened.manifest, self.opened.manifest_sha
         self.bundle_changed: str | None = None   # why, once the folder holds another bundle
-        self._manifest_stat: tuple | None = self._stat_manifest()
-        verify_files(self.bundle, self.manifest, [tokenizer_file(self.manifest)])
-        self.codec = TextCodec(self.bundle, self.manifest)   # one tokenizer for every variant
+        self.codec = self.opened.codec           # one tokenizer for every variant
         self.context = resolve_context(self.manifest, context)
         self.device_arg, self.threads = device, threads
         # A fixed budget below the smallest need is hopeless; a budget that is read again
@@ -375,29 +375,11 @@ class Engine:
             s += f", budget {_bytes(d.budget_bytes)}"
         return s
 
-    def _stat_manifest(self) -> tuple | None:
-        try:
-            st = (self.bundle / MANIFEST).stat()
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
     def _check_bundle(self) -> None:
         """Note (once) when the folder no longer holds the launch bundle: hashed again only
         when the manifest's identity moved, so a probe costs a stat."""
-        if self.bundle_changed:
-            return
-        st = self._stat_manifest()
-        if st == self._manifest_stat:
-            return
-        try:
-            same = st is not None and manifest_digest(self.bundle) == self.manifest_sha
-        except LsaqRuntimeError:
-            same = False
-        if same:
-            self._manifest_stat = st
-            return
-        self._bundle_changed()
+        if not self.bundle_changed and not self.opened.unchanged():
+            self._bundle_changed()
 
     def _bundle_changed(self) -> None:
         with self.cond:
@@ -430,7 +412,6 @@ class Engine:
         return self.target is not None and self.target.variant != self.current
 
     def _apply(self, first: bool = False) -> None:
-        from .model import load
 
         with self.cond:
             t = self.target
@@ -464,9 +445,7 @@ class Engine:
                 try:
                     if self.bundle_changed:
                         raise BundleChanged(self.bundle_changed)
-                    model = load(self.bundle, self.context, t.decision.budget_bytes,
-                                 self._device_label(t), variant=name, threads=self.threads,
-                                 pinned=(self.manifest, self.manifest_sha))
+                    model = self._load(name, t)
                 except BundleChanged:
                     self._bundle_changed()
                     errors.append(self._changed_reason())
@@ -514,6 +493,18 @@ class Engine:
             with self.cond:
                 self.switching = False
                 self.cond.notify_all()
+
+    def _load(self, name: str, t: _Target):
+        """Load variant `name` on the device the plan was made for: a fresh probe and plan
+        forced to it (as `lsaq-run --variant` would), then load_variant on the bundle opened
+        at launch: nothing shared is read, hashed or parsed again."""
+        from .model import decide, load_variant
+
+        def plan_on(device: str):
+            return decide(self.bundle, self.context, t.decision.budget_bytes, device,
+                          variant=name, manifest=self.manifest)
+        return load_variant(self.opened, plan_on(self._device_label(t)), self.threads,
+                            cpu_fallback=lambda: plan_on("cpu"))
 
     def _device_label(self, t: _Target) -> str:
         # The device the plan was made for; load() must not pick another one ("auto").

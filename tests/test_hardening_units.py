@@ -371,7 +371,7 @@ def test_replace_refusal_needs_the_full_check(tiny_bundle, tmp_path):
 def test_http_log_lines_are_one_line_and_throttled(capsys, monkeypatch):
     import logging
 
-    import lsaq_runtime.server as server
+    import lsaq_runtime.serve.server as server
 
     monkeypatch.delenv("LSAQ_DEBUG", raising=False)
     handler = server._OneLineLog()
@@ -392,7 +392,7 @@ def test_http_log_lines_are_one_line_and_throttled(capsys, monkeypatch):
 def test_the_connection_cap_fits_the_descriptor_limit():
     import resource
 
-    import lsaq_runtime.server as server
+    import lsaq_runtime.serve.server as server
 
     cap = server.connection_cap(10**6)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

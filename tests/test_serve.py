@@ -23,9 +23,9 @@ import openai
 import pytest
 
 import lsaq_runtime
-from lsaq_runtime.adaptive import Engine, StopText
+from lsaq_runtime.serve.engine import Engine, StopText
 from lsaq_runtime.cli import main
-from lsaq_runtime.server import background
+from lsaq_runtime.serve.server import background
 from lsaq_runtime.sizes import format_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -610,7 +610,7 @@ def test_the_loaded_variant_counts_its_own_memory_as_free(chat_bundle):
 
 
 def test_budget_file_keeps_the_last_good_value(tmp_path):
-    from lsaq_runtime.adaptive import FileBudget
+    from lsaq_runtime.serve.engine import FileBudget
 
     f, logs = tmp_path / "budget", []
     f.write_text("300MB\n")
@@ -660,9 +660,9 @@ def test_serve_without_the_extra_says_what_to_install(tiny_bundle):
 
 
 def test_the_plain_runtime_does_not_import_the_server():
-    code = ("import sys, lsaq_runtime, lsaq_runtime.cli, lsaq_runtime.adaptive\n"
+    code = ("import sys, lsaq_runtime, lsaq_runtime.cli, lsaq_runtime.serve.engine\n"
             "assert not {'starlette', 'uvicorn'} & {m.split('.')[0] for m in sys.modules}\n"
-            "import lsaq_runtime.server\n"
+            "import lsaq_runtime.serve.server\n"
             "bad = {'torch', 'transformers', 'onnx', 'lsaq_compile'} & "
             "{m.split('.')[0] for m in sys.modules}\n"
             "assert not bad, bad\n")
@@ -693,7 +693,7 @@ def test_slow_clients_cannot_take_the_server(tiny_bundle):
     the connection waiting longest for its request head is closed, a head must arrive within
     HEADER_TIMEOUT_S, and the log stays a few lines (issue: 1,100 connections stopped the
     server, 126k tracebacks)."""
-    from lsaq_runtime.server import HEADER_TIMEOUT_S
+    from lsaq_runtime.serve.server import HEADER_TIMEOUT_S
 
     srv = ServeProcess(tiny_bundle, "--port", 0, "--context", 64, "--device", "cpu",
                        "--max-connections", 40)
@@ -917,7 +917,7 @@ def test_a_taken_port_is_one_line_naming_it(tiny_bundle):
 def test_a_trickled_body_gets_408(chat_bundle, monkeypatch):
     """Case 8's other half, in-process with a short timeout: a body that does not arrive in
     BODY_TIMEOUT_S is a 408 and the connection closes."""
-    import lsaq_runtime.server as server
+    import lsaq_runtime.serve.server as server
 
     monkeypatch.setattr(server, "BODY_TIMEOUT_S", 1.0)
     engine = Engine(chat_bundle, context=CONTEXT, device="cpu", poll=60).start()
@@ -939,7 +939,7 @@ def test_a_trickled_body_gets_408(chat_bundle, monkeypatch):
 def test_at_the_cap_with_every_connection_answered_a_newcomer_gets_503(served):
     """Only connections waiting for a request head are evicted; when all are being answered
     (one generating, one queued) a newcomer is refused with a 503 JSON, and served after."""
-    from lsaq_runtime.server import background
+    from lsaq_runtime.serve.server import background
 
     engine, slow = served["engine"], served["slow"]
     slow.delay = 0.05

@@ -44,9 +44,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import openai_api as api
-from .adaptive import Engine, Job, QueueFull, ServerClosing
-from .errors import LsaqRuntimeError, first_line, printable
-from .sampling import Sampler
+from ..errors import LsaqRuntimeError, first_line, printable
+from ..sampling import Sampler
+from .engine import Engine, Job, QueueFull, ServerClosing
 
 MAX_BODY = 4 << 20   # far more than any prompt that fits a context window
 DEBUG_ENV = "LSAQ_DEBUG"

@@ -31,14 +31,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .errors import BundleChanged, LsaqRuntimeError, NoVariantFits, first_line
-from .format import MANIFEST
-from .model import open_bundle
-from .planner import Decision, Row, no_fit_message, plan, ranking, resolve_context
-from .probe import Device
-from .sampling import Sampler
-from .sizes import format_size, parse_size
-from .text import StreamDecoder
+from ..errors import BundleChanged, LsaqRuntimeError, NoVariantFits, first_line
+from ..format import MANIFEST
+from ..model import open_bundle
+from ..planner import Decision, Row, no_fit_message, plan, ranking, resolve_context
+from ..probe import Device
+from ..sampling import Sampler
+from ..sizes import format_size, parse_size
+from ..text import StreamDecoder
 
 # A variant that failed to load is not planned for again for this long (a damaged file or a
 # session that runs out of memory would otherwise be retried at every probe).
@@ -281,7 +281,7 @@ class Engine:
     def _launch_probe(self) -> Callable[[], Device]:
         """The device lsaq-run would plan for (model.decide: --device, CUDA graphs present or
         not), probed again the same way at every poll."""
-        from .model import _reprobe, decide
+        from ..model import _reprobe, decide
 
         try:
             d = decide(self.bundle, self.context, self.budget(), self.device_arg, wait=0,
@@ -498,7 +498,7 @@ class Engine:
         """Load variant `name` on the device the plan was made for: a fresh probe and plan
         forced to it (as `lsaq-run --variant` would), then load_variant on the bundle opened
         at launch: nothing shared is read, hashed or parsed again."""
-        from .model import decide, load_variant
+        from ..model import decide, load_variant
 
         def plan_on(device: str):
             return decide(self.bundle, self.context, t.decision.budget_bytes, device,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from lsaq_runtime.format import EMBED, LM_HEAD  # a bundle stores float tables under these names
 from lsaq_runtime.format import FUSED_LINEARS, LINEAR_NAMES  # noqa: F401  (the format's names)
 from lsaq_runtime.integrity import sha256_file  # one checksum helper: the runtime's
 
@@ -418,12 +419,12 @@ class ModelSource:
 
     # Convenience views used by every stage.
     def embedding(self) -> np.ndarray:
-        return self.tensor("model.embed_tokens.weight")
+        return self.tensor(EMBED)
 
     def lm_head(self) -> np.ndarray:
-        if self.spec.tie_word_embeddings or not self.has_tensor("lm_head.weight"):
+        if self.spec.tie_word_embeddings or not self.has_tensor(LM_HEAD):
             return self.embedding()
-        return self.tensor("lm_head.weight")
+        return self.tensor(LM_HEAD)
 
     def layer_tensor_names(self) -> list[str]:
         """Names (inside a decoder layer) of every tensor layer_tensors returns, biases aside."""
@@ -534,8 +535,8 @@ class HFSource(ModelSource):
             self._handles.append(h)
             for k in h.keys():
                 self._index[k] = h
-        if "model.embed_tokens.weight" not in self._index:
-            raise LsaqError(f"{path}: safetensors files hold no model.embed_tokens.weight; "
+        if EMBED not in self._index:
+            raise LsaqError(f"{path}: safetensors files hold no {EMBED}; "
                             "is this a Llama-family checkpoint?")
 
     def files(self):
@@ -606,11 +607,11 @@ GGUF_ARCHITECTURES = {g: arch for arch, fam in FAMILIES.items() for g in fam.ggu
 
 def _gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     if name == "token_embd.weight":
-        return "model.embed_tokens.weight"
+        return EMBED
     if name == "output_norm.weight":
         return "model.norm.weight"
     if name == "output.weight":
-        return "lm_head.weight"
+        return LM_HEAD
     parts = name.split(".")
     names = {**_GGUF_NAMES, **_GGUF_ARCH_NAMES.get(arch, {})}
     if parts[0] == "blk" and len(parts) == 4 and parts[2] in names:
@@ -665,7 +666,7 @@ class GGUFSource(ModelSource):
             "rms_norm_eps": float(get(f"{p}.attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_theta": float(get(f"{p}.rope.freq_base", 10000.0)),
             "max_position_embeddings": ctx,
-            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+            "tie_word_embeddings": LM_HEAD not in self._tensors,
             "bos_token_id": get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": get("tokenizer.ggml.eos_token_id"),
         }

@@ -113,9 +113,9 @@ def test_format_module_imports_only_the_standard_library():
 # ------------------------------------------------------------------------------- spelled once
 # Fragments that only the format module may write in code: tensor keys and graph I/O names.
 FORMAT_SPELLINGS = [r"model\.layers\.\{", r"past_key_values\.", r"present\.\{", r"\.weight_kn",
-                    r"\.qweight", r"scales_f32", r"\.zero_points", r"num_logits_to_keep",
+                    r"\.qweight", r"\.scales", r"\.zero_points", r"num_logits_to_keep",
                     r"total_sequence_length", r"seqlens_k", r"lm_head\.int8",
-                    r"model\.embed_tokens\.", r"lm_head\.weight"]
+                    r"model\.embed_tokens\.", r"lm_head\.weight", r"^input_ids$", r"^logits$"]
 
 
 def _code_strings(path: Path) -> list[tuple[int, str]]:
@@ -192,7 +192,7 @@ def test_bundle_format_doc_states_the_schema_version_in_code():
 def test_bundle_format_doc_names_exist_in_the_format_module():
     """Every `format.NAME` the document refers to is defined by the format module."""
     text = DOC.read_text(encoding="utf-8")
-    named = set(re.findall(r"format\.([A-Za-z_][A-Za-z0-9_]*)", text))
+    named = set(re.findall(r"`format\.([A-Za-z_][A-Za-z0-9_]*)`", text))
     assert named, "BUNDLE_FORMAT.md refers to no name of lsaq_runtime.format"
     missing = sorted(n for n in named if not hasattr(fmt, n))
     assert not missing, missing

@@ -581,6 +581,60 @@ def test_hysteresis_does_not_flap(chat_bundle):
         engine.close()
 
 
+def test_a_switch_reads_and_hashes_only_the_variant(chat_bundle, monkeypatch):
+    """The bundle is opened once, at launch: a switch (down, then up) neither reads nor parses
+    the manifest again, nor hashes or parses the tokenizer; it verifies the new variant's own
+    files only."""
+    import lsaq_runtime.manifest as manifest
+    import lsaq_runtime.model as model
+    import lsaq_runtime.verify as verify
+
+    need = needs(chat_bundle)
+    budget = [None]
+    engine = Engine(chat_bundle, context=CONTEXT, device="cpu", budget=lambda: budget[0],
+                    poll=3600, upgrade_after=0).start()
+    counts = {"manifest reads": 0, "manifest parses": 0, "tokenizer hashes": 0,
+              "tokenizer parses": 0, "variant checks": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            counts[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    tokenizer = manifest.tokenizer_file(engine.manifest)
+    real_verify_files = verify.verify_files
+
+    def verify_files(root, m, rels, log=None):
+        counts["tokenizer hashes"] += tokenizer in rels
+        return real_verify_files(root, m, rels, log=log)
+
+    monkeypatch.setattr(manifest, "read_manifest_bytes",
+                        counting("manifest reads", manifest.read_manifest_bytes))
+    monkeypatch.setattr(manifest, "parse_json", counting("manifest parses", manifest.parse_json))
+    monkeypatch.setattr(verify, "verify_files", verify_files)
+    monkeypatch.setattr(model, "TextCodec", counting("tokenizer parses", model.TextCodec))
+    monkeypatch.setattr(model, "verify_variant",
+                        counting("variant checks", model.verify_variant))
+
+    def switch_at(b):
+        budget[0] = b
+        engine.observe()
+        wait_for(lambda: not engine._needs_switch() and not engine.switching,
+                 what="the switch to finish")
+        return engine.current
+
+    try:
+        assert engine.current == "fp16"
+        assert switch_at(need["int8"]) == "int8"
+        assert switch_at(None) == "fp16"
+        assert engine.counters["switches"]["down"] == 1 and engine.counters["switches"]["up"] == 1
+        assert counts == {"manifest reads": 0, "manifest parses": 0, "tokenizer hashes": 0,
+                          "tokenizer parses": 0, "variant checks": 2}, counts
+    finally:
+        engine.close()
+
+
 def test_the_loaded_variant_counts_its_own_memory_as_free(chat_bundle):
     """A real probe sees free memory *after* the loaded variant took its share; planning on
     that alone would push the variant out of the memory it holds itself, and flap. An
@@ -610,7 +664,7 @@ def test_the_loaded_variant_counts_its_own_memory_as_free(chat_bundle):
 
 
 def test_budget_file_keeps_the_last_good_value(tmp_path):
-    from lsaq_runtime.serve.engine import FileBudget
+    from lsaq_runtime.serve.budget import FileBudget
 
     f, logs = tmp_path / "budget", []
     f.write_text("300MB\n")
@@ -917,9 +971,9 @@ def test_a_taken_port_is_one_line_naming_it(tiny_bundle):
 def test_a_trickled_body_gets_408(chat_bundle, monkeypatch):
     """Case 8's other half, in-process with a short timeout: a body that does not arrive in
     BODY_TIMEOUT_S is a 408 and the connection closes."""
-    import lsaq_runtime.serve.server as server
+    import lsaq_runtime.serve.http as http_layer
 
-    monkeypatch.setattr(server, "BODY_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(http_layer, "BODY_TIMEOUT_S", 1.0)
     engine = Engine(chat_bundle, context=CONTEXT, device="cpu", poll=60).start()
     try:
         with background(engine) as url:

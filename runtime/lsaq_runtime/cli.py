@@ -276,10 +276,12 @@ def serve_cmd(bundle, host, port, context, device, memory_budget, memory_budget_
     if missing:
         raise LsaqRuntimeError(f"lsaq-run serve needs {' and '.join(missing)}, which the plain "
                                'runtime leaves out: pip install "lsaq[serve]"')
-    from .serve.engine import Engine, FileBudget
+    from .serve.budget import FileBudget
+    from .serve.engine import Engine
     from .model import resolve_budget, stderr_log
     from .probe import check_threads
-    from .serve.server import bind, model_id, serve, url_of
+    from .serve.http import model_id
+    from .serve.server import bind, serve, url_of
 
     if memory_budget is not None and memory_budget_file is not None:
         raise LsaqRuntimeError("give --memory-budget or --memory-budget-file, not both")

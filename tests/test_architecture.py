@@ -91,6 +91,19 @@ def test_no_import_cycle(package):
     assert cycle is None, " -> ".join(cycle)
 
 
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_every_import_of_the_package_resolves(package):
+    """An import of the package's own modules names one that exists (imports inside
+    functions run late: a module that moved would otherwise fail only when called)."""
+    mods = _modules(package)
+    for module, path in mods.items():
+        for imp in _imports(module, path):
+            if imp.split(".")[0] != package or imp in mods:
+                continue
+            parent = imp.rsplit(".", 1)[0]   # `from .m import name`: m.name is no module
+            assert parent in mods, f"{module} imports {imp}, which does not exist"
+
+
 def test_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None

@@ -26,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from contextlib import contextmanager
 
@@ -208,7 +209,7 @@ class _OneLineLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            from .rustguard import STDERR_LOCK
+            from ..rustguard import STDERR_LOCK
 
             now = time.monotonic()
             key = (record.name, str(record.msg))

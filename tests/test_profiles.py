@@ -65,14 +65,15 @@ def test_a_wheel_install_finds_every_profile(tmp_path):
     r = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site),
                         str(wheel)], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
-    # -I -S: no site-packages (where an editable install of the source tree may be), no cwd
+    # -I: neither PYTHONPATH nor the working folder; the wheel's folder goes first, ahead of
+    # site-packages (where an editable install of a source tree may be: checked by __file__)
     code = ("import sys; sys.path.insert(0, %r)\n"
             "import lsaq_compile.profiles as pr\n"
             "assert pr.__file__.startswith(%r), pr.__file__\n"
             "print(sorted(pr.load_profile(n).name for n in ('default', 'paper', 'exact')))\n"
             "print(sorted(p.stem for p in pr.PROFILES_DIR.glob('*.toml')))\n"
             % (str(site), str(site)))
-    r = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:2] == ["['default', 'exact', 'paper']"] * 2, r.stdout

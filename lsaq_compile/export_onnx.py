@@ -899,13 +899,9 @@ def _gather_quantized(g: _GraphBuilder, base: str, bits: int, hidden: int) -> st
 
 def _linear_dims(spec: ModelSpec, lin: str) -> tuple[int, int]:
     """(K in, N out) of a stored (fused) decoder linear layer."""
-    q_dim, kv_dim = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    return {
-        "self_attn.qkv_proj": (spec.hidden_size, q_dim + 2 * kv_dim),
-        "self_attn.o_proj": (q_dim, spec.hidden_size),
-        "mlp.gate_up_proj": (spec.hidden_size, 2 * spec.intermediate_size),
-        "mlp.down_proj": (spec.intermediate_size, spec.hidden_size),
-    }[lin]
+    n, k = fmt.linear_shapes(spec.hidden_size, spec.num_heads, spec.num_kv_heads,
+                             spec.head_dim, spec.intermediate_size)[lin]
+    return k, n
 
 
 def _rms_norm(g: _GraphBuilder, x: str, key: str, eps: float, out: int | None = None,

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from lsaq_runtime.format import EMBED, LM_HEAD  # a bundle stores float tables under these names
-from lsaq_runtime.format import FUSED_LINEARS, LINEAR_NAMES  # noqa: F401  (the format's names)
+from lsaq_runtime.format import EMBED, LM_HEAD, layer_key  # checkpoint names: a bundle keeps them
+from lsaq_runtime.format import LINEAR_NAMES
 from lsaq_runtime.integrity import sha256_file  # one checksum helper: the runtime's
 
 from .errors import LsaqError
@@ -339,7 +339,7 @@ class ModelSource:
         if member not in rows:
             return None
         fused, lo, hi = rows[member]
-        full = f"model.layers.{parts[2]}.{fused}.{kind}"
+        full = layer_key(parts[2], f"{fused}.{kind}")
         return (full, lo, hi) if self._has(full) and not self._has(name) else None
 
     def _finite(self, name: str, w: np.ndarray) -> np.ndarray:
@@ -445,7 +445,7 @@ class ModelSource:
             names += [f"self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
         out, fused = {}, {}
         for n in names:
-            full = f"model.layers.{i}.{n}"
+            full = layer_key(i, n)
             if n.endswith(".bias") and not self.has_tensor(full):
                 continue
             split = self._split_of(full)
@@ -615,7 +615,7 @@ def _gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     parts = name.split(".")
     names = {**_GGUF_NAMES, **_GGUF_ARCH_NAMES.get(arch, {})}
     if parts[0] == "blk" and len(parts) == 4 and parts[2] in names:
-        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+        return layer_key(parts[1], f"{names[parts[2]]}.{parts[3]}")
     return None
 
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from lsaq_runtime.format import LINEAR_PART, PARTS, split_precision
+from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_LINEARS, split_precision
 from lsaq_runtime.format import linear_shapes as _linear_shapes
 
 from .errors import LsaqError
@@ -100,8 +100,7 @@ def ladder(order: list[int], kind: str = "full") -> list[Plan]:
 # ---------------------------------------------------------------- allocation by bytes
 # What the allocation may give a precision of its own: a layer's attention (qkv, o) or MLP
 # (gate_up, down) half, or one stored linear (a part).
-UNITS = {"attn": ("self_attn.qkv_proj", "self_attn.o_proj"),
-         "mlp": ("mlp.gate_up_proj", "mlp.down_proj"),
+UNITS = {"attn": STORED_LINEARS[:2], "mlp": STORED_LINEARS[2:],
          **{part: (lin,) for lin, part in LINEAR_PART.items()}}
 def linear_shapes(spec) -> dict[str, tuple[int, int]]:
     """[N, K] of each stored (fused) linear of one decoder layer."""

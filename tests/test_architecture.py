@@ -140,8 +140,15 @@ def _code_strings(path: Path) -> list[tuple[int, str]]:
             body = node.body
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
                 docs.add(id(body[0].value))
-    return [(n.lineno, n.value) for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+    out, parts = [], set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.JoinedStr):   # an f-string: its fields read as "{}"
+            parts.update(id(v) for v in n.values)
+            out.append((n.lineno, "".join(v.value if isinstance(v, ast.Constant) else "{}"
+                                          for v in n.values)))
+    out += [(n.lineno, n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant)
+            and isinstance(n.value, str) and id(n) not in docs | parts]
+    return out
 
 
 def test_no_other_module_spells_a_tensor_key_or_an_io_name():

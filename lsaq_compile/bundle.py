@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from lsaq_runtime.errors import LsaqRuntimeError
 from lsaq_runtime.bundle_folder import replace_refusal
-from lsaq_runtime.format import (ELEM_BYTES, MANIFEST, SCHEMA_VERSION, SWAP_JOURNAL, TABLES,
-                                 kv_bytes_per_token, layer_linear_params, workspace_bytes)
+from lsaq_runtime.format import (ELEM_BYTES, MANIFEST, SCHEMA_VERSION, TABLES, kv_bytes_per_token,
+                                 layer_linear_params, swap_journal, workspace_bytes)
 from lsaq_runtime.format import parameter_count as _parameter_count
 from lsaq_runtime.integrity import sha256_file
 from lsaq_runtime.verify import verify_bundle
@@ -214,7 +214,7 @@ OLD_MARK = ".lsaq-old-"
 
 
 def _journal(out: Path) -> Path:
-    return out.parent / SWAP_JOURNAL.format(name=out.name)
+    return swap_journal(out)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -11,6 +11,7 @@ This module holds data and pure functions only: no I/O, no imports beyond the st
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import NamedTuple
 
 # ------------------------------------------------------------------------------- files
@@ -28,6 +29,12 @@ WEIGHT_FILES = {"fp16": FLOAT_FILE, "int8": "weights/int8.safetensors",
 # Written by `lsaq-compile build --force` beside the target while it swaps the old bundle for
 # the new one; its presence means a build was interrupted mid-swap.
 SWAP_JOURNAL = ".{name}.lsaq-swap"
+
+
+def swap_journal(folder: Path) -> Path:
+    """Where a build swapping a new bundle into `folder` keeps its journal (beside it)."""
+    return folder.parent / SWAP_JOURNAL.format(name=folder.name)
+
 
 # ------------------------------------------------------------------------------- vocabulary
 METRICS = ("jaccard", "cosine", "zscore", "sensitivity")   # scores.metric: how layers were ranked

@@ -24,8 +24,8 @@ import jsonschema
 
 from .errors import LsaqRuntimeError
 from .format import (ELEM_BYTES, FORMAT_NAME, MANIFEST, MIN_SCHEMA_VERSION, PRECISIONS,
-                     SCHEMA_VERSION, SWAP_JOURNAL, TABLES, TOKENIZER_JSON, join_precision,
-                     kv_bytes_per_token, split_precision)
+                     SCHEMA_VERSION, TABLES, TOKENIZER_JSON, join_precision,
+                     kv_bytes_per_token, split_precision, swap_journal)
 from .integrity import bundle_path, check_size
 
 __all__ = ["MAX_MANIFEST_BYTES", "validate_manifest", "read_manifest_json", "load_manifest",
@@ -265,7 +265,7 @@ def read_manifest_json(bundle: str | Path) -> dict:
 
 
 def _missing_bundle(root: Path) -> str:
-    journal = root.parent / SWAP_JOURNAL.format(name=root.name)
+    journal = swap_journal(root)
     if journal.is_file():
         return (f"{root}: no such bundle folder: an `lsaq-compile build --force` into it was "
                 f"interrupted while swapping folders ({journal} says which); run the same build "

@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -215,9 +216,8 @@ def decide(bundle, context: int | None = None, memory_budget=None, device: str =
         notes.append("this bundle has no cuda graphs; using the host")
         dev = probe_host()
     probe = _reprobe(dev)
-    if simulate:
-        free = budget if budget is not None else dev.free_bytes
-        probe = (lambda d: lambda: simulated(d, free))(dev)
+    if simulate:   # a dry run: the device as if it had the budget free
+        probe = partial(simulated, dev, budget if budget is not None else dev.free_bytes)
     d = plan_or_wait(manifest, probe, wait, log=log, context=context, variant=variant,
                      budget=budget)
     d.notes[:0] = notes
@@ -323,9 +323,7 @@ def load_variant(opened: OpenedBundle, d: Decision, threads: int | None = None, 
     threads = threads or physical_cores()
     root, manifest = opened.root, opened.manifest
     if not opened.unchanged():
-        raise BundleChanged(f"{root / MANIFEST}: the bundle changed on disk after launch (its "
-                            "manifest is no longer the one loaded then); restart to use the new "
-                            "bundle")
+        raise _changed(root)
     times: dict[str, float] = {}
     session, info = _open_variant(root, manifest, d, threads, log, times)
     if d.provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
@@ -350,11 +348,15 @@ def load_variant(opened: OpenedBundle, d: Decision, threads: int | None = None, 
     return model
 
 
+def _changed(root: Path) -> BundleChanged:
+    return BundleChanged(f"{root / MANIFEST}: the bundle changed on disk after launch (its "
+                         "manifest is no longer the one loaded then); restart to use the new "
+                         "bundle")
+
+
 def _still_pinned(root: Path, manifest: dict, sha: str) -> dict:
     if manifest_digest(root) != sha:
-        raise BundleChanged(f"{root / MANIFEST}: the bundle changed on disk after launch (its "
-                            "manifest is no longer the one loaded then); restart to use the new "
-                            "bundle")
+        raise _changed(root)
     check_files(root, manifest)
     return manifest
 

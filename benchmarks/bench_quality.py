@@ -95,10 +95,9 @@ def type_summary(linear_types: dict[str, dict]) -> str:
 
 def decoder_linear_params(model: dict) -> int:
     """Weights of all decoder layers' seven linear projections, from a manifest's model."""
-    h, hd = model["hidden_size"], model["head_dim"]
-    per = h * model["num_attention_heads"] * hd * 2 + h * model["num_key_value_heads"] * hd * 2 \
-        + 3 * h * model["intermediate_size"]
-    return per * model["num_layers"]
+    from lsaq_runtime.format import layer_linear_params, model_shape
+
+    return layer_linear_params(**model_shape(model)) * model["num_layers"]
 
 
 # ------------------------------------------------------------------------------- llama.cpp

@@ -31,7 +31,7 @@ sys.path[:0] = [str(REPO), str(REPO / "runtime")]
 TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 
 from lsaq_runtime.planner import plan, quality_order  # noqa: E402
-from lsaq_runtime.probe import Device  # noqa: E402
+from lsaq_runtime.probe import Device, simulated  # noqa: E402
 
 PREDICTORS = {"kl_fp16": "KL from FP16 (held-out calibration)",
               "perplexity": "perplexity (held-out calibration)"}
@@ -88,7 +88,7 @@ def regret(m: dict, truth: dict[str, float], key: str) -> tuple[float, int, list
     rows = plan(m, host).rows
     out, worse, choices = [], 0, []
     for r in rows:
-        d = plan(m, host, budget=r.need_bytes, simulate=True)
+        d = plan(m, simulated(host, r.need_bytes), budget=r.need_bytes)
         fits = [x.name for x in d.rows if x.fits]
         best = min(truth[n] for n in fits)
         got = truth[d.chosen]

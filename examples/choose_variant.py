@@ -30,8 +30,8 @@ def main() -> None:
     print(f"{'budget':>9}  {'variant':<9} {'int8':>4} {'int4':>4} {'mixed':>5} {'bits':>5} {'need':>10}")
     for text in args.budgets:
         budget = parse_size(text)
-        # A simulated device with exactly this much free memory; decide() does the same for
-        # the real device with memory_budget=..., simulate=True.
+        # A simulated device with exactly this much free memory; decide(..., simulate=True)
+        # does the same for the real device (probe.simulated).
         device = Device(args.device, 0 if args.device == "cuda" else None, "simulated", budget, budget, "example")
         d = plan(manifest, device, context=args.context)
         row = d.chosen_row

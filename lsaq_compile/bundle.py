@@ -16,9 +16,12 @@ from pathlib import Path
 
 import numpy as np
 from lsaq_runtime.errors import LsaqRuntimeError
-from lsaq_runtime.manifest import (ELEM_BYTES, MANIFEST, SCHEMA_VERSION, SWAP_JOURNAL, TABLES,
-                                   kv_bytes_per_token, replace_refusal, sha256_file,
-                                   verify_bundle, workspace_bytes)
+from lsaq_runtime.bundle_folder import replace_refusal
+from lsaq_runtime.format import (ELEM_BYTES, MANIFEST, SCHEMA_VERSION, TABLES, kv_bytes_per_token,
+                                 layer_linear_params, swap_journal, workspace_bytes)
+from lsaq_runtime.format import parameter_count as _parameter_count
+from lsaq_runtime.integrity import sha256_file
+from lsaq_runtime.verify import verify_bundle
 
 from . import __version__
 from .errors import LsaqError
@@ -41,11 +44,14 @@ def context_limit(spec: ModelSpec) -> int:
     return spec.max_position_embeddings
 
 
+def _shape(spec: ModelSpec) -> dict[str, int]:
+    return {"hidden": spec.hidden_size, "heads": spec.num_heads, "kv_heads": spec.num_kv_heads,
+            "head_dim": spec.head_dim, "intermediate": spec.intermediate_size}
+
+
 def layer_params(spec: ModelSpec) -> int:
     """Weights in one decoder layer's seven linear projections."""
-    h, hd = spec.hidden_size, spec.head_dim
-    attn = h * spec.num_heads * hd * 2 + h * spec.num_kv_heads * hd * 2
-    return attn + 3 * h * spec.intermediate_size
+    return layer_linear_params(**_shape(spec))
 
 
 def workspace_model(spec: ModelSpec, provider: str) -> dict:
@@ -162,12 +168,9 @@ def tables_on_ladder(profile: Profile) -> bool:
 
 def parameter_count(spec: ModelSpec, tied: bool, qkv_bias: bool = False) -> int:
     """Weights of the whole model: decoder linears, token tables, norms (and q/k/v biases)."""
-    h, hd = spec.hidden_size, spec.head_dim
-    norms = (4 if spec.family.sandwich_norms else 2) * h + \
-        (2 * hd if spec.family.qk_norm else 0) + \
-        ((spec.num_heads + 2 * spec.num_kv_heads) * hd if qkv_bias else 0)
-    return (spec.num_layers * (layer_params(spec) + norms) + h
-            + (1 if tied else 2) * spec.vocab_size * h)
+    return _parameter_count(spec.num_layers, **_shape(spec), vocab=spec.vocab_size, tied=tied,
+                            sandwich_norms=spec.family.sandwich_norms,
+                            qk_norm=spec.family.qk_norm, qkv_bias=qkv_bias)
 
 
 def score_for_profile(source: ModelSource, profile: str | Profile | None = None,
@@ -211,7 +214,7 @@ OLD_MARK = ".lsaq-old-"
 
 
 def _journal(out: Path) -> Path:
-    return out.parent / SWAP_JOURNAL.format(name=out.name)
+    return swap_journal(out)
 
 
 def _fsync_dir(folder: Path) -> None:

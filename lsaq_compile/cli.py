@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from lsaq_runtime.errors import LsaqRuntimeError, first_line, printable
-from lsaq_runtime.manifest import METRICS
+from lsaq_runtime.format import METRICS
 
 from .errors import LsaqError
 from .progress import Progress

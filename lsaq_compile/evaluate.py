@@ -384,7 +384,8 @@ def mean_stderr(xs) -> float:
 def record_evaluations(bundle: Path, entries: list[dict]) -> None:
     """Add results to the manifest's `evaluations` (replacing same kind/variant/text/settings)
     and rewrite it atomically; the runtime's schema checks the result."""
-    from lsaq_runtime.manifest import MANIFEST, read_manifest_json, validate_manifest
+    from lsaq_runtime.format import MANIFEST
+    from lsaq_runtime.manifest import read_manifest_json, validate_manifest
 
     path = Path(bundle) / MANIFEST
     manifest = read_manifest_json(bundle)

@@ -35,7 +35,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from lsaq_runtime.manifest import LINEAR_PART, split_precision
+from lsaq_runtime import format as fmt
+from lsaq_runtime.format import (EMBED, FINAL_NORM, FLOAT_FILE, INPUT_IDS, INV_FREQ,
+                                 INV_FREQ_LOCAL, INV_FREQ_LONG, KV_PARTS, LINEAR_PART, LM_HEAD,
+                                 LOGITS, NUM_LOGITS_TO_KEEP, QKV_BIAS_KEY, SEQLENS_K,
+                                 STORED_LINEARS, STORED_OF, TOTAL_SEQUENCE_LENGTH,
+                                 WEIGHT_FILES, bias_key, linear_base, norm_key, past_name,
+                                 present_name, qk_norm_key, quant_keys, split_precision,
+                                 table_base)
+from lsaq_runtime.format import MEMBERS as FUSED
 
 from .errors import LsaqError
 from .model_source import ACTIVATIONS, QK_NORMS, SANDWICH_NORMS, ModelSource, ModelSpec
@@ -45,54 +53,24 @@ from .store import SafetensorsWriter, TensorRef
 __all__ = ["TensorRef", "GraphInfo", "write_weight_store", "build_graph", "save_graph",
            "effective_linear_weight", "rope_inv_freq", "rope_for", "PRECISIONS"]
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")   # fp32 exists for tests only
-FLOAT_FILE = "weights/float.safetensors"
-STORE_FILES = {"fp32": FLOAT_FILE, "fp16": FLOAT_FILE,
-               "int8": "weights/int8.safetensors", "int4": "weights/int4.safetensors"}
+PRECISIONS = ("fp32", *fmt.PRECISIONS)   # fp32 exists for tests only
+STORE_FILES = {"fp32": FLOAT_FILE, **WEIGHT_FILES}
 IR_VERSION = 10            # ORT 1.31 rejects newer IR versions
 OPSETS = (("", 21), ("com.microsoft", 1))
 
-EMBED = "model.embed_tokens.weight"
-LM_HEAD = "lm_head.weight"
-FINAL_NORM = "model.norm.weight"
-INV_FREQ = "rope.inv_freq"
-INV_FREQ_LONG = "rope.inv_freq_long"     # longrope: the frequencies past the original length
-INV_FREQ_LOCAL = "rope.local.inv_freq"   # Gemma 3: the sliding layers' own RoPE base
-HEAD_INT8 = "lm_head.int8"   # the LM head quantized like an INT8 layer (CPU graphs, optional)
 # The token tables on the ladder: an fp16 table is stored under its HF name (EMBED, LM_HEAD), a
-# quantized one under "{base}.{precision}.{role}" in MatMulNBits' layout, which the head's
-# MatMulNBits reads as it is and the embedding's Gather reads row by row (a tied model's one
-# table serves both).
-TABLE_BASE = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
+# quantized one in MatMulNBits' layout, which the head's MatMulNBits reads as it is and the
+# embedding's Gather reads row by row (a tied model's one table serves both).
 QKV_BIAS = ("q_proj", "k_proj", "v_proj")
-# How the decoder's linear layers are stored and computed: q/k/v read the same input, as do
-# gate/up, so each group is one matmul over its weights concatenated by output rows (fewer,
-# larger kernels: decode runs 211 -> 121 matmuls a token on SmolLM2). Quantization is per
-# output row, so a group's weights are exactly its members' weights side by side.
-FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "self_attn.o_proj": ("self_attn.o_proj",),
-         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-         "mlp.down_proj": ("mlp.down_proj",)}
-STORED_LINEARS = tuple(FUSED)
-# last name component (HF member or stored) -> stored linear, e.g. "up_proj" -> "mlp.gate_up_proj"
-STORED_OF = {n.rsplit(".", 1)[-1]: lin for lin, members in FUSED.items() for n in (lin, *members)}
-QKV_BIAS_KEY = "self_attn.qkv_proj.bias"
-
-
-def norm_key(i: int, which: str) -> str:
-    return f"model.layers.{i}.{which}.weight"
+# The decoder's linears are stored fused (lsaq_runtime.format.MEMBERS): decode runs 211 -> 121
+# matmuls a token on SmolLM2. Quantization is per output row, so a group's weights are exactly
+# its members' weights side by side.
 
 
 def act_key(i: int, lin: str) -> str:
     """Key of stored linear `lin`'s activation statistics (mean x^2 of its input, clip
     'mse-act'); members of a fused linear read the same input, so they share it."""
-    return f"model.layers.{i}.{lin}"
-
-
-def qk_norm_key(i: int) -> str:
-    """q_norm tiled over the query heads, then k_norm over the KV heads: [heads + kv_heads,
-    head_dim], one RMSNorm over the packed q|k heads (Qwen3, Gemma 3)."""
-    return f"model.layers.{i}.self_attn.qk_norm.weight"
+    return fmt.layer_key(i, lin)
 
 
 def layer_norms(spec: ModelSpec) -> tuple[str, ...]:
@@ -101,33 +79,14 @@ def layer_norms(spec: ModelSpec) -> tuple[str, ...]:
     return ("input_layernorm", "post_attention_layernorm", *extra)
 
 
-def bias_key(i: int) -> str:
-    """The q/k/v biases (Qwen2), concatenated like the fused qkv weight."""
-    return f"model.layers.{i}.{QKV_BIAS_KEY}"
-
-
 def linear_keys(i: int, lin: str, precision: str, scheme: QuantScheme | None) -> dict[str, str]:
-    """Store keys of one linear weight at one precision, by role."""
-    base = f"model.layers.{i}.{lin}.{precision}"
-    if precision in ("fp32", "fp16"):
-        return {"weight": f"{base}.weight_kn"}          # pre-transposed [K, N]
-    keys = {"qweight": f"{base}.qweight", "scales": f"{base}.scales",
-            "scales_f32": f"{base}.scales_f32"}
-    if not scheme.symmetric:
-        keys["zero_points"] = f"{base}.zero_points"
-    return keys
+    """Store keys of one linear weight at one precision, by role (lsaq_runtime.format)."""
+    return fmt.linear_keys(i, lin, precision, scheme is None or scheme.symmetric)
 
 
 def table_keys(table: str, precision: str, scheme: QuantScheme | None) -> dict[str, str]:
     """Store keys of a token table ("embed_tokens" or "lm_head") at one precision, by role."""
-    if precision == "fp16":
-        return {"weight": EMBED if table == "embed_tokens" else LM_HEAD}
-    base = f"{TABLE_BASE[table]}.{precision}"
-    keys = {"qweight": f"{base}.qweight", "scales": f"{base}.scales",
-            "scales_f32": f"{base}.scales_f32"}
-    if not scheme.symmetric:
-        keys["zero_points"] = f"{base}.zero_points"
-    return keys
+    return fmt.table_keys(table, precision, scheme is None or scheme.symmetric)
 
 
 def table_scheme(schemes: dict[str, QuantScheme], precision: str) -> QuantScheme:
@@ -620,19 +579,19 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
     eps = float(spec.rms_norm_eps)
 
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, []),
+        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
+        helper.make_tensor_value_info(NUM_LOGITS_TO_KEEP, TensorProto.INT64, []),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT,
                                              ["batch", "num_logits", spec.vocab_size])]
     for i in range(spec.num_layers):
-        for kv in ("key", "value"):
+        for kv in KV_PARTS:
             inputs.append(helper.make_tensor_value_info(
-                f"past_key_values.{i}.{kv}", T, ["batch", spec.num_kv_heads, "past_sequence", hd]))
+                past_name(i, kv), T, ["batch", spec.num_kv_heads, "past_sequence", hd]))
             outputs.append(helper.make_tensor_value_info(
-                f"present.{i}.{kv}", T, ["batch", spec.num_kv_heads, "total_sequence", hd]))
+                present_name(i, kv), T, ["batch", spec.num_kv_heads, "total_sequence", hd]))
 
     ropes = {local: _rotary_cache(g, spec, max_context, local)
              for local in sorted({spec.uses_local_rope(i) for i in range(spec.num_layers)})}
@@ -640,11 +599,11 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
     sandwich = spec.family.sandwich_norms
 
     if embed == "fp16":
-        x = g.op("Gather", [g.weight(EMBED, "gather"), "input_ids"], "embed", axis=0)
+        x = g.op("Gather", [g.weight(EMBED, "gather"), INPUT_IDS], "embed", axis=0)
         if g.residual_dtype == "float32":
             x = g.op("Cast", [x], "embed_R", to=R)
     else:
-        x = _gather_quantized(g, f"{TABLE_BASE['embed_tokens']}.{embed}", int(embed[3:]),
+        x = _gather_quantized(g, table_base("embed_tokens", embed), int(embed[3:]),
                               spec.hidden_size)
     if spec.embed_scale is not None:  # Gemma: in the activation dtype, as transformers does
         x = g.op("Mul", [x, g.const(spec.embed_scale, np.float32 if g.residual_dtype == "float32"
@@ -667,9 +626,9 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
         attn, _, _ = g.op(
             "GroupQueryAttention",
             # packed q|k|v in the query input (key and value left out)
-            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
-             "total_sequence_length", cos, sin], f"layers.{i}/attn",
-            outputs=[g.fresh(f"layers.{i}/attn"), f"present.{i}.key", f"present.{i}.value"],
+            [qkv, "", "", past_name(i, "key"), past_name(i, "value"), SEQLENS_K,
+             TOTAL_SEQUENCE_LENGTH, cos, sin], f"layers.{i}/attn",
+            outputs=[g.fresh(f"layers.{i}/attn"), present_name(i, "key"), present_name(i, "value")],
             domain="com.microsoft", **attn_attrs)
         o = _linear(g, attn, i, "self_attn.o_proj", p, spec)
         if sandwich:  # Gemma 3: post_attention_layernorm normalises the attention output
@@ -699,13 +658,13 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
                                  want_sum=not last)
         if R != T:
             h = g.to(h, T, f"layers.{i}/out_T")
-        prefixes = tuple(f"model.layers.{i}.{lin}.{part_precision(p, lin)}."
+        prefixes = tuple(f"{linear_base(i, lin, part_precision(p, lin))}."
                          for lin in STORED_LINEARS)
         linear_bytes.append(sum(index[key].length for key in g.initializers
                                 if key.startswith(prefixes)))
 
     # Keep the last n positions (n = 0 keeps all, as in transformers).
-    n = g.op("Unsqueeze", ["num_logits_to_keep", g.const([0], np.int64, "axis0")], "n")
+    n = g.op("Unsqueeze", [NUM_LOGITS_TO_KEEP, g.const([0], np.int64, "axis0")], "n")
     end = g.const([np.iinfo(np.int64).max], np.int64, "end")
     last_h = g.op("Slice", [h, g.op("Neg", [n], "neg_n"), end, g.const([1], np.int64, "axis1")],
                   "last_hidden")
@@ -713,7 +672,7 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
                 "flat_hidden")
     if lm_head != "fp16":
         untied = not spec.tie_word_embeddings and LM_HEAD in index
-        base = f"{TABLE_BASE['lm_head' if untied else 'embed_tokens']}.{lm_head}"
+        base = table_base("lm_head" if untied else "embed_tokens", lm_head)
         logits = _matmul_nbits(g, flat, base, int(lm_head[3:]), spec.hidden_size,
                                spec.vocab_size, "lm_head")
     else:
@@ -732,7 +691,7 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
         c = g.const(float(cap), np.float32, "softcap")
         logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, c], "softcap_div")],
                                    "softcap_tanh"), c], "softcapped")
-    g.op("Reshape", [logits, out_shape], "logits", outputs=["logits"])
+    g.op("Reshape", [logits, out_shape], LOGITS, outputs=[LOGITS])
 
     graph = helper.make_graph(g.nodes, name, inputs, outputs,
                               initializer=list(g.initializers.values()))
@@ -767,8 +726,8 @@ def _rotary_cache(g: _GraphBuilder, spec: ModelSpec, max_context: int, local: bo
         end = g.const(float(max_context), np.float32, f"{tag}/pos_end")
         inv = g.weight(key)
     else:
-        total = g.op("Cast", ["total_sequence_length"], f"{tag}/total", to=TensorProto.FLOAT)
-        new = g.op("Gather", [g.op("Shape", ["input_ids"], f"{tag}/ids_shape"),
+        total = g.op("Cast", [TOTAL_SEQUENCE_LENGTH], f"{tag}/total", to=TensorProto.FLOAT)
+        new = g.op("Gather", [g.op("Shape", [INPUT_IDS], f"{tag}/ids_shape"),
                               g.const(1, np.int64, f"{tag}/seq_axis")], f"{tag}/new_tokens")
         start = g.op("Sub", [total, g.op("Cast", [new], f"{tag}/new_f", to=TensorProto.FLOAT)],
                      f"{tag}/first_new")
@@ -843,7 +802,7 @@ def _linear(g: _GraphBuilder, x: str, i: int, lin: str, layer_precision: str, sp
         key = linear_keys(i, lin, precision, None)["weight"]
         y = g.op("MatMul", [x, g.weight_as_T(key, consumer_is_matmul=True)], hint)
     else:
-        y = _matmul_nbits(g, x, f"model.layers.{i}.{lin}.{precision}", int(precision[3:]),
+        y = _matmul_nbits(g, x, linear_base(i, lin, precision), int(precision[3:]),
                           k_in, n_out, hint)
     if lin == "self_attn.qkv_proj" and bias_key(i) in g.index:
         y = g.op("Add", [y, g.weight_as_T(bias_key(i))], f"{hint}/bias")
@@ -853,23 +812,24 @@ def _linear(g: _GraphBuilder, x: str, i: int, lin: str, layer_precision: str, sp
 def _matmul_nbits(g: _GraphBuilder, x: str, base: str, bits: int, k_in: int, n_out: int,
                   hint: str) -> str:
     """x @ W.T for the quantized weight stored under `base` (qweight, scales[, zero_points])."""
-    qref = g.index.get(f"{base}.qweight")
+    key = quant_keys(base)
+    qref = g.index.get(key["qweight"])
     if qref is None:
-        raise LsaqError(f"the weight store lacks {base}.qweight; was it written for "
+        raise LsaqError(f"the weight store lacks {key['qweight']}; was it written for "
                         "this variant's precisions?")
     n, n_blocks, blob = qref.shape
     block = blob * 8 // bits
     if n != n_out or not 0 <= n_blocks * block - k_in < block:
-        raise LsaqError(f"{base}.qweight has shape {qref.shape}, not that of a "
+        raise LsaqError(f"{key['qweight']} has shape {qref.shape}, not that of a "
                         f"[{n_out}, {k_in}] weight")
-    ins = [g.weight(f"{base}.qweight"),
-           g.weight(f"{base}.scales_f32" if g.dtype == "float32" else f"{base}.scales")]
+    ins = [g.weight(key["qweight"]),
+           g.weight(key["scales_f32"] if g.dtype == "float32" else key["scales"])]
     if g.accuracy_level == 4 and g.dtype == "float32":
         # The int8-activation kernel prepacks a float32 sum per block next to the scales
         # (MLAS "BlkSum"), which the stored bytes do not include.
         g.extra_resident += 4 * n * n_blocks
-    if f"{base}.zero_points" in g.index:
-        ins.append(g.weight(f"{base}.zero_points"))
+    if key["zero_points"] in g.index:
+        ins.append(g.weight(key["zero_points"]))
     return g.op("MatMulNBits", [x, *ins], hint, domain="com.microsoft", K=k_in, N=n_out,
                 bits=bits, block_size=block, accuracy_level=g.accuracy_level)
 
@@ -880,16 +840,17 @@ def _gather_quantized(g: _GraphBuilder, base: str, bits: int, hidden: int) -> st
     the memory-mapped codes, scales and zero points, and every provider runs these ops (ORT's
     GatherBlockQuantized would do the same on CPU, but its CUDA support is not verified here)."""
     hint = "embed_q"
-    qref = g.index.get(f"{base}.qweight")
+    key = quant_keys(base)
+    qref = g.index.get(key["qweight"])
     if qref is None:
-        raise LsaqError(f"the weight store lacks {base}.qweight; was it written for this "
+        raise LsaqError(f"the weight store lacks {key['qweight']}; was it written for this "
                         "variant's table precision?")
     _, n_blocks, blob = qref.shape
     block = blob * 8 // bits
     f32 = TensorProto.FLOAT
 
     def rows(key: str) -> str:
-        return g.op("Gather", [g.weight(key, "gather"), "input_ids"], f"{hint}/rows", axis=0)
+        return g.op("Gather", [g.weight(key, "gather"), INPUT_IDS], f"{hint}/rows", axis=0)
 
     def nibbles(x: str, tag: str) -> str:
         """uint8 [..., n] -> float32 [..., 2n]: element 2j from the low nibble, as packed.
@@ -908,7 +869,7 @@ def _gather_quantized(g: _GraphBuilder, base: str, bits: int, hidden: int) -> st
     # Codes and zero points are small integers, exact in float16 too: the row is computed in the
     # graph's dtype with the scales the head's MatMulNBits reads (fp16 scales in a float16 graph).
     T = g.T
-    codes = rows(f"{base}.qweight")                                 # [B, S, nb, blob] uint8
+    codes = rows(key["qweight"])                                 # [B, S, nb, blob] uint8
     flat = g.op("Reshape", [codes, g.const([0, 0, -1], np.int64, f"{hint}/flat")],
                 f"{hint}/codes_flat")
     codes = nibbles(flat, "codes") if bits == 4 else flat
@@ -916,8 +877,8 @@ def _gather_quantized(g: _GraphBuilder, base: str, bits: int, hidden: int) -> st
     codes = g.op("Reshape", [codes, g.const([0, 0, n_blocks, block], np.int64, f"{hint}/blocks")],
                  f"{hint}/codes_blocks")                            # [B, S, nb, block]
     axis = g.const([-1], np.int64, f"{hint}/axis")
-    if f"{base}.zero_points" in g.index:
-        zp = rows(f"{base}.zero_points")                            # [B, S, ceil(nb*bits/8)]
+    if key["zero_points"] in g.index:
+        zp = rows(key["zero_points"])                            # [B, S, ceil(nb*bits/8)]
         zp = g.op("Cast", [nibbles(zp, "zp") if bits == 4 else zp], f"{hint}/zp_T", to=T)
         zp = g.op("Slice", [zp, g.const([0], np.int64, f"{hint}/zp0"),
                             g.const([n_blocks], np.int64, f"{hint}/zpn"), axis], f"{hint}/zp_nb")
@@ -925,7 +886,7 @@ def _gather_quantized(g: _GraphBuilder, base: str, bits: int, hidden: int) -> st
     else:   # symmetric: MatMulNBits' implied zero point
         zp = g.const(float(2 ** (bits - 1)), np.float32 if T == f32 else np.float16,
                      f"{hint}/zp_sym")
-    scales = rows(f"{base}.scales_f32" if T == f32 else f"{base}.scales")   # [B, S, nb]
+    scales = rows(key["scales_f32"] if T == f32 else key["scales"])   # [B, S, nb]
     scales = g.op("Unsqueeze", [scales, axis], f"{hint}/scales_col")
     x = g.op("Mul", [g.op("Sub", [codes, zp], f"{hint}/centered"), scales], f"{hint}/deq")
     x = g.op("Reshape", [x, g.const([0, 0, -1], np.int64, f"{hint}/out_flat")], f"{hint}/row")
@@ -939,13 +900,9 @@ def _gather_quantized(g: _GraphBuilder, base: str, bits: int, hidden: int) -> st
 
 def _linear_dims(spec: ModelSpec, lin: str) -> tuple[int, int]:
     """(K in, N out) of a stored (fused) decoder linear layer."""
-    q_dim, kv_dim = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    return {
-        "self_attn.qkv_proj": (spec.hidden_size, q_dim + 2 * kv_dim),
-        "self_attn.o_proj": (q_dim, spec.hidden_size),
-        "mlp.gate_up_proj": (spec.hidden_size, 2 * spec.intermediate_size),
-        "mlp.down_proj": (spec.intermediate_size, spec.hidden_size),
-    }[lin]
+    n, k = fmt.linear_shapes(spec.hidden_size, spec.num_heads, spec.num_kv_heads,
+                             spec.head_dim, spec.intermediate_size)[lin]
+    return k, n
 
 
 def _rms_norm(g: _GraphBuilder, x: str, key: str, eps: float, out: int | None = None,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from lsaq_runtime.manifest import METRICS  # the manifest records the metric: the runtime owns the names
+from lsaq_runtime.format import METRICS  # the manifest records the metric: the runtime owns the names
 
 from .errors import LsaqError
 from .layerwise import as_tensor, forward_layers

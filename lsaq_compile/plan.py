@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from lsaq_runtime.manifest import LINEAR_PART, PARTS, split_precision
+from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_LINEARS, split_precision
+from lsaq_runtime.format import linear_shapes as _linear_shapes
 
 from .errors import LsaqError
 from .quantize import QuantScheme, stored_bytes
@@ -99,15 +100,12 @@ def ladder(order: list[int], kind: str = "full") -> list[Plan]:
 # ---------------------------------------------------------------- allocation by bytes
 # What the allocation may give a precision of its own: a layer's attention (qkv, o) or MLP
 # (gate_up, down) half, or one stored linear (a part).
-UNITS = {"attn": ("self_attn.qkv_proj", "self_attn.o_proj"),
-         "mlp": ("mlp.gate_up_proj", "mlp.down_proj"),
+UNITS = {"attn": STORED_LINEARS[:2], "mlp": STORED_LINEARS[2:],
          **{part: (lin,) for lin, part in LINEAR_PART.items()}}
 def linear_shapes(spec) -> dict[str, tuple[int, int]]:
     """[N, K] of each stored (fused) linear of one decoder layer."""
-    h, hd, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
-    return {"self_attn.qkv_proj": ((spec.num_heads + 2 * spec.num_kv_heads) * hd, h),
-            "self_attn.o_proj": (h, spec.num_heads * hd),
-            "mlp.gate_up_proj": (2 * i, h), "mlp.down_proj": (h, i)}
+    return _linear_shapes(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                          spec.intermediate_size)
 
 
 def part_params(spec) -> dict[str, int]:

@@ -1,7 +1,7 @@
-"""Profiles: what to build and what to assume about the target (profiles/*.toml).
+"""Profiles: what to build and what to assume about the target (data/profiles/*.toml, shipped
+as package data, so an installed lsaq-compile finds `default`, `paper` and `exact`).
 
-The dataclass defaults below are the `default` profile, so the tool also works when installed
-without the repository's profiles/ folder; a test keeps profiles/default.toml equal to them.
+The dataclass defaults below are the `default` profile; a test keeps default.toml equal to them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import LsaqError
 
-PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parent / "data" / "profiles"
 
 
 def parse_size(text: str | int) -> int:
@@ -147,7 +147,7 @@ _SECTIONS = {"build": BuildSection, "scoring": ScoringSection,
 
 
 def load_profile(name_or_path: str | None = None) -> Profile:
-    """A profile by name (profiles/NAME.toml) or by path to a TOML file; None = default."""
+    """A profile by name (PROFILES_DIR/NAME.toml) or by path to a TOML file; None = default."""
     if name_or_path is None:
         name_or_path = "default"
     p = Path(name_or_path)

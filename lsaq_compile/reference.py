@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from lsaq_runtime.format import layer_key
 
 from .errors import LsaqError
 from .export_onnx import (EMBED, FINAL_NORM, FUSED, LM_HEAD, act_key, check_supported,
@@ -59,7 +60,7 @@ def reference_model(source: ModelSource, precisions: list[str],
                 a = effective_linear_weight(a, part_precision(p, name), schemes, act)
             layer[name] = a
         for name, a in module_state(spec, layer).items():  # Phi-3: fused modules
-            state[f"model.layers.{i}.{name}"] = t(a)
+            state[layer_key(i, name)] = t(a)
 
     config = spec.to_hf_config()
     config.tie_word_embeddings = tied

@@ -28,11 +28,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from lsaq_runtime.manifest import LINEAR_PART, PARTS, join_precision
+from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_OF, join_precision
 
 from .errors import LsaqError
-from .export_onnx import (EMBED, FINAL_NORM, LM_HEAD, effective_linear_weight, part_precision,
-                          table_scheme, table_weight)
+from .export_onnx import (EMBED, FINAL_NORM, LM_HEAD, act_key, effective_linear_weight,
+                          part_precision, table_scheme, table_weight)
 from .layerwise import (_classes, as_tensor, causal_mask, embed, final_norm, lm_logits,
                         module_state, position_embeddings, run_layer, torch_linears)
 from .model_source import LINEAR_NAMES, ModelSource
@@ -216,11 +216,7 @@ class KLMeter:
 
 def _stats_key(i: int, name: str) -> str:
     """Activation-statistics key of an HF linear: the stored (fused) linear that holds it."""
-    stored = {"q_proj": "self_attn.qkv_proj", "k_proj": "self_attn.qkv_proj",
-              "v_proj": "self_attn.qkv_proj", "o_proj": "self_attn.o_proj",
-              "gate_proj": "mlp.gate_up_proj", "up_proj": "mlp.gate_up_proj",
-              "down_proj": "mlp.down_proj"}[name.rsplit(".", 1)[-1]]
-    return f"model.layers.{i}.{stored}"
+    return act_key(i, STORED_OF[name.rsplit(".", 1)[-1]])
 
 
 def _layer_precision(unit_precisions: dict[str, str]) -> str:

@@ -1273,7 +1273,7 @@ def test_force_swap_survives_a_crash_between_the_renames(tiny_bundle, tiny_llama
     import subprocess
     import sys
 
-    from lsaq_runtime.manifest import verify_bundle
+    from lsaq_runtime.verify import verify_bundle
 
     out = tmp_path / "b"
     shutil.copytree(tiny_bundle, out)
@@ -1327,7 +1327,7 @@ def test_build_into_dot_from_inside_a_bundle(tiny_bundle, tiny_llama_dir, tiny_s
                                              capsys, monkeypatch):
     """`-o .` names the folder one is in: the temporary folder goes beside it, not inside it
     (issue 24: it built fully, then refused naming its own temporary files)."""
-    from lsaq_runtime.manifest import verify_bundle
+    from lsaq_runtime.verify import verify_bundle
 
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)

@@ -15,7 +15,8 @@ import pytest
 from lsaq_runtime.chat_template import render
 from lsaq_runtime.errors import LsaqRuntimeError, printable
 from lsaq_runtime.integrity import safetensors_index, verify_files
-from lsaq_runtime.manifest import load_manifest, replace_refusal
+from lsaq_runtime.bundle_folder import replace_refusal
+from lsaq_runtime.manifest import load_manifest
 from lsaq_runtime.onnx_proto import GraphFormatError, read_model
 from lsaq_runtime.probe import cgroup_limit, choose_device, probe_gpus, probe_host
 from test_runtime_probe import HOST, TWO, FakeNVML
@@ -370,7 +371,7 @@ def test_replace_refusal_needs_the_full_check(tiny_bundle, tmp_path):
 def test_http_log_lines_are_one_line_and_throttled(capsys, monkeypatch):
     import logging
 
-    import lsaq_runtime.server as server
+    import lsaq_runtime.serve.server as server
 
     monkeypatch.delenv("LSAQ_DEBUG", raising=False)
     handler = server._OneLineLog()
@@ -391,7 +392,7 @@ def test_http_log_lines_are_one_line_and_throttled(capsys, monkeypatch):
 def test_the_connection_cap_fits_the_descriptor_limit():
     import resource
 
-    import lsaq_runtime.server as server
+    import lsaq_runtime.serve.server as server
 
     cap = server.connection_cap(10**6)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

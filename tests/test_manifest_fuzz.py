@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from lsaq_runtime.errors import LsaqRuntimeError
 from lsaq_runtime.manifest import load_manifest
 from lsaq_runtime.planner import plan
-from lsaq_runtime.probe import Device
+from lsaq_runtime.probe import Device, simulated
 from test_runtime_manifest import write_bundle
 
 _ROOT = Path(tempfile.mkdtemp(prefix="lsaq-fuzz-"))
@@ -115,7 +115,8 @@ def _fuzz_once(stats, raw, context, budget):
     (_BUNDLE / "manifest.json").write_bytes(raw)
     try:
         m = load_manifest(_BUNDLE)
-        d = plan(m, _HOST, context=context, budget=budget, simulate=budget is not None)
+        host = _HOST if budget is None else simulated(_HOST, budget)   # a dry run's device
+        d = plan(m, host, context=context, budget=budget)
         for r in d.rows:  # whatever was accepted yields meaningful numbers
             assert r.need_bytes is None or (isinstance(r.need_bytes, int) and r.need_bytes >= 0)
         if d.chosen is None:

@@ -146,7 +146,7 @@ def test_the_runtime_never_loads_a_variant_a_finer_one_beats(bos_bundle):
     broken-baseline effect), KL from FP16 does not."""
     from lsaq_compile.bundle import read_manifest
     from lsaq_runtime.planner import dominates, plan
-    from lsaq_runtime.probe import Device
+    from lsaq_runtime.probe import Device, simulated
 
     m = read_manifest(bos_bundle)
     assert m["deployment"]["rank_by"] == "kl_fp16"
@@ -155,7 +155,7 @@ def test_the_runtime_never_loads_a_variant_a_finer_one_beats(bos_bundle):
     assert d.chosen == "fp16"
     by_name = {v["name"]: v for v in m["variants"]}
     for r in d.rows:
-        got = plan(m, big, budget=r.need_bytes, simulate=True)
+        got = plan(m, simulated(big, r.need_bytes), budget=r.need_bytes)
         chosen = by_name[got.chosen]
         fitting = [by_name[x.name] for x in got.rows if x.fits and x.name != got.chosen]
         assert not any(dominates(f, chosen) and f is not chosen and

@@ -18,7 +18,7 @@ import pytest
 import lsaq_runtime
 from lsaq_runtime.errors import LsaqRuntimeError
 from lsaq_runtime.planner import precision_key
-from lsaq_runtime.manifest import SCHEMA_VERSION
+from lsaq_runtime.format import SCHEMA_VERSION
 
 from conftest import empty_cache_feed
 

@@ -11,8 +11,9 @@ import pytest
 
 from lsaq_runtime.errors import LsaqRuntimeError
 from lsaq_runtime.integrity import verify_files
-from lsaq_runtime.manifest import (SCHEMA_VERSION, join_precision, load_manifest, split_precision,
-                                   validate_manifest, verify_bundle)
+from lsaq_runtime.format import SCHEMA_VERSION, join_precision, split_precision
+from lsaq_runtime.manifest import load_manifest, validate_manifest
+from lsaq_runtime.verify import verify_bundle
 from test_runtime_planner import synthetic_manifest
 
 

@@ -8,10 +8,11 @@ import random
 
 import pytest
 
-from lsaq_runtime.manifest import SCHEMA_VERSION, TOKENIZER_BYTES_PER_JSON_BYTE
+from lsaq_runtime.format import SCHEMA_VERSION
+from lsaq_runtime.manifest import TOKENIZER_BYTES_PER_JSON_BYTE
 from lsaq_runtime.errors import LsaqRuntimeError, NoVariantFits
 from lsaq_runtime.planner import estimate, plan, plan_or_wait, precision_key
-from lsaq_runtime.probe import Device
+from lsaq_runtime.probe import Device, simulated
 
 MiB = 2**20
 
@@ -176,7 +177,7 @@ def test_budget_caps_or_simulates():
     m = synthetic_manifest()
     d = plan(m, host(100 * MiB), budget=10 * 2**30)
     assert d.free_bytes == 100 * MiB and any("more than" in n for n in d.notes)
-    d = plan(m, host(100 * MiB), budget=10 * 2**30, simulate=True)
+    d = plan(m, simulated(host(100 * MiB), 10 * 2**30), budget=10 * 2**30)
     assert d.free_bytes == 10 * 2**30 and d.chosen == "fp16"
     assert plan(m, host(10**12), budget=200 * MiB).free_bytes == 200 * MiB
 

@@ -18,7 +18,7 @@ from lsaq_compile.plan import Plan, allocate, byte_budgets, part_bytes, part_par
 from lsaq_compile.progress import Progress
 from lsaq_compile.quantize import QuantScheme, quantize, schemes_for, stored_bytes
 from lsaq_compile.reference import reference_model
-from lsaq_runtime.manifest import join_precision, split_precision
+from lsaq_runtime.format import join_precision, split_precision
 
 
 # ------------------------------------------------------------------------ knapsack
@@ -276,7 +276,7 @@ def test_mixed_variant_graph_matches_its_reference(tiny_sensitivity_bundle, tiny
 def test_runtime_picks_best_measured_quality_that_fits(tiny_sensitivity_bundle):
     from lsaq_runtime.manifest import validate_manifest
     from lsaq_runtime.planner import dominates, plan
-    from lsaq_runtime.probe import Device
+    from lsaq_runtime.probe import Device, simulated
 
     m = read_manifest(tiny_sensitivity_bundle)
     host = Device("cpu", None, "sim", 2**40, 2**40, "test")
@@ -290,7 +290,7 @@ def test_runtime_picks_best_measured_quality_that_fits(tiny_sensitivity_bundle):
         v["quality"]["kl_fp16"] = 0.0 if v["name"] == "fp16" else 1.0 - 0.1 * k
     validate_manifest(m)
     for a, b in zip(by_bytes[1:], by_bytes[2:]):
-        d = plan(m, host, budget=need[a["name"]], simulate=True)
+        d = plan(m, simulated(host, need[a["name"]]), budget=need[a["name"]])
         assert d.chosen == (a["name"] if dominates(a, b) else b["name"])
     del by_bytes[2]["quality"]
     with pytest.raises(Exception, match="no measured quality"):

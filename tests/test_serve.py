@@ -23,9 +23,9 @@ import openai
 import pytest
 
 import lsaq_runtime
-from lsaq_runtime.adaptive import Engine, StopText
+from lsaq_runtime.serve.engine import Engine, StopText
 from lsaq_runtime.cli import main
-from lsaq_runtime.server import background
+from lsaq_runtime.serve.server import background
 from lsaq_runtime.sizes import format_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -581,6 +581,60 @@ def test_hysteresis_does_not_flap(chat_bundle):
         engine.close()
 
 
+def test_a_switch_reads_and_hashes_only_the_variant(chat_bundle, monkeypatch):
+    """The bundle is opened once, at launch: a switch (down, then up) neither reads nor parses
+    the manifest again, nor hashes or parses the tokenizer; it verifies the new variant's own
+    files only."""
+    import lsaq_runtime.manifest as manifest
+    import lsaq_runtime.model as model
+    import lsaq_runtime.verify as verify
+
+    need = needs(chat_bundle)
+    budget = [None]
+    engine = Engine(chat_bundle, context=CONTEXT, device="cpu", budget=lambda: budget[0],
+                    poll=3600, upgrade_after=0).start()
+    counts = {"manifest reads": 0, "manifest parses": 0, "tokenizer hashes": 0,
+              "tokenizer parses": 0, "variant checks": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            counts[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    tokenizer = manifest.tokenizer_file(engine.manifest)
+    real_verify_files = verify.verify_files
+
+    def verify_files(root, m, rels, log=None):
+        counts["tokenizer hashes"] += tokenizer in rels
+        return real_verify_files(root, m, rels, log=log)
+
+    monkeypatch.setattr(manifest, "read_manifest_bytes",
+                        counting("manifest reads", manifest.read_manifest_bytes))
+    monkeypatch.setattr(manifest, "parse_json", counting("manifest parses", manifest.parse_json))
+    monkeypatch.setattr(verify, "verify_files", verify_files)
+    monkeypatch.setattr(model, "TextCodec", counting("tokenizer parses", model.TextCodec))
+    monkeypatch.setattr(model, "verify_variant",
+                        counting("variant checks", model.verify_variant))
+
+    def switch_at(b):
+        budget[0] = b
+        engine.observe()
+        wait_for(lambda: not engine._needs_switch() and not engine.switching,
+                 what="the switch to finish")
+        return engine.current
+
+    try:
+        assert engine.current == "fp16"
+        assert switch_at(need["int8"]) == "int8"
+        assert switch_at(None) == "fp16"
+        assert engine.counters["switches"]["down"] == 1 and engine.counters["switches"]["up"] == 1
+        assert counts == {"manifest reads": 0, "manifest parses": 0, "tokenizer hashes": 0,
+                          "tokenizer parses": 0, "variant checks": 2}, counts
+    finally:
+        engine.close()
+
+
 def test_the_loaded_variant_counts_its_own_memory_as_free(chat_bundle):
     """A real probe sees free memory *after* the loaded variant took its share; planning on
     that alone would push the variant out of the memory it holds itself, and flap. An
@@ -610,7 +664,7 @@ def test_the_loaded_variant_counts_its_own_memory_as_free(chat_bundle):
 
 
 def test_budget_file_keeps_the_last_good_value(tmp_path):
-    from lsaq_runtime.adaptive import FileBudget
+    from lsaq_runtime.serve.budget import FileBudget
 
     f, logs = tmp_path / "budget", []
     f.write_text("300MB\n")
@@ -660,9 +714,9 @@ def test_serve_without_the_extra_says_what_to_install(tiny_bundle):
 
 
 def test_the_plain_runtime_does_not_import_the_server():
-    code = ("import sys, lsaq_runtime, lsaq_runtime.cli, lsaq_runtime.adaptive\n"
+    code = ("import sys, lsaq_runtime, lsaq_runtime.cli, lsaq_runtime.serve.engine\n"
             "assert not {'starlette', 'uvicorn'} & {m.split('.')[0] for m in sys.modules}\n"
-            "import lsaq_runtime.server\n"
+            "import lsaq_runtime.serve.server\n"
             "bad = {'torch', 'transformers', 'onnx', 'lsaq_compile'} & "
             "{m.split('.')[0] for m in sys.modules}\n"
             "assert not bad, bad\n")
@@ -693,7 +747,7 @@ def test_slow_clients_cannot_take_the_server(tiny_bundle):
     the connection waiting longest for its request head is closed, a head must arrive within
     HEADER_TIMEOUT_S, and the log stays a few lines (issue: 1,100 connections stopped the
     server, 126k tracebacks)."""
-    from lsaq_runtime.server import HEADER_TIMEOUT_S
+    from lsaq_runtime.serve.server import HEADER_TIMEOUT_S
 
     srv = ServeProcess(tiny_bundle, "--port", 0, "--context", 64, "--device", "cpu",
                        "--max-connections", 40)
@@ -917,9 +971,9 @@ def test_a_taken_port_is_one_line_naming_it(tiny_bundle):
 def test_a_trickled_body_gets_408(chat_bundle, monkeypatch):
     """Case 8's other half, in-process with a short timeout: a body that does not arrive in
     BODY_TIMEOUT_S is a 408 and the connection closes."""
-    import lsaq_runtime.server as server
+    import lsaq_runtime.serve.http as http_layer
 
-    monkeypatch.setattr(server, "BODY_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(http_layer, "BODY_TIMEOUT_S", 1.0)
     engine = Engine(chat_bundle, context=CONTEXT, device="cpu", poll=60).start()
     try:
         with background(engine) as url:
@@ -939,7 +993,7 @@ def test_a_trickled_body_gets_408(chat_bundle, monkeypatch):
 def test_at_the_cap_with_every_connection_answered_a_newcomer_gets_503(served):
     """Only connections waiting for a request head are evicted; when all are being answered
     (one generating, one queued) a newcomer is refused with a 503 JSON, and served after."""
-    from lsaq_runtime.server import background
+    from lsaq_runtime.serve.server import background
 
     engine, slow = served["engine"], served["slow"]
     slow.delay = 0.05

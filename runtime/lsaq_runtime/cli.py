@@ -83,11 +83,12 @@ def cli():
 def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait, variant, dry_run,
             as_json, chat, temperature, top_k, top_p, seed, threads):
     """Generate a continuation of PROMPT (or print the plan with --dry-run)."""
-    from .model import decide, load, memory_trace, stderr_log
+    from .model import decide, load, memory_trace, resolve_budget, stderr_log
 
+    budget = resolve_budget(memory_budget)   # bytes from here on
     if dry_run:
         try:
-            d = decide(bundle, context, memory_budget, device, variant, wait=0, simulate=True)
+            d = decide(bundle, context, budget, device, variant, wait=0, simulate=True)
         except NoVariantFits as e:
             _print_decision(e.decision, as_json)
             raise
@@ -114,7 +115,7 @@ def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait
     else:
         _check_argv_text(prompt, "PROMPT")
     t0 = time.perf_counter()
-    model = load(bundle, context, memory_budget, device, variant, wait, threads=threads,
+    model = load(bundle, context, budget, device, variant, wait, threads=threads,
                  log=stderr_log)
     t_load = time.perf_counter() - t0
     stderr_log(f"loaded {model.variant} on {model.device.label} ({model.provider} graph, "
@@ -185,7 +186,7 @@ def _print_decision(d, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def verify_cmd(bundle, as_json):
     """Check the manifest, every file's size and sha256, and every graph against the manifest."""
-    from .manifest import verify_bundle
+    from .verify import verify_bundle
 
     problems = verify_bundle(bundle)
     if as_json:
@@ -275,10 +276,12 @@ def serve_cmd(bundle, host, port, context, device, memory_budget, memory_budget_
     if missing:
         raise LsaqRuntimeError(f"lsaq-run serve needs {' and '.join(missing)}, which the plain "
                                'runtime leaves out: pip install "lsaq[serve]"')
-    from .adaptive import Engine, FileBudget
+    from .serve.budget import FileBudget
+    from .serve.engine import Engine
     from .model import resolve_budget, stderr_log
     from .probe import check_threads
-    from .server import bind, model_id, serve, url_of
+    from .serve.http import model_id
+    from .serve.server import bind, serve, url_of
 
     if memory_budget is not None and memory_budget_file is not None:
         raise LsaqRuntimeError("give --memory-budget or --memory-budget-file, not both")

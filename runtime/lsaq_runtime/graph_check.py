@@ -12,8 +12,8 @@ and run another, or size its buffers for a model the graph is not. Checked here:
 - bounded work: the variant's weight files may hold at most HASH_FACTOR times the bytes its
   graph reads (plus their headers), so a listed file cannot make a launch hash without end;
 - memory: `resident_bytes` is at least what the graph itself implies (`resident_floor`);
-- precisions: the decoder linear weights of layer i are stored as `model.layers.{i}.{linear}.
-  {precision}.{role}` (BUNDLE_FORMAT.md); each stored linear of a layer uses exactly the
+- precisions: each decoder linear weight's key says its layer, linear and precision
+  (format.parse_linear_key, BUNDLE_FORMAT.md); each stored linear of a layer uses exactly the
   precision the manifest gives it, and every MatMulNBits node's `bits` matches the precision of the weight it reads;
 - interface: the inputs and outputs are exactly those of the format, the KV tensors have the
   provider's dtype and the manifest's [batch, kv_heads, seq, head_dim], logits end in the vocab,
@@ -22,25 +22,17 @@ and run another, or size its buffers for a model the graph is not. Checked here:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import LsaqRuntimeError
 from .integrity import bundle_path, check_relpath, safetensors_layout
-from .manifest import LINEAR_PART, PARTS, TABLES, split_precision
+from .format import (BITS, LINEAR_PART, LOGITS, PARTS, STATIC_INPUTS, TABLES, graph_inputs,
+                     graph_outputs, parse_linear_key, parse_table_key, split_precision)
 from .onnx_proto import DTYPES, EXTERNAL, GraphFormatError, read_model
 
-LINEAR_WEIGHT = re.compile(
-    r"^model\.layers\.(\d+)\.(self_attn\.(?:qkv|o)_proj|mlp\.(?:gate_up|down)_proj)\.([a-z0-9]+)\.")
-# A token table: "model.embed_tokens.weight" / "lm_head.weight" (fp16), or quantized
-# "{base}.{int8|int4}.{role}" (the LM head's INT8 copy of older bundles is lm_head.int8.*)
-TABLE_WEIGHT = re.compile(r"^(model\.embed_tokens|lm_head)\.(?:weight$|(int8|int4)\.)")
 _ST_TO_ONNX = {"F32": 1, "U8": 2, "I8": 3, "F16": 10}
 _ONNX_ELEM = {"float32": 1, "float16": 10}
-_BITS = {"int8": 8, "int4": 4}
-HEAD_INT8 = "lm_head.int8"
-STATIC_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "num_logits_to_keep")
 # A store holds each layer's weights once per precision it is built at (fp16 2 bytes a weight,
 # int8 about 1.1 with scales, int4 about 0.6, scales kept in two dtypes): a variant's files hold
 # at most about 7 times what its graph reads, at the most quantized variant. Twice that is the
@@ -86,11 +78,6 @@ def resident_floor(g) -> int:
         if best:
             held[name] = best
     return sum(held.values())
-
-
-def _table_precision(name: str) -> str:
-    m = TABLE_WEIGHT.match(name)
-    return m.group(2) or "fp16"
 
 
 @dataclass
@@ -171,12 +158,12 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
     L = manifest["model"]["num_layers"]
     found: list[dict[str, set[str]]] = [{p: set() for p in PARTS} for _ in range(L)]
     for name in g.initializers:
-        m = LINEAR_WEIGHT.match(name)
-        if m:
-            i = int(m.group(1))
+        key = parse_linear_key(name)
+        if key:
+            i = key.layer
             if i >= L:
                 raise bad(f"initializer {name!r} belongs to layer {i}, the model has {L} layers")
-            found[i][LINEAR_PART[m.group(2)]].add(m.group(3))
+            found[i][LINEAR_PART[key.linear]].add(key.precision)
     for i, want in enumerate(variant["precisions"]):
         for part, p in split_precision(want).items():
             if found[i][part] != {p}:
@@ -184,8 +171,8 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
                 raise bad(f"layer {i}'s {part} computes with {got} weights, the manifest says "
                           f"{want}")
     tables = {t: (variant.get("tables") or {}).get(t, "fp16") for t in TABLES}
-    gathered = {_table_precision(n.inputs[0]) for n in g.nodes
-                if n.op_type == "Gather" and TABLE_WEIGHT.match(n.inputs[0] if n.inputs else "")}
+    gathered = {parse_table_key(n.inputs[0]).precision for n in g.nodes
+                if n.op_type == "Gather" and parse_table_key(n.inputs[0] if n.inputs else "")}
     if gathered != {tables["embed_tokens"]}:
         got = ", ".join(sorted(gathered)) or "no table"
         raise bad(f"its embedding gathers rows of a {got} table, the manifest says "
@@ -196,12 +183,12 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
         return cast_of.get(name, name)
 
     heads = [n for n in g.nodes if n.op_type in ("MatMulNBits", "Gemm")
-             and TABLE_WEIGHT.match(weight_of(n.inputs[1]) if len(n.inputs) > 1 else "")]
+             and parse_table_key(weight_of(n.inputs[1]) if len(n.inputs) > 1 else "")]
     if len(heads) != 1:
         raise bad(f"it has {len(heads)} LM heads over a token table, not one")
     head = heads[0]
-    head_p = _table_precision(weight_of(head.inputs[1]))
-    if head.op_type == "MatMulNBits" and head.ints.get("bits") != _BITS.get(head_p):
+    head_p = parse_table_key(weight_of(head.inputs[1])).precision
+    if head.op_type == "MatMulNBits" and head.ints.get("bits") != BITS.get(head_p):
         raise bad(f"the LM head's MatMulNBits has bits={head.ints.get('bits')} over a {head_p} "
                   "table")
     if head_p != info["lm_head"]:
@@ -213,9 +200,9 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
         if n is head:
             pass
         else:
-            m = LINEAR_WEIGHT.match(n.inputs[1] if len(n.inputs) > 1 else "")
-            prec = m.group(3) if m else None
-            if prec not in _BITS or bits != _BITS[prec]:
+            key = parse_linear_key(n.inputs[1] if len(n.inputs) > 1 else "")
+            prec = key.precision if key else None
+            if prec not in BITS or bits != BITS[prec]:
                 raise bad(f"a MatMulNBits node with bits={bits} reads {n.inputs[1:2]}")
         level = n.ints.get("accuracy_level", 0)
         if level != info["accuracy_level"]:
@@ -225,19 +212,18 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
     # -- interface and KV shapes -----------------------------------------------------------
     mo = manifest["model"]
     elem = _ONNX_ELEM[info["dtype"]]
-    kv = [f"{p}.{i}.{part}" for i in range(L) for p in ("past_key_values",) for part in ("key", "value")]
-    present = [f"present.{i}.{part}" for i in range(L) for part in ("key", "value")]
+    want_ins = graph_inputs(L)
     ins = [v.name for v in g.inputs if v.name not in g.initializers]
-    if sorted(ins) != sorted([*STATIC_INPUTS, *kv]):
+    if sorted(ins) != sorted(want_ins):
         raise bad(f"its inputs are not the bundle format's ({len(ins)} inputs, expected "
-                  f"{len(STATIC_INPUTS) + len(kv)})")
+                  f"{len(want_ins)})")
     outs = [v.name for v in g.outputs]
-    if sorted(outs) != sorted(["logits", *present]):
+    if sorted(outs) != sorted(graph_outputs(L)):
         raise bad(f"its outputs are not the bundle format's ({len(outs)} outputs)")
     for v in [*g.inputs, *g.outputs]:
         if v.name in g.initializers or v.name in STATIC_INPUTS:
             continue
-        if v.name == "logits":
+        if v.name == LOGITS:
             if v.elem_type != 1 or not v.dims or v.dims[-1] != mo["vocab_size"]:
                 raise bad(f"logits are {DTYPES.get(v.elem_type)} {v.dims}, expected float32 "
                           f"[batch, n, {mo['vocab_size']}]")

@@ -1,8 +1,8 @@
 """Read and check a bundle's manifest.json: the contract between compiler and runtime.
 
-The runtime owns the format (BUNDLE_FORMAT.md, manifest.schema.json) and the compiler imports
-what it needs from here: file names, the schema version, the metric names, the KV and workspace
-formulas and the checksum helper, so the two halves cannot drift apart.
+The format's names and formulas are defined in format.py (the compiler imports them from
+there); this module parses the manifest strictly, validates it against manifest.schema.json
+and the cross-field rules, and reads it from disk. Verifying files' contents is verify.py's job.
 
 The manifest is untrusted input. Reading is bounded (size cap; no NaN or infinities; no integers
 longer than 30 digits; nesting depth), the schema bounds every number the planner multiplies,
@@ -23,61 +23,17 @@ from pathlib import Path
 import jsonschema
 
 from .errors import LsaqRuntimeError
-from .integrity import bundle_path, check_size, hash_settled, sha256_file
+from .format import (ELEM_BYTES, FORMAT_NAME, MANIFEST, MIN_SCHEMA_VERSION, PRECISIONS,
+                     SCHEMA_VERSION, TABLES, TOKENIZER_JSON, join_precision,
+                     kv_bytes_per_token, split_precision, swap_journal)
+from .integrity import bundle_path, check_size
 
-__all__ = ["MANIFEST", "SCHEMA_VERSION", "METRICS", "PRECISIONS", "PARTS", "LINEAR_PART", "TABLES",
-           "split_precision", "join_precision", "ELEM_BYTES", "MAX_MANIFEST_BYTES",
-           "kv_bytes_per_token", "workspace_bytes", "validate_manifest", "read_manifest_json",
-           "load_manifest", "check_files", "verify_bundle", "sha256_file", "tokenizer_file",
-           "variant_files", "replace_refusal", "parse_json", "read_manifest_bytes",
-           "load_pinned", "manifest_digest", "SWAP_JOURNAL"]
+__all__ = ["MAX_MANIFEST_BYTES", "validate_manifest", "read_manifest_json", "load_manifest",
+           "check_files", "tokenizer_file", "variant_files", "parse_json", "read_manifest_bytes",
+           "load_pinned", "manifest_digest"]
 
-MANIFEST = "manifest.json"
-SCHEMA_VERSION = 6
-# 5 added per-linear precisions (QKV/O/GATE_UP/DOWN); 6 the embedding table and LM head on the
-# ladder (variants[].tables), rank_by kl_fp16 and a float32 residual stream in float16 graphs.
-# Each only adds: 4 and 5 read as they are.
-MIN_SCHEMA_VERSION = 4
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
-METRICS = ("jaccard", "cosine", "zscore", "sensitivity")  # scores.metric: how layers were ranked
-PRECISIONS = ("fp16", "int8", "int4")              # per decoder layer, or per part of one
-# A layer's precision is one of PRECISIONS when its four stored linears agree; "ATTN/MLP" when
-# the attention projections (qkv, o) and the MLP projections (gate_up, down) differ, e.g.
-# "int8/int4"; or "QKV/O/GATE_UP/DOWN", one per linear, when neither shorter form says it.
-PARTS = ("qkv", "o", "gate_up", "down")             # a layer's stored linears, in that order
-LINEAR_PART = {"self_attn.qkv_proj": "qkv", "self_attn.o_proj": "o",
-               "mlp.gate_up_proj": "gate_up", "mlp.down_proj": "down"}
-RANK_BY = ("precision", "kl_fp16", "measured_quality")   # deployment.rank_by
-# The token tables: the embedding (read by Gather) and the LM head (a matmul). A tied model has
-# one table, used by both, so both get one precision.
-TABLES = ("embed_tokens", "lm_head")
 
-
-def split_precision(p: str) -> dict[str, str]:
-    """{part: precision} over PARTS of a layer precision ("int8", "int8/int4" or
-    "int8/int8/int4/int8")."""
-    parts = p.split("/")
-    if len(parts) == 1:
-        parts = parts * 4
-    elif len(parts) == 2:
-        parts = [parts[0], parts[0], parts[1], parts[1]]
-    if len(parts) != 4 or any(x not in PRECISIONS for x in parts):
-        raise ValueError(f"layer precision {p!r} is not one of {', '.join(PRECISIONS)}, nor "
-                         "ATTN/MLP nor QKV/O/GATE_UP/DOWN of them")
-    return dict(zip(PARTS, parts))
-
-
-def join_precision(parts: dict[str, str]) -> str:
-    """The canonical (shortest) layer precision of {part: precision} over PARTS."""
-    q, o, g, d = (parts[k] for k in PARTS)
-    if q == o == g == d:
-        return q
-    if q == o and g == d:
-        return f"{q}/{g}"
-    return f"{q}/{o}/{g}/{d}"
-
-
-ELEM_BYTES = {"float32": 4, "float16": 2}          # activation / KV dtype of a provider's graph
 MAX_MANIFEST_BYTES = 16 << 20
 _MAX_INT_DIGITS = 30
 # A graph holds no weights (they are external, in .safetensors), only nodes and small constants:
@@ -86,11 +42,6 @@ MAX_GRAPH_BYTES = 1 << 30
 # tokenizers parses tokenizer.json whole, into several times its size in memory. The largest in
 # use are about 33 MB (Gemma 3's 262k-entry vocabulary); 128 MiB leaves room and bounds that.
 MAX_TOKENIZER_BYTES = 128 << 20
-
-
-def kv_bytes_per_token(model: dict, dtype: str) -> int:
-    """Bytes of KV cache per token and sequence: a key and a value row per layer and KV head."""
-    return 2 * model["num_layers"] * model["num_key_value_heads"] * model["head_dim"] * ELEM_BYTES[dtype]
 
 
 # Host memory the loaded tokenizer holds per byte of tokenizer.json: measured 11.4x (181 MiB for
@@ -104,12 +55,6 @@ def tokenizer_bytes(m: dict) -> int:
     path = tokenizer_file(m)
     size = next((f["bytes"] for f in m["files"] if f["path"] == path), 0)
     return TOKENIZER_BYTES_PER_JSON_BYTE * size
-
-
-def workspace_bytes(ws: dict, context: int) -> int:
-    """Activation memory of a prefill of `context` tokens (BUNDLE_FORMAT.md)."""
-    return int(ws["fixed_bytes"] + ws["per_token_bytes"] * context
-               + ws["per_token_sq_bytes"] * context * context)
 
 
 # ------------------------------------------------------------------------------- JSON
@@ -165,8 +110,8 @@ def _normal_path(rel: str) -> bool:
 
 
 def _check_version(m: dict, where: str) -> None:
-    if not isinstance(m, dict) or m.get("format") != "lsaq-bundle":
-        raise LsaqRuntimeError(f"{where}: not an LSAQ bundle manifest (no \"format\": \"lsaq-bundle\")")
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise LsaqRuntimeError(f"{where}: not an LSAQ bundle manifest (no \"format\": \"{FORMAT_NAME}\")")
     v = m.get("schema_version")
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise LsaqRuntimeError(f"{where}: schema_version must be a positive integer, not {v!r}")
@@ -304,7 +249,7 @@ def _check_graph_entry(m: dict, name: str, prov: str, graph: str, bad) -> None:
 
 
 def tokenizer_file(m: dict) -> str:
-    return f"{m['tokenizer']['dir'].rstrip('/')}/tokenizer.json"
+    return f"{m['tokenizer']['dir'].rstrip('/')}/{TOKENIZER_JSON}"
 
 
 def variant_files(m: dict, name: str, provider: str) -> list[str]:
@@ -319,13 +264,8 @@ def read_manifest_json(bundle: str | Path) -> dict:
     return parse_json(read_manifest_bytes(bundle), str(Path(bundle) / MANIFEST))
 
 
-# Written by `lsaq-compile build --force` beside the target while it swaps the old bundle for the
-# new one (lsaq_compile.bundle); its presence means a build was interrupted mid-swap.
-SWAP_JOURNAL = ".{name}.lsaq-swap"
-
-
 def _missing_bundle(root: Path) -> str:
-    journal = root.parent / SWAP_JOURNAL.format(name=root.name)
+    journal = swap_journal(root)
     if journal.is_file():
         return (f"{root}: no such bundle folder: an `lsaq-compile build --force` into it was "
                 f"interrupted while swapping folders ({journal} says which); run the same build "
@@ -394,97 +334,3 @@ def load_manifest(bundle: str | Path, check_sizes: bool = True) -> dict:
     if check_sizes:
         check_files(root, m)
     return m
-
-
-def verify_bundle(bundle: str | Path, progress=None, check_graphs: bool = True) -> list[str]:
-    """Check every file's place, size and sha256 (no stamps), then every graph against the
-    manifest and the weight store; return the problems found.
-
-    Work stays bounded: a weight file is hashed only when a graph that reads it passes the
-    cheap checks first (headers, sizes, at most graph_check.HASH_FACTOR times what it reads),
-    so a listed file cannot make verify hash without end; such a graph's problems are reported
-    instead."""
-    from .graph_check import check_graph
-
-    root = Path(bundle)
-    m = load_manifest(root, check_sizes=False)
-    problems, sized = [], []
-    for f in m["files"]:
-        try:
-            p = bundle_path(root, f["path"], MANIFEST)
-            check_size(p, f["bytes"])
-            sized.append((f, p))
-        except LsaqRuntimeError as e:
-            problems.append(str(e))
-    graph_problems: list[str] = []
-    weights: dict[str, bool] = {}   # weight file -> some graph reading it passed the cheap checks
-    if check_graphs:
-        for v in m["variants"]:
-            for prov, info in v["providers"].items():
-                try:
-                    check_graph(root, m, v, prov, _graph_bytes(root, info["graph"]))
-                    passed = True
-                except LsaqRuntimeError as e:
-                    graph_problems.append(str(e))
-                    passed = False
-                for w in info["files"]:
-                    if w != info["graph"]:
-                        weights[w] = weights.get(w, False) or passed
-    for f, p in sized:
-        if weights.get(f["path"]) is False:
-            continue   # no graph that reads it passed: hashing it could be unbounded
-        if progress:
-            progress(f["path"])
-        try:
-            if hash_settled(p)[0] != f["sha256"]:
-                problems.append(f"{p}: sha256 mismatch")
-        except LsaqRuntimeError as e:
-            problems.append(str(e))
-    if problems:  # graphs over damaged files would only repeat them
-        return problems
-    return graph_problems
-
-
-def _graph_bytes(root: Path, rel: str) -> bytes:
-    p = bundle_path(root, rel, MANIFEST)
-    try:
-        return p.read_bytes()
-    except OSError as e:
-        raise LsaqRuntimeError(f"{p}: cannot be read ({e.strerror})") from None
-
-
-def replace_refusal(folder: str | Path) -> str | None:
-    """Why `folder` must not be deleted to make room for a new bundle, or None when it may be:
-    it passes the runtime's full check (`verify_bundle`: schema, every listed file's place, size
-    and sha256) and holds nothing but its listed files. Whatever else it is (a user's folder
-    with a manifest.json that merely says "lsaq-bundle", a damaged bundle), it stays."""
-    root = Path(folder)
-    if root.is_symlink() or not root.is_dir():
-        return f"{root} is not a folder"
-    path = root / MANIFEST
-    if path.is_symlink() or not path.is_file():
-        return f"{root} is not an LSAQ bundle (it has no {MANIFEST})"
-    try:
-        m = read_manifest_json(root)
-    except LsaqRuntimeError as e:
-        return f"{root} is not recognisably an LSAQ bundle ({e})"
-    if not isinstance(m, dict) or m.get("format") != "lsaq-bundle":
-        return f"{root} is not an LSAQ bundle ({MANIFEST} does not say \"format\": \"lsaq-bundle\")"
-    try:
-        validate_manifest(m, str(path))
-    except LsaqRuntimeError as e:
-        return f"{root} does not pass the bundle check, so it may hold someone's files ({e})"
-    listed = {f["path"] for f in m["files"]}
-    extra = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_symlink() or (not p.is_dir() and rel != MANIFEST and rel not in listed):
-            extra.append(rel)
-    if extra:
-        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
-        return f"{root} holds files that are not part of the bundle ({shown})"
-    problems = verify_bundle(root)
-    if problems:
-        return (f"{root} does not pass the bundle check, so it may hold someone's files "
-                f"({problems[0]}{f' and {len(problems) - 1} more' if len(problems) > 1 else ''})")
-    return None

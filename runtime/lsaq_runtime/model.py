@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from .errors import BundleChanged, LsaqRuntimeError, printable
-from .graph_check import check_graph
-from .integrity import bundle_path, verify_files
-from .manifest import (MANIFEST, check_files, load_manifest, manifest_digest, tokenizer_file,
-                       variant_files)
+from .format import MANIFEST
+from .manifest import check_files, load_manifest, load_pinned, manifest_digest
 from .planner import Decision, plan_or_wait
 from .probe import (Device, check_threads, choose_device, cuda_provider_available,
-                    physical_cores, probe_gpus, probe_host)
+                    physical_cores, probe_gpus, probe_host, simulated)
 from .sampling import Sampler
 from .session import Runner, create_session, warn
 from .sizes import parse_size
 from .text import StreamDecoder, TextCodec
+from .verify import verify_tokenizer, verify_variant
 
 BUDGET_ENV = "LSAQ_MEMORY_BUDGET"
 TRACE_ENV = "LSAQ_MEMORY_TRACE"  # set to 1: log RSS after each loading stage (bench_memory.py)
@@ -177,6 +177,8 @@ class Model:
 
 
 def resolve_budget(memory_budget) -> int | None:
+    """Bytes of a budget as a user writes it ('6GiB', bytes, None: then $LSAQ_MEMORY_BUDGET):
+    parsed once, at the edge (load(), the CLI, the server); everything inside takes bytes."""
     if memory_budget is None:
         memory_budget = os.environ.get(BUDGET_ENV) or None
         if memory_budget is None:
@@ -200,7 +202,10 @@ def _reprobe(device: Device) -> Callable[[], Device]:
 def decide(bundle, context: int | None = None, memory_budget=None, device: str = "auto",
            variant: str | None = None, wait: float = 0, simulate: bool = False,
            log: Callable[[str], None] | None = None, manifest: dict | None = None) -> Decision:
-    """The plan `load` would follow, without loading anything (what --dry-run prints)."""
+    """The plan `load` would follow, without loading anything (what --dry-run prints).
+
+    simulate: a dry run's question "what would a device with memory_budget free get?": the
+    plan is made against the chosen device as if it had exactly the budget free."""
     manifest = manifest or load_manifest(bundle)
     budget = resolve_budget(memory_budget)
     dev, notes = choose_device(device, cuda_available=cuda_provider_available())
@@ -210,10 +215,65 @@ def decide(bundle, context: int | None = None, memory_budget=None, device: str =
                                    "(built with build.providers = [\"cpu\"]); use --device cpu")
         notes.append("this bundle has no cuda graphs; using the host")
         dev = probe_host()
-    d = plan_or_wait(manifest, _reprobe(dev), wait, log=log, context=context, variant=variant,
-                     budget=budget, simulate=simulate)
+    probe = _reprobe(dev)
+    if simulate:   # a dry run: the device as if it had the budget free
+        probe = partial(simulated, dev, budget if budget is not None else dev.free_bytes)
+    d = plan_or_wait(manifest, probe, wait, log=log, context=context, variant=variant,
+                     budget=budget)
     d.notes[:0] = notes
     return d
+
+
+# ------------------------------------------------------------------------------- loading
+@dataclass
+class OpenedBundle:
+    """A bundle read and checked once: its manifest (validated, every file's size checked),
+    the sha256 of the manifest's bytes, and the tokenizer (hashed, then parsed). Loading a
+    variant (load_variant) needs nothing else, so a server switching variants does not read,
+    hash or parse any of this again."""
+    root: Path
+    manifest: dict
+    manifest_sha: str
+    codec: TextCodec
+    _identity: tuple | None = None   # the manifest file's stat when it was read
+
+    def unchanged(self) -> bool:
+        """Whether the folder still holds this bundle's manifest: a stat, and a hash of the
+        manifest's bytes only when the stat moved."""
+        now = _manifest_identity(self.root)
+        if now is not None and now == self._identity:
+            return True
+        try:
+            same = now is not None and manifest_digest(self.root) == self.manifest_sha
+        except LsaqRuntimeError:
+            return False
+        if same:
+            self._identity = now
+        return same
+
+
+def _manifest_identity(root: Path) -> tuple | None:
+    try:
+        st = (root / MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def open_bundle(bundle, pinned: tuple[dict, str] | None = None) -> OpenedBundle:
+    """Read and check what every variant shares (see OpenedBundle); done once per bundle.
+
+    pinned: (manifest, sha256 of its bytes) from manifest.load_pinned: use that manifest, and
+    refuse (BundleChanged) when the folder's manifest is no longer those bytes."""
+    root = Path(bundle)
+    identity = _manifest_identity(root)
+    if pinned is not None:
+        manifest, sha = _still_pinned(root, *pinned), pinned[1]
+    else:
+        manifest, sha = load_pinned(root)               # schema, version, every file's size
+    verify_tokenizer(root, manifest)
+    codec = TextCodec(root, manifest)                   # fail on a bad tokenizer before loading
+    return OpenedBundle(root, manifest, sha, codec, identity)
 
 
 def load(bundle, context: int | None = None, memory_budget=None, device: str = "auto",
@@ -229,31 +289,51 @@ def load(bundle, context: int | None = None, memory_budget=None, device: str = "
     memory to free up when nothing fits.  log: where progress lines go (default: nowhere).
     pinned: (manifest, sha256 of its bytes) from manifest.load_pinned: load from that manifest,
     and refuse (BundleChanged) when the folder's manifest is no longer those bytes (a server
-    never loads another bundle's files under its launch bundle's name)."""
-    root = Path(bundle)
+    never loads another bundle's files under its launch bundle's name).
+
+    open_bundle, then decide, then load_variant: a caller holding an OpenedBundle (the server)
+    calls the last two itself."""
     check_threads(threads)
-    threads = threads or physical_cores()
-    times: dict[str, float] = {}
+    budget = resolve_budget(memory_budget)
     t = time.perf_counter()
-    if pinned is not None:
-        manifest = _still_pinned(root, *pinned)
-    else:
-        manifest = load_manifest(root)                  # schema, version, every file's size
-    verify_files(root, manifest, [tokenizer_file(manifest)])
-    codec = TextCodec(root, manifest)                   # fail on a bad tokenizer before loading
+    opened = open_bundle(bundle, pinned)
     memory_trace("start")
-    d = decide(root, context, memory_budget, device, variant, wait, log=log, manifest=manifest)
+    d = decide(opened.root, context, budget, device, variant, wait, log=log,
+               manifest=opened.manifest)
     for n in d.notes:
         if log:
             log(f"note: {n}")
-    times["plan"] = time.perf_counter() - t
+    plan_s = time.perf_counter() - t
+
+    def on_cpu() -> Decision:
+        return decide(opened.root, context, budget, "cpu", variant, wait, log=log,
+                      manifest=opened.manifest)
+    model = load_variant(opened, d, threads, log, cpu_fallback=on_cpu)
+    model.load_seconds = {"plan": plan_s, **model.load_seconds}
+    return model
+
+
+def load_variant(opened: OpenedBundle, d: Decision, threads: int | None = None, log=None,
+                 cpu_fallback: Callable[[], Decision] | None = None) -> Model:
+    """Load the variant decision `d` chose: verify its files, hand ONNX Runtime the checked
+    graph, allocate the KV cache. cpu_fallback: the decision to load instead when ONNX Runtime
+    cannot use CUDA (onnxruntime-gpu falls back to CPU silently when CUDA/cuDNN libraries are
+    missing); without it that is an error."""
+    check_threads(threads)
+    threads = threads or physical_cores()
+    root, manifest = opened.root, opened.manifest
+    if not opened.unchanged():
+        raise _changed(root)
+    times: dict[str, float] = {}
     session, info = _open_variant(root, manifest, d, threads, log, times)
     if d.provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        # onnxruntime-gpu falls back to CPU silently when CUDA/cuDNN libraries are missing.
+        del session
+        if cpu_fallback is None:
+            raise LsaqRuntimeError(f"ONNX Runtime could not use CUDA on {d.device.label} (CUDA "
+                                   "or cuDNN libraries missing or mismatched?)")
         warn(f"ONNX Runtime could not use CUDA on {d.device.label} (CUDA or cuDNN libraries "
              "missing or mismatched?); re-planning for host memory with the CPU graph")
-        del session
-        d = decide(root, context, memory_budget, "cpu", variant, wait, log=log, manifest=manifest)
+        d = cpu_fallback()
         d.notes.append("CUDA was requested but ONNX Runtime fell back to CPU")
         session, info = _open_variant(root, manifest, d, threads, log, times)
     memory_trace("session")
@@ -263,47 +343,36 @@ def load(bundle, context: int | None = None, memory_budget=None, device: str = "
                     planned_kv_bytes=row.kv_bytes if row else None)
     times["kv"] = time.perf_counter() - t
     memory_trace("kv")
-    model = Model(root, manifest, d, runner, codec)
+    model = Model(root, manifest, d, runner, opened.codec)
     model.threads, model.load_seconds = threads, times
     return model
 
 
+def _changed(root: Path) -> BundleChanged:
+    return BundleChanged(f"{root / MANIFEST}: the bundle changed on disk after launch (its "
+                         "manifest is no longer the one loaded then); restart to use the new "
+                         "bundle")
+
+
 def _still_pinned(root: Path, manifest: dict, sha: str) -> dict:
     if manifest_digest(root) != sha:
-        raise BundleChanged(f"{root / MANIFEST}: the bundle changed on disk after launch (its "
-                            "manifest is no longer the one loaded then); restart to use the new "
-                            "bundle")
+        raise _changed(root)
     check_files(root, manifest)
     return manifest
 
 
 def _open_variant(root: Path, manifest: dict, d: Decision, threads: int | None, log,
                   times: dict[str, float]):
-    """Verify every file the chosen variant uses, check its graph against the manifest, then
-    hand ONNX Runtime the very bytes that were checked (seconds of each step into `times`)."""
+    """Verify the chosen variant's files (verify.verify_variant), then hand ONNX Runtime the
+    very bytes that were checked (seconds of each step into `times`)."""
     t = time.perf_counter()
-    v = next(x for x in manifest["variants"] if x["name"] == d.chosen)
-    info = v["providers"][d.provider]
-    files = variant_files(manifest, d.chosen, d.provider)
-    graph = bundle_path(root, info["graph"], MANIFEST)
-    try:
-        data = graph.read_bytes()
-    except OSError as e:
-        raise LsaqRuntimeError(f"{graph}: cannot be read ({e.strerror})") from None
-    entry = next(f for f in manifest["files"] if f["path"] == info["graph"])
-    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise LsaqRuntimeError(f"{graph}: sha256 mismatch (the file was modified or damaged); "
-                               "rebuild or copy the bundle again")
-    # Cheap first: the graph and the weight files' headers and sizes (which bound what may be
-    # hashed), then the hashes, then the graph again over the headers of the hashed files.
-    check_graph(root, manifest, v, d.provider, data)
-    verify_files(root, manifest, files[1:], log=log)
-    check_graph(root, manifest, v, d.provider, data)
+    checked = verify_variant(root, manifest, d.chosen, d.provider, log=log)
     times["verify"] = time.perf_counter() - t
     t = time.perf_counter()
-    session = create_session(graph, d.provider, d.device.index, threads, data=data)
+    session = create_session(checked.graph, d.provider, d.device.index, threads,
+                             data=checked.data)
     times["session"] = time.perf_counter() - t
-    return session, info
+    return session, checked.info
 
 
 def stderr_log(msg: str) -> None:

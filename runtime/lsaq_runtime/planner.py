@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .errors import LsaqRuntimeError, NoVariantFits
-from .manifest import (TABLES, kv_bytes_per_token, split_precision, tokenizer_bytes,
-                       workspace_bytes)
+from .format import TABLES, kv_bytes_per_token, split_precision, workspace_bytes
+from .manifest import tokenizer_bytes
 from .probe import Device
 from .sizes import format_size
 
@@ -222,24 +222,21 @@ def estimate(manifest: dict, variant: dict, provider: str, context: int, batch: 
 
 
 def plan(manifest: dict, device: Device, context: int | None = None, batch: int | None = None,
-         variant: str | None = None, budget: int | None = None, simulate: bool = False) -> Decision:
-    """Decide which variant to load on `device`.
+         variant: str | None = None, budget: int | None = None) -> Decision:
+    """Decide which variant to load on `device` (a probed one, or for a dry run one that
+    probe.simulated gives the memory asked about).
 
-    budget: caps the free memory (simulate=False) or replaces it (simulate=True, for dry runs
-    that ask "what would a device with this much memory get?")."""
+    budget: bytes; caps the free memory."""
     ctx = resolve_context(manifest, context)
     batch = int(batch or manifest["deployment"]["batch_size"])
     provider = "cuda" if device.kind == "cuda" else "cpu"
     free = device.free_bytes
     notes = []
     if budget is not None:
-        if simulate:
-            free = budget
-        else:
-            if budget > device.free_bytes:
-                notes.append(f"budget {format_size(budget)} is more than the "
-                             f"{format_size(device.free_bytes)} free on {device.label}; using what is free")
-            free = min(budget, device.free_bytes)
+        if budget > device.free_bytes:
+            notes.append(f"budget {format_size(budget)} is more than the "
+                         f"{format_size(device.free_bytes)} free on {device.label}; using what is free")
+        free = min(budget, device.free_bytes)
     variants, order_notes = ordered_variants(manifest)
     notes += order_notes
     rows = [estimate(manifest, v, provider, ctx, batch) for v in variants]
@@ -255,7 +252,7 @@ def plan(manifest: dict, device: Device, context: int | None = None, batch: int 
                                    + ", ".join(r.name for r in rows))
         if row.need_bytes is None:
             raise LsaqRuntimeError(f"variant {variant!r} has no {provider} graph in this bundle")
-        if not simulate and row.need_bytes > device.total_bytes:
+        if not device.simulated and row.need_bytes > device.total_bytes:
             raise LsaqRuntimeError(f"variant {variant!r} needs {format_size(row.need_bytes)} at "
                                    f"context {ctx}, more than all {format_size(device.total_bytes)} "
                                    f"of {device.label}; use a smaller --context or another variant")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .errors import LsaqRuntimeError
 from .sizes import format_size
@@ -28,11 +28,27 @@ class Device:
         return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
 
     def describe(self) -> str:
+        if self.simulated:
+            return f"{self.label} ({self.name}) simulated with {format_size(self.free_bytes)} free"
         return (f"{self.label} ({self.name}): {format_size(self.free_bytes)} free of "
                 f"{format_size(self.total_bytes)}")
 
     def to_json(self) -> dict:
         return asdict(self) | {"label": self.label}
+
+    @property
+    def simulated(self) -> bool:
+        """A device a dry run imagines (see `simulated`), not one that was probed."""
+        return self.source == SIMULATED
+
+
+SIMULATED = "simulated"
+
+
+def simulated(device: Device, free_bytes: int) -> Device:
+    """`device` as if it had `free_bytes` free, whatever it has: what a dry run plans against
+    to answer "what would a device with this much memory get?"."""
+    return replace(device, free_bytes=int(free_bytes), source=SIMULATED)
 
 
 def _visible(entries: str | None, count: int, uuids: list[str]) -> list[int]:

@@ -16,7 +16,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import LsaqRuntimeError, first_line, printable
-from .manifest import kv_bytes_per_token
+from .format import (INPUT_IDS, LOGITS, NUM_LOGITS_TO_KEEP, SEQLENS_K, TOTAL_SEQUENCE_LENGTH,
+                     kv_bytes_per_token, kv_names)
 from .probe import physical_cores
 
 _NP = {"float32": np.float32, "float16": np.float16}
@@ -91,18 +92,17 @@ class Runner:
         self._host: list[np.ndarray] = []
         self._logits: dict[int, tuple[np.ndarray, ort.OrtValue]] = {}
         try:
-            for i in range(self.layers):
-                for part in ("key", "value"):
-                    if dev == "cpu":
-                        # Touch the pages now: memory is committed at load time (an out-of-memory
-                        # shows up here, not mid-generation, and the RSS matches the prediction).
-                        buf = np.empty(shape, _NP[dtype])
-                        buf.fill(0)
-                        self._host.append(buf)  # the OrtValue borrows this memory
-                        val = ort.OrtValue.ortvalue_from_numpy(buf)
-                    else:
-                        val = ort.OrtValue.ortvalue_from_shape_and_type(shape, _NP[dtype], *self.device)
-                    self.kv.append((f"past_key_values.{i}.{part}", f"present.{i}.{part}", val))
+            for past, present in kv_names(self.layers):
+                if dev == "cpu":
+                    # Touch the pages now: memory is committed at load time (an out-of-memory
+                    # shows up here, not mid-generation, and the RSS matches the prediction).
+                    buf = np.empty(shape, _NP[dtype])
+                    buf.fill(0)
+                    self._host.append(buf)  # the OrtValue borrows this memory
+                    val = ort.OrtValue.ortvalue_from_numpy(buf)
+                else:
+                    val = ort.OrtValue.ortvalue_from_shape_and_type(shape, _NP[dtype], *self.device)
+                self.kv.append((past, present, val))
         except MemoryError:
             self.kv, self._host = [], []
             raise LsaqRuntimeError(f"out of memory allocating the KV cache ({total:,} bytes for "
@@ -124,13 +124,13 @@ class Runner:
             raise LsaqRuntimeError(f"{total} tokens exceed the context of {self.capacity}; "
                                    "load with a larger context")
         b = self.binding
-        b.bind_cpu_input("input_ids", np.asarray(ids, np.int64).reshape(1, n))
-        b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
-        b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        b.bind_cpu_input("num_logits_to_keep", np.array(keep, np.int64))
+        b.bind_cpu_input(INPUT_IDS, np.asarray(ids, np.int64).reshape(1, n))
+        b.bind_cpu_input(SEQLENS_K, np.array([total - 1], np.int32))
+        b.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
+        b.bind_cpu_input(NUM_LOGITS_TO_KEEP, np.array(keep, np.int64))
         if not 1 <= keep <= n:
             raise LsaqRuntimeError(f"keep must be between 1 and the {n} new tokens, not {keep}")
-        b.bind_ortvalue_output("logits", self._logits_buffer(keep))
+        b.bind_ortvalue_output(LOGITS, self._logits_buffer(keep))
         try:
             self.session.run_with_iobinding(b)
         except MemoryError:
@@ -159,13 +159,13 @@ class Runner:
         for b, r in enumerate(rows):
             ids[b, :len(r)] = r
         empty = np.zeros((len(rows), self._kv_heads, 0, self._head_dim), self._kv_dtype)
-        feed = {"input_ids": ids, "seqlens_k": np.array([len(r) - 1 for r in rows], np.int32),
-                "total_sequence_length": np.array(width, np.int32),
-                "num_logits_to_keep": np.array(keep, np.int64)}
+        feed = {INPUT_IDS: ids, SEQLENS_K: np.array([len(r) - 1 for r in rows], np.int32),
+                TOTAL_SEQUENCE_LENGTH: np.array(width, np.int32),
+                NUM_LOGITS_TO_KEEP: np.array(keep, np.int64)}
         for past, _, _ in self.kv:
             feed[past] = empty
         try:
-            return self.session.run(["logits"], feed)[0]
+            return self.session.run([LOGITS], feed)[0]
         except MemoryError:
             raise LsaqRuntimeError(f"out of memory scoring {len(rows)} sequences of up to "
                                    f"{width} tokens; use a smaller batch") from None

@@ -1,23 +1,15 @@
-"""Serving that adapts while it runs: one loaded variant, re-planned as free memory changes.
+"""The engine of `lsaq-run serve`: one loaded variant, switched as free memory changes, and a
+queue of requests served one at a time. It knows nothing about HTTP (http.py is the web layer)
+and decides nothing itself (policy.py says which variant to hold). Its parts:
 
-The `Engine` is the part of `lsaq-run serve` that knows nothing about HTTP (server.py is the
-web layer). Three pieces:
-
-- a watcher thread re-probes free memory every `poll` seconds with the launch's probe and runs
-  the launch's planner (`planner.plan`) on it, and sets the variant the engine should hold:
-  down at once when the loaded one no longer fits, up only after a better one has fitted at
-  every probe for `upgrade_after` seconds (hysteresis: no flapping at an edge), none when
-  nothing fits (the paper's pause);
-- a worker thread that runs one generation at a time from a FIFO queue and applies a pending
-  switch only between two generations, never during one;
+- a watcher thread probes free memory every `poll` seconds with the launch's probe and asks
+  the policy which variant to hold (policy.choose);
+- a worker thread runs one generation at a time from a FIFO queue and applies a pending switch
+  only between two generations, never during one; a switch loads one variant
+  (model.load_variant) from the bundle opened once at launch (model.open_bundle);
 - jobs: a request's token ids and sampling settings; the worker sends its events (start, text,
   done, error) to the job's `sink` and stops generating as soon as the job is cancelled (the
   client went away).
-
-The loaded variant's own memory is not free memory the probe can see, so the plan counts it
-back: free to plan with = free seen + the loaded variant's predicted bytes (its weights, KV
-cache, workspace and overhead from the manifest), capped by the memory budget. Without that a
-loaded variant would push itself out.
 """
 
 from __future__ import annotations
@@ -27,22 +19,20 @@ import itertools
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import BundleChanged, LsaqRuntimeError, NoVariantFits, first_line
-from .integrity import verify_files
-from .manifest import MANIFEST, load_pinned, manifest_digest, tokenizer_file
-from .planner import Decision, Row, no_fit_message, plan, ranking, resolve_context
-from .probe import Device
-from .sampling import Sampler
-from .sizes import format_size, parse_size
-from .text import StreamDecoder, TextCodec
-
-# A variant that failed to load is not planned for again for this long (a damaged file or a
-# session that runs out of memory would otherwise be retried at every probe).
-FAILED_BACKOFF_S = 30.0
+from ..errors import BundleChanged, LsaqRuntimeError, NoVariantFits, first_line
+from ..format import MANIFEST
+from ..model import _reprobe, decide, load_variant, open_bundle
+from ..planner import Decision, Row, no_fit_message, resolve_context
+from ..probe import Device
+from ..sampling import Sampler
+from ..text import StreamDecoder
+from . import metrics
+from .policy import (Holding, Reading, choose, describe_bytes, recent_failures,
+                     what_fits)
 
 
 class QueueFull(LsaqRuntimeError):
@@ -51,56 +41,6 @@ class QueueFull(LsaqRuntimeError):
 
 class ServerClosing(LsaqRuntimeError):
     """The engine is shutting down and takes no more requests."""
-
-
-def _bytes(n: int | None) -> str:
-    return "-" if n is None else f"{format_size(n)} ({n} B)"
-
-
-class FileBudget:
-    """A memory budget read from a file at every probe: '300MB', '6GiB', a byte count, or
-    'none' (no cap). An orchestrator (or a test) rewrites the file to squeeze or free the
-    server, best atomically (write another file, rename it over this one). A file that cannot
-    be read, or is empty (caught mid-rewrite), keeps the last good value (said once)."""
-
-    def __init__(self, path, log: Callable[[str], None] | None = None):
-        self.path, self.log, self._said = Path(path), log, None
-        self.value = self._read()   # at launch a bad file is an error
-
-    MAX_BYTES = 4096   # a size is a few characters; more is not a budget file
-
-    def _read(self) -> int | None:
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read(self.MAX_BYTES + 1)
-        except OSError as e:
-            raise LsaqRuntimeError(f"{self.path}: cannot read the memory budget file "
-                                   f"({e.strerror}); write a size such as 6GiB into it") from None
-        try:
-            if len(raw) > self.MAX_BYTES or b"\0" in raw:
-                raise ValueError
-            text = raw.decode("utf-8").strip()
-        except ValueError:  # UnicodeDecodeError is one
-            raise LsaqRuntimeError(f"{self.path}: the memory budget file is not a short text "
-                                   "file; write a size such as 6GiB, or none") from None
-        if not text:
-            raise LsaqRuntimeError(f"{self.path}: the memory budget file is empty; write a "
-                                   "size such as 6GiB, or none")
-        if text.lower() == "none":
-            return None
-        try:
-            return parse_size(text)
-        except LsaqRuntimeError as e:
-            raise LsaqRuntimeError(f"{self.path}: {e}") from None
-
-    def __call__(self) -> int | None:
-        try:
-            self.value, self._said = self._read(), None
-        except LsaqRuntimeError as e:
-            if self.log and str(e) != self._said:
-                self.log(f"{e}; keeping the budget {_bytes(self.value)}")
-            self._said = str(e)
-        return self.value
 
 
 _ids = itertools.count(1)
@@ -203,14 +143,14 @@ class Engine:
                  clock: Callable[[], float] = time.monotonic,
                  on_token: Callable[[Job], None] | None = None):
         self.bundle = Path(bundle)
-        # The bundle's identity for the server's life: every later load must find these
-        # manifest bytes (model.load(pinned=...)), or the server serves no other model under
-        # this one's name (see bundle_changed).
-        self.manifest, self.manifest_sha = load_pinned(self.bundle)
+        # Opened once: the manifest, its sha256 and the tokenizer serve every variant, and are
+        # the bundle's identity for the server's life: a variant loads only while the folder
+        # still holds these manifest bytes, or the server would serve another model under this
+        # one's name (see bundle_changed).
+        self.opened = open_bundle(self.bundle)
+        self.manifest, self.manifest_sha = self.opened.manifest, self.opened.manifest_sha
         self.bundle_changed: str | None = None   # why, once the folder holds another bundle
-        self._manifest_stat: tuple | None = self._stat_manifest()
-        verify_files(self.bundle, self.manifest, [tokenizer_file(self.manifest)])
-        self.codec = TextCodec(self.bundle, self.manifest)   # one tokenizer for every variant
+        self.codec = self.opened.codec           # one tokenizer for every variant
         self.context = resolve_context(self.manifest, context)
         self.device_arg, self.threads = device, threads
         # A fixed budget below the smallest need is hopeless; a budget that is read again
@@ -281,8 +221,6 @@ class Engine:
     def _launch_probe(self) -> Callable[[], Device]:
         """The device lsaq-run would plan for (model.decide: --device, CUDA graphs present or
         not), probed again the same way at every poll."""
-        from .model import _reprobe, decide
-
         try:
             d = decide(self.bundle, self.context, self.budget(), self.device_arg, wait=0,
                        manifest=self.manifest)
@@ -302,102 +240,29 @@ class Engine:
         budget = self.budget()
         now = self.clock()
         with self.cond:
-            held = self.held_bytes if self.model is not None else 0
-            current, current_row = self.current, self.current_row
-        seen = replace(dev, free_bytes=dev.free_bytes + held)
-        d = plan(self.manifest, seen, context=self.context, budget=budget)
-        with self.cond:
-            self.failed = {k: t for k, t in self.failed.items() if now - t < FAILED_BACKOFF_S}
-            failed = set(self.failed)
-        fitting = [r for r in d.rows if r.fits and r.name not in failed]
-        best = fitting[0] if fitting else None
-        rank = {r.name: i for i, r in enumerate(d.rows)}
-        where = self._free_story(d, dev, held, current)
+            self.failed = recent_failures(self.failed, now)
+            holding = Holding(self.current, self.current_row,
+                              self.held_bytes if self.model is not None else 0,
+                              self.better_since, frozenset(self.failed),
+                              self._changed_reason() if self.bundle_changed else None)
+        choice = choose(self.manifest, self.context, Reading(dev, budget, now), holding,
+                        self.upgrade_after)
         with self.cond:
             self.counters["probes"] += 1
-            self.last, self.last_device, self.last_budget = d, dev, budget
-            cur = next((r for r in d.rows if r.name == current), None)
-            if best is None:
-                if d.chosen is None:
-                    reason = no_fit_message(d)
-                else:
-                    reason = ("every variant that fits failed to load in the last "
-                              f"{FAILED_BACKOFF_S:.0f}s (see above)")
-                want = None
-                self.better_since = None
-            elif current is None:
-                want, reason = best.name, self._fit_reason(d, best, where)
-            elif cur is None or not cur.fits:
-                need = (current_row or cur).need_bytes
-                want = best.name
-                reason = (f"memory shrank: {current} needs {_bytes(need)} but "
-                          f"{_bytes(d.free_bytes)} is free to plan with ({where})")
-                self.better_since = None
-            elif rank[best.name] < rank[current]:
-                if self.better_since is None:
-                    self.better_since = now
-                held_for = now - self.better_since
-                if held_for >= self.upgrade_after:
-                    want = best.name
-                    reason = (f"memory freed and stayed free for {held_for:.1f}s (at least "
-                              f"{self.upgrade_after:g}s): {_bytes(d.free_bytes)} is free to "
-                              f"plan with ({where})")
-                else:
-                    want, reason = current, ""
-            else:
-                want, reason = current, ""
-                self.better_since = None
-            if self.bundle_changed and want is not None and want != current:
-                # no other variant may load: keep the one held while it fits, else pause
-                keep = current is not None and cur is not None and cur.fits
-                want, reason = (current, "") if keep else (None, self._changed_reason())
-            if self.target is None or want != self.target.variant:
-                self.target = _Target(want, reason, d, dev, held)
+            self.last, self.last_device, self.last_budget = choice.decision, dev, budget
+            self.better_since = choice.better_since
+            if self.target is None or choice.variant != self.target.variant:
+                self.target = _Target(choice.variant, choice.reason, choice.decision, dev,
+                                      holding.held_bytes)
                 self.cond.notify_all()
-            elif want is None:  # still paused: keep the newest numbers for the message
-                self.target.reason, self.pause_reason = reason, reason
-
-    @staticmethod
-    def _what(d: Decision) -> str:
-        return ("the best measured quality that fits" if ranking(d.manifest) in ("kl_fp16", "measured_quality")
-                else "the most precise variant that fits")
-
-    def _fit_reason(self, d: Decision, row: Row, where: str) -> str:
-        return (f"{row.name} is {self._what(d)} (needs {_bytes(row.need_bytes)} of "
-                f"{_bytes(d.free_bytes)} free: {where})")
-
-    @staticmethod
-    def _free_story(d: Decision, dev: Device, held: int, current: str | None) -> str:
-        s = f"{dev.label}: {_bytes(dev.free_bytes)} free"
-        if held:
-            s += f" + {_bytes(held)} held by {current}"
-        if d.budget_bytes is not None:
-            s += f", budget {_bytes(d.budget_bytes)}"
-        return s
-
-    def _stat_manifest(self) -> tuple | None:
-        try:
-            st = (self.bundle / MANIFEST).stat()
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+            elif choice.variant is None:  # still paused: keep the newest numbers for the message
+                self.target.reason = self.pause_reason = choice.reason
 
     def _check_bundle(self) -> None:
         """Note (once) when the folder no longer holds the launch bundle: hashed again only
         when the manifest's identity moved, so a probe costs a stat."""
-        if self.bundle_changed:
-            return
-        st = self._stat_manifest()
-        if st == self._manifest_stat:
-            return
-        try:
-            same = st is not None and manifest_digest(self.bundle) == self.manifest_sha
-        except LsaqRuntimeError:
-            same = False
-        if same:
-            self._manifest_stat = st
-            return
-        self._bundle_changed()
+        if not self.bundle_changed and not self.opened.unchanged():
+            self._bundle_changed()
 
     def _bundle_changed(self) -> None:
         with self.cond:
@@ -430,8 +295,8 @@ class Engine:
         return self.target is not None and self.target.variant != self.current
 
     def _apply(self, first: bool = False) -> None:
-        from .model import load
-
+        """Switch to the target variant: unload the old one first (the new one must fit in
+        what it held), then load the target, or the next fitting one when it fails."""
         with self.cond:
             t = self.target
             if t is None or t.variant == self.current:
@@ -464,9 +329,7 @@ class Engine:
                 try:
                     if self.bundle_changed:
                         raise BundleChanged(self.bundle_changed)
-                    model = load(self.bundle, self.context, t.decision.budget_bytes,
-                                 self._device_label(t), variant=name, threads=self.threads,
-                                 pinned=(self.manifest, self.manifest_sha))
+                    model = self._load(name, t)
                 except BundleChanged:
                     self._bundle_changed()
                     errors.append(self._changed_reason())
@@ -499,8 +362,8 @@ class Engine:
                     self.log(f"resuming with {name}{fell} (loaded in {secs:.1f}s): {t.reason}")
                 else:
                     self.log(f"switch {kind} {old} -> {name}{fell} in {secs:.1f}s, between "
-                             f"requests: {t.reason}; {name} needs {_bytes(row.need_bytes)}, "
-                             f"{self._what(t.decision)}")
+                             f"requests: {t.reason}; {name} needs {describe_bytes(row.need_bytes)}, "
+                             f"{what_fits(t.decision)}")
                 return
             with self.cond:  # nothing could be loaded: pause until the next plan
                 self.current, self.current_row, self.held_bytes = None, None, 0
@@ -514,6 +377,16 @@ class Engine:
             with self.cond:
                 self.switching = False
                 self.cond.notify_all()
+
+    def _load(self, name: str, t: _Target):
+        """Load variant `name` on the device the plan was made for: a fresh probe and plan
+        forced to it (as `lsaq-run --variant` would), then load_variant on the bundle opened
+        at launch: nothing shared is read, hashed or parsed again."""
+        def plan_on(device: str):
+            return decide(self.bundle, self.context, t.decision.budget_bytes, device,
+                          variant=name, manifest=self.manifest)
+        return load_variant(self.opened, plan_on(self._device_label(t)), self.threads,
+                            cpu_fallback=lambda: plan_on("cpu"))
 
     def _device_label(self, t: _Target) -> str:
         # The device the plan was made for; load() must not pick another one ("auto").
@@ -697,58 +570,9 @@ class Engine:
                                "changed": self.bundle_changed}}
 
     def metrics(self) -> str:
-        """Prometheus text exposition (version 0.0.4)."""
+        """Prometheus text exposition (version 0.0.4) of the engine's state (metrics.py)."""
         with self.cond:
-            d, dev, row, c = self.last, self.last_device, self.current_row, self.counters
-            variants = [r.name for r in d.rows] if d else []
-            lines: list[str] = []
-
-            def metric(name, kind, help_, samples):
-                lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-                for labels, value in samples:
-                    lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-                    lines.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
-
-            metric("lsaq_variant_loaded", "gauge", "1 for the variant serving requests.",
-                   [({"variant": v}, int(v == self.current)) for v in variants])
-            metric("lsaq_paused", "gauge", "1 while no variant fits and requests wait.",
-                   [({}, int(self.model is None and not self.switching))])
-            metric("lsaq_switching", "gauge", "1 while a variant is being loaded.",
-                   [({}, int(self.switching))])
-            metric("lsaq_free_bytes", "gauge", "Free memory the last plan compared needs "
-                   "against (the probe's free + the loaded variant's bytes, budget applied).",
-                   [({}, d.free_bytes if d else 0)])
-            metric("lsaq_device_free_bytes", "gauge", "Free memory the last probe saw.",
-                   [({"device": dev.label}, dev.free_bytes)] if dev else [])
-            if self.last_budget is not None:
-                metric("lsaq_budget_bytes", "gauge", "The memory budget at the last probe.",
-                       [({}, self.last_budget)])
-            metric("lsaq_variant_need_bytes", "gauge", "Memory need of each variant at this "
-                   "context (predicted + safety margin).",
-                   [({"variant": r.name}, r.need_bytes) for r in (d.rows if d else [])
-                    if r.need_bytes is not None])
-            metric("lsaq_switches_total", "counter", "Variant switches by direction.",
-                   [({"direction": k}, v) for k, v in c["switches"].items()])
-            metric("lsaq_queue_length", "gauge", "Requests waiting (the running one not "
-                   "counted).", [({}, len(self.jobs))])
-            metric("lsaq_queue_limit", "gauge", "Most requests that may wait.",
-                   [({}, self.max_queue)])
-            metric("lsaq_running", "gauge", "1 while a generation runs.",
-                   [({}, int(self.running is not None))])
-            metric("lsaq_requests_total", "counter", "Finished requests by outcome.",
-                   [({"outcome": k}, v) for k, v in c["requests"].items()])
-            metric("lsaq_prompt_tokens_total", "counter", "Prompt tokens processed.",
-                   [({}, c["prompt_tokens"])])
-            metric("lsaq_completion_tokens_total", "counter", "Tokens generated.",
-                   [({}, c["completion_tokens"])])
-            metric("lsaq_generation_seconds_total", "counter", "Seconds spent generating.",
-                   [({}, round(c["generation_seconds"], 6))])
-            metric("lsaq_tokens_per_second", "gauge", "Generated tokens per second of the "
-                   "last finished request (prefill included).",
-                   [({}, round(self.last_tps or 0.0, 3))])
-            metric("lsaq_probes_total", "counter", "Memory probes and plans.",
-                   [({}, c["probes"])])
-            return "\n".join(lines) + "\n"
+            return metrics.engine_text(self)
 
     SHUTDOWN = {"status": 503, "code": "shutting_down",
                 "message": "the server is shutting down; retry on another server or later"}
@@ -777,8 +601,3 @@ class Engine:
         if self.model is not None:
             self.model.close()
             self.model = None
-
-
-def _label(v) -> str:
-    return str(v).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
-

@@ -129,8 +129,10 @@ def _score_sensitivity(source, profile, calibration, samples, seq_len, progress)
 @click.option("--chat-template", "chat_template", type=click.Path(dir_okay=False),
               help="a Jinja chat template file, for sources that carry none (or to replace theirs)")
 @click.option("--force", is_flag=True, help="replace an existing bundle folder")
+@click.option("--resume", is_flag=True, help="continue the interrupted build of -o (same "
+              "arguments): finished stages and measurements are reused")
 @click.option("-q", "--quiet", is_flag=True)
-def build(model, out, profile, scores, metric, calibration, chat_template, force, quiet):
+def build(model, out, profile, scores, metric, calibration, chat_template, force, resume, quiet):
     """Score (unless --scores), quantize, export every variant and write the bundle."""
     from .bundle import build_bundle, read_manifest
     from .profiles import load_profile
@@ -140,7 +142,7 @@ def build(model, out, profile, scores, metric, calibration, chat_template, force
         prof.scoring.calibration = calibration
     template = _read_template(chat_template) if chat_template else None
     path = build_bundle(model, out, profile=prof, scores=scores, metric=metric, force=force,
-                        progress=Progress(quiet), chat_template=template)
+                        progress=Progress(quiet), chat_template=template, resume=resume)
     click.echo(variant_table(read_manifest(path)))
 
 
@@ -273,10 +275,8 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
         v = next(x for x in m["variants"] if x["name"] == name)
         fns = {"onnx": ev.onnx_logits_fn(bundle, m, name, context=seq_len)}
         if reference:
-            q = m["quantization"]
             fns["torch"] = ev.torch_logits_fn(m["model"]["source"]["path"], v["precisions"],
-                                              q["scheme"], q.get("group_size"), q.get("symmetric", True),
-                                              q.get("clip", "none"), q.get("clip_calibration"))
+                                              m["quantization"])
         row = [name, f"{v['avg_bits']:.2f}"]
         for kind, fn in fns.items():
             base = {"variant": name, "provider": "cpu", "engine": kind, "created": now}

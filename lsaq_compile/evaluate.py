@@ -91,21 +91,22 @@ def encoder(codec) -> Callable[[str], list[int]]:
     return codec.encode
 
 
-def torch_logits_fn(model_path, precisions: list[str], scheme_kind: str = "channel",
-                    group_size: int | None = None, symmetric: bool = True, clip: str = "none",
-                    clip_calibration: dict | None = None) -> LogitsFn:
+def torch_logits_fn(model_path, precisions: list[str], quantization: dict | None = None
+                    ) -> LogitsFn:
     """The same plan in transformers, with exactly the dequantized weights the graph uses.
-    clip_calibration: the manifest's record of the text 'mse-act' clipping was measured on."""
+    quantization: the manifest's `quantization` record (None: the paper's per-channel RTN);
+    for clip 'mse-act' its clip_calibration says which text the clipping was measured on."""
     import torch
 
     from .model_source import open_model
-    from .quantize import schemes_for
+    from .quantize import QuantSettings
     from .reference import reference_model
 
+    settings = QuantSettings.from_manifest(quantization)
     source = open_model(model_path)
-    act = _clip_activations(source, clip_calibration) if clip == "mse-act" else None
-    model = reference_model(source, precisions, schemes_for(scheme_kind, group_size, symmetric,
-                                                            clip=clip), act_stats=act).eval()
+    act = (_clip_activations(source, (quantization or {}).get("clip_calibration"))
+           if settings.clip == "mse-act" else None)
+    model = reference_model(source, precisions, settings.schemes(), act_stats=act).eval()
 
     def run(ids: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -247,9 +247,7 @@ def _evaluate_plan(ev, bundle, manifest, v, metric, tw, seq_len, reference_windo
 
     def ppl(text, n, engine, stage):
         def run():
-            f = fn if engine == "onnx" else ev.torch_logits_fn(
-                model_path, v["precisions"], q["scheme"], q.get("group_size"), q.get("symmetric", True),
-                q.get("clip", "none"), q.get("clip_calibration"))
+            f = fn if engine == "onnx" else ev.torch_logits_fn(model_path, v["precisions"], q)
             r = ev.perplexity(f, text, limit=n, progress=progress.stage(f"{stage} {name} [{engine}]"))
             return {"value": r["perplexity"], "tokens": r["tokens"], "per_window_nll": r["per_window_nll"]}
         return _measure(ev, bundle, manifest, {**base, "engine": engine, "kind": "perplexity",

@@ -60,18 +60,18 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
         for stage in STAGES:
             job = stage.run(job, ctx)
         folders.swap_in_work(work, out, force)
-    except OSError as e:
-        _drop(work)
-        where = e.filename or out
-        raise LsaqError(f"{where}: cannot write the bundle ({e.strerror or e}); nothing was "
-                        "written: free disk space or choose another -o") from None
     except KeyboardInterrupt:
         if job is not None and job.done:   # kept for --resume (a later build cleans it up)
             progress(f"interrupted after stage {job.done[-1]}; `lsaq-compile build --resume` "
                      "with the same arguments continues it")
         raise
-    except BaseException:
-        _drop(work)
+    except BaseException as e:
+        if not resume:   # a resumed record stays for another try (a later build cleans it up)
+            _drop(work)
+        if isinstance(e, OSError):
+            where = e.filename or out
+            raise LsaqError(f"{where}: cannot write the bundle ({e.strerror or e}); nothing was "
+                            "written: free disk space or choose another -o") from None
         raise
     progress(f"bundle written to {out} in {time.perf_counter() - t0:.1f}s")
     return out

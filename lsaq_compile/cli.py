@@ -323,7 +323,7 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
             [f"{t} acc" + (" / acc_norm" if not zs.TASKS.get(t) or "acc_norm" in zs.TASKS[t].metrics else "")
              + f" ({kind})" for t in task_items]
     click.echo(_table(head, rows))
-    click.echo(f"results recorded in {bundle / 'manifest.json'} (evaluations)")
+    click.echo(f"results recorded in {bundle / ev.EVALUATIONS}")
 
 
 @cli.command()

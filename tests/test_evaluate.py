@@ -76,16 +76,28 @@ def test_choice_task_file_errors(tmp_path):
 def test_eval_cli_records_results_in_the_bundle(tiny_bundle, tmp_path):
     import shutil
 
+    import hashlib
+
+    from lsaq_runtime.manifest import verify_bundle
+
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)
+    before = (b / "manifest.json").read_bytes()
     r = subprocess.run(CLI + ["eval", str(b), "--text", str(_text(tmp_path)), "--seq-len", "64",
                               "--windows", "2", "--variants", "fp16,int4", "--tasks", str(EASY), "-q"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     m = read_manifest(b)  # the runtime's reader still accepts the bundle
-    kinds = {(e["kind"], e["variant"]) for e in m["evaluations"]}
+    # the results lie beside the manifest, which is byte for byte what the build wrote
+    after = (b / "manifest.json").read_bytes()
+    assert after == before
+    assert hashlib.sha256(after).hexdigest() == hashlib.sha256(before).hexdigest()
+    assert "evaluations" not in m and (b / "evaluations.json").is_file()
+    assert verify_bundle(b) == []          # an unlisted evaluations.json is no problem
+    recorded = ev.read_evaluations(b)
+    kinds = {(e["kind"], e["variant"]) for e in recorded}
     assert kinds == {(k, v) for k in ("perplexity", "multiple_choice") for v in ("fp16", "int4")}
-    assert all(e["value"] > 0 for e in m["evaluations"] if e["kind"] == "perplexity")
+    assert all(e["value"] > 0 for e in recorded if e["kind"] == "perplexity")
     r = subprocess.run(CLI + ["eval", str(b), "--variants", "nope", "--text", "x"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown variant" in r.stderr
 

@@ -12,9 +12,11 @@ Depends on onnxruntime, numpy, tokenizers, jsonschema and jinja2 only (never tor
 from .errors import LsaqRuntimeError, NoVariantFits
 from .manifest import load_manifest, validate_manifest, verify_bundle
 from .model import Model, decide, load
-from .planner import Decision
+from .planner import Decision, plan
+from .probe import Device
 from .sizes import format_size, parse_size
 
 __version__ = "0.1.0"
 __all__ = ["load", "decide", "Model", "Decision", "LsaqRuntimeError", "NoVariantFits",
-           "load_manifest", "validate_manifest", "verify_bundle", "parse_size", "format_size"]
+           "load_manifest", "validate_manifest", "verify_bundle", "parse_size", "format_size",
+           "plan", "Device"]

@@ -33,6 +33,9 @@ __all__ = ["MANIFEST", "SCHEMA_VERSION", "METRICS", "PRECISIONS", "PARTS", "LINE
            "load_pinned", "manifest_digest", "SWAP_JOURNAL"]
 
 MANIFEST = "manifest.json"
+# Results `lsaq-compile eval` records beside the manifest (never listed in it: the manifest
+# does not change after the build). A bundle's own file, so --force may replace a bundle with it.
+EVALUATIONS = "evaluations.json"
 SCHEMA_VERSION = 6
 # 5 added per-linear precisions (QKV/O/GATE_UP/DOWN); 6 the embedding table and LM head on the
 # ladder (variants[].tables), rank_by kl_fp16 and a float32 residual stream in float16 graphs.
@@ -478,7 +481,8 @@ def replace_refusal(folder: str | Path) -> str | None:
     extra = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_symlink() or (not p.is_dir() and rel != MANIFEST and rel not in listed):
+        if p.is_symlink() or (not p.is_dir() and rel not in (MANIFEST, EVALUATIONS)
+                              and rel not in listed):
             extra.append(rel)
     if extra:
         shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")

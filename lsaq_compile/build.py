@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import folders
 from .errors import LsaqError
-from .job import BuildContext, Job
+from .job import JOB_DIR, BuildContext, Job
 from .profiles import Profile, load_profile
 from .progress import Progress
 from .quantize import QuantSettings
@@ -53,10 +53,10 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
     try:
         if work is None:
             work = folders.new_work_dir(out)
-            job = Job(work, {})
+            job = Job(work / JOB_DIR, {})
         else:
             job = _resumed_job(work, progress)
-        ctx.bundle_dir = work / folders.BUNDLE_DIR
+        ctx.bundle_dir = work
         for stage in STAGES:
             job = stage.run(job, ctx)
         folders.swap_in_work(work, out, force)
@@ -78,11 +78,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
 
 
 def _resumed_job(work: Path, progress) -> Job:
-    job = Job.load(work)
-    bundle = work / folders.BUNDLE_DIR
-    # The bundle stages' outputs live in the bundle folder: without it they run again.
-    if not any(bundle.iterdir()):
-        job.done = [s for s in job.done if s not in ("store", "graph", "writer")]
+    job = Job.load(work / JOB_DIR)
     job.done = [s for s in job.done if s != "writer"]   # the manifest is always written anew
     progress(f"resuming the interrupted build in {work}: finished "
              f"{', '.join(job.done) or 'nothing yet'}")

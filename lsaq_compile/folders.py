@@ -1,13 +1,14 @@
 """The build's folders beside its target: where a bundle is assembled, and how it replaces one.
 
-    .NAME.lsaq-job-PID/    the working folder: job.json, measurements, plans, and bundle/,
-                           the bundle being assembled (kept when a build is killed, for --resume)
-    .NAME.lsaq-tmp-PID/    the finished bundle just before it is renamed to NAME
+    .NAME.lsaq-tmp-PID/    the working folder: the bundle being assembled, and in .lsaq-job/
+                           the job record (job.json, measurements, plans); kept when a build
+                           is killed, for --resume; the job record is dropped and the folder
+                           renamed to NAME when the bundle is complete
     .NAME.lsaq-old-PID/    the bundle it replaces, until the new one is in place
 
 A folder whose PID is dead belongs to a build that died: a build of NAME cleans them up, or
-with --resume continues the newest working folder. Nothing else is ever deleted, and an
-existing target is replaced only when it is an LSAQ bundle (`replace_refusal`) and --force.
+with --resume continues the newest one. Nothing else is ever deleted, and an existing target
+is replaced only when it is an LSAQ bundle (`replace_refusal`) and --force.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from lsaq_runtime.errors import LsaqRuntimeError
 from lsaq_runtime.manifest import SWAP_JOURNAL, replace_refusal, verify_bundle
 
 from .errors import LsaqError
-from .job import JOB_FILE
+from .job import JOB_DIR, JOB_FILE
 
 TMP_MARK = ".lsaq-tmp-"
-JOB_MARK = ".lsaq-job-"
-BUNDLE_DIR = "bundle"     # inside the working folder
 
 
 def _tmp_dir_for(out: Path) -> Path:
@@ -43,25 +42,21 @@ def _dead(folder: Path) -> bool:
 
 
 def _clean_stale_tmp(out: Path) -> None:
-    """Remove the temporary and working folders of earlier builds of this target that died
-    midway (after _recover_swap: a finished bundle an interrupted swap left hidden is put in
-    place first). A live build's folders stay."""
-    for mark in (TMP_MARK, JOB_MARK):
-        for p in out.parent.glob(f".{out.name}{mark}*"):
-            if _dead(p):
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def work_dir_for(out: Path) -> Path:
-    return out.parent / f".{out.name}{JOB_MARK}{os.getpid()}"
+    """Remove the working folders of earlier builds of this target that died midway (after
+    _recover_swap: a finished bundle an interrupted swap left hidden is put in place first).
+    A live build's folder stays."""
+    for p in out.parent.glob(f".{out.name}{TMP_MARK}*"):
+        if _dead(p):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def new_work_dir(out: Path) -> Path:
-    """A fresh working folder for a build of `out`, with its (empty) bundle folder."""
-    work = work_dir_for(out)
+    """A fresh working folder for a build of `out`, with an empty job record folder."""
+    work = _tmp_dir_for(out)
     shutil.rmtree(work, ignore_errors=True)
     try:
-        (work / BUNDLE_DIR).mkdir(parents=True)
+        work.mkdir()
+        (work / JOB_DIR).mkdir()
     except OSError as e:
         raise LsaqError(f"{out.parent}: cannot write there ({e.strerror}); choose another -o") from None
     return work
@@ -70,8 +65,8 @@ def new_work_dir(out: Path) -> Path:
 def adopt_work_dir(out: Path) -> Path:
     """The working folder of the newest interrupted build of `out`, renamed as this build's
     own (so a concurrent build sees it in use). Raises, in one line, when there is none."""
-    found = [p for p in out.parent.glob(f".{out.name}{JOB_MARK}*")
-             if p.is_dir() and (p / JOB_FILE).is_file()]
+    found = [p for p in out.parent.glob(f".{out.name}{TMP_MARK}*")
+             if p.is_dir() and (p / JOB_DIR / JOB_FILE).is_file()]
     live = [p for p in found if not _dead(p) and _owner_pid(p) != os.getpid()]
     if live:
         raise LsaqError(f"{out}: another build (pid {_owner_pid(live[0])}) of it is running; "
@@ -79,26 +74,18 @@ def adopt_work_dir(out: Path) -> Path:
     if not found:
         raise LsaqError(f"{out}: nothing to resume (no interrupted build of it was found "
                         "beside it); build without --resume")
-    newest = max(found, key=lambda p: (p / JOB_FILE).stat().st_mtime)
-    work = work_dir_for(out)
+    newest = max(found, key=lambda p: (p / JOB_DIR / JOB_FILE).stat().st_mtime)
+    work = _tmp_dir_for(out)
     if newest != work:
         shutil.rmtree(work, ignore_errors=True)
         newest.rename(work)
-    (work / BUNDLE_DIR).mkdir(exist_ok=True)
     return work
 
 
 def swap_in_work(work: Path, out: Path, force: bool) -> None:
-    """Put the bundle assembled in `work` at `out` (see _swap_in), then drop the working folder."""
-    tmp = _tmp_dir_for(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    (work / BUNDLE_DIR).rename(tmp)
-    try:
-        _swap_in(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
+    """Drop the job record of the finished bundle in `work` and put the bundle at `out`."""
+    shutil.rmtree(work / JOB_DIR)
+    _swap_in(work, out, force)
 
 
 OLD_MARK = ".lsaq-old-"

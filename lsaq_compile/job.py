@@ -2,7 +2,7 @@
 
 A build runs its stages in order (`build.STAGES`); each is `run(job, ctx) -> job`. `ctx`
 (BuildContext) carries what the stages share in memory; the `Job` is what persists, as
-`job.json` in the build's working folder, rewritten atomically after every stage. A build
+`.lsaq-job/job.json` in the build's working folder, rewritten atomically after every stage. A build
 killed midway is continued with `lsaq-compile build --resume`: finished stages load their
 recorded outputs instead of running again (exllamav2's `conversion/` job, the same idea).
 
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import LsaqError
 
+JOB_DIR = ".lsaq-job"       # inside the build's working folder (the bundle being assembled)
 JOB_FILE = "job.json"
 MEASUREMENTS = "measurements.jsonl"
 JOB_FORMAT = "lsaq-build-job"

@@ -14,7 +14,7 @@ import numpy as np
 from lsaq_runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
 
 from ..errors import LsaqError
-from ..job import BuildContext, Job
+from ..job import JOB_DIR, BuildContext, Job
 from ..profiles import parse_size
 
 NAME = "writer"
@@ -117,7 +117,7 @@ def scores_record(scores, additive: dict) -> dict:
 def file_entries(root: Path) -> list[dict]:
     out = []
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name != MANIFEST and JOB_DIR not in p.relative_to(root).parts:
             out.append({"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size,
                         "sha256": sha256_file(p)})
     return out

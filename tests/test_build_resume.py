@@ -18,11 +18,12 @@ CLI = [sys.executable, "-m", "lsaq_compile.cli"]
 # default profile's stages, at sizes that take seconds.
 PROFILE = """
 [scoring]
-samples = 6
-seq_len = 48
+samples = 4
+seq_len = 40
 [build]
-rungs = 3
+rungs = 2
 quality_samples = 2
+providers = ["cpu"]
 """
 
 
@@ -87,7 +88,7 @@ def test_killed_build_resumes_and_equals_an_unkilled_one(model, tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     # a record of other inputs is refused in one line, and kept
     other = tmp_path / "other.toml"
-    other.write_text(PROFILE.replace("rungs = 3", "rungs = 2"))
+    other.write_text(PROFILE.replace("rungs = 2", "rungs = 3"))
     r = _build(model, out, other, "--resume", "-q")
     assert r.returncode == 2 and "other inputs" in r.stderr and "profile" in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr

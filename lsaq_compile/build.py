@@ -19,9 +19,9 @@ from .job import JOB_DIR, BuildContext, Job
 from .profiles import Profile, load_profile
 from .progress import Progress
 from .quantize import QuantSettings
-from .stages import PIPELINE, calibration, scoring, source
+from . import stages
 
-STAGES = PIPELINE
+STAGES = stages.PIPELINE
 
 
 def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike = "bundle",
@@ -60,13 +60,14 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
         for stage in STAGES:
             job = stage.run(job, ctx)
         folders.swap_in_work(work, out, force)
-    except KeyboardInterrupt:
-        if job is not None and job.done:   # kept for --resume (a later build cleans it up)
+    except BaseException as e:
+        # Kept for --resume: a resumed record (for another try), and an interrupted build's
+        # finished stages. A later build without --resume cleans the folder up.
+        interrupted = isinstance(e, KeyboardInterrupt) and job is not None and bool(job.done)
+        if interrupted:
             progress(f"interrupted after stage {job.done[-1]}; `lsaq-compile build --resume` "
                      "with the same arguments continues it")
-        raise
-    except BaseException as e:
-        if not resume:   # a resumed record stays for another try (a later build cleans it up)
+        if not (resume or interrupted):
             _drop(work)
         if isinstance(e, OSError):
             where = e.filename or out
@@ -90,15 +91,15 @@ def _drop(work: Path | None) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def score_for_profile(model_source, profile: str | Profile | None = None,
+def score_for_profile(source, profile: str | Profile | None = None,
                       metric: str | None = None, progress: Progress | None = None):
     """Scores measured as `build` would measure them with this profile (its calibration, and
     for sensitivity its quantizers); pass them to build_bundle(scores=...) to reuse them."""
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     ctx = BuildContext(None, Path("."), prof, QuantSettings.from_profile(prof.quantization),
                        metric or prof.scoring.metric, progress or Progress(quiet=True),
-                       source=model_source)
+                       source=source)
     job = Job(None, {})     # nothing persisted: scoring alone, in memory
-    for stage in (source, calibration, scoring):
+    for stage in (stages.source, stages.calibration, stages.scoring):
         job = stage.run(job, ctx)
     return ctx.scores

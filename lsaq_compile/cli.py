@@ -211,6 +211,21 @@ def inspect(bundle):
         "quantization: "
         f"{q.get('int8', '?')}, {q.get('int4', '?')}"))
     click.echo(printable(variant_table(m)))
+    table = evaluations_table(bundle, m)
+    if table:
+        click.echo(printable(table))
+
+
+def evaluations_table(bundle, manifest: dict) -> str:
+    """The results `eval` recorded beside the manifest (or, in an older bundle, inside it)."""
+    from .evaluate import read_evaluations
+
+    rows = [[e.get("variant", "?"), e.get("kind", "?"), e.get("task") or Path(str(e.get("data", "?"))).name,
+             e.get("engine", "onnx"), f"{e['value']:.4f}" if isinstance(e.get("value"), (int, float)) else "-"]
+            for e in read_evaluations(bundle, manifest)]
+    if not rows:
+        return ""
+    return "\nrecorded evaluations\n" + _table(["variant", "kind", "data", "engine", "value"], rows)
 
 
 def _variant_names(manifest: dict, spec: str) -> list[str]:

@@ -99,6 +99,9 @@ def test_eval_cli_records_results_in_the_bundle(tiny_bundle, tmp_path):
     kinds = {(e["kind"], e["variant"]) for e in recorded}
     assert kinds == {(k, v) for k in ("perplexity", "multiple_choice") for v in ("fp16", "int4")}
     assert all(e["value"] > 0 for e in recorded if e["kind"] == "perplexity")
+    r = subprocess.run(CLI + ["inspect", str(b)], capture_output=True, text=True)
+    assert r.returncode == 0 and "recorded evaluations" in r.stdout
+    assert r.stdout.count("multiple_choice") == 2, r.stdout
     r = subprocess.run(CLI + ["eval", str(b), "--variants", "nope", "--text", "x"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown variant" in r.stderr
 

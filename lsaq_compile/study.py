@@ -514,7 +514,7 @@ def _reuse_note(c: dict | None) -> str:
     if not c or not c["reused"]:
         return ""
     return (f", with {c['reused']} of its {c['measurements']} measurements read back from the "
-            f"bundles' manifests, where an earlier run of this command recorded them")
+            f"bundles' evaluations.json, where an earlier run of this command recorded them")
 
 
 def _cell(z: dict, key: str) -> str:

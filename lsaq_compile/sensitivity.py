@@ -457,18 +457,18 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
                         f"{' or '.join(map(repr, GRANULARITY))}")
     from .importance import Scores
 
-    t0 = time.perf_counter()
-    meter = KLMeter(source, windows, schemes, act_stats)
-    if progress:
-        progress(f"FP16 reference on {meter.n} x {meter.seq_len} tokens "
-                 f"({time.perf_counter() - t0:.0f}s)")
-    known = {}
+    known = {}   # a resumed build's finished measurements (refused first if of other inputs)
     if log is not None:
         log.start()
         known = log.read()
         if known and progress:
             progress(f"resuming: reusing {len(known)} finished (layer, unit) measurements from "
                      f"{log.path}")
+    t0 = time.perf_counter()
+    meter = KLMeter(source, windows, schemes, act_stats)
+    if progress:
+        progress(f"FP16 reference on {meter.n} x {meter.seq_len} tokens "
+                 f"({time.perf_counter() - t0:.0f}s)")
     sens = measure(meter, units=GRANULARITY[granularity], progress=progress, tables=tables,
                    known=known, record=log.append if log is not None else None)
     check_finite(sens)

@@ -196,13 +196,14 @@ def lsaq_results(label: str, bundle: Path, text: Path, seq_len: int, windows: in
     settings = {"seq_len": seq_len, "windows": len(tw.windows)}
     params = decoder_linear_params(m["model"])
     rows, reused = [], 0
+    recorded = ev.read_evaluations(bundle, m)
     for v in m["variants"]:
         if variants and v["name"] not in variants:
             continue
-        e = _recorded(m, v["name"], "onnx", tw.sha256, settings, need="value")
+        e = _recorded(recorded, v["name"], "onnx", tw.sha256, settings, need="value")
         if e is not None:
             reused += 1
-            log(f"{label} {v['name']}: perplexity {e['value']:.3f} (recorded in the manifest)")
+            log(f"{label} {v['name']}: perplexity {e['value']:.3f} (recorded in the bundle)")
         else:
             t0 = time.perf_counter()
             fn = ev.onnx_logits_fn(bundle, m, v["name"], threads=threads, context=seq_len)
@@ -215,7 +216,7 @@ def lsaq_results(label: str, bundle: Path, text: Path, seq_len: int, windows: in
                  "settings": settings, "value": r["perplexity"], "tokens": r["tokens"],
                  "per_window_nll": r["per_window_nll"]}
             ev.record_evaluations(bundle, [e])
-            m.setdefault("evaluations", []).append(e)
+            recorded.append(e)
             log(f"{label} {v['name']}: perplexity {e['value']:.3f} "
                 f"({time.perf_counter() - t0:.0f}s, recorded)")
         cpu = v["providers"].get("cpu", {})
@@ -480,7 +481,7 @@ def markdown(res: dict, rows, comps) -> str:
         + f"; {res['llama_cpp']['cached']} of {len(llama)} llama.cpp results read from the "
         f"workdir's cache, {sum(b['reused'] for b in bundles.values())} of "
         f"{sum(len(b['variants']) for b in bundles.values())} LSAQ perplexities read back from "
-        "the bundles' manifests (where an earlier run recorded them); the llama.cpp evaluations "
+        "the bundles' evaluations.json (where an earlier run recorded them); the llama.cpp evaluations "
         f"took {sum(r.get('seconds', 0) for r in llama.values()):.0f} s when measured.",
         "",
         f"Perplexity on the first {t['windows']} non-overlapping windows of {t['seq_len']} tokens of "

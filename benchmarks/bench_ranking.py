@@ -44,7 +44,7 @@ def wikitext(bundle: Path, m: dict, seq_len: int, windows: int, log) -> dict[str
 
     tw = ev.text_windows(TEXT, ev.bundle_codec(bundle, m), seq_len, windows)
     settings = {"seq_len": seq_len, "windows": len(tw.windows)}
-    recorded = {e["variant"]: e["value"] for e in m.get("evaluations", [])
+    recorded = {e["variant"]: e["value"] for e in ev.read_evaluations(bundle, m)
                 if e.get("kind") == "perplexity" and e.get("data_sha256") == tw.sha256
                 and e.get("settings") == settings and e.get("engine", "onnx") == "onnx"}
     out, new = {}, []

@@ -9,10 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
-from lsaq_runtime import LsaqRuntimeError, NoVariantFits, decide, load_manifest, parse_size  # noqa: E402
-from lsaq_runtime.planner import plan  # noqa: E402
-from lsaq_runtime.probe import Device  # noqa: E402
-from lsaq_runtime.sizes import format_size  # noqa: E402
+from lsaq_runtime import (Device, LsaqRuntimeError, NoVariantFits, decide, format_size,  # noqa: E402
+                          load_manifest, parse_size, plan)
 
 BUDGETS = ["200MiB", "300MiB", "400MiB", "512MiB", "640MiB", "768MiB", "1GiB", "1.5GiB", "2GiB"]
 

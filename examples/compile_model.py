@@ -10,11 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from lsaq_compile.bundle import build_bundle, read_manifest, score_for_profile
-from lsaq_compile.calibration import load_calibration, load_tokenizer
-from lsaq_compile.importance import score_model
-from lsaq_compile.model_source import open_model
-from lsaq_compile.profiles import load_profile
+from lsaq_compile import (build_bundle, load_calibration, load_profile, load_tokenizer, open_model,
+                          read_manifest, score_for_profile, score_model)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model", nargs="?")

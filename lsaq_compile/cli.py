@@ -129,8 +129,10 @@ def _score_sensitivity(source, profile, calibration, samples, seq_len, progress)
 @click.option("--chat-template", "chat_template", type=click.Path(dir_okay=False),
               help="a Jinja chat template file, for sources that carry none (or to replace theirs)")
 @click.option("--force", is_flag=True, help="replace an existing bundle folder")
+@click.option("--resume", is_flag=True, help="continue the interrupted build of -o (same "
+              "arguments): finished stages and measurements are reused")
 @click.option("-q", "--quiet", is_flag=True)
-def build(model, out, profile, scores, metric, calibration, chat_template, force, quiet):
+def build(model, out, profile, scores, metric, calibration, chat_template, force, resume, quiet):
     """Score (unless --scores), quantize, export every variant and write the bundle."""
     from .bundle import build_bundle, read_manifest
     from .profiles import load_profile
@@ -140,7 +142,7 @@ def build(model, out, profile, scores, metric, calibration, chat_template, force
         prof.scoring.calibration = calibration
     template = _read_template(chat_template) if chat_template else None
     path = build_bundle(model, out, profile=prof, scores=scores, metric=metric, force=force,
-                        progress=Progress(quiet), chat_template=template)
+                        progress=Progress(quiet), chat_template=template, resume=resume)
     click.echo(variant_table(read_manifest(path)))
 
 
@@ -209,6 +211,21 @@ def inspect(bundle):
         "quantization: "
         f"{q.get('int8', '?')}, {q.get('int4', '?')}"))
     click.echo(printable(variant_table(m)))
+    table = evaluations_table(bundle, m)
+    if table:
+        click.echo(printable(table))
+
+
+def evaluations_table(bundle, manifest: dict) -> str:
+    """The results `eval` recorded beside the manifest (or, in an older bundle, inside it)."""
+    from .evaluate import read_evaluations
+
+    rows = [[e.get("variant", "?"), e.get("kind", "?"), e.get("task") or Path(str(e.get("data", "?"))).name,
+             e.get("engine", "onnx"), f"{e['value']:.4f}" if isinstance(e.get("value"), (int, float)) else "-"]
+            for e in read_evaluations(bundle, manifest)]
+    if not rows:
+        return ""
+    return "\nrecorded evaluations\n" + _table(["variant", "kind", "data", "engine", "value"], rows)
 
 
 def _variant_names(manifest: dict, spec: str) -> list[str]:
@@ -273,10 +290,8 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
         v = next(x for x in m["variants"] if x["name"] == name)
         fns = {"onnx": ev.onnx_logits_fn(bundle, m, name, context=seq_len)}
         if reference:
-            q = m["quantization"]
             fns["torch"] = ev.torch_logits_fn(m["model"]["source"]["path"], v["precisions"],
-                                              q["scheme"], q.get("group_size"), q.get("symmetric", True),
-                                              q.get("clip", "none"), q.get("clip_calibration"))
+                                              m["quantization"])
         row = [name, f"{v['avg_bits']:.2f}"]
         for kind, fn in fns.items():
             base = {"variant": name, "provider": "cpu", "engine": kind, "created": now}
@@ -323,7 +338,7 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
             [f"{t} acc" + (" / acc_norm" if not zs.TASKS.get(t) or "acc_norm" in zs.TASKS[t].metrics else "")
              + f" ({kind})" for t in task_items]
     click.echo(_table(head, rows))
-    click.echo(f"results recorded in {bundle / 'manifest.json'} (evaluations)")
+    click.echo(f"results recorded in {bundle / ev.EVALUATIONS}")
 
 
 @cli.command()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+from lsaq_runtime.format import EVALUATIONS
 
 from .errors import LsaqError
 
@@ -91,21 +92,22 @@ def encoder(codec) -> Callable[[str], list[int]]:
     return codec.encode
 
 
-def torch_logits_fn(model_path, precisions: list[str], scheme_kind: str = "channel",
-                    group_size: int | None = None, symmetric: bool = True, clip: str = "none",
-                    clip_calibration: dict | None = None) -> LogitsFn:
+def torch_logits_fn(model_path, precisions: list[str], quantization: dict | None = None
+                    ) -> LogitsFn:
     """The same plan in transformers, with exactly the dequantized weights the graph uses.
-    clip_calibration: the manifest's record of the text 'mse-act' clipping was measured on."""
+    quantization: the manifest's `quantization` record (None: the paper's per-channel RTN);
+    for clip 'mse-act' its clip_calibration says which text the clipping was measured on."""
     import torch
 
     from .model_source import open_model
-    from .quantize import schemes_for
+    from .quantize import QuantSettings
     from .reference import reference_model
 
+    settings = QuantSettings.from_manifest(quantization)
     source = open_model(model_path)
-    act = _clip_activations(source, clip_calibration) if clip == "mse-act" else None
-    model = reference_model(source, precisions, schemes_for(scheme_kind, group_size, symmetric,
-                                                            clip=clip), act_stats=act).eval()
+    act = (_clip_activations(source, (quantization or {}).get("clip_calibration"))
+           if settings.clip == "mse-act" else None)
+    model = reference_model(source, precisions, settings.schemes(), act_stats=act).eval()
 
     def run(ids: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -381,21 +383,57 @@ def mean_stderr(xs) -> float:
 
 
 # ---------------------------------------------------------------- results in the bundle
-def record_evaluations(bundle: Path, entries: list[dict]) -> None:
-    """Add results to the manifest's `evaluations` (replacing same kind/variant/text/settings)
-    and rewrite it atomically; the runtime's schema checks the result."""
-    from lsaq_runtime.format import MANIFEST
-    from lsaq_runtime.manifest import read_manifest_json, validate_manifest
+# Results live beside the manifest, never in it: manifest.json does not change after the build
+# (its bytes are what a server pins and a verifier hashes).
+EVALUATIONS_FORMAT = "lsaq-evaluations"
 
-    path = Path(bundle) / MANIFEST
-    manifest = read_manifest_json(bundle)
+
+def _manifest_sha256(bundle: Path) -> str:
+    from lsaq_runtime.format import MANIFEST
+
+    return hashlib.sha256((Path(bundle) / MANIFEST).read_bytes()).hexdigest()
+
+
+def read_evaluations(bundle, manifest: dict | None = None) -> list[dict]:
+    """The results recorded for this bundle: evaluations.json beside its manifest (when it was
+    written for this very manifest), else the `evaluations` an older bundle kept inside its
+    manifest."""
+    from lsaq_runtime.manifest import read_manifest_json
+
+    root = Path(bundle)
+    legacy = list((manifest if manifest is not None else read_manifest_json(root))
+                  .get("evaluations", []))
+    path = root / EVALUATIONS
+    if not path.is_file():
+        return legacy
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        entries = rec["evaluations"]
+        if rec.get("format") != EVALUATIONS_FORMAT or not (
+                isinstance(entries, list) and all(isinstance(e, dict) and "kind" in e
+                                                  and "variant" in e for e in entries)):
+            raise ValueError("not the format `lsaq-compile eval` writes")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise LsaqError(f"{path}: cannot be read as recorded results "
+                        f"({getattr(e, 'strerror', None) or e}); delete it to measure again") from None
+    if rec.get("manifest_sha256") != _manifest_sha256(root):
+        return legacy   # results of another build of this folder: not this bundle's
+    return entries
+
+
+def record_evaluations(bundle: Path, entries: list[dict]) -> None:
+    """Add results to the bundle's evaluations.json (replacing those of the same kind, variant,
+    text and settings), written atomically; manifest.json is left as the build wrote it."""
+    root = Path(bundle)
     key = lambda e: (e["kind"], e["variant"], e["provider"], e.get("data_sha256"),
                      json.dumps(e.get("settings", {}), sort_keys=True))
     new = {key(e) for e in entries}
-    manifest["evaluations"] = [e for e in manifest.get("evaluations", []) if key(e) not in new] + entries
-    validate_manifest(manifest)
-    tmp = path.with_name(f".manifest.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
+    kept = [e for e in read_evaluations(root) if key(e) not in new]
+    rec = {"format": EVALUATIONS_FORMAT, "manifest_sha256": _manifest_sha256(root),
+           "evaluations": kept + list(entries)}
+    path = root / EVALUATIONS
+    tmp = path.with_name(f".{EVALUATIONS}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
     os.replace(tmp, path)
 
 

@@ -411,11 +411,15 @@ class ModelSource:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for f in sorted(self.files()):
-            h.update(f.name.encode())
-            h.update(sha256_file(f).encode())
-        return h.hexdigest()
+        """sha256 over the model's files (names and contents); hashed once per source, as a
+        build asks for it in several stages and a 7B model's files take a minute to hash."""
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256()
+            for f in sorted(self.files()):
+                h.update(f.name.encode())
+                h.update(sha256_file(f).encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     # Convenience views used by every stage.
     def embedding(self) -> np.ndarray:

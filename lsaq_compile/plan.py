@@ -16,6 +16,10 @@ from lsaq_runtime.format import linear_shapes as _linear_shapes
 from .errors import LsaqError
 from .quantize import QuantScheme, stored_bytes
 
+# How each ladder orders its plans: "bytes" allocates by measured sensitivity; "full" and
+# "paper" make the paper's mixes from a layer order (with sensitivity scores, "paper" allocates
+# the bytes of those mixes).
+LADDERS = ("bytes", "full", "paper")
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
 PAPER_FRACTIONS = (0.25, 0.50, 0.75)
 
@@ -83,17 +87,28 @@ def paper_counts(num_layers: int) -> list[int]:
     return [math.floor(f * num_layers + 0.5) for f in PAPER_FRACTIONS]
 
 
+def check_ladder(kind: str, scores_metric: str | None = None) -> None:
+    """The one check of a ladder kind (profiles, the plan stage and `ladder` call it): a known
+    kind, and for "bytes" scores that measured sensitivity."""
+    if kind not in LADDERS:
+        raise LsaqError(f"unknown ladder {kind!r}; use 'bytes', 'full' or 'paper'")
+    if kind == "bytes" and scores_metric not in (None, "sensitivity"):
+        raise LsaqError(f"build.ladder 'bytes' allocates by measured sensitivity, but the "
+                        f"scores are {scores_metric}; use --metric sensitivity or a profile with "
+                        "ladder 'full' or 'paper'")
+
+
 def ladder(order: list[int], kind: str = "full") -> list[Plan]:
     """Plans most precise first. 'paper': FP16, INT8, INT4 on 25/50/75% and all layers.
     'full': FP16, INT8, then INT4 on the n least important layers for every n = 1..L."""
     L = len(order)
     _validate_order(order, L)
-    if kind == "paper":
-        counts = sorted(set(c for c in paper_counts(L) if 0 < c < L)) + [L]
-    elif kind == "full":
-        counts = list(range(1, L + 1))
-    else:
-        raise LsaqError(f"unknown ladder {kind!r}; use 'full' or 'paper'")
+    check_ladder(kind)
+    if kind == "bytes":
+        raise LsaqError("ladder 'bytes' allocates by measured sensitivity, not by a layer order; "
+                        "use 'full' or 'paper'")
+    counts = (sorted(set(c for c in paper_counts(L) if 0 < c < L)) + [L] if kind == "paper"
+              else list(range(1, L + 1)))
     return [Plan("fp16", ("fp16",) * L), mix_plan(order, 0)] + [mix_plan(order, n) for n in counts]
 
 

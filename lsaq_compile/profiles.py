@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LsaqError
+from .plan import check_ladder
 
 PROFILES_DIR = Path(__file__).resolve().parent / "data" / "profiles"
 
@@ -80,14 +81,19 @@ class Profile:
     quantization: QuantizationSection = field(default_factory=QuantizationSection)
     deployment: DeploymentSection = field(default_factory=DeploymentSection)
 
+    @property
+    def tables_on_ladder(self) -> bool:
+        """Whether the embedding table and LM head get INT8/INT4 by measured sensitivity: the
+        profile asks for it and allocates by bytes (the other ladders keep the paper's fp16
+        tables)."""
+        return self.quantization.tables == "ladder" and self.build.ladder == "bytes"
+
     def validate(self) -> "Profile":
         where = f"profile {self.name!r}"
-        if self.build.ladder not in ("full", "paper", "bytes"):
-            raise LsaqError(f"{where}: build.ladder must be 'bytes', 'full' or 'paper', not "
-                            f"{self.build.ladder!r}")
-        if self.build.ladder == "bytes" and self.scoring.metric != "sensitivity":
-            raise LsaqError(f"{where}: build.ladder 'bytes' allocates by measured sensitivity; "
-                            "set scoring.metric = \"sensitivity\" or use ladder 'full'/'paper'")
+        try:
+            check_ladder(self.build.ladder, self.scoring.metric)
+        except LsaqError as e:
+            raise LsaqError(f"{where}: {e}") from None
         if self.build.quality_samples and "cpu" not in self.build.providers:
             raise LsaqError(f"{where}: build.quality_samples measures each variant's CPU graph; "
                             "add 'cpu' to build.providers or set quality_samples = 0")

@@ -310,6 +310,34 @@ def schemes_for(kind: str, group_size: int | None = None, symmetric: bool = True
     raise LsaqError(f"unknown quantization scheme {kind!r}; use 'channel' or 'group'")
 
 
+@dataclass(frozen=True)
+class QuantSettings:
+    """A build's quantization settings, read once from a profile or a manifest: every caller
+    (build, eval's torch reference, study) gets its INT8/INT4 schemes from here."""
+
+    scheme: str = "channel"            # INT4's kind: 'channel' (the paper) or 'group'
+    group_size: int | None = None
+    symmetric: bool = True
+    block_size: int | None = None      # None: the largest MatMulNBits block that divides K
+    clip: str = "none"
+
+    @classmethod
+    def from_profile(cls, q) -> "QuantSettings":
+        """From a profile's [quantization] section (block_size 0 means "choose")."""
+        return cls(q.scheme, q.group_size, q.symmetric, q.block_size or None, q.clip)
+
+    @classmethod
+    def from_manifest(cls, q: dict | None) -> "QuantSettings":
+        """From a manifest's `quantization` record (older bundles leave keys out)."""
+        q = q or {}
+        return cls(q.get("scheme", "channel"), q.get("group_size"), q.get("symmetric", True),
+                   q.get("block_size"), q.get("clip", "none"))
+
+    def schemes(self) -> dict[str, QuantScheme]:
+        return schemes_for(self.scheme, self.group_size, self.symmetric, self.block_size,
+                           self.clip)
+
+
 def stored_bytes(n: int, k: int, scheme: QuantScheme) -> int:
     """Exact bytes `quantize` stores for an [n, k] weight (packed codes, fp16 scales, zero
     points), without quantizing it: the ladder's byte budgets are planned from this."""

@@ -234,27 +234,39 @@ def part_plan(L: int, layer: int, unit: str, precision: str) -> list[str]:
 
 
 def measure(meter: KLMeter, precisions=QUANTIZED, units: tuple[str, ...] = GRANULARITY["block"],
-            progress: Callable[[str], None] | None = None, tables: bool = False) -> Sensitivity:
+            progress: Callable[[str], None] | None = None, tables: bool = False,
+            known: dict | None = None, record: Callable[[tuple, dict], None] | None = None
+            ) -> Sensitivity:
     """Single-unit costs: units x layers x precisions KL measurements, and with `tables` the
     embedding table's and LM head's at each precision (a full pass each for the embedding, a
-    cheap one for an untied head)."""
+    cheap one for an untied head). known: costs already measured, by ("table", name) or
+    ("layer", i, unit) (a resumed build's); record: called with each new one as it finishes."""
     L = meter.spec.num_layers
     t0 = time.perf_counter()
+    known = known or {}
     cost = {part: [dict() for _ in range(L)] for part in units}
     table_cost = {t: {} for t in (table_units(meter.spec, meter.source) if tables else ())}
     n, done = len(units) * L * len(precisions) + len(table_cost) * len(precisions), 0
+
+    def one(key: tuple, plan: Callable[[str], float]) -> dict[str, float]:
+        nonlocal done
+        if key in known and set(precisions) <= set(known[key]):
+            done += len(precisions)
+            return {p: known[key][p] for p in precisions}
+        got = {p: plan(p) for p in precisions}
+        done += len(precisions)
+        if record:
+            record(key, got)
+        return got
+
     for t in table_cost:
-        for p in precisions:
-            table_cost[t][p] = meter.kl(["fp16"] * L, {t: p})
-            done += 1
+        table_cost[t] = one(("table", t), lambda p: meter.kl(["fp16"] * L, {t: p}))
         if progress:
             progress(f"{t} table: " + ", ".join(f"{p} {table_cost[t][p]:.2e}" for p in precisions)
                      + f" ({done}/{n}, {time.perf_counter() - t0:.0f}s)")
     for i in range(L):
         for part in units:
-            for p in precisions:
-                cost[part][i][p] = meter.kl(part_plan(L, i, part, p))
-                done += 1
+            cost[part][i] = one(("layer", i, part), lambda p: meter.kl(part_plan(L, i, part, p)))
             if progress:
                 progress(f"layer {i + 1}/{L} {part}: " + ", ".join(
                     f"{p} {cost[part][i][p]:.2e}" for p in precisions)
@@ -432,21 +444,29 @@ def check_finite(sens: Sensitivity) -> None:
 # ---------------------------------------------------------------- scoring and the ladder
 def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[str, QuantScheme],
           act_stats: dict | None = None, progress: Callable[[str], None] | None = None,
-          granularity: str = "block", tables: bool = False):
+          granularity: str = "block", tables: bool = False, log=None):
     """Measure every unit's sensitivity (GRANULARITY: "block" = attention and MLP, "linear" =
     each stored linear; with `tables` the embedding table and LM head too); return (Scores with
-    metric "sensitivity", the meter)."""
+    metric "sensitivity", the meter). log: a job.MeasurementLog to continue and append to."""
     if granularity not in GRANULARITY:
         raise LsaqError(f"sensitivity granularity {granularity!r}: use "
                         f"{' or '.join(map(repr, GRANULARITY))}")
     from .importance import Scores
 
+    known = {}   # a resumed build's finished measurements (refused first if of other inputs)
+    if log is not None:
+        log.start()
+        known = log.read()
+        if known and progress:
+            progress(f"resuming: reusing {len(known)} finished (layer, unit) measurements from "
+                     f"{log.path}")
     t0 = time.perf_counter()
     meter = KLMeter(source, windows, schemes, act_stats)
     if progress:
         progress(f"FP16 reference on {meter.n} x {meter.seq_len} tokens "
                  f"({time.perf_counter() - t0:.0f}s)")
-    sens = measure(meter, units=GRANULARITY[granularity], progress=progress, tables=tables)
+    sens = measure(meter, units=GRANULARITY[granularity], progress=progress, tables=tables,
+                   known=known, record=log.append if log is not None else None)
     check_finite(sens)
     spec = source.spec
     model = {"name": spec.name, "architecture": spec.architecture, "num_layers": spec.num_layers,

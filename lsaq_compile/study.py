@@ -207,10 +207,11 @@ def _files_sha(zs, task: str, tasks_dir) -> str:
     return h.hexdigest()
 
 
-def _recorded(manifest: dict, variant: str, engine: str, data_sha: str, settings: dict,
+def _recorded(evaluations: list[dict], variant: str, engine: str, data_sha: str, settings: dict,
               kind: str = "perplexity", need: str = "per_window_nll"):
-    """A result already measured on this bundle with the same data and settings."""
-    for e in manifest.get("evaluations", []):
+    """A result already measured on this bundle with the same data and settings
+    (evaluations: evaluate.read_evaluations of the bundle)."""
+    for e in evaluations:
         if (e.get("kind"), e.get("variant"), e.get("engine"), e.get("data_sha256")) == \
                 (kind, variant, engine, data_sha) and e.get("settings") == settings and need in e:
             return e
@@ -220,9 +221,9 @@ def _recorded(manifest: dict, variant: str, engine: str, data_sha: str, settings
 _COUNTS = {"measurements": 0, "reused": 0}
 
 
-def _measure(ev, bundle, manifest, entry: dict, need: str, run, progress, name) -> dict:
+def _measure(ev, bundle, evaluations, entry: dict, need: str, run, progress, name) -> dict:
     """The recorded entry with this key, or run() it and record it."""
-    e = _recorded(manifest, entry["variant"], entry["engine"], entry["data_sha256"], entry["settings"],
+    e = _recorded(evaluations, entry["variant"], entry["engine"], entry["data_sha256"], entry["settings"],
                   entry["kind"], need)
     _COUNTS["measurements"] += 1
     if e is not None:
@@ -231,7 +232,7 @@ def _measure(ev, bundle, manifest, entry: dict, need: str, run, progress, name) 
         return e
     e = {**entry, **run()}
     ev.record_evaluations(bundle, [e])
-    manifest.setdefault("evaluations", []).append(e)
+    evaluations.append(e)
     return e
 
 
@@ -244,15 +245,14 @@ def _evaluate_plan(ev, bundle, manifest, v, metric, tw, seq_len, reference_windo
     name = f"{metric}/{v['name']}"
     fn = ev.onnx_logits_fn(bundle, manifest, v["name"], context=max(seq_len, 1024))
     base = {"variant": v["name"], "provider": "cpu", "engine": "onnx"}
+    recorded = ev.read_evaluations(bundle, manifest)
 
     def ppl(text, n, engine, stage):
         def run():
-            f = fn if engine == "onnx" else ev.torch_logits_fn(
-                model_path, v["precisions"], q["scheme"], q.get("group_size"), q.get("symmetric", True),
-                q.get("clip", "none"), q.get("clip_calibration"))
+            f = fn if engine == "onnx" else ev.torch_logits_fn(model_path, v["precisions"], q)
             r = ev.perplexity(f, text, limit=n, progress=progress.stage(f"{stage} {name} [{engine}]"))
             return {"value": r["perplexity"], "tokens": r["tokens"], "per_window_nll": r["per_window_nll"]}
-        return _measure(ev, bundle, manifest, {**base, "engine": engine, "kind": "perplexity",
+        return _measure(ev, bundle, recorded, {**base, "engine": engine, "kind": "perplexity",
                         "data": text.source, "data_sha256": text.sha256,
                         "settings": {"seq_len": text.seq_len, "windows": n}},
                         "per_window_nll", run, progress, f"eval {name} [{engine}]")
@@ -274,7 +274,7 @@ def _evaluate_plan(ev, bundle, manifest, v, metric, tw, seq_len, reference_windo
                                   progress=progress.stage(f"zero-shot {name}"))[task]
             r.pop("details")
             return r
-        zero[task] = _measure(ev, bundle, manifest, {**base, "kind": "zeroshot", "task": task,
+        zero[task] = _measure(ev, bundle, recorded, {**base, "kind": "zeroshot", "task": task,
                               "data": str(tasks_dir), "data_sha256": task_sha[task],
                               "settings": {"task": task, "items": items}}, "correct", run, progress,
                               f"zero-shot {name} {task}")
@@ -514,7 +514,7 @@ def _reuse_note(c: dict | None) -> str:
     if not c or not c["reused"]:
         return ""
     return (f", with {c['reused']} of its {c['measurements']} measurements read back from the "
-            f"bundles' manifests, where an earlier run of this command recorded them")
+            f"bundles' evaluations.json, where an earlier run of this command recorded them")
 
 
 def _cell(z: dict, key: str) -> str:

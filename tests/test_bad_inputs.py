@@ -1311,7 +1311,7 @@ def test_force_swap_survives_a_crash_between_the_renames(tiny_bundle, tiny_llama
 
 
 def test_an_interrupted_swap_without_a_finished_bundle_puts_the_old_one_back(tiny_bundle, tmp_path):
-    from lsaq_compile.bundle import _recover_swap
+    from lsaq_compile.folders import _recover_swap
 
     out = tmp_path / "b"
     shutil.copytree(tiny_bundle, tmp_path / ".b.lsaq-old-999999")

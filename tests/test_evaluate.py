@@ -76,16 +76,32 @@ def test_choice_task_file_errors(tmp_path):
 def test_eval_cli_records_results_in_the_bundle(tiny_bundle, tmp_path):
     import shutil
 
+    import hashlib
+
+    from lsaq_runtime.manifest import replace_refusal, verify_bundle
+
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)
+    before = (b / "manifest.json").read_bytes()
     r = subprocess.run(CLI + ["eval", str(b), "--text", str(_text(tmp_path)), "--seq-len", "64",
                               "--windows", "2", "--variants", "fp16,int4", "--tasks", str(EASY), "-q"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     m = read_manifest(b)  # the runtime's reader still accepts the bundle
-    kinds = {(e["kind"], e["variant"]) for e in m["evaluations"]}
+    # the results lie beside the manifest, which is byte for byte what the build wrote
+    after = (b / "manifest.json").read_bytes()
+    assert after == before
+    assert hashlib.sha256(after).hexdigest() == hashlib.sha256(before).hexdigest()
+    assert "evaluations" not in m and (b / "evaluations.json").is_file()
+    assert verify_bundle(b) == []          # an unlisted evaluations.json is no problem
+    assert replace_refusal(b) is None      # and --force may still replace the bundle
+    recorded = ev.read_evaluations(b)
+    kinds = {(e["kind"], e["variant"]) for e in recorded}
     assert kinds == {(k, v) for k in ("perplexity", "multiple_choice") for v in ("fp16", "int4")}
-    assert all(e["value"] > 0 for e in m["evaluations"] if e["kind"] == "perplexity")
+    assert all(e["value"] > 0 for e in recorded if e["kind"] == "perplexity")
+    r = subprocess.run(CLI + ["inspect", str(b)], capture_output=True, text=True)
+    assert r.returncode == 0 and "recorded evaluations" in r.stdout
+    assert r.stdout.count("multiple_choice") == 2, r.stdout
     r = subprocess.run(CLI + ["eval", str(b), "--variants", "nope", "--text", "x"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown variant" in r.stderr
 
@@ -159,3 +175,21 @@ metric_list:
     for it, d in zip(ev.load_choice_tasks(EASY), ours["details"]):
         for (context, c), ll in zip(it.requests, d["loglikelihoods"]):
             assert lm._score(context, c)[0] == pytest.approx(ll, abs=1e-4)
+
+
+def test_evaluations_of_old_bundles_are_read_from_their_manifest(tmp_path):
+    """Bundles from before evaluations.json kept their results in the manifest: still read;
+    a file recorded for another manifest (the folder was rebuilt) is not this bundle's."""
+    old = [{"kind": "perplexity", "variant": "fp16", "provider": "cpu", "value": 9.0}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "lsaq-bundle",
+                                                        "evaluations": old}))
+    assert ev.read_evaluations(tmp_path) == old
+    new = [{"kind": "perplexity", "variant": "int4", "provider": "cpu", "value": 10.0}]
+    ev.record_evaluations(tmp_path, new)
+    assert json.loads((tmp_path / "manifest.json").read_text())["evaluations"] == old
+    assert ev.read_evaluations(tmp_path) == old + new
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "lsaq-bundle"}))
+    assert ev.read_evaluations(tmp_path) == []
+    (tmp_path / "evaluations.json").write_text("[")
+    with pytest.raises(LsaqError, match="evaluations.json: cannot be read"):
+        ev.read_evaluations(tmp_path)

@@ -36,3 +36,25 @@ def test_compile_model(tiny_llama_dir, tmp_path):
     r = example("compile_model.py", tiny_llama_dir, "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if (p / "manifest.json").is_file())
+
+
+def test_examples_import_only_the_public_api():
+    """Examples are what users copy: they import top-level names of lsaq_compile and
+    lsaq_runtime only, never an internal module."""
+    import ast
+    import importlib
+
+    ours = {"lsaq_compile", "lsaq_runtime"}
+    for path in sorted((REPO / "examples").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                top = node.module.split(".")[0]
+                if top in ours:
+                    assert node.module == top and node.level == 0, (path.name, node.module)
+                    package = importlib.import_module(top)
+                    for alias in node.names:
+                        assert alias.name in package.__all__, (path.name, alias.name)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] in ours:
+                        assert alias.name in ours, (path.name, alias.name)

@@ -706,11 +706,11 @@ def test_mse_act_bundle_matches_its_torch_reference(tiny_llama_dir, tmp_path):
     v = next(x for x in m["variants"] if x["name"] == "int4")
     ids = np.random.default_rng(3).integers(0, 512, 40)
     got = ev.onnx_logits_fn(out, m, "int4")(ids)
-    ref = ev.torch_logits_fn(tiny_llama_dir, v["precisions"], q["scheme"], q["group_size"],
-                             q["symmetric"], q["clip"], q["clip_calibration"])(ids)
+    ref = ev.torch_logits_fn(tiny_llama_dir, v["precisions"], q)(ids)
     assert max_diff(got, ref) <= 1e-3
     rtn = ev.torch_logits_fn(tiny_llama_dir, v["precisions"])(ids)
     assert max_diff(rtn, ref) > 1e-2
     with pytest.raises(LsaqError, match="fingerprint differs"):
-        ev.torch_logits_fn(tiny_llama_dir, v["precisions"], clip="mse-act",
-                           clip_calibration={**q["clip_calibration"], "windows_sha256": "0" * 64})
+        ev.torch_logits_fn(tiny_llama_dir, v["precisions"], {
+            "scheme": "channel", "clip": "mse-act",
+            "clip_calibration": {**q["clip_calibration"], "windows_sha256": "0" * 64}})

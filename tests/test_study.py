@@ -50,7 +50,7 @@ def test_study_on_tiny_model(tiny_llama_dir, tmp_path):
     report = (out / "report.md").read_text()
     assert "Table III" in report and "Table IV" in report and "Table I)" in report
     assert s["verdict"]["text"] in report and "The claim (Jaccard loses less" in s["verdict"]["text"]
-    # rerun: every measurement is read back from the bundles' manifests, nothing recomputed
+    # rerun: every measurement is read back from the bundles' evaluations.json, nothing recomputed
     again = run_study(tiny_llama_dir, ("jaccard", "cosine", "zscore"), text, tmp_path / "results",
                       calibration=str(C4) if C4.is_file() else None, samples=4, seq_len=32,
                       eval_seq_len=64, windows=2, reference_windows=1, progress=Progress(quiet=True),

@@ -157,7 +157,7 @@ def test_eval_cli_tasks_and_cross_check(tiny_bundle, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count(": identical") == 4, r.stdout
-    rec = json.loads((tiny_bundle / "manifest.json").read_text())["evaluations"]
+    rec = ev.read_evaluations(tiny_bundle)
     assert {(e["variant"], e["task"]) for e in rec if e["kind"] == "multiple_choice" and "task" in e} >= \
         {("fp16", "piqa"), ("int4", "winogrande")}
     r = subprocess.run(CLI + ["eval", str(tiny_bundle), "--tasks", "piqa"], capture_output=True, text=True)

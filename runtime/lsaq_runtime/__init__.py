@@ -18,11 +18,12 @@ cache), `model` (`open_bundle` once, `load_variant` per decision; `load` compose
 from .errors import LsaqRuntimeError, NoVariantFits
 from .manifest import load_manifest, validate_manifest
 from .model import Model, OpenedBundle, decide, load, load_variant, open_bundle
-from .planner import Decision
+from .planner import Decision, plan
+from .probe import Device
 from .sizes import format_size, parse_size
 from .verify import verify_bundle
 
 __version__ = "0.1.0"
 __all__ = ["load", "decide", "open_bundle", "load_variant", "Model", "OpenedBundle", "Decision",
            "LsaqRuntimeError", "NoVariantFits", "load_manifest", "validate_manifest",
-           "verify_bundle", "parse_size", "format_size"]
+           "verify_bundle", "parse_size", "format_size", "plan", "Device"]

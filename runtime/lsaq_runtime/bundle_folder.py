@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import LsaqRuntimeError
-from .format import FORMAT_NAME, MANIFEST
+from .format import EVALUATIONS, FORMAT_NAME, MANIFEST
 from .manifest import read_manifest_json, validate_manifest
 from .verify import verify_bundle
 
@@ -36,7 +36,8 @@ def replace_refusal(folder: str | Path) -> str | None:
     extra = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_symlink() or (not p.is_dir() and rel != MANIFEST and rel not in listed):
+        if p.is_symlink() or (not p.is_dir() and rel not in (MANIFEST, EVALUATIONS)
+                              and rel not in listed):
             extra.append(rel)
     if extra:
         shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")

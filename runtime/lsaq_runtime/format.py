@@ -16,6 +16,9 @@ from typing import NamedTuple
 
 # ------------------------------------------------------------------------------- files
 MANIFEST = "manifest.json"
+# Results `lsaq-compile eval` records beside the manifest (never listed in it: the manifest
+# does not change after the build). A bundle's own file, so --force may replace a bundle with it.
+EVALUATIONS = "evaluations.json"
 SCHEMA_VERSION = 6
 # 5 added per-linear precisions (QKV/O/GATE_UP/DOWN); 6 the embedding table and LM head on the
 # ladder (variants[].tables), rank_by kl_fp16 and a float32 residual stream in float16 graphs.

@@ -1,0 +1,105 @@
+"""The compiler's orchestrator: run the stages (stages/) in order on one job record, in a
+working folder beside the target, and put the finished bundle in place.
+
+Scores are measured once and reused for every variant (exllamav2's measure-once idea); a
+killed build continues with `resume=True` (`lsaq-compile build --resume`), reusing every
+finished stage and every finished measurement.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from . import folders
+from .errors import LsaqError
+from .job import JOB_DIR, BuildContext, Job
+from .profiles import Profile, load_profile
+from .progress import Progress
+from .quantize import QuantSettings
+from . import stages
+
+STAGES = stages.PIPELINE
+
+
+def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike = "bundle",
+                 profile: str | Profile | None = None, scores=None, metric: str | None = None,
+                 force: bool = False, progress: Progress | None = None,
+                 chat_template: str | None = None, resume: bool = False) -> Path:
+    """Compile `model` (None = the default SmolLM2) into a bundle folder at `out`.
+    chat_template: a Jinja template to ship instead of the source's (many GGUFs carry none).
+    resume: continue the interrupted build of `out` (same inputs) where it stopped."""
+    progress = progress or Progress()
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    # Absolute: `-o .` names the folder by its own name, so the working folder goes beside
+    # it, not inside it.
+    out = Path(os.path.abspath(out))
+    folders._recover_swap(out, progress)
+    folders.check_replaceable(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LsaqError(f"{out.parent}: cannot create the output folder ({e.strerror})") from None
+    work = folders.adopt_work_dir(out) if resume else None
+    folders._clean_stale_tmp(out)
+
+    t0 = time.perf_counter()
+    ctx = BuildContext(model, out, prof, QuantSettings.from_profile(prof.quantization),
+                       metric or prof.scoring.metric, progress, scores_given=scores,
+                       chat_template=chat_template, resumed=resume)
+    job = None
+    try:
+        if work is None:
+            work = folders.new_work_dir(out)
+            job = Job(work / JOB_DIR, {})
+        else:
+            job = _resumed_job(work, progress)
+        ctx.bundle_dir = work
+        for stage in STAGES:
+            job = stage.run(job, ctx)
+        folders.swap_in_work(work, out, force)
+    except BaseException as e:
+        # Kept for --resume: a resumed record (for another try), and an interrupted build's
+        # finished stages. A later build without --resume cleans the folder up.
+        interrupted = isinstance(e, KeyboardInterrupt) and job is not None and bool(job.done)
+        if interrupted:
+            progress(f"interrupted after stage {job.done[-1]}; `lsaq-compile build --resume` "
+                     "with the same arguments continues it")
+        if not (resume or interrupted):
+            _drop(work)
+        if isinstance(e, OSError):
+            where = e.filename or out
+            raise LsaqError(f"{where}: cannot write the bundle ({e.strerror or e}); nothing was "
+                            "written: free disk space or choose another -o") from None
+        raise
+    progress(f"bundle written to {out} in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def _resumed_job(work: Path, progress) -> Job:
+    job = Job.load(work / JOB_DIR)
+    job.done = [s for s in job.done if s != "writer"]   # the manifest is always written anew
+    progress(f"resuming the interrupted build in {work}: finished "
+             f"{', '.join(job.done) or 'nothing yet'}")
+    return job
+
+
+def _drop(work: Path | None) -> None:
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def score_for_profile(source, profile: str | Profile | None = None,
+                      metric: str | None = None, progress: Progress | None = None):
+    """Scores measured as `build` would measure them with this profile (its calibration, and
+    for sensitivity its quantizers); pass them to build_bundle(scores=...) to reuse them."""
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    ctx = BuildContext(None, Path("."), prof, QuantSettings.from_profile(prof.quantization),
+                       metric or prof.scoring.metric, progress or Progress(quiet=True),
+                       source=source)
+    job = Job(None, {})     # nothing persisted: scoring alone, in memory
+    for stage in (stages.source, stages.calibration, stages.scoring):
+        job = stage.run(job, ctx)
+    return ctx.scores

@@ -1,0 +1,86 @@
+"""Stage: calibration windows (scoring, held-out quality) and activation statistics.
+
+The windows are cut again on a resumed build (cheap, deterministic) and checked against the
+record's fingerprint; the activation statistics (clip 'mse-act') are loaded from the record.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import LsaqError
+from ..job import BuildContext, Job
+
+NAME = "calibration"
+ACTIVATIONS = "activations.npz"
+
+
+def run(job: Job, ctx: BuildContext) -> Job:
+    ctx.calib, ctx.held_out = windows(ctx)
+    facts = {"windows_sha256": _fingerprint(ctx.calib), "held_out_sha256":
+             _fingerprint(ctx.held_out)}
+    if job.finished(NAME):
+        old = job.outputs[NAME]
+        if {k: old.get(k) for k in facts} != facts:
+            raise LsaqError(f"{job.folder}: the interrupted build calibrated on other text (its "
+                            "calibration windows differ); build without --resume to start over")
+        if old.get("activations"):
+            ctx.act_stats = _load_stats(job.path(old["activations"]))
+            ctx.act_calib = old["act_calib"]
+            return job
+    ctx.act_stats, ctx.act_calib = activation_stats(ctx)
+    if ctx.act_stats is not None and job.folder is not None:
+        _save_stats(job.path(ACTIVATIONS), ctx.act_stats)
+        facts.update(activations=ACTIVATIONS, act_calib=ctx.act_calib)
+    return job.finish(NAME, facts)
+
+
+def windows(ctx: BuildContext):
+    """(scoring calibration, held-out windows): scoring.samples windows of the calibration text
+    and build.quality_samples more from the gaps between them, for measuring each variant's
+    quality. (None, None) when nothing needs text."""
+    from ..calibration import load_calibration, load_tokenizer
+
+    prof = ctx.profile
+    sc, held = prof.scoring, prof.build.quality_samples
+    if ctx.metric == "zscore" and not held and prof.quantization.clip != "mse-act":
+        return None, None
+    calib = load_calibration(sc.calibration or None, load_tokenizer(ctx.source),
+                             samples=sc.samples, seq_len=sc.seq_len, held_out=held)
+    return calib, calib.held_out
+
+
+def activation_stats(ctx: BuildContext):
+    """(stats, calibration facts) for clip 'mse-act', measured on the scoring calibration
+    windows; (None, None) for the other clips, which need no activations."""
+    if ctx.profile.quantization.clip != "mse-act":
+        return None, None
+    from ..activations import activation_stats as measure, windows_fingerprint
+
+    calib = ctx.calib
+    log = ctx.progress.stage("activations")
+    stats = measure(ctx.source, calib.windows,
+                    progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))
+    return stats, {"source": calib.source, "sha256": calib.sha256, "samples": calib.samples,
+                   "seq_len": calib.seq_len, "windows_sha256": windows_fingerprint(calib.windows)}
+
+
+def _fingerprint(calib_or_windows) -> str | None:
+    from ..activations import windows_fingerprint
+
+    if calib_or_windows is None:
+        return None
+    w = getattr(calib_or_windows, "windows", calib_or_windows)
+    return windows_fingerprint(w)
+
+
+def _save_stats(path, stats: dict) -> None:
+    part = path.with_name(f".{path.name}.part")
+    with open(part, "wb") as f:
+        np.savez(f, **stats)
+    part.replace(path)
+
+
+def _load_stats(path) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}

@@ -1,0 +1,192 @@
+"""Stage: the bundle writer. The manifest is a pure function of what the stages produced
+(`manifest`, `with_quality`: no I/O, tested as such); `run` hashes the files, measures each
+variant's quality on held-out windows through the runtime, checks the result against the
+runtime's schema and writes manifest.json last: a folder with a manifest is complete."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from lsaq_runtime.format import MANIFEST, SCHEMA_VERSION
+from lsaq_runtime.integrity import sha256_file
+
+from ..errors import LsaqError
+from ..job import JOB_DIR, BuildContext, Job
+from ..profiles import parse_size
+
+NAME = "writer"
+
+
+def run(job: Job, ctx: BuildContext) -> Job:
+    from ..export_onnx import rope_for, table_scheme
+
+    spec, source, root = ctx.source.spec, ctx.source, ctx.bundle_dir
+    from .graph import max_context
+
+    m = manifest(
+        spec, {"kind": source.kind, "path": str(source.path), "sha256": source.fingerprint()},
+        ctx.profile, ctx.variants, files=[],
+        tokenizer=ctx.tokenizer, scores=scores_record(ctx.scores, ctx.additive),
+        schemes={p: ctx.schemes[p].name for p in ("int8", "int4")},
+        table_schemes={p: table_scheme(ctx.schemes, p).name for p in ("int8", "int4")},
+        max_context=max_context(ctx), num_parameters=ctx.params,
+        rope_switch=rope_for(spec).switch, clip_calibration=ctx.act_calib,
+        float16_check=ctx.f16_facts)
+    ctx.progress("checksums: hashing bundle files")
+    m["files"] = file_entries(root)
+    _write(root, m)
+    if ctx.held_out is not None:
+        # Each variant's graph on held-out calibration windows, through the runtime (the
+        # bundle is complete but still in its working folder); then rank by it.
+        quality = measure_quality(root, m, ctx.held_out, ctx.progress.stage("quality"))
+        m = with_quality(m, quality, ctx.plan_kl, ctx.calib, ctx.held_out.shape)
+        _write(root, m)
+    ctx.manifest = m
+    return job.finish(NAME, {"manifest": MANIFEST})
+
+
+def _write(root: Path, m: dict) -> None:
+    from lsaq_runtime.manifest import validate_manifest
+
+    validate_manifest(m)   # the runtime owns the contract
+    (root / MANIFEST).write_text(json.dumps(m, indent=1))
+
+
+def manifest(spec, source: dict, profile, variants: list[dict], files: list[dict], *,
+             tokenizer: dict, scores: dict, schemes: dict[str, str],
+             table_schemes: dict[str, str], max_context: int, num_parameters: int,
+             rope_switch: int | None = None, clip_calibration: dict | None = None,
+             float16_check: dict | None = None) -> dict:
+    """The manifest of a bundle, from the model's spec and source facts (kind, path, sha256),
+    the profile, the variant entries (graph stage), the file list, the tokenizer facts, the
+    scores record and the INT8/INT4 scheme names. No I/O: equal inputs, equal manifest."""
+    from .. import __version__
+
+    q, d = profile.quantization, profile.deployment
+    return {
+        "format": "lsaq-bundle", "schema_version": SCHEMA_VERSION,
+        "created_by": f"lsaq-compile {__version__}",
+        "model": {
+            "name": spec.name, "architecture": spec.architecture, "source": dict(source),
+            "num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.intermediate_size,
+            "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
+            "head_dim": spec.head_dim, "vocab_size": spec.vocab_size,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "max_context": max_context, "tie_word_embeddings": spec.tie_word_embeddings,
+            "num_parameters": num_parameters,
+            # longrope: the runtime rebuilds the cache past it
+            **({"rope_switch_length": rope_switch}
+               if rope_switch and rope_switch < max_context else {}),
+        },
+        "tokenizer": {"dir": "tokenizer", **tokenizer},
+        "scores": scores,
+        "quantization": {
+            "scheme": q.scheme, "symmetric": q.symmetric,
+            "group_size": q.group_size if q.scheme == "group" else None,
+            "int8": schemes["int8"], "int4": schemes["int4"],
+            "block_size": q.block_size or None, "cpu_accuracy_level": q.cpu_accuracy_level,
+            "cpu_lm_head": q.cpu_lm_head, "clip": q.clip, "clip_calibration": clip_calibration,
+            "tables": q.tables if profile.tables_on_ladder else "fp16",
+            "table_schemes": dict(table_schemes),
+        },
+        "deployment": {
+            "profile": profile.name,
+            "context_length": d.context_length, "batch_size": d.batch_size,
+            "safety_margin": {"fraction": d.safety_margin_fraction,
+                              "min_bytes": parse_size(d.safety_margin_min)},
+            "runtime_overhead_bytes": {"cpu": parse_size(d.runtime_overhead_cpu),
+                                       "cuda": parse_size(d.runtime_overhead_cuda)},
+        },
+        "variants": [dict(v) for v in variants],
+        **({"build_checks": {"float16": float16_check}} if float16_check else {}),
+        "files": list(files),
+    }
+
+
+def scores_record(scores, additive: dict) -> dict:
+    rec = scores.to_json()
+    if additive:
+        rec["params"] = {**rec["params"], "additive_fit": additive}
+    return rec
+
+
+def file_entries(root: Path) -> list[dict]:
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST and JOB_DIR not in p.relative_to(root).parts:
+            out.append({"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size,
+                        "sha256": sha256_file(p)})
+    return out
+
+
+def with_quality(m: dict, quality: dict[str, dict], plan_kl: dict[str, float], calib,
+                 shape: tuple[int, int]) -> dict:
+    """The manifest with each variant's measured quality (and the torch KL of its plan on the
+    calibration windows), ranked by KL from FP16 (deployment.rank_by = kl_fp16): paired
+    against the same reference it is far less noisy than a perplexity difference, and unlike
+    perplexity it cannot improve under quantization noise (docs/results/ranking.md). The
+    runtime's rule that a variant never ranks above one at least as precise in every part
+    applies on top. No I/O."""
+    from lsaq_runtime.planner import quality_order
+
+    n, seq = shape
+    variants = []
+    for v in m["variants"]:
+        q = dict(quality[v["name"]])
+        if v["name"] in plan_kl:
+            q["kl"] = round(plan_kl[v["name"]], 6)
+        variants.append({**v, "quality": q})
+    variants = [{**v, "rank": rank} for rank, v in enumerate(quality_order(variants, "kl_fp16"))]
+    deployment = {**m["deployment"], "rank_by": "kl_fp16", "quality": {
+        "what": "each variant's CPU graph on held-out calibration windows: KL from the FP16 "
+                "variant's CPU graph (ranks the variants) and perplexity",
+        "source": calib.source, "windows": int(n), "seq_len": int(seq),
+        "prefix": list(calib.prefix)}}
+    return {**m, "deployment": deployment, "variants": variants}
+
+
+def measure_quality(root: Path, m: dict, windows, log) -> dict[str, dict]:
+    """Quality of every variant's CPU graph on held-out calibration windows (each framed as the
+    model frames a prompt): its perplexity and its KL from the FP16 variant's graph on the same
+    tokens, by variant name."""
+    import tempfile
+
+    from ..evaluate import _log_softmax, onnx_logits_fn
+
+    n, seq = windows.shape
+    t0 = time.perf_counter()
+    variants = sorted(m["variants"], key=lambda v: v["name"] != "fp16")  # FP16 first
+    if variants[0]["name"] != "fp16":
+        raise LsaqError("quality ranking needs the fp16 variant as the reference")
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="lsaq-quality-") as work:
+        # The reference distributions for every held-out position, on disk: vocabulary x
+        # positions can reach gigabytes (262k x 2k x 4 bytes for Gemma 3).
+        ref = np.lib.format.open_memmap(Path(work) / "fp16.npy", "w+", np.float32,
+                                        (n, seq - 1, m["model"]["vocab_size"]))
+        for v in variants:
+            fn = onnx_logits_fn(root, m, v["name"], context=seq)
+            nll = kl = 0.0
+            for w in range(n):
+                lp = _log_softmax(fn(windows[w])[:-1])           # float64 [seq - 1, vocab]
+                nll -= float(lp[np.arange(seq - 1), windows[w, 1:]].sum())
+                if v["name"] == "fp16":
+                    ref[w] = lp
+                else:
+                    for a in range(0, seq - 1, 32):   # bounded temporaries at any vocabulary
+                        r = ref[w, a:a + 32].astype(np.float64)
+                        kl += float((np.exp(r) * (r - lp[a:a + 32])).sum())
+            fn.close()
+            tokens = n * (seq - 1)
+            out[v["name"]] = {"perplexity": round(math.exp(nll / tokens), 4), "tokens": tokens,
+                              "kl_fp16": round(kl / tokens, 6)}
+            log(f"{v['name']}: KL from FP16 {kl / tokens:.5f}, perplexity "
+                f"{math.exp(nll / tokens):.3f} on {n} held-out windows "
+                f"({time.perf_counter() - t0:.0f}s)")
+        del ref
+    return out

@@ -329,6 +329,36 @@ def study(model, metrics, text, calibration, samples, seq_len, k, final_norm, ev
     click.echo((d / "report.md").read_text())
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--variant", required=True, help="the variant to export (see `inspect`)")
+@click.option("--to", "target", type=click.Choice(["gguf", "compressed-tensors"]), required=True,
+              help="gguf: one file for llama.cpp / Ollama; compressed-tensors: a Hugging Face "
+                   "folder for vLLM / transformers")
+@click.option("-o", "--output", "out", type=click.Path(), required=True,
+              help="FILE.gguf, or the folder to create")
+@click.option("--force", is_flag=True, help="replace an earlier export at that path")
+@click.option("--no-modelfile", is_flag=True, help="gguf: no Ollama Modelfile beside the file")
+@click.option("--errors-json", type=click.Path(dir_okay=False),
+              help="also write each tensor's type and relative RMS error as JSON")
+@click.option("-q", "--quiet", is_flag=True)
+def export(bundle, variant, target, out, force, no_modelfile, errors_json, quiet):
+    """Write one variant's plan for another engine, from the bundle's own codes and scales."""
+    progress = Progress(quiet)
+    if target == "gguf":
+        from .export_gguf import export_gguf
+
+        rep = export_gguf(bundle, variant, out, force=force, modelfile=not no_modelfile,
+                          progress=progress.stage("export"), errors_json=errors_json)
+    else:
+        from .export_compressed import export_compressed
+
+        rep = export_compressed(bundle, variant, out, force=force,
+                                progress=progress.stage("export"), errors_json=errors_json)
+    for line in rep.lines():
+        click.echo(printable(line))
+
+
 def main(argv=None):
     """Every failure ends as one line on stderr and exit code 2 (130 when interrupted)."""
     from lsaq_runtime.cli import DEBUG_ENV, describe_unexpected

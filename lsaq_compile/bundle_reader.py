@@ -200,6 +200,23 @@ class BundleReader:
         strategy = self.strategy(bits, scales)
         return Quantized(Scheme(bits, block, symmetric, strategy), n, k, codes, scales, zp)
 
+    def layout(self, w: StoredWeight) -> Scheme:
+        """A stored quantized weight's scheme from the store's index alone (nothing read but
+        the scales, and those only when a block is under 32, to tell a repeated row scale
+        apart): planning an export of a 7B bundle reads no weights."""
+        bits = int(w.precision[3:])
+        key = f"{w.base}.qweight"
+        if key not in self.index:
+            raise LsaqError(f"{self.root}: the weight store lacks {key}")
+        n, nb, blob = self.index[key][2]
+        block = blob * 8 // bits
+        symmetric = not self.has(f"{w.base}.zero_points")
+        q = self.manifest.get("quantization") or {}
+        kind = "channel" if bits == 8 or q.get("scheme", "channel") == "channel" else "group"
+        if kind == "channel" and block < 32:
+            kind = self.strategy(bits, self.array(f"{w.base}.scales"))
+        return Scheme(bits, block, symmetric, kind)
+
     def strategy(self, bits: int, scales: np.ndarray) -> str:
         """channel | group: from the manifest's scheme (INT8 is always per channel), checked
         against the stored scales (a per-channel weight repeats its row's scale)."""

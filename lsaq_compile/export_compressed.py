@@ -49,9 +49,13 @@ def pack_int32(codes: np.ndarray, bits: int) -> np.ndarray:
     per = 32 // bits
     r, c = codes.shape
     pad = (-c) % per
-    u = np.pad(codes.astype(np.uint32), ((0, 0), (0, pad))).reshape(r, -1, per)
+    out = np.empty((r, (c + pad) // per), np.uint32)
     shifts = (np.arange(per, dtype=np.uint32) * bits)
-    return np.bitwise_or.reduce(u << shifts, axis=-1).astype(np.uint32).view(np.int32)
+    step = max(1, (1 << 22) // max(c, 1))     # a few MB of uint32 at a time, not 4x the tensor
+    for a in range(0, r, step):
+        u = np.pad(codes[a:a + step].astype(np.uint32), ((0, 0), (0, pad))).reshape(-1, out.shape[1], per)
+        out[a:a + step] = np.bitwise_or.reduce(u << shifts, axis=-1)
+    return out.view(np.int32)
 
 
 def ct_weights_args(q: Quantized) -> dict:

@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from .bundle_reader import BundleReader, Quantized, StoredWeight
+from .bundle_reader import BundleReader, Quantized, Scheme, StoredWeight
 from .errors import LsaqError
 from .export_common import (GGUF_MARKER_KEY, MODELFILE_HEAD, check_parent, check_target,
                             clean_stale, export_record, gguf_refusal, modelfile_refusal,
@@ -62,24 +62,40 @@ class Written:
     note: str = ""
 
 
-def gguf_type(w: StoredWeight, q: Quantized | None):
-    """(GGML type, exact) for stored weight `w` (`q`: its stored codes, for a quantized one):
-    the single place that maps a bundle precision and scheme to a GGUF type."""
+def gguf_type(w: StoredWeight, scheme: Scheme | None, scales=None, zero_points=None):
+    """(GGML type, exact) of stored weight `w` with quantization `scheme` (None for a float
+    weight): the single place that maps a bundle precision and scheme to a GGUF type. scales and
+    zero points are needed only for a block under 32 (are its halves one GGUF block?)."""
     from gguf import GGMLQuantizationType as T
 
     if w.precision == "fp16":
         return T.F16, True
     if w.precision == "fp32":
         return T.F32, True
-    if q is None:
-        raise LsaqError(f"{w.base}: quantized weight without its codes")
-    if _sub_blocks(q) is None:
+    if scheme is None:
+        raise LsaqError(f"{w.base}: quantized weight without its scheme")
+    k = w.shape[1]
+    b = scheme.block
+    if k % QK or not (b % QK == 0 or (QK % b == 0 and scales is not None and _halves_agree(
+            scales, zero_points, QK // b))):
         return T.F16, False                     # nearest: dequantized values in F16
-    if q.scheme.bits == 8:
-        return (T.Q8_0, True) if q.scheme.symmetric else (T.F16, False)
-    if q.scheme.bits == 4:
-        return (T.Q4_0, True) if q.scheme.symmetric else (T.Q4_1, False)
+    if scheme.bits == 8:
+        return (T.Q8_0, True) if scheme.symmetric else (T.F16, False)
+    if scheme.bits == 4:
+        return (T.Q4_0, True) if scheme.symmetric else (T.Q4_1, False)
     return T.F16, False
+
+
+def _halves_agree(s: np.ndarray, z: np.ndarray | None, r: int) -> bool:
+    """Do the r blocks inside each 32-block share one scale (and zero point)?"""
+    if s.shape[1] % r:
+        return False
+    s3 = s.reshape(s.shape[0], -1, r)
+    ok = bool((s3 == s3[..., :1]).all())
+    if ok and z is not None:
+        z3 = z.reshape(z.shape[0], -1, r)
+        ok = bool((z3 == z3[..., :1]).all())
+    return ok
 
 
 def _sub_blocks(q: Quantized) -> tuple[np.ndarray, np.ndarray] | None:
@@ -404,21 +420,25 @@ class _Linear:
 
     def __init__(self, reader: BundleReader, w: StoredWeight):
         self.reader, self.w = reader, w
-        self._q = None
+        scheme, scales, zps = None, None, None
         if w.precision in ("int8", "int4"):
-            self._q = reader.quantized(w)
-        self.gtype, self.exact = gguf_type(w, self._q)
+            scheme = reader.layout(w)
+            if scheme.block < QK:   # only then do the scales decide the type
+                q = reader.quantized(w)
+                scales, zps = q.scales, q.zero_points
+        self.gtype, self.exact = gguf_type(w, scheme, scales, zps)
         self._rows = None
         self._err2 = self._ref2 = None
 
     def rows(self) -> np.ndarray:
         if self._rows is None:
-            if self._q is None:
+            if self.w.precision in ("fp16", "fp32"):
                 a = self.reader.float_weight(self.w)
-                self._rows = a.astype(np.float16 if self.w.precision == "fp16" else np.float32)
+                self._rows = a.astype(np.float16 if self.w.precision == "fp16" else np.float32,
+                                      copy=False)
             else:
-                self._rows, self._err2, self._ref2 = encode(self._q, self.gtype)
-            self._q = None   # the codes are no longer needed
+                self._rows, self._err2, self._ref2 = encode(self.reader.quantized(self.w),
+                                                            self.gtype)
         return self._rows
 
     def error(self, lo: int, hi: int) -> float:

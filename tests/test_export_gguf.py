@@ -376,9 +376,7 @@ def test_modelfile_from_a_chat_template(asym_bundle, tmp_path, capsys):
 def _llama(path: Path, n_ctx: int = 64):
     from llama_cpp import Llama
 
-    # use_extra_bufts off: AMX kernels built into llama.cpp die with SIGILL on CPUs without AMX
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True,
-                 verbose=False, use_extra_bufts=False)
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False)
 
 
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python not installed (bench extra)")
@@ -401,3 +399,33 @@ def test_llama_cpp_computes_the_bundles_logits(asym_bundle, variant, tmp_path, c
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
     text = llm.create_completion("the", max_tokens=8, temperature=0.0)["choices"][0]["text"]
     assert isinstance(text, str)
+
+
+def test_rows_gguf_cannot_block_are_written_f16_and_reported():
+    """A row length that is not a multiple of 32 has no Q8_0/Q4_x form: the nearest type (F16
+    of the dequantized values) is chosen and its error measured, never silently."""
+    from lsaq_compile.bundle_reader import Quantized, Scheme, StoredWeight
+    from lsaq_compile.export_gguf import encode, gguf_type
+    from lsaq_compile.quantize import quantize_channel, quantize_group
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 48)).astype(np.float32)
+    for qt, sym in ((quantize_channel(w, 8, block=16), True), (quantize_group(w, 4, 32, False), False)):
+        codes = qt.codes()
+        q = Quantized(Scheme(qt.bits, qt.block_size, sym, "channel" if sym else "group"), 8, 48,
+                      codes, qt.scales, np.asarray(qt.zero_point_values(), np.uint8))
+        t, exact = gguf_type(StoredWeight("x", "x", f"int{qt.bits}", (8, 48)), q.scheme,
+                             q.scales, q.zero_points)
+        assert t.name == "F16" and not exact
+        rows, err2, ref2 = encode(q, t)
+        np.testing.assert_allclose(rows.astype(np.float32), qt.dequantize(), rtol=1e-3, atol=1e-3)
+        assert 0 < np.sqrt(err2.sum() / ref2.sum()) < 1e-3
+    # a 16-block whose two halves share the row's scale is still one Q8_0 block
+    q16 = quantize_channel(rng.standard_normal((4, 64)).astype(np.float32), 8, block=16)
+    q = Quantized(Scheme(8, 16, True, "channel"), 4, 64, q16.codes(), q16.scales,
+                  np.full(q16.scales.shape, 128, np.uint8))
+    t, exact = gguf_type(StoredWeight("y", "y", "int8", (4, 64)), q.scheme, q.scales,
+                         q.zero_points)
+    assert t.name == "Q8_0" and exact
+    rows, _, _ = encode(q, t)
+    np.testing.assert_array_equal(gguf.dequantize(rows, t).reshape(4, 64), q16.dequantize())

@@ -35,6 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+# llama.cpp's OpenMP threads spin while they wait; on a machine shared with other jobs the
+# spinning competes with the work (measured here: 2 threads, 1024 tokens, 69 s wall / 18 s CPU
+# spinning, 25 s / 7 s passive). Set before llama.cpp loads; the report says so.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "runtime"), str(Path(__file__).parent)]
 TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
@@ -231,7 +235,7 @@ def chat_check(bundle: Path, work: Path, variant: str, threads: int, tk) -> dict
     resp = llm.create_chat_completion(messages=CHAT, temperature=0.0, top_k=1, max_tokens=48)
     out["llama_reply"] = resp["choices"][0]["message"]["content"]
     out["finish"] = resp["choices"][0]["finish_reason"]
-    out["lsaq_reply"] = m.generate(CHAT, max_new_tokens=48, temperature=0.0)
+    out["lsaq_reply"] = m.generate(CHAT, max_new_tokens=48, temperature=0.0, chat=True)
     m.close()
     return out
 
@@ -243,7 +247,7 @@ def speed(args, work: Path, threads: int) -> list[dict]:
     bundle = Path(args.bundle)
     m = lsaq_runtime.load_manifest(bundle)
     tok_json = bundle / "tokenizer" / "tokenizer.json"
-    tw = ev.text_windows(TEXT, tok_json, args.seq_len, args.windows)
+    tw = ev.text_windows(TEXT, tok_json, args.seq_len, args.speed_windows)
     names = ladder(m)
     if args.quick:
         names = [n for i, n in enumerate(names) if i in (1, 2, len(names) - 1)]
@@ -332,8 +336,10 @@ def report(args, rows, chat, speed_rows, threads, t_total) -> str:
         f"compressed-tensors {__import__('compressed_tensors').__version__}, gguf "
         f"{__import__('importlib.metadata').metadata.version('gguf')}. Total {t_total / 60:.0f} min.",
         "",
-        "Command:",
+        "Commands:",
         "```",
+        *(["python benchmarks/bench_export.py " + " ".join(args.quality_argv) + "   # quality"]
+          if getattr(args, "quality_argv", None) else []),
         "python benchmarks/bench_export.py " + " ".join(sys.argv[1:]),
         "```",
         "",
@@ -381,8 +387,10 @@ def report(args, rows, chat, speed_rows, threads, t_total) -> str:
     if speed_rows:
         lines += [f"## Speed: the default bundle ({args.bundle}) against llama.cpp", "",
                   f"{args.prompt}-token WikiText-2 prompt, {args.new} new tokens greedy, median of "
-                  f"{args.repeats} interleaved rounds, {threads} threads each. Perplexity: "
-                  f"{args.windows} x {args.seq_len} WikiText-2 windows, each engine's own logits "
+                  f"{args.repeats} interleaved rounds, {threads} threads each "
+                  f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} for llama.cpp). "
+                  f"Perplexity: the first {args.speed_windows} x {args.seq_len} WikiText-2 "
+                  "windows, each engine's own logits "
                   "(lsaq-run's default kernels quantize activations to 8 bits per block, as "
                   "llama.cpp does in its quantized matmuls).", "",
                   "| engine | weight MiB | prefill tok/s | decode tok/s | wall s / CPU s a round "
@@ -406,6 +414,10 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="speed: three variants only")
+    ap.add_argument("--reuse-quality", action="store_true",
+                    help="take the quality section from WORKDIR/quality.json of an earlier run")
+    ap.add_argument("--speed-windows", type=int, default=4,
+                    help="windows for the speed table's perplexity column")
     args = ap.parse_args()
     from lsaq_runtime.probe import physical_cores
 
@@ -413,9 +425,15 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows, chat = quality(args, work, threads)
-    (work / "quality.json").write_text(json.dumps({"rows": rows, "chat": chat}, indent=1,
-                                                  default=str))
+    saved = work / "quality.json"
+    if args.reuse_quality and saved.is_file():   # e.g. the speed run alone, later
+        q = json.loads(saved.read_text())
+        rows, chat = q["rows"], q["chat"]
+        args.quality_argv = q.get("argv")
+    else:
+        rows, chat = quality(args, work, threads)
+        saved.write_text(json.dumps({"rows": rows, "chat": chat, "argv": sys.argv[1:]},
+                                    indent=1, default=str))
     speed_rows = speed(args, work, threads) if args.bundle else []
     text = report(args, rows, chat, speed_rows, threads, time.perf_counter() - t0)
     print(text)

@@ -473,7 +473,7 @@ def plan_tensors(reader: BundleReader, variant: dict, facts, gguf_arch: str,
                 a = a[perm]
             rec.rel_rms = lin.error(lo, hi)
             if not lin.exact and lin.gtype.name == "F16":
-                rec.note = "nearest type: rows not a multiple of 32 blocks"
+                rec.note = "nearest type: a row length GGUF's 32-blocks cannot hold"
             if last:
                 lin.release()
             return np.ascontiguousarray(a)
@@ -660,9 +660,9 @@ class GGUFReport:
                f"{self.seconds:.1f}s"]
         inexact = [t for t in self.tensors if not t.exact]
         if inexact:
-            worst = max(inexact, key=lambda t: t.rel_rms)
             q41 = [t for t in inexact if t.type == "Q4_1"]
             if q41:
+                worst = max(q41, key=lambda t: t.rel_rms)
                 errs = [t.rel_rms for t in q41]
                 out.append(f"not exact: {len(q41)} Q4_1 tensors (m = -scale x zero point rounded "
                            f"to float16): relative RMS error vs the bundle's weights median "

@@ -429,3 +429,47 @@ def test_rows_gguf_cannot_block_are_written_f16_and_reported():
     assert t.name == "Q8_0" and exact
     rows, _, _ = encode(q, t)
     np.testing.assert_array_equal(gguf.dequantize(rows, t).reshape(4, 64), q16.dequantize())
+
+
+@pytest.mark.slow
+def test_real_smollm2_mix(smollm_bundle, tmp_path, capsys):
+    """The real model's default-profile bundle: a mixed variant read back tensor by tensor,
+    its tokenizer (SmolLM2's pre-tokenizer), the INT8 LM head of the CPU graphs as Q8_0, and a
+    Modelfile whose TEMPLATE states its ChatML template (with its default system message)."""
+    exp = Expected(smollm_bundle)
+    mixes = [v for v in exp.m["variants"] if v["layer_counts"].get("mixed") or
+             (v["layer_counts"]["int8"] and v["layer_counts"]["int4"])]
+    v = mixes[len(mixes) // 2]["name"]
+    out = tmp_path / "smollm2.gguf"
+    rec = export(smollm_bundle, v, out, capsys)
+    r = gguf.GGUFReader(str(out))
+    t = {x.name: x for x in r.tensors}
+    head = "int8" if exp.variant(v)["providers"]["cpu"]["lm_head"] == "int8" else "fp16"
+    if head == "int8":
+        # the CPU graphs' INT8 head, as Q8_0, read back exactly
+        assert t["output.weight"].tensor_type.name == "Q8_0"
+        n, k = exp.m["model"]["vocab_size"], exp.m["model"]["hidden_size"]
+        want = exp.stored("lm_head.int8", n, k, "int8")
+        got = gguf.dequantize(t["output.weight"].data, t["output.weight"].tensor_type).reshape(n, k)
+        np.testing.assert_array_equal(got, want)
+        del t["output.weight"]
+        exp.store.pop("lm_head.weight", None)
+    blk = [n for n in t if n.startswith("blk.")]
+    assert len(blk) == 9 * exp.m["model"]["num_layers"]
+    reported = {x["name"]: x for x in rec}
+    want = expected_tensors(exp, v, "llama")
+    for name in blk:
+        d = gguf.dequantize(t[name].data, t[name].tensor_type).reshape(want[name].shape)
+        if t[name].tensor_type.name == "Q4_1":
+            err = np.sqrt(((d - want[name]) ** 2).sum() / (want[name] ** 2).sum())
+            assert reported[name]["rel_rms"] == pytest.approx(float(err), rel=1e-3)
+        else:
+            np.testing.assert_array_equal(d, want[name], err_msg=name)
+    f = r.fields
+    tj = json.loads((smollm_bundle / "tokenizer" / "tokenizer.json").read_text())
+    from lsaq_compile.export_gguf import _PRE_NAMES, _pre_signature
+
+    assert f["tokenizer.ggml.pre"].contents() == _PRE_NAMES[_pre_signature(tj["pre_tokenizer"])]
+    mf = out.with_suffix(".Modelfile").read_text()
+    assert 'TEMPLATE """' in mf and "<|im_start|>" in mf and 'PARAMETER stop "<|im_end|>"' in mf
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in mf

@@ -190,6 +190,23 @@ def hf_config(reader: BundleReader, facts, tied: bool) -> dict:
     return cfg
 
 
+def _portable_tokenizer_config(path: Path, reader: BundleReader) -> None:
+    """The bundle's tokenizer_config.json, readable by transformers 4 as well as 5 (vLLM pins
+    its own transformers): the fast tokenizer class both name, and the chat template inline
+    too (older transformers do not read chat_template.jinja)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError:
+        cfg = {}
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for k in ("backend", "is_local", "local_files_only"):   # transformers 5's own bookkeeping
+        cfg.pop(k, None)
+    template = reader.manifest["tokenizer"].get("chat_template")
+    if isinstance(template, str):
+        cfg["chat_template"] = template
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
 # ------------------------------------------------------------------------------ tensor plan
 @dataclass
 class Module:
@@ -386,6 +403,7 @@ def export_compressed(bundle, variant: str, out, force: bool = False, verify: bo
             src = reader.tokenizer_dir() / f
             if src.is_file():
                 shutil.copyfile(src, tmp / f)
+        _portable_tokenizer_config(tmp / "tokenizer_config.json", reader)
         files = sorted(p.name for p in tmp.iterdir())
         rec = {**export_record(reader, variant, "compressed-tensors"), "files": files}
         (tmp / FOLDER_MARKER).write_text(json.dumps(rec, indent=1), encoding="utf-8")

@@ -110,6 +110,16 @@ def test_every_variant_decompresses_to_the_bundles_weights(which, tiny_bundle, a
         assert (out / "tokenizer.json").read_bytes() == (b / "tokenizer" / "tokenizer.json").read_bytes()
         assert json.loads((out / "lsaq_export.json").read_text())["variant"] == v["name"]
         assert "exactly" in o
+    # the tokenizer loads as transformers' fast tokenizer (a class transformers 4 knows too)
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    assert tc["tokenizer_class"] == "PreTrainedTokenizerFast"
+    text = "the export keeps the tokenizer"
+    want = Tokenizer.from_file(str(b / "tokenizer" / "tokenizer.json")).encode(
+        text, add_special_tokens=False).ids
+    assert AutoTokenizer.from_pretrained(str(out)).encode(text, add_special_tokens=False) == want
 
 
 def test_packing_is_compressed_tensors_own(asym_bundle, tmp_path, capsys):

@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     bundle = Path(args.bundle)
     m = lsaq_runtime.load_manifest(bundle)
-    encode = ev.encoder(bundle / m["tokenizer"]["dir"] / "tokenizer.json")
+    encode = ev.encoder(ev.bundle_codec(bundle, m))
     tasks = {t: zs.load_task(t, DATA, args.items) for t in ("piqa", "boolq")}
     items = [it for t in tasks.values() for it in t]
     requests = [ev.split_request(encode, ctx, c) for it in items for ctx, c in it.requests]

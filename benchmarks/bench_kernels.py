@@ -176,8 +176,8 @@ def main() -> None:
               flush=True)
         bundles[(level, block, head)] = build(work, args.model, scores, level, block, head)
     manifest0 = lsaq_runtime.load_manifest(bundles[settings[0]])
-    tw = ev.text_windows(TEXT, bundles[settings[0]] / manifest0["tokenizer"]["dir"] / "tokenizer.json",
-                         args.seq_len, args.windows)
+    tw = ev.text_windows(TEXT, ev.bundle_codec(bundles[settings[0]], manifest0), args.seq_len,
+                         args.windows)
     ppl, agree = {}, {}
     ref = {}
     for s, b in bundles.items():

@@ -69,15 +69,25 @@ def hf_folder(work: Path, model: str | None) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     src.save_tokenizer(tmp)  # first: it keeps only tokenizer files in the folder
     src.spec.to_hf_config().save_pretrained(tmp)
-    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
-    for i in range(src.spec.num_layers):
-        names += [f"model.layers.{i}.{n}" for n in (
-            "input_layernorm.weight", "post_attention_layernorm.weight",
-            *(f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")),
-            *(f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")))]
-    save_file({n: src.tensor(n) for n in names if src.has_tensor(n)},
-              str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(hf_tensors(src), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tmp.rename(out)
+    return out
+
+
+def hf_tensors(src) -> dict:
+    """Every tensor of the model under its Hugging Face name: the family's own (Gemma's four
+    norms a layer, q/k norms, biases), and fused linears fused again for families whose
+    checkpoints store them so (Phi-3's qkv_proj, gate_up_proj)."""
+    out = {n: src.tensor(n) for n in ("model.embed_tokens.weight", "model.norm.weight",
+                                      "lm_head.weight") if src.has_tensor(n)}
+    fused = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+    for i in range(src.spec.num_layers):
+        t = src.layer_tensors(i)
+        if src.spec.family.fused_linears:
+            for name, members in fused.items():
+                t[f"{name}.weight"] = np.concatenate([t.pop(f"{m}.weight") for m in members])
+        out.update({f"model.layers.{i}.{n}": v for n, v in t.items()})
     return out
 
 

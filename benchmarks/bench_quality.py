@@ -193,7 +193,7 @@ def lsaq_results(label: str, bundle: Path, text: Path, seq_len: int, windows: in
     from lsaq_compile.study import _recorded
 
     m = read_manifest(bundle)
-    tw = ev.text_windows(text, bundle / m["tokenizer"]["dir"] / "tokenizer.json", seq_len, windows)
+    tw = ev.text_windows(text, ev.bundle_codec(bundle, m), seq_len, windows)
     settings = {"seq_len": seq_len, "windows": len(tw.windows)}
     params = decoder_linear_params(m["model"])
     rows, reused = [], 0
@@ -251,18 +251,57 @@ def scheme_name(q: dict) -> str:
         ("" if clip == "none" else f", clip {clip}")
 
 
+# Which quantizers a source's shipped grid flatters: weights dequantized from a block format lie
+# exactly on that format's grid, and a quantizer of the same shape finds it again. Per source
+# type of the decoder linears: the llama.cpp types and the LSAQ INT4 shapes (scheme, group,
+# symmetric) that share its grid. Q5_*'s 31 steps do not align with a 4-bit grid's 15, and a
+# per-channel INT8 row scale is not a 32-block grid.
+FLATTERS = {
+    "Q4_1": {"llama": ("Q4_1", "Q4_K"), "lsaq": {("group", 32, False)}},
+    "Q4_0": {"llama": ("Q4_0", "Q4_1", "Q4_K"), "lsaq": {("group", 32, True), ("group", 32, False)}},
+    "Q4_K": {"llama": ("Q4_K",), "lsaq": {("group", 32, False)}},
+    "Q5_0": {"llama": ("Q5_0", "Q5_1", "Q5_K"), "lsaq": set()},
+    "Q5_1": {"llama": ("Q5_1", "Q5_K"), "lsaq": set()},
+    "Q5_K": {"llama": ("Q5_K",), "lsaq": set()},
+    "Q6_K": {"llama": ("Q6_K",), "lsaq": set()},
+    "Q8_0": {"llama": ("Q8_0",), "lsaq": set()},
+}
+# The decoder-linear tensor types of the source model (read from its file by main()).
+SOURCE_TYPES: set[str] = set()
+
+
+def source_linear_types(model) -> dict[str, int]:
+    """{GGUF type: tensors} of the source model's decoder linears; {} for float checkpoints."""
+    from lsaq_compile.model_source import open_model
+
+    src = open_model(model)
+    if src.kind != "gguf":
+        return {}
+    out: dict[str, int] = {}
+    for t in src._reader.tensors:
+        if re.match(r"blk\.\d+\.(attn_(q|k|v|qkv|output)|ffn_(gate|up|down))\.weight$", t.name):
+            out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + 1
+    return out
+
+
 def flattered_lsaq(q: dict) -> bool:
-    """A 32-wide asymmetric 4-bit scheme: the shape of the shipped Q4_1 grid."""
-    return q.get("scheme") == "group" and q.get("group_size") == 32 and not q.get("symmetric", True)
-
-
-# llama.cpp types with 32-wide asymmetric 4-bit (sub-)blocks, the shape of the shipped Q4_1 grid.
-# Q5_1 / Q5_K are asymmetric too, but their 31 steps do not align with Q4_1's 15.
-FLATTERED_TYPES = ("Q4_1", "Q4_K")
+    """An INT4 scheme of the shape of a grid the source's weights were shipped on."""
+    shape = (q.get("scheme"), q.get("group_size"), bool(q.get("symmetric", True)))
+    return any(shape in FLATTERS.get(t, {}).get("lsaq", ()) for t in SOURCE_TYPES)
 
 
 def flattered_gguf(r: dict) -> bool:
-    return any(t in FLATTERED_TYPES for per in r["linear_types"].values() for t in per)
+    types = {t for per in r["linear_types"].values() for t in per}
+    return any(t in FLATTERS.get(s, {}).get("llama", ()) for s in SOURCE_TYPES for t in types)
+
+
+def source_caveat() -> str:
+    if not SOURCE_TYPES:
+        return ""
+    types = ", ".join(sorted(SOURCE_TYPES))
+    return (f"**Caveat.** The source's decoder linears are dequantized from {types}, so they lie on "
+            "that grid; quantizers of the same shape find it again, which flatters them (marked † "
+            "below). The float weights are not those of the original BF16 model.")
 
 
 GRID_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
@@ -412,8 +451,9 @@ def plot(bundles: dict, llama: dict, path: Path) -> None:
     ax.set_ylabel("WikiText-2 perplexity (log scale, lower is better)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    ax.set_title("Perplexity against weight bytes, same WikiText-2 windows\n† asymmetric 32-wide "
-                 "blocks: flattered, the shipped weights are Q4_1", fontsize=10)
+    shipped = ", ".join(sorted(SOURCE_TYPES)) or "float"
+    ax.set_title("Perplexity against weight bytes, same WikiText-2 windows\n† the shape of the "
+                 f"source's shipped grid ({shipped}): flattered", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -454,12 +494,7 @@ def markdown(res: dict, rows, comps) -> str:
         "bytes; total MiB every tensor the evaluated model reads (LSAQ: the CPU graph's, whose "
         "quantized variants keep an INT8 copy of the tied LM head beside the FP16 embedding).",
         "",
-        "**Caveat.** SmolLM2-135M's shipped weights are dequantized from Q4_1 (32-wide asymmetric "
-        "4-bit blocks with a float scale and minimum), so they lie exactly on a 32-wide asymmetric "
-        "4-bit grid. That flatters schemes of that shape, marked † below: llama.cpp's Q4_1 (its "
-        "quantizer re-finds the shipped blocks), to a degree Q4_K (32-wide asymmetric 4-bit "
-        "sub-blocks with 6-bit scales and minimums), and LSAQ's g32-asym. The float weights are "
-        "not those of the original BF16 model." + grid_sentence(res.get("grid_check")),
+        source_caveat() + grid_sentence(res.get("grid_check")),
         "",
         md_table(HEAD, rows),
         "",
@@ -472,7 +507,8 @@ def markdown(res: dict, rows, comps) -> str:
     lines += [""]
     for label, b in bundles.items():
         q = b["quantization"]
-        flag = " (†: the same shape as the shipped Q4_1, flattered)" if flattered_lsaq(q) else ""
+        flag = (" (†: the shape of the source's shipped grid, flattered)" if flattered_lsaq(q)
+                else "")
         lines.append(f"- LSAQ `{label}`: `{b['path']}`, scheme {scheme_name(q)}{flag}, block "
                      f"{q.get('block_size')}, CPU accuracy level {q.get('cpu_accuracy_level')}, "
                      f"LM head {q.get('cpu_lm_head')}; layer order by {b['metric']}.")
@@ -537,6 +573,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="folder of quality_per_byte.{json,png,md}")
     args = ap.parse_args(argv)
+    source_types = source_linear_types(args.model)   # read from the file: what it flatters
+    SOURCE_TYPES.clear()
+    SOURCE_TYPES.update(source_types)
     from lsaq_runtime.probe import physical_cores
 
     from lsaq_compile import evaluate as ev
@@ -566,8 +605,10 @@ def main(argv: list[str] | None = None) -> dict:
     if tws:
         tw = tws[0]
     else:
-        tw = ev.text_windows(args.text, peers.hf_folder(work, args.model) / "tokenizer.json",
-                             args.seq_len, args.windows)
+        from lsaq_compile.model_source import open_model
+
+        tw = ev.text_windows(args.text, open_model(args.model).codec(), args.seq_len,
+                             args.windows)
 
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     if "F16" not in types:
@@ -593,9 +634,8 @@ def main(argv: list[str] | None = None) -> dict:
             "tensor_bytes": "GGUF: all tensors; LSAQ: every tensor its CPU graph references",
             "weight_bytes_float_head": "LSAQ: every tensor of the variant with the tied FP16 head "
             "(its CUDA graph's)"},
-        "caveat": "SmolLM2-135M's shipped weights are dequantized from Q4_1 (32-wide asymmetric "
-                  "4-bit blocks), which flatters 32-wide asymmetric 4-bit schemes (llama.cpp Q4_1, "
-                  "to a degree Q4_K, LSAQ g32-asym)",
+        "caveat": source_caveat(),
+        "source_linear_types": source_types,
         "llama_cpp": {"version": llama_cpp.__version__, "cached": cached,
                       "types": llama},
         "bundles": bundles,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from lsaq_runtime.errors import LsaqRuntimeError, printable
+from lsaq_runtime.errors import LsaqRuntimeError, first_line, printable
 from lsaq_runtime.manifest import METRICS
 
 from .errors import LsaqError
@@ -124,15 +124,46 @@ def _score_sensitivity(source, profile, calibration, samples, seq_len, progress)
 @click.option("--profile", default="default", show_default=True, help="default | paper | path to a .toml")
 @click.option("--scores", type=click.Path(dir_okay=False), help="reuse a scores.json instead of scoring")
 @click.option("--metric", type=click.Choice(METRICS), help="override the profile's metric")
+@click.option("--calibration", type=click.Path(dir_okay=False),
+              help="UTF-8 calibration text (overrides the profile's scoring.calibration)")
+@click.option("--chat-template", "chat_template", type=click.Path(dir_okay=False),
+              help="a Jinja chat template file, for sources that carry none (or to replace theirs)")
 @click.option("--force", is_flag=True, help="replace an existing bundle folder")
 @click.option("-q", "--quiet", is_flag=True)
-def build(model, out, profile, scores, metric, force, quiet):
+def build(model, out, profile, scores, metric, calibration, chat_template, force, quiet):
     """Score (unless --scores), quantize, export every variant and write the bundle."""
     from .bundle import build_bundle, read_manifest
+    from .profiles import load_profile
 
-    path = build_bundle(model, out, profile=profile, scores=scores, metric=metric, force=force,
-                        progress=Progress(quiet))
+    prof = load_profile(profile)
+    if calibration:
+        prof.scoring.calibration = calibration
+    template = _read_template(chat_template) if chat_template else None
+    path = build_bundle(model, out, profile=prof, scores=scores, metric=metric, force=force,
+                        progress=Progress(quiet), chat_template=template)
     click.echo(variant_table(read_manifest(path)))
+
+
+def _read_template(path: str) -> str:
+    """A chat template file's text, checked to parse as Jinja before hours of building."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LsaqError(f"{p}: chat template file not found") from None
+    except UnicodeDecodeError as e:
+        raise LsaqError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise LsaqError(f"{p}: cannot be read ({e.strerror})") from None
+    try:
+        import jinja2.sandbox
+
+        jinja2.sandbox.ImmutableSandboxedEnvironment().parse(text)
+    except Exception as e:  # jinja2 raises TemplateSyntaxError and friends
+        raise LsaqError(f"{p}: not a valid Jinja chat template ({first_line(e)})") from None
+    if not text.strip():
+        raise LsaqError(f"{p}: the chat template is empty")
+    return text
 
 
 def variant_table(manifest: dict) -> str:
@@ -143,13 +174,18 @@ def variant_table(manifest: dict) -> str:
         weights = v.get("weight_bytes", prov.get("weight_bytes", 0))
         nominal = v.get("avg_bits_nominal")
         q = v.get("quality")
-        rows.append([v["name"], c["fp16"], c["int8"], c["int4"], c.get("mixed", 0),
+        t = v.get("tables") or {}
+        tables = "/".join(dict.fromkeys(t.get(k, "fp16") for k in ("embed_tokens", "lm_head")))
+        bpw = v.get("bits_per_weight")
+        rows.append([v["name"], c["fp16"], c["int8"], c["int4"], c.get("mixed", 0), tables,
                      f"{v['avg_bits']:.2f}",
                      f"{nominal:.2f}" if isinstance(nominal, (int, float)) else "-",
+                     f"{bpw:.2f}" if isinstance(bpw, (int, float)) else "-",
                      _mib(weights), _mib(prov["resident_bytes"]),
+                     f"{q['kl_fp16']:.5f}" if q and "kl_fp16" in q else "-",
                      f"{q['perplexity']:.3f}" if q else "-"])
-    head = ["variant", "FP16", "INT8", "INT4", "mixed", "avg bits", "nominal", "weight bytes",
-            "cpu resident", "calib ppl"]
+    head = ["variant", "FP16", "INT8", "INT4", "mixed", "tables", "avg bits", "nominal",
+            "bits/weight", "weight bytes", "cpu resident", "KL vs fp16", "calib ppl"]
     total = sum(f["bytes"] for f in manifest["files"])
     out = _table(head, rows) + f"\n{len(manifest['variants'])} variants; bundle files {_mib(total)}"
     fp16 = next((v.get("weight_bytes") for v in manifest["variants"] if v["name"] == "fp16"), None)
@@ -168,7 +204,9 @@ def inspect(bundle):
     s, q = m.get("scores") or {}, m.get("quantization") or {}
     click.echo(printable(
         f"{m['model']['name']} ({m['model']['architecture']}, {m['model']['num_layers']} layers); "
-        f"scores: {s.get('metric', '?')} {s.get('params', {})}; quantization: "
+        f"scores: {s.get('metric', '?')} "
+        f"{ {k: v for k, v in s.get('params', {}).items() if not isinstance(v, (dict, list))} }; "
+        "quantization: "
         f"{q.get('int8', '?')}, {q.get('int4', '?')}"))
     click.echo(printable(variant_table(m)))
 
@@ -214,8 +252,8 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
     bundle = Path(bundle)
     m = read_manifest(bundle)
     names = _variant_names(m, variants)
-    tok_json = bundle / m["tokenizer"]["dir"] / "tokenizer.json"
-    tw = ev.text_windows(text, tok_json, seq_len, windows) if text else None
+    codec = ev.bundle_codec(bundle, m)     # the runtime's encoder: windows start as prompts do
+    tw = ev.text_windows(text, codec, seq_len, windows) if text else None
     task_items = {}   # task name -> (its items, file sha256 or None, source)
     if tasks and tasks.endswith(".jsonl"):
         if cross_check:
@@ -228,7 +266,7 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
                             "files (e.g. ../shared/data/zeroshot)")
         for t in zs.parse_tasks(tasks):
             task_items[t] = (zs.load_task(t, data, limit), None, str(data))
-    encode = ev.encoder(tok_json) if task_items else None
+    encode = ev.encoder(codec) if task_items else None
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     entries, rows, checks = [], [], []
     for name in names:
@@ -257,6 +295,8 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
                 row.append(f"{r['acc']:.3f}±{r['acc_stderr']:.3f}" + (f" / {r['acc_norm']:.3f}" if "acc_norm" in r else ""))
                 if cross_check and kind == "onnx":
                     checks.append((name, t, r))
+            if hasattr(fn, "close"):  # one variant's session at a time, not all of them
+                fn.close()
         rows.append(row)
     if checks:
         import tempfile
@@ -377,6 +417,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except MemoryError:  # the runtime's advice (--memory-budget, --context) is not the compiler's
+        click.echo("error: out of memory while compiling; the model needs more free memory than "
+                   "this machine has (close other programs, or compile on a larger machine)",
+                   err=True)
+        sys.exit(2)
     except Exception as e:
         if os.environ.get(DEBUG_ENV):
             raise

@@ -75,12 +75,20 @@ class OnnxLogits:
             self.model = None
 
 
-def encoder(tokenizer_json) -> Callable[[str], list[int]]:
-    """text -> token ids with the bundle's tokenizer, no special tokens added."""
-    from tokenizers import Tokenizer
+def bundle_codec(bundle, manifest: dict | None = None):
+    """The bundle's text codec (the runtime's): the one encoder for every evaluation."""
+    from lsaq_runtime.manifest import load_manifest
+    from lsaq_runtime.text import TextCodec
 
-    tk = Tokenizer.from_file(str(tokenizer_json))
-    return lambda s: tk.encode(s, add_special_tokens=False).ids
+    return TextCodec(Path(bundle), manifest or load_manifest(bundle))
+
+
+def encoder(codec) -> Callable[[str], list[int]]:
+    """text -> token ids as the model reads a sequence (BOS first when it expects one): lm-eval
+    encodes a request's context the same way. `codec`: a TextCodec or a bundle folder."""
+    if isinstance(codec, (str, os.PathLike)):
+        codec = bundle_codec(codec)
+    return codec.encode
 
 
 def torch_logits_fn(model_path, precisions: list[str], scheme_kind: str = "channel",
@@ -140,13 +148,16 @@ class TextWindows:
     seq_len: int
     windows: np.ndarray  # int64 [n, seq_len]
     total_tokens: int
+    prefix: tuple = ()   # what starts every window ((BOS,) for a model that expects one)
 
 
-def text_windows(path: str | os.PathLike, tokenizer_json: Path, seq_len: int = 1024,
+def text_windows(path: str | os.PathLike, codec, seq_len: int = 1024,
                  windows: int | None = None) -> TextWindows:
-    """Non-overlapping windows of the tokenized text, from its start (the usual WikiText-2 recipe)."""
-    from tokenizers import Tokenizer
-
+    """Non-overlapping windows of the tokenized text, from its start (the usual WikiText-2
+    recipe), each framed as the model frames a sequence: BOS + seq_len - 1 tokens of text for a
+    model that expects BOS. `codec`: a TextCodec or a bundle folder."""
+    if isinstance(codec, (str, os.PathLike)):
+        codec = bundle_codec(codec)
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -155,14 +166,20 @@ def text_windows(path: str | os.PathLike, tokenizer_json: Path, seq_len: int = 1
         raise LsaqError(f"{p}: text file not found") from None
     except UnicodeDecodeError as e:
         raise LsaqError(f"{p}: not UTF-8 text ({e})") from None
-    ids = Tokenizer.from_file(str(tokenizer_json)).encode(text, add_special_tokens=False).ids
-    n_avail = len(ids) // seq_len
+    prefix = list(codec.prefix)
+    span = seq_len - len(prefix)
+    if span < 1:
+        raise LsaqError(f"--seq-len {seq_len} leaves no room for text after BOS")
+    ids = codec.encode_text(text)
+    n_avail = len(ids) // span
     n = n_avail if windows is None else min(windows, n_avail)
     if n < 1 or (windows is not None and windows > n_avail):
         raise LsaqError(f"{p}: {len(ids)} tokens make {n_avail} windows of {seq_len}; "
                         f"asked for {windows} — use a longer text, fewer --windows or a smaller --seq-len")
-    arr = np.asarray(ids[: n * seq_len], np.int64).reshape(n, seq_len)
-    return TextWindows(str(p), hashlib.sha256(raw).hexdigest(), seq_len, arr, len(ids))
+    body = np.asarray(ids[: n * span], np.int64).reshape(n, span)
+    arr = np.concatenate([np.tile(np.asarray(prefix, np.int64), (n, 1)), body], axis=1)
+    return TextWindows(str(p), hashlib.sha256(raw).hexdigest(), seq_len, arr, len(ids),
+                       tuple(prefix))
 
 
 def window_nll(logits_fn: LogitsFn, window: np.ndarray) -> tuple[float, int]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -59,6 +59,11 @@ INV_FREQ = "rope.inv_freq"
 INV_FREQ_LONG = "rope.inv_freq_long"     # longrope: the frequencies past the original length
 INV_FREQ_LOCAL = "rope.local.inv_freq"   # Gemma 3: the sliding layers' own RoPE base
 HEAD_INT8 = "lm_head.int8"   # the LM head quantized like an INT8 layer (CPU graphs, optional)
+# The token tables on the ladder: an fp16 table is stored under its HF name (EMBED, LM_HEAD), a
+# quantized one under "{base}.{precision}.{role}" in MatMulNBits' layout, which the head's
+# MatMulNBits reads as it is and the embedding's Gather reads row by row (a tied model's one
+# table serves both).
+TABLE_BASE = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
 QKV_BIAS = ("q_proj", "k_proj", "v_proj")
 # How the decoder's linear layers are stored and computed: q/k/v read the same input, as do
 # gate/up, so each group is one matmul over its weights concatenated by output rows (fewer,
@@ -111,6 +116,26 @@ def linear_keys(i: int, lin: str, precision: str, scheme: QuantScheme | None) ->
     if not scheme.symmetric:
         keys["zero_points"] = f"{base}.zero_points"
     return keys
+
+
+def table_keys(table: str, precision: str, scheme: QuantScheme | None) -> dict[str, str]:
+    """Store keys of a token table ("embed_tokens" or "lm_head") at one precision, by role."""
+    if precision == "fp16":
+        return {"weight": EMBED if table == "embed_tokens" else LM_HEAD}
+    base = f"{TABLE_BASE[table]}.{precision}"
+    keys = {"qweight": f"{base}.qweight", "scales": f"{base}.scales",
+            "scales_f32": f"{base}.scales_f32"}
+    if not scheme.symmetric:
+        keys["zero_points"] = f"{base}.zero_points"
+    return keys
+
+
+def table_scheme(schemes: dict[str, QuantScheme], precision: str) -> QuantScheme:
+    """How a token table is quantized: the linears' scheme of that precision, with a plain MSE
+    clipping search where theirs weighs by calibration activations (a lookup table's rows have
+    no input activations to weigh by)."""
+    s = schemes[precision]
+    return replace(s, clip="mse") if s.clip == "mse-act" else s
 
 
 def part_precision(layer_precision: str, lin: str) -> str:
@@ -171,6 +196,17 @@ def effective_linear_weight(w: np.ndarray, precision: str, schemes: dict[str, Qu
     if precision == "fp16":
         return np.asarray(w, dtype=np.float16).astype(np.float32)
     return quantize(w, schemes[precision], act=act).dequantize()
+
+
+def table_weight(table: np.ndarray, precision: str, schemes: dict[str, QuantScheme]
+                 ) -> np.ndarray:
+    """float32 [vocab, hidden]: exactly the token table a graph computes with at `precision`
+    (quantized from the fp16-rounded table, as the store holds it)."""
+    t16 = np.asarray(table, dtype=np.float16).astype(np.float32)
+    if precision == "fp16":
+        return t16
+    _check_precision(precision, schemes)
+    return quantize(t16, table_scheme(schemes, precision)).dequantize()
 
 
 def check_supported(source: ModelSource) -> None:
@@ -338,11 +374,16 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
                        layer_precisions: dict[int, set[str]], schemes: dict[str, QuantScheme],
                        progress: Callable[[str], None] | None = None,
                        head_int8: bool = False,
-                       act_stats: dict[str, np.ndarray] | None = None) -> dict[str, TensorRef]:
+                       act_stats: dict[str, np.ndarray] | None = None,
+                       table_precisions: dict[str, set[str]] | None = None
+                       ) -> dict[str, TensorRef]:
     """Write weights/{float,int8,int4}.safetensors (only those that get tensors); return the
     index of every stored tensor. Works one decoder layer at a time. head_int8: also store the
-    LM head quantized with the INT8 scheme (HEAD_INT8.*). act_stats: activation statistics by
-    act_key (activations.activation_stats), needed by schemes with clip 'mse-act'."""
+    LM head quantized with the INT8 scheme, for CPU graphs whose head is otherwise fp16.
+    act_stats: activation statistics by act_key (activations.activation_stats), needed by
+    schemes with clip 'mse-act'. table_precisions: the quantized precisions each token table
+    ("embed_tokens", "lm_head") is needed at (a tied model's one table is "embed_tokens"); the
+    fp16 tables are always stored (the FP16 variant reads them)."""
     spec = source.spec
     check_supported(source)
     bundle_dir = Path(bundle_dir)
@@ -360,11 +401,19 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
     ropes = rope_tables(spec)
     offset = np.float32(spec.family.norm_offset)   # Gemma's (1 + w): the graph multiplies by it
 
+    tables = {t: set(p) - {"fp16"} for t, p in (table_precisions or {}).items()}
+    if not untied and tables.get("lm_head"):
+        raise LsaqError("this model's LM head is its embedding table (tied): give the head's "
+                        "precisions as the embed_tokens table's")
+    if head_int8:   # the CPU head's INT8 copy is the int8 table itself
+        _check_precision("int8", schemes)
+        tables.setdefault("lm_head" if untied else "embed_tokens", set()).add("int8")
     plan: dict[str, list[str]] = defaultdict(list)
     plan[FLOAT_FILE] += [EMBED] + ([LM_HEAD] if untied else []) + [FINAL_NORM, *ropes]
-    if head_int8:
-        _check_precision("int8", schemes)
-        plan[STORE_FILES["int8"]] += [f"{HEAD_INT8}.{r}" for r in ("qweight", "scales", "scales_f32")]
+    for t, precs in tables.items():
+        for p in sorted(precs):
+            _check_precision(p, schemes)
+            plan[STORE_FILES[p]] += table_keys(t, p, table_scheme(schemes, p)).values()
     for i in range(spec.num_layers):
         plan[FLOAT_FILE] += [norm_key(i, n) for n in layer_norms(spec)]
         plan[FLOAT_FILE] += [qk_norm_key(i)] if spec.family.qk_norm else []
@@ -382,14 +431,20 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
         def put(key: str, array: np.ndarray) -> None:
             index[key] = writers[file_of[key]].add(key, array)
 
-        put(EMBED, source.embedding().astype(np.float16))
-        if untied:
-            put(LM_HEAD, source.tensor(LM_HEAD).astype(np.float16))
-        if head_int8:
-            # From the fp16-rounded table the float graphs use, so int8 only adds its own error.
-            table = (source.tensor(LM_HEAD) if untied else source.embedding()).astype(np.float16)
-            for role, arr in _linear_arrays(table.astype(np.float32), "int8", schemes["int8"]).items():
-                put(f"{HEAD_INT8}.{role}", arr)
+        for t in ("embed_tokens", "lm_head") if untied else ("embed_tokens",):
+            table = (source.embedding() if t == "embed_tokens" else
+                     source.tensor(LM_HEAD)).astype(np.float16)
+            put(EMBED if t == "embed_tokens" else LM_HEAD, table)
+            for p in sorted(tables.get(t, ())):
+                # From the fp16-rounded table the float graphs use, so quantizing only adds its
+                # own error.
+                sch = table_scheme(schemes, p)
+                keys = table_keys(t, p, sch)
+                for role, arr in _linear_arrays(table.astype(np.float32), p, sch).items():
+                    put(keys[role], arr)
+                if progress:
+                    progress(f"stored the {t} table at {p}")
+            del table
         put(FINAL_NORM, source.tensor(FINAL_NORM) + offset)
         for key, inv_freq in ropes.items():
             put(key, inv_freq)
@@ -426,6 +481,7 @@ class GraphInfo:
     weight_bytes: int                # exact sum of referenced
     resident_bytes: int              # estimated weight memory held by the provider after load
     decoder_linear_bytes: list[int]  # per decoder layer: its 7 linear weights incl. scales/zp
+    creation_extra_bytes: int = 0    # held only while the session is created (see below)
 
 
 _ONNX_DTYPES = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT,
@@ -433,10 +489,15 @@ _ONNX_DTYPES = {"float16": TensorProto.FLOAT16, "float32": TensorProto.FLOAT,
 
 
 class _GraphBuilder:
-    def __init__(self, index: dict[str, TensorRef], dtype: str, accuracy_level: int = 0):
+    def __init__(self, index: dict[str, TensorRef], dtype: str, accuracy_level: int = 0,
+                 residual_dtype: str | None = None):
         self.index = index
         self.dtype = dtype
         self.T = _ONNX_DTYPES[dtype]
+        # The residual stream and norms: the activation dtype, or float32 in a float16 graph
+        # whose float16 residual overflows (a real Gemma 3 reaches |h| = 103,795 > 65,504).
+        self.residual_dtype = residual_dtype or dtype
+        self.R = _ONNX_DTYPES[self.residual_dtype]
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, TensorProto] = {}
         # How the provider will hold each weight: "direct" (as stored), "upcast" (an fp16
@@ -483,32 +544,65 @@ class _GraphBuilder:
         self.uses[key].add(use)
         return key
 
-    def weight_as_T(self, key: str, consumer_is_matmul: bool = False) -> str:
-        """A float weight in the graph's dtype (Cast when stored otherwise)."""
+    def weight_as_T(self, key: str, consumer_is_matmul: bool = False, dtype: str | None = None
+                    ) -> str:
+        """A float weight in the graph's dtype, or `dtype` (Cast when stored otherwise)."""
+        dtype = dtype or self.dtype
         ref = self.index.get(key)
-        if ref is not None and ref.dtype == self.dtype:
+        if ref is not None and ref.dtype == dtype:
             return self.weight(key)
-        upcast = consumer_is_matmul and self.dtype == "float32"
+        upcast = consumer_is_matmul and dtype == "float32"
         name = self.weight(key, "upcast" if upcast else "direct")
-        return self.op("Cast", [name], f"{key}/as_T", to=self.T)
+        suffix = "as_T" if dtype == self.dtype else f"as_{dtype}"
+        return self.op("Cast", [name], f"{key}/{suffix}", to=_ONNX_DTYPES[dtype])
+
+    def to(self, x: str, elem: int, hint: str) -> str:
+        """x cast to ONNX element type `elem`; only called where the types differ."""
+        return self.op("Cast", [x], hint, to=elem)
 
     def resident_bytes(self) -> int:
+        """Weight memory the provider holds after the session is created. Measured on the CPU
+        provider (benchmarks/bench_memory.py, RssAnon and RssFile apart): a weight a kernel
+        prepacks is held once as its packed copy; an fp16 weight cast for MatMul/Gemm twice (its
+        float32 copy); a table only gathered from stays memory-mapped, rows paged in as looked
+        up (about 0); but a quantized table that the head prepacks *and* the embedding gathers
+        from stays mapped in full beside the packed copy: twice its bytes. CUDA copies every
+        weight to the device once."""
         def copies(uses: set[str]) -> int:
-            as_stored = "direct" in uses or ("gather" in uses and self.dtype == "float16")
-            return as_stored + 2 * ("upcast" in uses)
+            if self.dtype == "float16":
+                return 1
+            mapped_and_packed = "gather" in uses and "direct" in uses
+            return ("direct" in uses) + mapped_and_packed + 2 * ("upcast" in uses)
         return self.extra_resident + sum(self.index[key].length * copies(uses)
                                          for key, uses in self.uses.items())
+
+    def creation_extra_bytes(self) -> int:
+        """Memory held only while the session is created, on top of resident_bytes: ONNX
+        Runtime folds every Cast of an fp16 weight into a float32 copy before the kernels
+        prepack their own, so both copies exist at once (a real Gemma 3's fp16 head table peaked
+        at 1.9 GiB for 0.34 GB stored). Released before the KV cache is allocated."""
+        if self.dtype == "float16":
+            return 0
+        return sum(2 * self.index[key].length for key, uses in self.uses.items()
+                   if "upcast" in uses)
 
 
 def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorRef], dtype: str,
                 max_context: int, name: str = "model", accuracy_level: int = 0,
-                lm_head: str = "fp16") -> tuple[onnx.ModelProto, GraphInfo]:
+                lm_head: str = "fp16", embed: str = "fp16", residual_dtype: str | None = None
+                ) -> tuple[onnx.ModelProto, GraphInfo]:
     """One variant's graph; precisions has one entry per decoder layer. accuracy_level goes to
     every MatMulNBits node: 0 computes in the activation dtype (exact), 4 quantizes activations
     to int8 per block and uses ORT's integer kernels (CPU). lm_head: "fp16" (Gemm over the
-    float table) or "int8" (MatMulNBits over HEAD_INT8.*, stored by write_weight_store)."""
-    if lm_head not in ("fp16", "int8"):
-        raise LsaqError(f"lm_head must be fp16 or int8, not {lm_head!r}")
+    float table) or "int8"/"int4" (MatMulNBits over the quantized head table: the tied
+    embedding's, or lm_head's). embed: the precision of the embedding table the graph gathers
+    rows from (stored by write_weight_store). residual_dtype: "float32" keeps the residual
+    stream and norms of a float16 graph in float32 (matmuls, attention and the KV cache stay
+    float16), for models whose residual overflows float16."""
+    if lm_head not in ("fp16", "int8", "int4"):
+        raise LsaqError(f"lm_head must be fp16, int8 or int4, not {lm_head!r}")
+    if embed not in ("fp16", "int8", "int4"):
+        raise LsaqError(f"embed must be fp16, int8 or int4, not {embed!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise LsaqError(f"accuracy_level must be 0-4, not {accuracy_level}")
     if dtype not in ("float32", "float16"):
@@ -517,8 +611,11 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
         raise LsaqError(f"{len(precisions)} precisions given for {spec.num_layers} decoder layers")
     if max_context < 1:
         raise LsaqError(f"max_context must be positive, got {max_context}")
-    g = _GraphBuilder(index, dtype, accuracy_level)
-    T, hd = g.T, spec.head_dim
+    if residual_dtype not in (None, dtype, "float32"):
+        raise LsaqError(f"residual_dtype must be float32 or the graph's {dtype}, not "
+                        f"{residual_dtype!r}")
+    g = _GraphBuilder(index, dtype, accuracy_level, residual_dtype)
+    T, R, hd = g.T, g.R, spec.head_dim
     eps = float(spec.rms_norm_eps)
 
     inputs = [
@@ -541,13 +638,17 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
     act = ACTIVATIONS[spec.hidden_act]
     sandwich = spec.family.sandwich_norms
 
-    x = g.op("Gather", [g.weight(EMBED, "gather"), "input_ids"], "embed", axis=0)
-    if dtype == "float32":
-        x = g.op("Cast", [x], "embed_T", to=T)
+    if embed == "fp16":
+        x = g.op("Gather", [g.weight(EMBED, "gather"), "input_ids"], "embed", axis=0)
+        if g.residual_dtype == "float32":
+            x = g.op("Cast", [x], "embed_R", to=R)
+    else:
+        x = _gather_quantized(g, f"{TABLE_BASE['embed_tokens']}.{embed}", int(embed[3:]),
+                              spec.hidden_size)
     if spec.embed_scale is not None:  # Gemma: in the activation dtype, as transformers does
-        x = g.op("Mul", [x, g.const(spec.embed_scale, np.float32 if dtype == "float32"
+        x = g.op("Mul", [x, g.const(spec.embed_scale, np.float32 if g.residual_dtype == "float32"
                                     else np.float16, "embed_scale")], "embed_scaled")
-    h = _rms_norm(g, x, norm_key(0, "input_layernorm"), eps)
+    h = _rms_norm(g, x, norm_key(0, "input_layernorm"), eps, x_dtype=g.residual_dtype)
     residual = x
     linear_bytes = []
     for i, p in enumerate(precisions):
@@ -571,9 +672,13 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
             domain="com.microsoft", **attn_attrs)
         o = _linear(g, attn, i, "self_attn.o_proj", p, spec)
         if sandwich:  # Gemma 3: post_attention_layernorm normalises the attention output
-            o = _rms_norm(g, o, norm_key(i, "post_attention_layernorm"), eps)
+            o = _rms_norm(g, o, norm_key(i, "post_attention_layernorm"), eps, out=R)
+        elif R != T:
+            o = g.to(o, R, f"layers.{i}/o_R")
         h, residual = _skip_norm(g, o, residual, norm_key(
             i, "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"), eps)
+        if R != T:
+            h = g.to(h, T, f"layers.{i}/mlp_in_T")
         gate, up = g.op("Split", [_linear(g, h, i, "mlp.gate_up_proj", p, spec)],
                         f"layers.{i}/gate_up", outputs=2, axis=-1, num_outputs=2)
         if act == "silu":
@@ -584,11 +689,15 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
         gated = g.op("Mul", [a, up], f"layers.{i}/gated")
         down = _linear(g, gated, i, "mlp.down_proj", p, spec)
         if sandwich:
-            down = _rms_norm(g, down, norm_key(i, "post_feedforward_layernorm"), eps)
+            down = _rms_norm(g, down, norm_key(i, "post_feedforward_layernorm"), eps, out=R)
+        elif R != T:
+            down = g.to(down, R, f"layers.{i}/down_R")
         last = i + 1 == spec.num_layers
         h, residual = _skip_norm(g, down, residual,
                                  FINAL_NORM if last else norm_key(i + 1, "input_layernorm"), eps,
                                  want_sum=not last)
+        if R != T:
+            h = g.to(h, T, f"layers.{i}/out_T")
         prefixes = tuple(f"model.layers.{i}.{lin}.{part_precision(p, lin)}."
                          for lin in STORED_LINEARS)
         linear_bytes.append(sum(index[key].length for key in g.initializers
@@ -601,8 +710,11 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
                   "last_hidden")
     flat = g.op("Reshape", [last_h, g.const([-1, spec.hidden_size], np.int64, "flat_shape")],
                 "flat_hidden")
-    if lm_head == "int8":
-        logits = _matmul_nbits(g, flat, HEAD_INT8, 8, spec.hidden_size, spec.vocab_size, "lm_head")
+    if lm_head != "fp16":
+        untied = not spec.tie_word_embeddings and LM_HEAD in index
+        base = f"{TABLE_BASE['lm_head' if untied else 'embed_tokens']}.{lm_head}"
+        logits = _matmul_nbits(g, flat, base, int(lm_head[3:]), spec.hidden_size,
+                               spec.vocab_size, "lm_head")
     else:
         head = EMBED if spec.tie_word_embeddings or LM_HEAD not in index else LM_HEAD
         # Gemm with transB reads the [vocab, hidden] table in place: tied embeddings need no
@@ -631,7 +743,8 @@ def build_graph(spec: ModelSpec, precisions: list[str], index: dict[str, TensorR
     cache_bytes = folded * 2 * max_context * (hd // 2) * (4 if dtype == "float32" else 2)
     info = GraphInfo(referenced=referenced, weight_bytes=sum(referenced.values()),
                      resident_bytes=g.resident_bytes() + cache_bytes,
-                     decoder_linear_bytes=linear_bytes)
+                     decoder_linear_bytes=linear_bytes,
+                     creation_extra_bytes=g.creation_extra_bytes())
     return model, info
 
 
@@ -760,6 +873,69 @@ def _matmul_nbits(g: _GraphBuilder, x: str, base: str, bits: int, k_in: int, n_o
                 bits=bits, block_size=block, accuracy_level=g.accuracy_level)
 
 
+def _gather_quantized(g: _GraphBuilder, base: str, bits: int, hidden: int) -> str:
+    """Rows of a quantized table stored in MatMulNBits' layout (the head's MatMulNBits reads the
+    same initializer), dequantized with standard ops: Gather reads only the looked-up rows of
+    the memory-mapped codes, scales and zero points, and every provider runs these ops (ORT's
+    GatherBlockQuantized would do the same on CPU, but its CUDA support is not verified here)."""
+    hint = "embed_q"
+    qref = g.index.get(f"{base}.qweight")
+    if qref is None:
+        raise LsaqError(f"the weight store lacks {base}.qweight; was it written for this "
+                        "variant's table precision?")
+    _, n_blocks, blob = qref.shape
+    block = blob * 8 // bits
+    f32 = TensorProto.FLOAT
+
+    def rows(key: str) -> str:
+        return g.op("Gather", [g.weight(key, "gather"), "input_ids"], f"{hint}/rows", axis=0)
+
+    def nibbles(x: str, tag: str) -> str:
+        """uint8 [..., n] -> float32 [..., 2n]: element 2j from the low nibble, as packed.
+        In float arithmetic (exact for 0..255), which every provider has."""
+        f = g.op("Cast", [x], f"{hint}/{tag}_f", to=f32)
+        sixteen = g.const(16.0, np.float32, f"{hint}/{tag}_16")
+        hi = g.op("Floor", [g.op("Div", [f, sixteen], f"{hint}/{tag}_div")], f"{hint}/{tag}_hi")
+        lo = g.op("Sub", [f, g.op("Mul", [hi, sixteen], f"{hint}/{tag}_hi16")], f"{hint}/{tag}_lo")
+        axis = g.const([-1], np.int64, f"{hint}/{tag}_ax")
+        pair = g.op("Concat", [g.op("Unsqueeze", [lo, axis], f"{hint}/{tag}_lo1"),
+                               g.op("Unsqueeze", [hi, axis], f"{hint}/{tag}_hi1")],
+                    f"{hint}/{tag}_pair", axis=-1)
+        return g.op("Reshape", [pair, g.const([0, 0, -1], np.int64, f"{hint}/{tag}_flat")],
+                    f"{hint}/{tag}_codes")
+
+    # Codes and zero points are small integers, exact in float16 too: the row is computed in the
+    # graph's dtype with the scales the head's MatMulNBits reads (fp16 scales in a float16 graph).
+    T = g.T
+    codes = rows(f"{base}.qweight")                                 # [B, S, nb, blob] uint8
+    flat = g.op("Reshape", [codes, g.const([0, 0, -1], np.int64, f"{hint}/flat")],
+                f"{hint}/codes_flat")
+    codes = nibbles(flat, "codes") if bits == 4 else flat
+    codes = g.op("Cast", [codes], f"{hint}/codes_T", to=T)
+    codes = g.op("Reshape", [codes, g.const([0, 0, n_blocks, block], np.int64, f"{hint}/blocks")],
+                 f"{hint}/codes_blocks")                            # [B, S, nb, block]
+    axis = g.const([-1], np.int64, f"{hint}/axis")
+    if f"{base}.zero_points" in g.index:
+        zp = rows(f"{base}.zero_points")                            # [B, S, ceil(nb*bits/8)]
+        zp = g.op("Cast", [nibbles(zp, "zp") if bits == 4 else zp], f"{hint}/zp_T", to=T)
+        zp = g.op("Slice", [zp, g.const([0], np.int64, f"{hint}/zp0"),
+                            g.const([n_blocks], np.int64, f"{hint}/zpn"), axis], f"{hint}/zp_nb")
+        zp = g.op("Unsqueeze", [zp, axis], f"{hint}/zp_col")
+    else:   # symmetric: MatMulNBits' implied zero point
+        zp = g.const(float(2 ** (bits - 1)), np.float32 if T == f32 else np.float16,
+                     f"{hint}/zp_sym")
+    scales = rows(f"{base}.scales_f32" if T == f32 else f"{base}.scales")   # [B, S, nb]
+    scales = g.op("Unsqueeze", [scales, axis], f"{hint}/scales_col")
+    x = g.op("Mul", [g.op("Sub", [codes, zp], f"{hint}/centered"), scales], f"{hint}/deq")
+    x = g.op("Reshape", [x, g.const([0, 0, -1], np.int64, f"{hint}/out_flat")], f"{hint}/row")
+    if n_blocks * block != hidden:   # the last block's zero padding
+        x = g.op("Slice", [x, g.const([0], np.int64, f"{hint}/h0"),
+                           g.const([hidden], np.int64, f"{hint}/h1"), axis], f"{hint}/trim")
+    if g.R != T:   # a float16 graph with a float32 residual stream
+        x = g.op("Cast", [x], f"{hint}/R", to=g.R)
+    return x
+
+
 def _linear_dims(spec: ModelSpec, lin: str) -> tuple[int, int]:
     """(K in, N out) of a stored (fused) decoder linear layer."""
     q_dim, kv_dim = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
@@ -771,26 +947,32 @@ def _linear_dims(spec: ModelSpec, lin: str) -> tuple[int, int]:
     }[lin]
 
 
-def _rms_norm(g: _GraphBuilder, x: str, key: str, eps: float) -> str:
+def _rms_norm(g: _GraphBuilder, x: str, key: str, eps: float, out: int | None = None,
+              x_dtype: str | None = None) -> str:
     """RMSNorm from standard ops: opset 21 has no RMSNormalization and ORT's
     SimplifiedLayerNormalization sits in the default domain, which onnx.checker rejects.
-    Computed in float32 like transformers, then scaled in the activation dtype."""
-    x32 = x if g.dtype == "float32" else g.op("Cast", [x], "norm0/x32", to=TensorProto.FLOAT)
+    Computed in float32 like transformers, then scaled in the activation dtype (or `out`: the
+    residual stream's, for norms whose output joins it). x_dtype: x's dtype (default the
+    graph's)."""
+    out = g.T if out is None else out
+    out_dtype = "float32" if out == TensorProto.FLOAT else g.dtype
+    x32 = x if (x_dtype or g.dtype) == "float32" else \
+        g.op("Cast", [x], "norm0/x32", to=TensorProto.FLOAT)
     ms = g.op("ReduceMean", [g.op("Mul", [x32, x32], "norm0/sq"),
                              g.const([-1], np.int64, "norm0/axes")], "norm0/ms", keepdims=1)
     inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, g.const(eps, np.float32, "eps")],
                                                   "norm0/ms_eps")], "norm0/rms")], "norm0/inv")
     y = g.op("Mul", [x32, inv], "norm0/normed")
-    if g.dtype != "float32":
-        y = g.op("Cast", [y], "norm0/normed_T", to=g.T)
-    return g.op("Mul", [y, g.weight_as_T(key)], "norm0/out")
+    if out != TensorProto.FLOAT:
+        y = g.op("Cast", [y], "norm0/normed_T", to=out)
+    return g.op("Mul", [y, g.weight_as_T(key, dtype=out_dtype)], "norm0/out")
 
 
 def _skip_norm(g: _GraphBuilder, x: str, skip: str, key: str, eps: float, want_sum: bool = True
                ) -> tuple[str, str | None]:
     """(RMSNorm(x + skip) * gamma, x + skip)."""
     hint = key.removesuffix(".weight")
-    ins = [x, skip, g.weight_as_T(key)]
+    ins = [x, skip, g.weight_as_T(key, dtype=g.residual_dtype)]
     if not want_sum:
         return g.op("SkipSimplifiedLayerNormalization", ins, hint, domain="com.microsoft",
                     epsilon=eps), None

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,6 +211,7 @@ def spec_from_hf_config(cfg: dict, name: str = "model", where: str = "config.jso
     if cfg["num_attention_heads"] % kvh:
         raise LsaqError(f"{where}: num_attention_heads {cfg['num_attention_heads']} is not a "
                         f"multiple of num_key_value_heads {kvh}")
+    _check_sizes(cfg, where)
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     rope_theta, rope_scaling, local_theta = _rope_config(cfg, arch, where)
@@ -238,6 +240,7 @@ def spec_from_hf_config(cfg: dict, name: str = "model", where: str = "config.jso
         query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256) if gemma else None,
         final_logit_softcapping=cfg.get("final_logit_softcapping") if gemma else None,
     )
+    _check_numbers(spec, where)
     # Which layers slide, and how far: transformers' own config class decides (Qwen2/3 derive
     # it from use_sliding_window and max_window_layers, Gemma 3 from its 5:1 pattern).
     try:
@@ -249,6 +252,62 @@ def spec_from_hf_config(cfg: dict, name: str = "model", where: str = "config.jso
     types = getattr(hf, "layer_types", None)
     spec.layer_types = list(types) if types else None
     return spec
+
+
+# Config integers past what a bundle may hold (manifest.schema.json's own bounds), by the
+# config key and the manifest key that bounds it.
+_BOUNDED = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size",
+            "intermediate_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
+            "num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim",
+            "vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings"}
+
+
+def _check_sizes(cfg: dict, where: str) -> None:
+    """Sizes a bundle cannot hold are refused before anything is built (a billion layers would
+    otherwise run out of memory building lists, and say so in the runtime's words)."""
+    from lsaq_runtime.manifest import SCHEMA_PATH
+
+    bounds = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))["properties"]["model"]["properties"]
+    for key, mkey in _BOUNDED.items():
+        v, top = cfg.get(key), bounds[mkey].get("maximum")
+        if isinstance(v, int) and top is not None and v > top:
+            raise LsaqError(f"{where}: {key} is {v:,}, more than a bundle can hold ({top:,}); "
+                            "the config is damaged or not a language model's")
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_numbers(spec: ModelSpec, where: str) -> None:
+    """Every real number the graphs compute with is finite and in its range: a NaN RoPE base or
+    an infinite norm epsilon builds a bundle that outputs nothing, a negative epsilon one that
+    fails at load. Refused with the field's name before anything is built."""
+    def bad(name: str, v, what: str) -> LsaqError:
+        return LsaqError(f"{where}: {name} is {v!r}; it must be {what}: the config is damaged, "
+                         "use the one that came with the weights")
+
+    eps = spec.rms_norm_eps
+    if not (_finite_number(eps) and 0 < eps < 1):
+        raise bad("rms_norm_eps (GGUF: attention.layer_norm_rms_epsilon)", eps,
+                  "a finite number between 0 and 1")
+    for name, v in (("rope_theta (GGUF: rope.freq_base)", spec.rope_theta),
+                    ("rope_local_base_freq (GGUF: rope.freq_base_swa)", spec.local_rope_theta)):
+        if v is not None and not (_finite_number(v) and 1 < v <= 1e15):
+            raise bad(name, v, "a finite number above 1")
+    for name, v in (("query_pre_attn_scalar", spec.query_pre_attn_scalar),
+                    ("final_logit_softcapping", spec.final_logit_softcapping)):
+        if v is not None and not (_finite_number(v) and v > 0):
+            raise bad(name, v, "a finite positive number")
+    for key, v in (spec.rope_scaling or {}).items():
+        values = v if isinstance(v, list) else [v]
+        nums = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if any(not math.isfinite(x) for x in nums):
+            raise bad(f"rope_scaling.{key}", v if not isinstance(v, list) else "a list holding "
+                      f"{next(x for x in nums if not math.isfinite(x))}", "finite")
+        if key in ("factor", "short_factor", "long_factor") and any(x <= 0 for x in nums):
+            raise bad(f"rope_scaling.{key}", v if not isinstance(v, list) else "a list with "
+                      f"{next(x for x in nums if x <= 0)}", "positive")
 
 
 class ModelSource:
@@ -289,8 +348,18 @@ class ModelSource:
         full = f"model.layers.{parts[2]}.{fused}.{kind}"
         return (full, lo, hi) if self._has(full) and not self._has(name) else None
 
+    def _finite(self, name: str, w: np.ndarray) -> np.ndarray:
+        """`w`, after checking it holds no NaN or infinity: min and max propagate both, so two
+        passes without a copy find any (a checkpoint with one builds a bundle that outputs
+        nothing)."""
+        if w.size and not (np.isfinite(w.min()) and np.isfinite(w.max())):
+            bad = int(np.count_nonzero(~np.isfinite(w)))
+            raise LsaqError(f"{self.path}: tensor {name} holds {bad:,} NaN or infinite values; "
+                            "the checkpoint is damaged, download or convert it again")
+        return w
+
     def _fused(self, full: str, rows: int) -> np.ndarray:
-        w = self._read(full)
+        w = self._finite(full, self._read(full))
         if w.shape[0] != rows:
             raise LsaqError(f"{self.path}: {full} has {w.shape[0]} rows, the config implies {rows}; "
                             "the weights do not match the config")
@@ -299,7 +368,7 @@ class ModelSource:
     def tensor(self, name: str) -> np.ndarray:
         split = self._split_of(name)
         if split is None:
-            return self._read(name)
+            return self._finite(name, self._read(name))
         full, lo, hi = split
         w = self._fused(full, self._fused_rows(full))
         return np.ascontiguousarray(w[lo:hi])
@@ -313,9 +382,36 @@ class ModelSource:
     def has_tensor(self, name: str) -> bool:
         return self._has(name) or self._split_of(name) is not None
 
-    def save_tokenizer(self, dest: Path) -> dict:
+    def _convert_tokenizer(self, dest: Path) -> dict:
         """Write tokenizer.json (+ config, chat template) into dest; return tokenizer facts."""
         raise NotImplementedError
+
+    _saved_tokenizer = None    # (TemporaryDirectory, facts) once converted
+
+    def saved_tokenizer(self) -> tuple[Path, dict]:
+        """The model's tokenizer as the bundle will ship it (tokenizer.json and friends in a
+        private temporary folder) and its facts. Converted once per source: a GGUF's 262k-token
+        vocabulary takes about a minute to convert, and calibration, the bundle and evaluation
+        all need it."""
+        if self._saved_tokenizer is None:
+            tmp = tempfile.TemporaryDirectory(prefix="lsaq-tokenizer-")
+            facts = self._convert_tokenizer(Path(tmp.name))
+            self._saved_tokenizer = (tmp, facts)
+        return Path(self._saved_tokenizer[0].name), dict(self._saved_tokenizer[1])
+
+    def save_tokenizer(self, dest: Path) -> dict:
+        """Copy the converted tokenizer into dest (a new folder); return its facts."""
+        src, facts = self.saved_tokenizer()
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+        return facts
+
+    def codec(self):
+        """The runtime's text codec over this model's tokenizer: the one encoder every stage
+        uses, so calibration and evaluation windows start as the model's prompts do (BOS)."""
+        from lsaq_runtime.text import TextCodec
+
+        src, facts = self.saved_tokenizer()
+        return TextCodec.from_files(src / "tokenizer.json", facts, self.spec.vocab_size)
 
     def files(self) -> list[Path]:
         raise NotImplementedError
@@ -369,14 +465,43 @@ class ModelSource:
         return out
 
 
-def _tokenizer_facts(tok) -> dict:
-    eos = tok.eos_token_id
+def _tokenizer_facts(tok, extra_eos=(), add_bos: bool | None = None,
+                     bos: int | None = None, eos: int | None = None) -> dict:
+    """bos/eos, when given, are the source file's own ids (a GGUF's tokenizer.ggml.*): they win
+    over what the converted tokenizer reports, which differs between transformers versions."""
+    eos = tok.eos_token_id if eos is None else eos
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    ids += [i for i in extra_eos if isinstance(i, int) and i not in ids]
     return {
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
-        "add_bos_token": bool(getattr(tok, "add_bos_token", False)),
+        "bos_token_id": tok.bos_token_id if bos is None else bos,
+        "eos_token_ids": ids,
+        "add_bos_token": _adds_bos(tok) if add_bos is None else bool(add_bos),
         "chat_template": tok.chat_template if isinstance(tok.chat_template, str) else None,
     }
+
+
+def _adds_bos(tok) -> bool:
+    """Whether the model's own tokenizer starts a sequence with BOS: its add_bos_token flag, or
+    what encoding with special tokens does (transformers 5 keeps the rule in tokenizer.json's
+    post-processor, where the flag does not show it)."""
+    bos = tok.bos_token_id
+    if bos is None:
+        return False
+    if getattr(tok, "add_bos_token", False):
+        return True
+    try:
+        return tok.encode("a", add_special_tokens=True)[:1] == [bos]
+    except Exception:  # a tokenizer that cannot encode plain text fails later, clearly
+        return False
+
+
+# llama.cpp's end-of-generation tokens when a GGUF names no end-of-turn id: control tokens with
+# these texts end a turn (llama-vocab.cpp matches the same texts), so a chat answer stops at
+# Gemma's <end_of_turn> or ChatML's <|im_end|> and not only at the document EOS.
+END_OF_TURN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
+                     "<|endoftext|>", "<|end_of_text|>", "<EOT>", "_<EOT>",
+                     "<\uff5cend\u2581of\u2581sentence\uff5c>", "<end_of_utterance>")
+_GGUF_CONTROL = 3   # tokenizer.ggml.token_type of a control token
 
 
 class HFSource(ModelSource):
@@ -441,18 +566,30 @@ class HFSource(ModelSource):
                         return ht.get_tensor(name).float().numpy()
             raise
 
-    def save_tokenizer(self, dest):
+    def _convert_tokenizer(self, dest):
         from transformers import AutoTokenizer
 
         try:
             tok = AutoTokenizer.from_pretrained(str(self.path))
         except Exception as e:
-            raise LsaqError(f"{self.path}: cannot load its tokenizer ({e}); the folder needs "
-                            "tokenizer.json or tokenizer.model") from None
+            raise LsaqError(f"{self.path}: cannot load the model's tokenizer ({e}); the folder "
+                            "needs tokenizer.json or tokenizer.model") from None
         if not getattr(tok, "is_fast", True):
             raise LsaqError(f"{self.path}: only a slow tokenizer is available; the runtime needs "
                             "tokenizer.json")
-        return _save_tokenizer(tok, dest)
+        return _save_tokenizer(tok, dest, self._generation_eos())
+
+    def _generation_eos(self) -> list[int]:
+        """generation_config.json's eos_token_id (an int or a list: Llama 3 Instruct ends a turn
+        with <|eot_id|>, not the document EOS), which transformers' generate() stops at."""
+        p = self.path / "generation_config.json"
+        try:
+            eos = json.loads(p.read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            return []
+        eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+        return [i for i in eos if isinstance(i, int) and not isinstance(i, bool)
+                and 0 <= i < self.spec.vocab_size]
 
 
 # GGUF stores the same tensors under llama.cpp names (gguf.constants.TENSOR_NAMES).
@@ -623,7 +760,7 @@ class GGUFSource(ModelSource):
             w = w - np.float32(self.spec.family.norm_offset)
         return np.ascontiguousarray(w)
 
-    def save_tokenizer(self, dest):
+    def _convert_tokenizer(self, dest):
         from transformers import AutoTokenizer
 
         try:
@@ -632,7 +769,28 @@ class GGUFSource(ModelSource):
             raise LsaqError(f"{self.path}: transformers cannot convert this GGUF file's "
                             f"tokenizer ({type(e).__name__}: {e}); build from the Hugging Face "
                             "folder instead") from None
-        return _save_tokenizer(tok, dest)
+        f = self._reader.fields
+        # llama.cpp's own rule for this file, when it states one
+        add_bos = (bool(f["tokenizer.ggml.add_bos_token"].contents())
+                   if "tokenizer.ggml.add_bos_token" in f else None)
+        ids = {k: int(f[f"tokenizer.ggml.{k}_token_id"].contents())
+               for k in ("bos", "eos") if f"tokenizer.ggml.{k}_token_id" in f}
+        return _save_tokenizer(tok, dest, self._end_of_turn_ids(), add_bos, **ids)
+
+    def _end_of_turn_ids(self) -> list[int]:
+        """End-of-turn ids as llama.cpp finds them: tokenizer.ggml.eot_token_id and
+        eom_token_id, else control tokens whose text ends a turn (END_OF_TURN_TEXTS)."""
+        f = self._reader.fields
+        named = [f[k].contents() for k in ("tokenizer.ggml.eot_token_id",
+                                           "tokenizer.ggml.eom_token_id") if k in f]
+        ids = [int(i) for i in named if isinstance(i, int) and 0 <= i < self.spec.vocab_size]
+        if "tokenizer.ggml.tokens" in f and "tokenizer.ggml.token_type" in f:
+            tokens = f["tokenizer.ggml.tokens"].contents()
+            types = f["tokenizer.ggml.token_type"].contents()
+            wanted = set(END_OF_TURN_TEXTS)
+            ids += [i for i, (t, k) in enumerate(zip(tokens, types))
+                    if k == _GGUF_CONTROL and t in wanted and i not in ids]
+        return ids
 
 
 # What a bundle keeps of a saved tokenizer: the runtime reads tokenizer.json only. Slow-tokenizer
@@ -642,14 +800,15 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja"}
 
 
-def _save_tokenizer(tok, dest: Path) -> dict:
+def _save_tokenizer(tok, dest: Path, extra_eos=(), add_bos: bool | None = None,
+                    bos: int | None = None, eos: int | None = None) -> dict:
     tok.save_pretrained(str(dest))
     if not (Path(dest) / "tokenizer.json").is_file():
         raise LsaqError("the tokenizer could not be saved as tokenizer.json, which the runtime needs")
     for p in Path(dest).iterdir():
         if p.name not in TOKENIZER_FILES:
             p.unlink() if p.is_file() else shutil.rmtree(p)
-    return _tokenizer_facts(tok)
+    return _tokenizer_facts(tok, extra_eos, add_bos, bos, eos)
 
 
 def default_model_path() -> Path:

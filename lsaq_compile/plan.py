@@ -23,6 +23,16 @@ PAPER_FRACTIONS = (0.25, 0.50, 0.75)
 class Plan:
     name: str
     precisions: tuple[str, ...]           # one per decoder layer
+    # the token tables' precisions, as (table, precision) pairs ("embed_tokens", "lm_head");
+    # a table not listed is fp16. A tied model lists only embed_tokens (the head reads it).
+    tables: tuple[tuple[str, str], ...] = ()
+
+    def table(self, which: str, tied: bool = False) -> str:
+        """The precision of a token table ("embed_tokens" or "lm_head")."""
+        t = dict(self.tables)
+        if tied and which == "lm_head":
+            which = "embed_tokens"
+        return t.get(which, "fp16")
 
     @property
     def counts(self) -> dict[str, int]:

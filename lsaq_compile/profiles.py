@@ -31,8 +31,9 @@ class BuildSection:
     rungs: int = 8             # ladder "bytes": steps from all-INT4 to all-INT8 bytes
     refine: int = 1            # ladder "bytes"/"paper" with sensitivity: greedy swap rounds
     quality_samples: int = 16  # held-out calibration windows each variant's graph is measured on
-    # ladder "bytes": extra variants at these average bits per decoder-linear weight (scales
-    # included), e.g. a target device's budget or a peer's file size to compare at equal bytes
+    # ladder "bytes": extra variants at these average bits per quantized weight (decoder
+    # linears, and the token tables when they are on the ladder; scales included), e.g. a target
+    # device's budget or a peer's file size to compare at equal bytes
     rung_bits: list[float] = field(default_factory=list)
 
 
@@ -56,6 +57,9 @@ class QuantizationSection:
     cpu_accuracy_level: int = 4
     cpu_lm_head: str = "int8"
     clip: str = "mse-act"
+    # the embedding table and LM head: "ladder" (INT8 or INT4 by measured sensitivity, like
+    # the linears; ladder "bytes" only) or "fp16" (never quantized, as the paper)
+    tables: str = "ladder"
 
 
 @dataclass
@@ -64,7 +68,7 @@ class DeploymentSection:
     batch_size: int = 1
     safety_margin_fraction: float = 0.10
     safety_margin_min: str = "64MiB"
-    runtime_overhead_cpu: str = "96MiB"
+    runtime_overhead_cpu: str = "80MiB"
     runtime_overhead_cuda: str = "600MiB"
 
 
@@ -104,6 +108,10 @@ class Profile:
                             "0 (the largest that divides each weight's input size)")
         if self.quantization.cpu_lm_head not in ("fp16", "int8"):
             raise LsaqError(f"{where}: quantization.cpu_lm_head must be 'fp16' or 'int8'")
+        if self.quantization.tables not in ("ladder", "fp16"):
+            raise LsaqError(f"{where}: quantization.tables must be 'ladder' (INT8/INT4 by "
+                            "measured sensitivity) or 'fp16', not "
+                            f"{self.quantization.tables!r}")
         if self.quantization.clip not in ("none", "mse", "mse-act"):
             raise LsaqError(f"{where}: quantization.clip must be 'none', 'mse' or 'mse-act', "
                             f"not {self.quantization.clip!r}")

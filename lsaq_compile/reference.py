@@ -13,7 +13,7 @@ import torch
 
 from .errors import LsaqError
 from .export_onnx import (EMBED, FINAL_NORM, FUSED, LM_HEAD, act_key, check_supported,
-                          effective_linear_weight, part_precision)
+                          effective_linear_weight, part_precision, table_weight)
 from .layerwise import module_state
 from .model_source import LINEAR_NAMES, ModelSource
 from .quantize import QuantScheme
@@ -21,9 +21,12 @@ from .quantize import QuantScheme
 
 def reference_model(source: ModelSource, precisions: list[str],
                     schemes: dict[str, QuantScheme], dtype: torch.dtype = torch.float32,
-                    act_stats: dict[str, np.ndarray] | None = None):
+                    act_stats: dict[str, np.ndarray] | None = None,
+                    tables: dict[str, str] | None = None):
     """The architecture's transformers model (model_source.SUPPORTED_ARCHITECTURES) in eval mode
-    (eager attention). act_stats: as given to write_weight_store (clip 'mse-act')."""
+    (eager attention). act_stats: as given to write_weight_store (clip 'mse-act'). tables: the
+    precision of the embedding table and LM head ({"embed_tokens", "lm_head"}: fp16 when left
+    out; a tied model's one table takes embed_tokens')."""
     from transformers import AutoModelForCausalLM
 
     spec = source.spec
@@ -38,10 +41,14 @@ def reference_model(source: ModelSource, precisions: list[str],
     def fp16_rounded(a: np.ndarray) -> torch.Tensor:
         return t(a.astype(np.float16))
 
-    state = {EMBED: fp16_rounded(source.embedding()), FINAL_NORM: t(source.tensor(FINAL_NORM))}
+    tables = tables or {}
+    state = {EMBED: t(table_weight(source.embedding(), tables.get("embed_tokens", "fp16"),
+                                   schemes)),
+             FINAL_NORM: t(source.tensor(FINAL_NORM))}
     tied = spec.tie_word_embeddings or not source.has_tensor(LM_HEAD)
     if not tied:
-        state[LM_HEAD] = fp16_rounded(source.tensor(LM_HEAD))
+        state[LM_HEAD] = t(table_weight(source.tensor(LM_HEAD), tables.get("lm_head", "fp16"),
+                                        schemes))
     linear = {f"{n}.weight" for n in LINEAR_NAMES}
     stored_of = {f"{m}.weight": lin for lin, members in FUSED.items() for m in members}
     for i, p in enumerate(precisions):

@@ -31,12 +31,13 @@ import torch
 from lsaq_runtime.manifest import LINEAR_PART, PARTS, join_precision
 
 from .errors import LsaqError
-from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, effective_linear_weight, part_precision
+from .export_onnx import (EMBED, FINAL_NORM, LM_HEAD, effective_linear_weight, part_precision,
+                          table_scheme, table_weight)
 from .layerwise import (_classes, as_tensor, causal_mask, embed, final_norm, lm_logits,
                         module_state, position_embeddings, run_layer, torch_linears)
 from .model_source import LINEAR_NAMES, ModelSource
 from .plan import UNITS, Plan, allocate, part_bytes
-from .quantize import QuantScheme
+from .quantize import QuantScheme, stored_bytes
 
 QUANTIZED = ("int8", "int4")
 # What gets a precision of its own: each layer's attention and MLP halves, or each stored linear
@@ -51,6 +52,9 @@ class Sensitivity:
     tokens: int
     seconds: float
     params: dict = field(default_factory=dict)
+    # the token tables' costs, when measured: "embed_tokens" (a tied model's one table, which
+    # the head reads too) and "lm_head" (untied) -> {precision: mean KL}
+    tables: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def units(self) -> tuple[str, ...]:
@@ -63,7 +67,14 @@ class Sensitivity:
 
     def to_json(self) -> dict:
         return {"cost": self.cost, "tokens": self.tokens, "seconds": round(self.seconds, 1),
-                **self.params}
+                **({"tables": self.tables} if self.tables else {}), **self.params}
+
+
+def table_units(spec, source: ModelSource | None = None) -> tuple[str, ...]:
+    """The token tables that get a precision of their own: one for a tied model (the embedding
+    is the head), two otherwise."""
+    tied = spec.tie_word_embeddings or (source is not None and not source.has_tensor(LM_HEAD))
+    return ("embed_tokens",) if tied else ("embed_tokens", "lm_head")
 
 
 class KLMeter:
@@ -85,8 +96,10 @@ class KLMeter:
         if int(ids.max()) >= table.shape[0]:
             raise LsaqError(f"calibration token id {int(ids.max())} is outside the model's "
                             f"{table.shape[0]}-row embedding")
-        tied = spec.tie_word_embeddings or not source.has_tensor(LM_HEAD)
-        self.head = table if tied else f16(source.tensor(LM_HEAD))
+        self.tied = spec.tie_word_embeddings or not source.has_tensor(LM_HEAD)
+        self.table = table
+        self.head = table if self.tied else f16(source.tensor(LM_HEAD))
+        self._tables: dict[tuple[str, str], torch.Tensor] = {}
         self.norm = as_tensor(np.asarray(source.tensor(FINAL_NORM), np.float32))
         self.positions = torch.arange(self.seq_len)[None]
         self.rotary = position_embeddings(spec, config, table[:1][None], self.positions)
@@ -107,6 +120,7 @@ class KLMeter:
         self._weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         # The FP16 model's input to every layer and its output distribution: each measurement
         # starts at the first layer it changes and compares against these.
+        self.ids = ids
         with torch.no_grad():
             h = embed(spec, table, ids)
             self.inputs = [h]
@@ -124,9 +138,22 @@ class KLMeter:
                                                    self.masks[i], self.positions, self.rotary[i])
         return out
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _logits(self, h: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
         # The last position predicts nothing inside the window.
-        return lm_logits(self.spec, final_norm(self.spec, h[:, :-1], self.norm), self.head)
+        return lm_logits(self.spec, final_norm(self.spec, h[:, :-1], self.norm),
+                         self.head if head is None else head)
+
+    def _table(self, which: str, precision: str) -> torch.Tensor:
+        """A token table ("embed_tokens" or "lm_head") as a graph at `precision` computes with
+        it. Only the latest quantized table is kept (a 262k-row table is 0.7 GB in float32)."""
+        fp16 = self.table if which == "embed_tokens" else self.head
+        if precision == "fp16":
+            return fp16
+        if (which, precision) not in self._tables:
+            self._tables.clear()
+            w = table_weight(fp16.numpy(), precision, self.schemes)
+            self._tables[(which, precision)] = torch.from_numpy(np.ascontiguousarray(w))
+        return self._tables[(which, precision)]
 
     def _weight(self, i: int, module: str, precision: str) -> torch.Tensor:
         """The weight of transformers' linear module `module` of layer i at `precision`."""
@@ -153,25 +180,36 @@ class KLMeter:
             # a fused module's members share one stored linear, hence one precision
             mods[mod].weight.data = self._weight(i, mod, part_precision(layer_precision, mod))
 
-    def kl(self, precisions: list[str] | tuple[str, ...]) -> float:
-        """Mean KL(FP16 || plan) per predicted token."""
-        if len(precisions) != self.spec.num_layers:
-            raise LsaqError(f"{len(precisions)} precisions for {self.spec.num_layers} layers")
+    def kl(self, precisions: list[str] | tuple[str, ...], tables: dict[str, str] | None = None
+           ) -> float:
+        """Mean KL(FP16 || plan) per predicted token. tables: the embedding table's and (untied)
+        the LM head's precision, fp16 when left out; a tied model's head follows the table."""
+        L = self.spec.num_layers
+        if len(precisions) != L:
+            raise LsaqError(f"{len(precisions)} precisions for {L} layers")
+        tables = tables or {}
+        embed_p = tables.get("embed_tokens", "fp16")
+        head_p = embed_p if self.tied else tables.get("lm_head", "fp16")
         changed = [i for i, p in enumerate(precisions) if p != "fp16"]
-        if not changed:
+        if not changed and embed_p == head_p == "fp16":
             return 0.0
         total = 0.0
         with torch.no_grad():
+            if embed_p != "fp16":   # every layer sees other inputs
+                first, h = 0, embed(self.spec, self._table("embed_tokens", embed_p), self.ids)
+            else:
+                first = changed[0] if changed else L
+                h = self.inputs[first]
             try:
-                h = self.inputs[changed[0]]
-                for i in range(changed[0], self.spec.num_layers):
+                for i in range(first, L):
                     self._set(i, precisions[i])
                     h = self._layer(i, h)
             finally:
                 for i in changed:
                     self._set(i, "fp16")
+            head = self._table("embed_tokens" if self.tied else "lm_head", head_p)
             for b in range(self.n):
-                lq = torch.log_softmax(self._logits(h[b:b + 1]), -1)
+                lq = torch.log_softmax(self._logits(h[b:b + 1], head), -1)
                 total += float((self.ref_p[b] * (self.ref_logp[b] - lq)).sum())
         return total / self.tokens
 
@@ -200,12 +238,22 @@ def part_plan(L: int, layer: int, unit: str, precision: str) -> list[str]:
 
 
 def measure(meter: KLMeter, precisions=QUANTIZED, units: tuple[str, ...] = GRANULARITY["block"],
-            progress: Callable[[str], None] | None = None) -> Sensitivity:
-    """Single-unit costs: units x layers x precisions KL measurements."""
+            progress: Callable[[str], None] | None = None, tables: bool = False) -> Sensitivity:
+    """Single-unit costs: units x layers x precisions KL measurements, and with `tables` the
+    embedding table's and LM head's at each precision (a full pass each for the embedding, a
+    cheap one for an untied head)."""
     L = meter.spec.num_layers
     t0 = time.perf_counter()
     cost = {part: [dict() for _ in range(L)] for part in units}
-    n, done = len(units) * L * len(precisions), 0
+    table_cost = {t: {} for t in (table_units(meter.spec, meter.source) if tables else ())}
+    n, done = len(units) * L * len(precisions) + len(table_cost) * len(precisions), 0
+    for t in table_cost:
+        for p in precisions:
+            table_cost[t][p] = meter.kl(["fp16"] * L, {t: p})
+            done += 1
+        if progress:
+            progress(f"{t} table: " + ", ".join(f"{p} {table_cost[t][p]:.2e}" for p in precisions)
+                     + f" ({done}/{n}, {time.perf_counter() - t0:.0f}s)")
     for i in range(L):
         for part in units:
             for p in precisions:
@@ -215,7 +263,7 @@ def measure(meter: KLMeter, precisions=QUANTIZED, units: tuple[str, ...] = GRANU
                 progress(f"layer {i + 1}/{L} {part}: " + ", ".join(
                     f"{p} {cost[part][i][p]:.2e}" for p in precisions)
                     + f" ({done}/{n}, {time.perf_counter() - t0:.0f}s)")
-    return Sensitivity(cost, meter.tokens, time.perf_counter() - t0)
+    return Sensitivity(cost, meter.tokens, time.perf_counter() - t0, tables=table_cost)
 
 
 @dataclass
@@ -235,65 +283,92 @@ def _part(layer_precision: str, unit: str) -> str:
     return part_precision(layer_precision, UNITS[unit][0])
 
 
-def plan_costs(sens: Sensitivity, precisions: list[str]) -> float:
+def plan_costs(sens: Sensitivity, precisions: list[str], tables: dict | None = None) -> float:
     total = 0.0
     for i, p in enumerate(precisions):
         for part in sens.units:
             q = _part(p, part)
             total += sens.cost[part][i].get(q, 0.0)
+    for t, p in (tables or {}).items():
+        total += sens.tables.get(t, {}).get(p, 0.0)
     return total
 
 
-def _items(sens: Sensitivity, sizes: list[dict[str, dict[str, int]]], choices=QUANTIZED):
-    """Knapsack items in (layer, part) order: cost and bytes of each precision choice."""
+def _items(sens: Sensitivity, sizes: list[dict[str, dict[str, int]]],
+           table_sizes: dict[str, dict[str, int]] | None = None, choices=QUANTIZED):
+    """Knapsack items in (layer, part) order, then the token tables: cost and bytes of each
+    precision choice."""
     costs, weights = [], []
     for i, layer in enumerate(sizes):
         for part in sens.units:
             costs.append({p: sens.cost[part][i][p] for p in choices})
             weights.append({p: layer[part][p] for p in choices})
+    for t, size in (table_sizes or {}).items():
+        # a table may also stay fp16 (no cost): between all-INT8 and FP16 a large-vocabulary
+        # model has a useful variant with INT8 linears and an exact table
+        costs.append({"fp16": 0.0, **{p: sens.tables[t][p] for p in choices}})
+        weights.append({p: size[p] for p in ("fp16", *choices)})
     return costs, weights
 
 
-def _precisions(choice: list[str], L: int, units: tuple[str, ...]) -> tuple[str, ...]:
-    """Layer precisions of a knapsack choice (one precision per (layer, unit), in that order)."""
+def _decode(choice: list[str], L: int, units: tuple[str, ...], tables: tuple[str, ...] = ()
+            ) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(layer precisions, table precisions) of a knapsack choice: one precision per (layer,
+    unit) in that order, then one per token table."""
     u = len(units)
-    return tuple(_layer_precision(dict(zip(units, choice[u * i:u * i + u]))) for i in range(L))
+    prec = tuple(_layer_precision(dict(zip(units, choice[u * i:u * i + u]))) for i in range(L))
+    return prec, dict(zip(tables, choice[u * L:]))
 
 
-def _plan_bytes(precisions, sizes) -> int:
-    return sum(sizes[i][unit][_part(p, unit)]
-               for i, p in enumerate(precisions) for unit in sizes[i])
+def _plan_bytes(precisions, sizes, tables: dict | None = None, table_sizes: dict | None = None
+                ) -> int:
+    return (sum(sizes[i][unit][_part(p, unit)] for i, p in enumerate(precisions)
+                for unit in sizes[i])
+            + sum(table_sizes[t][p] for t, p in (tables or {}).items()))
+
+
+def _plan(name: str, prec, tables: dict) -> Plan:
+    return Plan(name, prec, tuple(sorted(tables.items())))
 
 
 def allocate_rungs(meter: KLMeter, sens: Sensitivity, sizes: list[dict[str, dict[str, int]]],
                    budgets: list[tuple[str, int]], refine: int = 2,
-                   progress: Callable[[str], None] | None = None) -> list[Rung]:
+                   progress: Callable[[str], None] | None = None,
+                   table_sizes: dict[str, dict[str, int]] | None = None) -> list[Rung]:
     """For each (name, byte budget): the additive-model optimum, measured as a whole, then up to
     `refine` rounds of the best measured swap (one INT4 part up to INT8 and one INT8 part down,
-    bytes still within budget; candidates ranked by the additive model)."""
+    bytes still within budget; candidates ranked by the additive model). table_sizes: the
+    token tables on the ladder and their bytes at each precision (they are items like the
+    linears; budgets then count them)."""
     L = meter.spec.num_layers
-    costs, weights = _items(sens, sizes)
+    tabs = tuple(table_sizes or ())
+    costs, weights = _items(sens, sizes, table_sizes)
     choices = allocate(costs, weights, [b for _, b in budgets])
     rungs = []
+
+    def rung_of(name, budget, choice, measured, refined=0) -> Rung:
+        prec, tables = _decode(choice, L, sens.units, tabs)
+        return Rung(budget, _plan(name, prec, tables),
+                    _plan_bytes(prec, sizes, tables, table_sizes), plan_costs(sens, prec, tables),
+                    measured, refined)
+
+    def kl_of(choice) -> float:
+        return meter.kl(*_decode(choice, L, sens.units, tabs))
+
     for (name, budget), choice in zip(budgets, choices):
-        prec = _precisions(choice, L, sens.units)
-        rung = Rung(budget, Plan(name, prec), _plan_bytes(prec, sizes), plan_costs(sens, prec),
-                    meter.kl(prec))
+        rung = rung_of(name, budget, choice, kl_of(choice))
         for _ in range(refine):
             best = None
             for cand in _swaps(choice, costs, weights, budget, limit=3):
-                cp = _precisions(cand, L, sens.units)
-                kl = meter.kl(cp)
+                kl = kl_of(cand)
                 if kl < rung.measured and (best is None or kl < best[1]):
                     best = (cand, kl)
             if best is None:
                 break
             choice = best[0]
-            prec = _precisions(choice, L, sens.units)
-            rung = Rung(budget, Plan(name, prec), _plan_bytes(prec, sizes),
-                        plan_costs(sens, prec), best[1], rung.refined + 1)
+            rung = rung_of(name, budget, choice, best[1], rung.refined + 1)
         if progress:
-            progress(f"{name}: {rung.bytes / 2**20:.1f} MiB of decoder weights, KL "
+            progress(f"{name}: {rung.bytes / 2**20:.1f} MiB of quantized weights, KL "
                      f"{rung.measured:.4f} measured / {rung.predicted:.4f} additive"
                      + (f", {rung.refined} swap(s) kept" if rung.refined else ""))
         rungs.append(rung)
@@ -334,6 +409,15 @@ def additive_fit(rungs: list[Rung]) -> dict:
             "max_ratio": round(max(ratios), 4), "plans": len(pts)}
 
 
+def table_sizes(spec, schemes: dict[str, QuantScheme], tables: tuple[str, ...]
+                ) -> dict[str, dict[str, int]]:
+    """Stored bytes of each token table at fp16, int8 and int4 (scales included)."""
+    n = spec.vocab_size * spec.hidden_size
+    return {t: {"fp16": 2 * n, **{p: stored_bytes(spec.vocab_size, spec.hidden_size,
+                                                   table_scheme(schemes, p)) for p in QUANTIZED}}
+            for t in tables}
+
+
 def layer_part_sizes(spec, schemes: dict[str, QuantScheme], units=GRANULARITY["block"],
                      precisions=("fp16",) + QUANTIZED) -> list[dict[str, dict[str, int]]]:
     """Stored bytes of each layer's units at each precision (scales included)."""
@@ -352,9 +436,10 @@ def check_finite(sens: Sensitivity) -> None:
 # ---------------------------------------------------------------- scoring and the ladder
 def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[str, QuantScheme],
           act_stats: dict | None = None, progress: Callable[[str], None] | None = None,
-          granularity: str = "block"):
+          granularity: str = "block", tables: bool = False):
     """Measure every unit's sensitivity (GRANULARITY: "block" = attention and MLP, "linear" =
-    each stored linear); return (Scores with metric "sensitivity", the meter)."""
+    each stored linear; with `tables` the embedding table and LM head too); return (Scores with
+    metric "sensitivity", the meter)."""
     if granularity not in GRANULARITY:
         raise LsaqError(f"sensitivity granularity {granularity!r}: use "
                         f"{' or '.join(map(repr, GRANULARITY))}")
@@ -365,7 +450,7 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
     if progress:
         progress(f"FP16 reference on {meter.n} x {meter.seq_len} tokens "
                  f"({time.perf_counter() - t0:.0f}s)")
-    sens = measure(meter, units=GRANULARITY[granularity], progress=progress)
+    sens = measure(meter, units=GRANULARITY[granularity], progress=progress, tables=tables)
     check_finite(sens)
     spec = source.spec
     model = {"name": spec.name, "architecture": spec.architecture, "num_layers": spec.num_layers,
@@ -396,18 +481,30 @@ def from_scores(scores, schemes: dict[str, QuantScheme]) -> Sensitivity:
     if not ok:
         raise LsaqError("sensitivity scores lack per-part costs (params.cost); score again with "
                         "`lsaq-compile score --metric sensitivity`")
+    tables = p.get("tables") or {}
+    if not (isinstance(tables, dict) and set(tables) <= {"embed_tokens", "lm_head"} and all(
+            isinstance(c, dict) and all(isinstance(c.get(q), (int, float)) and
+                                        math.isfinite(c[q]) and c[q] >= 0 for q in QUANTIZED)
+            for c in tables.values())):
+        raise LsaqError("sensitivity scores hold malformed token-table costs (params.tables); "
+                        "score again with `lsaq-compile score --metric sensitivity`")
     return Sensitivity({part: [dict(c) for c in cost[part]] for part in units},
-                       int(p.get("tokens", 0)), float(p.get("seconds", 0.0)))
+                       int(p.get("tokens", 0)), float(p.get("seconds", 0.0)),
+                       tables={t: dict(c) for t, c in tables.items()})
 
 
 def ladder_plans(meter: KLMeter, sens: Sensitivity, schemes: dict[str, QuantScheme], kind: str,
                  rungs: int = 8, refine: int = 2, progress: Callable[[str], None] | None = None,
-                 rung_bits: list[float] = ()) -> tuple[list[Plan], dict[str, float], dict]:
+                 rung_bits: list[float] = (), tables: bool = False
+                 ) -> tuple[list[Plan], dict[str, float], dict]:
     """FP16, then quantized plans most bytes first. kind "bytes": `rungs` + 1 budgets evenly
     spaced from all-INT4 to all-INT8 bytes, plus one at each of `rung_bits` (average bits per
-    decoder-linear weight, scales included); "paper": the bytes of INT4 on 25/50/75% of the
-    layers (each plan named after the mix whose bytes it uses). Returns the plans, each
-    quantized plan's measured KL, and the additive model's fit."""
+    quantized weight, scales included); "paper": the bytes of INT4 on 25/50/75% of the layers
+    (each plan named after the mix whose bytes it uses). With `tables` (kind "bytes") the
+    embedding table and LM head are items of the allocation like the linears (INT8 or INT4 by
+    their measured cost) and the budgets and bits count them: on a large-vocabulary model they
+    are most of the bytes. Returns the plans, each quantized plan's measured KL, and the
+    additive model's fit."""
     from .plan import avg_bits_real, byte_budgets, mix_plan, paper_counts, part_params
 
     spec = meter.spec
@@ -415,15 +512,30 @@ def ladder_plans(meter: KLMeter, sens: Sensitivity, schemes: dict[str, QuantSche
     sizes = layer_part_sizes(spec, schemes, sens.units)
     layer = {p: sum(sizes[0][u][p] for u in sens.units) for p in QUANTIZED}
     params = L * sum(part_params(spec).values())
+    tsizes = None
+    if tables and kind == "bytes":
+        missing = set(table_units(spec, meter.source)) - set(sens.tables)
+        if missing:
+            raise LsaqError(f"these sensitivity scores do not measure the {', '.join(sorted(missing))} "
+                            "table, but the profile puts the token tables on the ladder "
+                            "(quantization.tables = \"ladder\"); score again with this profile "
+                            "or set tables = \"fp16\"")
+        tsizes = table_sizes(spec, schemes, table_units(spec, meter.source))
+        params += len(tsizes) * spec.vocab_size * spec.hidden_size
+    tbytes = {p: sum(t[p] for t in (tsizes or {}).values()) for p in ("fp16", *QUANTIZED)}
     if kind == "bytes":
-        low, high = L * layer["int4"], L * layer["int8"]
+        low, high = L * layer["int4"] + tbytes["int4"], L * layer["int8"] + tbytes["int8"]
         budgets = [(f"r{r}", b) for r, b in enumerate(byte_budgets(low, high, rungs))]
+        if tsizes:   # one more: the bytes of INT8 linears with fp16 tables
+            budgets.append(("t16", L * layer["int8"] + tbytes["fp16"]))
+        what = "quantized weight (decoder linears and token tables)" if tsizes else \
+            "decoder-linear weight"
         for bits in rung_bits:
             b = math.floor(bits * params / 8)
             if not low <= b <= high:
                 raise LsaqError(f"build.rung_bits {bits}: this model's quantized variants take "
                                 f"{8 * low / params:.3f} (all INT4) to {8 * high / params:.3f} "
-                                "(all INT8) bits per weight; pick a value in that range")
+                                f"(all INT8) bits per {what}; pick a value in that range")
             budgets.append((f"b{bits}", b))
     elif kind == "paper":
         counts = [0] + sorted(set(c for c in paper_counts(L) if 0 < c < L)) + [L]
@@ -432,19 +544,22 @@ def ladder_plans(meter: KLMeter, sens: Sensitivity, schemes: dict[str, QuantSche
     else:
         raise LsaqError(f"ladder {kind!r} is not allocated by sensitivity; use 'bytes' or 'paper'")
     budgets.sort(key=lambda nb: -nb[1])  # most bytes first, the order the bundle lists them
-    found = allocate_rungs(meter, sens, sizes, budgets, refine=refine, progress=progress)
+    found = allocate_rungs(meter, sens, sizes, budgets, refine=refine, progress=progress,
+                           table_sizes=tsizes)
     plans, kl, seen = [Plan("fp16", ("fp16",) * L)], {}, set()
     for r in found:
-        if r.plan.precisions in seen:  # two budgets that chose the same plan ship it once
+        key = (r.plan.precisions, r.plan.tables)
+        if key in seen:  # two budgets that chose the same plan ship it once
             continue
-        seen.add(r.plan.precisions)
+        seen.add(key)
         name = r.plan.name
         if kind == "bytes":
-            c = r.plan.counts
-            name = ("int8" if c["int8"] == L else "int4" if c["int4"] == L else
+            c, tp = r.plan.counts, set(dict(r.plan.tables).values())
+            name = ("int8" if c["int8"] == L and tp <= {"int8"} else
+                    "int4" if c["int4"] == L and tp <= {"int4"} else
                     f"mix{avg_bits_real([r.bytes], [params]):.2f}")
         if name in kl:  # two rungs whose bits round alike
             name = f"{name}-{len(plans)}"
-        plans.append(Plan(name, r.plan.precisions))
+        plans.append(Plan(name, r.plan.precisions, r.plan.tables))
         kl[name] = r.measured
     return plans, kl, additive_fit(found)

@@ -90,3 +90,21 @@ class SafetensorsWriter:
             self.close()
         else:
             self._f.close()
+
+
+_NP_OF_ST = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def read_index(bundle: Path) -> dict[str, TensorRef]:
+    """The index of an existing bundle's weight store (every tensor of weights/*.safetensors),
+    as write_weight_store returned it: to build another graph over the same store. Headers are
+    read with the runtime's checked reader."""
+    from lsaq_runtime.integrity import safetensors_index
+
+    root = Path(bundle)
+    out = {}
+    for f in sorted((root / "weights").glob("*.safetensors")):
+        rel = f.relative_to(root).as_posix()
+        for name, (dtype, shape, offset, length) in safetensors_index(f).items():
+            out[name] = TensorRef(rel, offset, length, _NP_OF_ST[dtype], tuple(shape))
+    return out

@@ -127,9 +127,9 @@ def run_study(model=None, metrics=("jaccard", "cosine", "zscore"), text=None, ou
     # 3. evaluate each distinct plan once: perplexity (ONNX on every window, torch on the first
     #    few), perplexity on the calibration windows (to pick "best"), the zero-shot tasks
     m0 = manifests[metrics[0]]
-    tok_json = bundles[metrics[0]] / m0["tokenizer"]["dir"] / "tokenizer.json"   # one model: one tokenizer
-    tw = ev.text_windows(text, tok_json, eval_seq_len, windows)
-    encode = ev.encoder(tok_json)
+    codec = ev.bundle_codec(bundles[metrics[0]], m0)   # one model: one tokenizer, one framing
+    tw = ev.text_windows(text, codec, eval_seq_len, windows)
+    encode = ev.encoder(codec)
     sel = ev.TextWindows(calib.source, calib.sha256, calib.seq_len,
                          calib.windows[:: max(1, len(calib.windows) // select_windows)][:select_windows],
                          calib.samples * calib.seq_len)

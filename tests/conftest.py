@@ -104,6 +104,75 @@ def save_tiny_tokenizer(path: Path, vocab_size: int) -> None:
     fast.save_pretrained(path)
 
 
+def large_vocab_tokenizer(vocab_size: int = 262_144):
+    """A byte-level BPE tokenizer with `vocab_size` tokens and as many merges, like Gemma 3's
+    262,144 (whose tokenizer.json alone takes about 180 MiB of host memory once loaded)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    letters = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZĠ0123456789")
+    merges, level = [], list(letters)
+    while len(vocab) < vocab_size:    # words of growing length over `letters`
+        nxt = []
+        for a in level:
+            for b in letters:
+                if len(vocab) >= vocab_size:
+                    break
+                if a + b not in vocab:
+                    vocab[a + b] = len(vocab)
+                    merges.append((a, b))
+                    nxt.append(a + b)
+        level = nxt
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def make_large_vocab_model(path: Path, vocab_size: int = 262_144, hidden: int = 64,
+                           layers: int = 2) -> Path:
+    """A tiny random Llama with a real-size vocabulary and tokenizer: the terms that grow with
+    the vocabulary (tokenizer, token tables and their copies, logits) dominate its memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=large_vocab_tokenizer(vocab_size),
+                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
+    cfg = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=2 * hidden,
+                               num_hidden_layers=layers, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=vocab_size,
+                               max_position_embeddings=4096, tie_word_embeddings=True,
+                               bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def add_bos_to_tokenizer(path: Path) -> None:
+    """Make a saved tiny model's tokenizer start every sequence with BOS (<s>, id 1), as
+    Llama 2, Gemma and Mistral tokenizers do: a post-processor in tokenizer.json."""
+    import json
+
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.save(str(path / "tokenizer.json"))
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg["add_bos_token"] = True
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")

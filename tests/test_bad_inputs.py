@@ -442,6 +442,15 @@ def _template(c, text: str):
     return _gen(c.bundle, "--chat")
 
 
+@case("chat-without-template")
+def _(c):
+    """this bundle has no chat template (tokenizer.chat_template), so --chat cannot format"""
+    m = manifest(c.bundle)
+    m["tokenizer"]["chat_template"] = None
+    save(c.bundle, m)
+    return _gen(c.bundle, "--chat")   # the first line: refused before anything was loaded
+
+
 @case("template-zero-division")
 def _(c):
     """the bundle's chat template failed: ZeroDivisionError"""
@@ -610,6 +619,21 @@ def _(c):
     return ["build", c.model, "-o", c.tmp / "ro" / "b", "-q", "--scores", c.scores, "--profile", "paper"]
 
 
+@case("chat-template-file-invalid", "compile")
+def _(c):
+    """not a valid Jinja chat template"""
+    (c.tmp / "t.jinja").write_text("{% for %}")
+    return ["build", c.model, "-o", c.tmp / "o", "-q", "--scores", c.scores, "--profile", "paper",
+            "--chat-template", c.tmp / "t.jinja"]
+
+
+@case("calibration-file-missing", "compile")
+def _(c):
+    """calibration file not found"""
+    return ["build", c.model, "-o", c.tmp / "o", "-q", "--scores", c.scores, "--profile", "paper",
+            "--calibration", c.tmp / "none.txt"]
+
+
 @case("scores-not-json", "compile")
 def _(c):
     """not a scores.json written by `lsaq-compile score`"""
@@ -746,6 +770,425 @@ def _(c):
     return ["inspect", d]
 
 
+# ------------------------------------------------------------------------------- issue 24
+def _scrambled(data: bytes, start: int) -> bytes:
+    """`data` with 64 bytes flipped from `start` on (inside a weight file's data section)."""
+    out = bytearray(data)
+    for i in range(start, start + 64):
+        out[i] ^= 0xFF
+    return bytes(out)
+
+
+def _data_start(p: Path) -> int:
+    return 8 + int.from_bytes(p.read_bytes()[:8], "little")
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+# -- 1: every byte ONNX Runtime reads is a byte the runtime hashed
+def _graph_in_subfolder(c) -> None:
+    """The issue's case: fp16's CPU graph moved to sub/, beside an unlisted, scrambled
+    sub/weights/float.safetensors that ONNX Runtime would read (it resolves from the graph)."""
+    b = c.bundle
+    (b / "sub" / "weights").mkdir(parents=True)
+    shutil.move(b / "fp16.cpu.onnx", b / "sub" / "fp16.cpu.onnx")
+    src = b / "weights" / "float.safetensors"
+    (b / "sub" / "weights" / "float.safetensors").write_bytes(
+        _scrambled(src.read_bytes(), _data_start(src) + 16))
+    m = manifest(b)
+    for f in m["files"]:
+        if f["path"] == "fp16.cpu.onnx":
+            f["path"] = "sub/fp16.cpu.onnx"
+    prov = variant(m, "fp16")["providers"]["cpu"]
+    prov["graph"] = "sub/fp16.cpu.onnx"
+    prov["files"] = ["sub/fp16.cpu.onnx" if f == "fp16.cpu.onnx" else f for f in prov["files"]]
+    save(b, m)
+    before = _snapshot(b)
+    c.after = lambda: _snapshot(b) == before      # nothing touched, nothing deleted
+
+
+@case("graph-in-subfolder-reads-unhashed-weights")
+def _(c):
+    """its graph 'sub/fp16.cpu.onnx' is in a subfolder"""
+    _graph_in_subfolder(c)
+    return _gen(c.bundle)
+
+
+@case("verify-graph-in-subfolder")
+def _(c):
+    """its graph 'sub/fp16.cpu.onnx' is in a subfolder"""
+    _graph_in_subfolder(c)
+    return ["verify", c.bundle]
+
+
+# -- 2: a stamp records only what was hashed
+@case("file-swapped-while-hashed")
+def _(c):
+    """int8.safetensors: sha256 mismatch"""
+    import lsaq_runtime.integrity as integrity
+
+    target = c.bundle / "weights" / "int8.safetensors"
+    bad = _scrambled(target.read_bytes(), _data_start(target) + 16)
+    staged = c.tmp / "staged.safetensors"
+    staged.write_bytes(bad)
+    real_fstat, swapped = os.fstat, []
+
+    def fstat(fd):
+        st = real_fstat(fd)
+        # the first look at the open descriptor of int8.safetensors: its hash has begun; a
+        # scrambled copy is renamed over the path now, as the issue's 0.4 s window allows
+        if not swapped and os.readlink(f"/proc/self/fd/{fd}") == str(target):
+            swapped.append(True)
+            os.replace(staged, target)
+        return st
+    c.monkeypatch.setattr(integrity.os, "fstat", fstat)
+    args = _gen(c.bundle, "--variant", "int8")
+    # No stamp was written for the old bytes: the next launch hashes again and refuses again
+    # (before: "0 MiB hashed" and empty text for good), and the scrambled file is still there.
+    c.after = lambda: swapped and run_main([str(a) for a in args]) == 2 and \
+        target.read_bytes() == bad
+    return args
+
+
+# -- 3: --force replaces only a bundle that passes the full check
+@case("force-onto-lookalike-manifest", "compile")
+def _(c):
+    """does not pass the bundle check, so it may hold someone's files"""
+    d = c.tmp / "thesis"
+    d.mkdir()
+    (d / "thesis.tex").write_text("years of work")
+    (d / "manifest.json").write_text('{"format":"lsaq-bundle","files":[{"path":"thesis.tex"}]}')
+    before = _snapshot(d)
+    c.after = lambda: _snapshot(d) == before
+    return ["build", c.model, "-o", d, "--force", "-q", "--scores", c.scores, "--profile", "paper"]
+
+
+@case("force-onto-damaged-bundle", "compile")
+def _(c):
+    """float.safetensors: sha256 mismatch"""
+    p = c.bundle / "weights" / "float.safetensors"
+    p.write_bytes(_scrambled(p.read_bytes(), _data_start(p) + 16))
+    before = _snapshot(c.bundle)
+    c.after = lambda: _snapshot(c.bundle) == before
+    return ["build", c.model, "-o", c.bundle, "--force", "-q", "--scores", c.scores, "--profile", "paper"]
+
+
+# -- 4: the compiler refuses non-finite and out-of-range numbers before building
+def _config(c, **changes) -> Path:
+    d = _model_copy(c)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))   # json writes NaN and Infinity as such
+    return d
+
+
+def _build_nothing(c, model) -> list:
+    out = c.tmp / "out"
+    c.after = lambda: not out.exists() and not list(c.tmp.glob(".out.lsaq-*"))
+    return ["build", model, "-o", out, "-q", "--scores", c.scores, "--profile", "paper"]
+
+
+@case("config-rms-eps-nan", "compile")
+def _(c):
+    """rms_norm_eps (GGUF: attention.layer_norm_rms_epsilon) is nan; it must be a finite number between 0 and 1"""
+    return _build_nothing(c, _config(c, rms_norm_eps=float("nan")))
+
+
+@case("config-rms-eps-negative", "compile")
+def _(c):
+    """rms_norm_eps (GGUF: attention.layer_norm_rms_epsilon) is -1; it must be a finite number"""
+    return _build_nothing(c, _config(c, rms_norm_eps=-1))
+
+
+@case("config-rope-theta-infinite", "compile")
+def _(c):
+    """rope_theta (GGUF: rope.freq_base) is inf; it must be a finite number above 1"""
+    return _build_nothing(c, _config(c, rope_parameters={"rope_theta": float("inf"),
+                                                         "rope_type": "default"}))
+
+
+@case("config-huge-layer-count", "compile")
+def _(c):
+    """num_hidden_layers is 1,000,000,000, more than a bundle can hold (4,096)"""
+    return _build_nothing(c, _config(c, num_hidden_layers=10**9))
+
+
+@case("weights-nan", "compile")
+def _(c):
+    """tensor model.layers.1.mlp.down_proj.weight holds 1 NaN or infinite values"""
+    from safetensors.numpy import load_file, save_file
+
+    d = _model_copy(c)
+    p = next(d.glob("*.safetensors"))
+    tensors = load_file(str(p))
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(p), metadata={"format": "pt"})
+    return _build_nothing(c, d)
+
+
+def _gguf_with(c, key: bytes, value: bytes) -> Path:
+    """A copy of the default SmolLM2 GGUF with one metadata value replaced in place (the value
+    follows its key and a 4-byte type)."""
+    from lsaq_compile.model_source import default_model_path
+
+    data = bytearray(default_model_path().read_bytes())
+    i = data.find(key, 0, 1 << 20) + len(key) + 4
+    data[i:i + len(value)] = value
+    p = c.tmp / "model.gguf"
+    p.write_bytes(bytes(data))
+    return p
+
+
+@case("gguf-rope-freq-base-nan", "compile")
+def _(c):
+    """rope_theta (GGUF: rope.freq_base) is nan"""
+    import struct
+
+    return _build_nothing(c, _gguf_with(c, b"llama.rope.freq_base", struct.pack("<f", float("nan"))))
+
+
+@case("gguf-rms-epsilon-infinite", "compile")
+def _(c):
+    """rms_norm_eps (GGUF: attention.layer_norm_rms_epsilon) is inf"""
+    import struct
+
+    return _build_nothing(c, _gguf_with(c, b"llama.attention.layer_norm_rms_epsilon",
+                                        struct.pack("<f", float("inf"))))
+
+
+@case("gguf-huge-layer-count", "compile")
+def _(c):
+    """num_hidden_layers is 4,000,000,000, more than a bundle can hold (4,096)"""
+    import struct
+
+    return _build_nothing(c, _gguf_with(c, b"llama.block_count", struct.pack("<I", 4_000_000_000)))
+
+
+# -- 5: resident_bytes cannot understate what the graph holds
+def _understated(c) -> None:
+    m = manifest(c.bundle)
+    variant(m, "fp16")["providers"]["cpu"]["resident_bytes"] = 0
+    m["deployment"]["safety_margin"] = {"fraction": 0, "min_bytes": 0}
+    m["deployment"]["runtime_overhead_bytes"] = {"cpu": 0, "cuda": 0}
+    save(c.bundle, m)
+
+
+@case("resident-bytes-understated")
+def _(c):
+    """resident_bytes 0 is less than the"""
+    _understated(c)
+    return _gen(c.bundle)
+
+
+@case("verify-resident-bytes-understated")
+def _(c):
+    """1 problem(s)"""
+    _understated(c)
+    return ["verify", c.bundle]
+
+
+# -- 6: integers are integers
+@case("integer-written-as-float")
+def _(c):
+    """invalid at model/num_layers: 4.0 is not of type 'integer'"""
+    text = (c.bundle / "manifest.json").read_text()
+    (c.bundle / "manifest.json").write_text(text.replace('"num_layers": 4', '"num_layers": 4.0', 1))
+    return _gen(c.bundle)
+
+
+@case("verify-integer-written-as-float")
+def _(c):
+    """invalid at model/num_layers: 4.0 is not of type 'integer'"""
+    text = (c.bundle / "manifest.json").read_text()
+    (c.bundle / "manifest.json").write_text(text.replace('"num_layers": 4', '"num_layers": 4.0', 1))
+    return ["verify", c.bundle]
+
+
+# -- 7: an empty API key is refused, not read as "no authentication"
+@case("serve-empty-api-key")
+def _(c):
+    """--api-key (or LSAQ_API_KEY) is empty, which would turn authentication off"""
+    return ["serve", c.bundle, "--port", "0", "--api-key", ""]
+
+
+@case("serve-empty-api-key-env")
+def _(c):
+    """--api-key (or LSAQ_API_KEY) is empty, which would turn authentication off"""
+    c.monkeypatch.setenv("LSAQ_API_KEY", "")
+    return ["serve", c.bundle, "--port", "0"]
+
+
+# -- 10: the command line's twins of the server's 400s
+@case("seed-negative")
+def _(c):
+    """seed must be an integer from 0 to 2**64-1 (got -1)"""
+    return _gen(c.bundle, "--seed", "-1", "-t", "0.7")
+
+
+@case("temperature-subnormal")
+def _(c):
+    """temperature 1e-310 is too small to sample with"""
+    return _gen(c.bundle, "-t", "1e-310")
+
+
+@case("temperature-nan")
+def _(c):
+    """temperature must be a number >= 0 (got nan)"""
+    return _gen(c.bundle, "-t", "nan")
+
+
+@case("prompt-not-utf8")
+def _(c):
+    """PROMPT is not UTF-8 text (byte 0xe9 at character 3)"""
+    return [c.bundle, os.fsdecode(b"caf\xe9"), "-n", "2", "--device", "cpu"]
+
+
+@case("stdin-not-utf8")
+def _(c):
+    """stdin is not UTF-8 text (byte 0xe9 at offset 3)"""
+    import io
+    import sys
+
+    c.monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\n")))
+    return [c.bundle, "-", "-n", "2", "--device", "cpu"]
+
+
+@case("budget-1e400")
+def _(c):
+    """not a size: '1e400'"""
+    return _gen(c.bundle, "--memory-budget", "1e400")
+
+
+@case("budget-overflows-a-float")
+def _(c):
+    """is more than any device has (over 1 EiB)"""
+    return _gen(c.bundle, "--memory-budget", "1" + "0" * 400)
+
+
+@case("serve-binary-budget-file")
+def _(c):
+    """the memory budget file is not a short text file"""
+    (c.tmp / "budget").write_bytes(b"\x7fELF\x00\xff\xfe" * 10)
+    return ["serve", c.bundle, "--port", "0", "--memory-budget-file", c.tmp / "budget"]
+
+
+# -- 13: bounded hashing: headers and sizes first, one spelling per file
+@case("variant-file-64gib-sparse")
+def _(c):
+    """refused without being hashed"""
+    import struct
+    import time
+
+    p = c.bundle / "weights" / "int8.safetensors"
+    raw = p.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    end = max(e["data_offsets"][1] for k, e in header.items() if k != "__metadata__")
+    # One more tensor, 64 GiB of zeros that no graph reads: the header keeps its length (the
+    # writer leaves room), so every offset the graphs hold stays right.
+    header["padding"] = {"dtype": "U8", "shape": [64 << 30], "data_offsets": [end, end + (64 << 30)]}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    with open(p, "r+b") as f:
+        f.write(struct.pack("<Q", n) + text.ljust(n, b" "))
+        f.truncate(8 + n + end + (64 << 30))   # sparse: no disk used
+    m = manifest(c.bundle)
+    for f in m["files"]:
+        if f["path"] == "weights/int8.safetensors":
+            f["bytes"] = p.stat().st_size
+    save(c.bundle, m)
+    t0 = time.monotonic()
+    c.after = lambda: time.monotonic() - t0 < 30   # hashing 64 GiB would take a minute or more
+    return _gen(c.bundle, "--variant", "int8")
+
+
+@case("safetensors-trailing-bytes")
+def _(c):
+    """data bytes belong to no tensor its header names"""
+    p = c.bundle / "weights" / "int8.safetensors"
+    p.write_bytes(p.read_bytes() + b"\0" * 4096)
+    rehash(c.bundle, "weights/int8.safetensors")
+    return _gen(c.bundle, "--variant", "int8")
+
+
+def _spellings(c) -> None:
+    m = manifest(c.bundle)
+    e = next(f for f in m["files"] if f["path"] == "weights/float.safetensors")
+    # 2,000 spellings of weights/float.safetensors ('./' before it, '/' doubled in it)
+    m["files"] += [{**e, "path": "./" * (i % 45) + "weights" + "/" * (i // 45 + 1) +
+                    "float.safetensors"} for i in range(1, 2001)]
+    save(c.bundle, m)
+
+
+@case("two-thousand-spellings-of-one-file")
+def _(c):
+    """which is not written in normal form"""
+    _spellings(c)
+    return _gen(c.bundle)
+
+
+@case("verify-two-thousand-spellings")
+def _(c):
+    """which is not written in normal form"""
+    import time
+
+    _spellings(c)
+    t0 = time.monotonic()
+    c.after = lambda: time.monotonic() - t0 < 30
+    return ["verify", c.bundle]
+
+
+# -- 14: tokenizers: bounded size, a crash in Rust ends as one line
+@case("tokenizer-3gib-sparse")
+def _(c):
+    """tokenizer/tokenizer.json is 3,221,225,472 bytes, more than the 128 MiB a tokenizer may have"""
+    p = c.bundle / "tokenizer" / "tokenizer.json"
+    with open(p, "r+b") as f:
+        f.truncate(3 << 30)
+    m = manifest(c.bundle)
+    for f in m["files"]:
+        if f["path"] == "tokenizer/tokenizer.json":
+            f["bytes"] = 3 << 30
+    save(c.bundle, m)
+    return _gen(c.bundle)
+
+
+def backtracking_tokenizer(bundle: Path) -> None:
+    """The bundle's tokenizer with a Split pre-tokenizer whose regex backtracks until
+    Oniguruma gives up on a run of 'a's not followed by the end: the library then panics."""
+    p = bundle / "tokenizer" / "tokenizer.json"
+    t = json.loads(p.read_text())
+    t["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False},
+        t["pre_tokenizer"]]}
+    p.write_text(json.dumps(t))
+    rehash(bundle, "tokenizer/tokenizer.json")
+
+
+@case("tokenizer-regex-panics")
+def _(c):
+    """the bundle's tokenizer failed on the prompt: the tokenizer library crashed on it"""
+    backtracking_tokenizer(c.bundle)
+    return [c.bundle, "a" * 40 + "b", "-n", "2", "--device", "cpu"]
+
+
+# -- 15: --threads is bounded by the CPUs this process may use
+@case("threads-5000")
+def _(c):
+    """--threads 5000: this process may use"""
+    return _gen(c.bundle, "--threads", "5000")
+
+
+@case("serve-threads-5000")
+def _(c):
+    """--threads 5000: this process may use"""
+    return ["serve", c.bundle, "--port", "0", "--threads", "5000"]
+
+
+
 # ------------------------------------------------------------------------------- the test
 class Ctx:
     pass
@@ -805,3 +1248,92 @@ def test_escapes_in_manifest_strings_do_not_reach_the_terminal(tiny_bundle, tmp_
     assert "evil\\x1b]0;pwned\\x07" in out
     code, out, err = run_cli(capsys, "compile", ["inspect", b])
     assert code == 0 and "\x1b" not in out and "evil\\x1b" in out
+
+
+# ------------------------------------------------------------------------------- issue 24: --force swaps
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [p for p in (str(REPO / "runtime"), str(REPO), os.environ.get("PYTHONPATH")) if p])}
+
+
+def _hidden(folder: Path, name: str) -> dict[str, Path]:
+    """The folders and journal a build of `folder/name` keeps beside it, by kind."""
+    out = {}
+    for p in folder.iterdir():
+        for kind in ("lsaq-old-", "lsaq-tmp-", "lsaq-swap"):
+            if p.name.startswith(f".{name}.{kind}"):
+                out[kind] = p
+    return out
+
+
+def test_force_swap_survives_a_crash_between_the_renames(tiny_bundle, tiny_llama_dir, tiny_scores,
+                                                         tmp_path, capsys):
+    """A build killed after moving the old bundle aside and before putting the new one in place
+    (issue 24: the next build deleted the finished new bundle, the old one stayed hidden)."""
+    import subprocess
+    import sys
+
+    from lsaq_runtime.manifest import verify_bundle
+
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    old = _snapshot(out)
+    args = ["build", str(tiny_llama_dir), "-o", str(out), "--force", "-q", "--scores",
+            str(tiny_scores), "--profile", "paper"]
+    crash = ("import os, pathlib\n"
+             "real = pathlib.Path.rename\n"
+             "def rename(self, target):\n"
+             "    if '.lsaq-tmp-' in self.name and pathlib.Path(target).name == 'b':\n"
+             "        os._exit(137)   # killed between the two renames\n"
+             "    return real(self, target)\n"
+             "pathlib.Path.rename = rename\n"
+             "from lsaq_compile.cli import main\n"
+             f"main({args!r})\n")
+    r = subprocess.run([sys.executable, "-c", crash], env=ENV, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 137, r.stderr
+    left = _hidden(tmp_path, "b")
+    assert not out.exists() and set(left) == {"lsaq-old-", "lsaq-tmp-", "lsaq-swap"}, left
+    assert _snapshot(left["lsaq-old-"]) == old                  # the old bundle, byte for byte
+    new = _snapshot(left["lsaq-tmp-"])
+    assert verify_bundle(left["lsaq-tmp-"]) == []               # and a finished new one
+
+    # a launch says what happened, in one line
+    code, _, err = run_cli(capsys, "run", [out, PROMPT, "--device", "cpu"])
+    assert code == 2 and "interrupted while swapping folders" in err and err.count("\n") == 1
+
+    # the next build finishes the swap before anything else (it fails later, on purpose)
+    code, _, err = run_cli(capsys, "compile", [*args[:-4], "--scores", tmp_path / "none.json",
+                                               "--profile", "paper"])
+    assert code == 2 and "scores file not found" in err, err
+    assert _snapshot(out) == new and verify_bundle(out) == []
+    assert _hidden(tmp_path, "b") == {}
+
+
+def test_an_interrupted_swap_without_a_finished_bundle_puts_the_old_one_back(tiny_bundle, tmp_path):
+    from lsaq_compile.bundle import _recover_swap
+
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, tmp_path / ".b.lsaq-old-999999")
+    old = _snapshot(tmp_path / ".b.lsaq-old-999999")
+    (tmp_path / ".b.lsaq-tmp-999999").mkdir()      # unfinished: no manifest
+    (tmp_path / ".b.lsaq-swap").write_text(json.dumps(
+        {"target": "b", "old": ".b.lsaq-old-999999", "new": ".b.lsaq-tmp-999999", "pid": 999999}))
+    _recover_swap(out)
+    assert _snapshot(out) == old and not (tmp_path / ".b.lsaq-swap").exists()
+
+
+def test_build_into_dot_from_inside_a_bundle(tiny_bundle, tiny_llama_dir, tiny_scores, tmp_path,
+                                             capsys, monkeypatch):
+    """`-o .` names the folder one is in: the temporary folder goes beside it, not inside it
+    (issue 24: it built fully, then refused naming its own temporary files)."""
+    from lsaq_runtime.manifest import verify_bundle
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    monkeypatch.chdir(b)
+    code, _, err = run_cli(capsys, "compile", ["build", tiny_llama_dir, "-o", ".", "--force", "-q",
+                                               "--scores", tiny_scores, "--profile", "paper"])
+    monkeypatch.chdir(tmp_path)
+    assert code == 0, err
+    assert verify_bundle(b) == [] and _hidden(tmp_path, "b") == {}

@@ -73,3 +73,46 @@ def test_paired_difference():
     assert pct == pytest.approx(100 * np.expm1(d.mean()))
     assert se == pytest.approx(100 * np.exp(d.mean()) * d.std(ddof=1) / np.sqrt(3))
     assert bq.paired(None, [3.0]) is None and bq.paired([3.0], [3.0, 3.1]) is None
+
+
+def test_flattered_marks_follow_the_source_file():
+    """The † marks come from the source's own tensor types, not from SmolLM2's: SmolLM2 ships
+    Q4_1, which flatters 32-wide asymmetric 4-bit schemes; a Q8_0 source flatters Q8_0 only."""
+    g32_asym = {"scheme": "group", "group_size": 32, "symmetric": False}
+    channel = {"scheme": "channel", "group_size": None, "symmetric": True}
+    try:
+        types = bq.source_linear_types(None)          # the default model's GGUF
+        assert types == {"Q4_1": 30 * 7}
+        bq.SOURCE_TYPES.update(types)
+        assert bq.flattered_lsaq(g32_asym) and not bq.flattered_lsaq(channel)
+        assert bq.flattered_gguf({"linear_types": {"attn_q": {"Q4_K": 1}}})
+        assert not bq.flattered_gguf({"linear_types": {"attn_q": {"Q8_0": 1}}})
+        assert "Q4_1" in bq.source_caveat()
+        bq.SOURCE_TYPES.clear()
+        bq.SOURCE_TYPES.add("Q8_0")
+        assert not bq.flattered_lsaq(g32_asym)
+        assert bq.flattered_gguf({"linear_types": {"attn_q": {"Q8_0": 1}}})
+        bq.SOURCE_TYPES.clear()
+        assert bq.source_caveat() == "" and not bq.flattered_lsaq(g32_asym)
+    finally:
+        bq.SOURCE_TYPES.clear()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "qwen2"])
+def test_peer_hf_folder_keeps_every_tensor_of_the_family(family, tmp_path):
+    """The float folder the peer benchmarks give llama.cpp and transformers holds the same
+    tensors as the checkpoint (Gemma's four norms a layer, q/k norms, Qwen2's biases, Phi-3's
+    fused projections), not only Llama's."""
+    from safetensors.numpy import load_file
+
+    from conftest import make_tiny_family
+    from lsaq_compile.model_source import open_model
+
+    peers = pytest.importorskip("bench_peers")
+    d = make_tiny_family(tmp_path / "hf", family)
+    want = load_file(d / "model.safetensors")
+    got = peers.hf_tensors(open_model(d))
+    tied = "lm_head.weight" not in want
+    assert set(got) - ({"lm_head.weight"} if tied else set()) == set(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v.astype(np.float32))

@@ -136,7 +136,7 @@ def test_smollm_bundle_size_and_fp16_agreement(smollm_bundle):
 
     if not WIKITEXT.is_file():
         pytest.skip(f"{WIKITEXT} missing")
-    tw = text_windows(WIKITEXT, smollm_bundle / "tokenizer" / "tokenizer.json", 513, 1)
+    tw = text_windows(WIKITEXT, smollm_bundle, 513, 1)
     ids = tw.windows[0]
     onnx_next = onnx_logits_fn(smollm_bundle, m, "fp16")(ids)[:-1].argmax(-1)
     src = open_model(None)

@@ -26,7 +26,7 @@ def test_windows_shape_and_placement(tok, text_file):
     cal = load_calibration(text_file, tok, samples=5, seq_len=40)
     assert cal.windows.shape == (5, 40) and cal.windows.dtype == np.int64
     assert (cal.samples, cal.seq_len, cal.source) == (5, 40, str(text_file))
-    ids = np.asarray(tok.encode(text_file.read_text(encoding="utf-8"), add_special_tokens=False))
+    ids = np.asarray(tok.encode_text(text_file.read_text(encoding="utf-8")))
     # Each window is a contiguous slice of the token stream; starts are evenly spaced and the
     # stride is at least seq_len, so windows never overlap and reach the end of the text.
     stride = len(ids) // 5
@@ -56,7 +56,7 @@ def test_clear_errors(tok, tmp_path):
         load_calibration(latin1, tok)
     short = tmp_path / "short.txt"
     short.write_text("only a few words here", encoding="utf-8")
-    n = len(tok.encode("only a few words here", add_special_tokens=False))
+    n = len(tok.encode_text("only a few words here"))
     with pytest.raises(LsaqError, match=rf"{n} tokens, but 32 windows x 256 tokens need 8192; "
                                         r"use fewer samples"):
         load_calibration(short, tok, samples=32, seq_len=256)
@@ -95,7 +95,7 @@ def test_held_out_windows_sit_in_the_gaps(tok, text_file):
     # the scoring windows and their fingerprint do not move
     assert np.array_equal(cal.windows, plain.windows) and cal.sha256 == plain.sha256
     assert plain.held_out is None and cal.held_out.shape == (7, 40)
-    ids = np.asarray(tok.encode(text_file.read_text(encoding="utf-8"), add_special_tokens=False))
+    ids = np.asarray(tok.encode_text(text_file.read_text(encoding="utf-8")))
     stride = len(ids) // 5
     used = set()
     for j in range(5):

@@ -28,7 +28,7 @@ def _text(tmp_path):
 
 def test_onnx_perplexity_matches_torch_reference(tiny_bundle, tiny_llama_dir, tmp_path):
     m = read_manifest(tiny_bundle)
-    tw = ev.text_windows(_text(tmp_path), tiny_bundle / "tokenizer" / "tokenizer.json", 128, 3)
+    tw = ev.text_windows(_text(tmp_path), tiny_bundle, 128, 3)
     for name in ("fp16", "int8", m["variants"][len(m["variants"]) // 2]["name"], "int4"):
         v = next(x for x in m["variants"] if x["name"] == name)
         a = ev.perplexity(ev.onnx_logits_fn(tiny_bundle, m, name), tw)["perplexity"]
@@ -50,7 +50,7 @@ def test_perplexity_by_hand():
 
 
 def test_text_window_errors(tiny_bundle, tmp_path):
-    tok = tiny_bundle / "tokenizer" / "tokenizer.json"
+    tok = tiny_bundle
     short = tmp_path / "short.txt"
     short.write_text("too short")
     with pytest.raises(LsaqError, match="windows"):

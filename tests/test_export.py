@@ -316,6 +316,42 @@ def test_quantized_float16_graph(tiny):
     assert max_diff(got, ref) <= 2 * torch_fp16_err + 2 * 2.0 ** -11 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("tables,dtype", [(("int8", "int4"), "float32"),
+                                          (("int4", "int8"), "float16")],
+                         ids=["embed8-head4-float32", "embed4-head8-float16"])
+def test_quantized_tables_match_reference(tiny, tmp_path, tables, dtype):
+    """The embedding table and LM head on the ladder: the graph gathers rows of the quantized
+    table (dequantized with standard ops) and runs the head as MatMulNBits over the same codes;
+    a tied model has one table for both. Against the torch reference with the same tables."""
+    spec = tiny.source.spec
+    tied = spec.tie_word_embeddings or not tiny.source.has_tensor(LM_HEAD)
+    embed, head = (tables[0], tables[0]) if tied else tables
+    tp = {"embed_tokens": {embed}, **({} if tied else {"lm_head": {head}})}
+    L = tiny.layers
+    index = write_weight_store(tiny.source, tmp_path, {i: {"int8"} for i in range(L)}, GROUP,
+                               table_precisions=tp)
+    model, info = build_graph(spec, ["int8"] * L, index, dtype, MAX_CONTEXT, lm_head=head,
+                              embed=embed)
+    path = tmp_path / f"tables.{dtype}.onnx"
+    save_graph(model, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    # the float tables are not read at all: the quantized codes replace them
+    assert EMBED not in info.referenced and LM_HEAD not in info.referenced
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = generate(session, spec, tiny.ids, dtype)
+    rm = lambda d: reference_model(tiny.source, ["int8"] * L, GROUP, dtype=d,  # noqa: E731
+                                   tables={"embed_tokens": embed, "lm_head": head})
+    ref = torch_logits(rm(torch.float32), tiny.ids, tiny.name in LENGTH_DEPENDENT)
+    if dtype == "float32":
+        assert max_diff(got, ref) <= 1e-3
+    else:
+        t16 = torch_logits(rm(torch.float16), tiny.ids, tiny.name in LENGTH_DEPENDENT)
+        assert max_diff(got, ref) <= 2 * max_diff(t16, ref) + 2 * 2.0 ** -11 * np.abs(ref).max()
+    # the tables' quantization changed the model: the reference with float tables differs
+    plain = reference_logits(tiny, ["int8"] * L, GROUP)
+    assert max_diff(ref, plain) > 1e-3
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("group", [False, True], ids=["channel", "group"])
 def test_matmulnbits_nodes_avoid_the_ort_pitfalls(tiny, dtype, group):

@@ -71,11 +71,14 @@ def _rope_of(cfg: dict) -> tuple[float, dict | None, float | None]:
     return theta, (scaling if scaling["rope_type"] != "default" else None), local
 
 
-def hf_to_gguf(hf_dir: Path, out: Path) -> Path:
+def hf_to_gguf(hf_dir: Path, out: Path, eot: int | None = None,
+               control: dict[int, str] | None = None) -> Path:
     """Write the Hugging Face folder's model as llama.cpp's converter would (F32 tensors): its
     architecture name and metadata keys, tensor names, q/k permutation for Llama, fused
     attn_qkv / ffn_up and rope factor tensors for Phi-3, (1 + w) norms for Gemma 3, the
-    rope_freqs tensor for Llama 3.x RoPE scaling, and the tiny model's BPE tokenizer."""
+    rope_freqs tensor for Llama 3.x RoPE scaling, and the tiny model's BPE tokenizer.
+    eot: a tokenizer.ggml.eot_token_id to write; control: padding ids (past the tokenizer's
+    vocabulary) written as control tokens with these texts instead."""
     from safetensors.numpy import load_file
     from tokenizers import Tokenizer
 
@@ -130,9 +133,13 @@ def hf_to_gguf(hf_dir: Path, out: Path) -> Path:
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv_: kv_[1])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
-    w.add_token_list([k for k, _ in vocab] + [f"[PAD{i}]" for i in range(cfg["vocab_size"] - len(vocab))])
+    control = control or {}
+    pads = range(len(vocab), cfg["vocab_size"])
+    w.add_token_list([k for k, _ in vocab] + [control.get(i, f"[PAD{i}]") for i in pads])
     w.add_token_types([3 if k in ("<unk>", "<s>", "</s>") else 1 for k, _ in vocab]
-                      + [5] * (cfg["vocab_size"] - len(vocab)))
+                      + [3 if i in control else 5 for i in pads])
+    if eot is not None:
+        w.add_uint32("tokenizer.ggml.eot_token_id", eot)
     merges = tok["model"]["merges"]
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     w.add_bos_token_id(1)
@@ -380,3 +387,23 @@ def test_gguf_bundle_equals_hf_bundle(fam, tmp_path):
                 out.append(model.score_tokens(ids))
         assert len(ids) > 8
         np.testing.assert_allclose(out[1], out[0], rtol=0, atol=1e-4)
+
+
+def test_end_of_turn_ids_come_from_the_source(tmp_path):
+    """A chat answer must stop at the end of its turn, not only at the document EOS: a GGUF's
+    tokenizer.ggml.eot_token_id, else (as llama.cpp) a control token whose text ends a turn
+    (Gemma's <end_of_turn>, ChatML's <|im_end|>); an HF folder's generation_config.json
+    eos_token_id list (Llama 3 Instruct: <|eot_id|>)."""
+    from conftest import make_tiny_model, save_tiny_tokenizer
+
+    d = make_tiny_model(tmp_path / "hf", vocab_size=520)
+    save_tiny_tokenizer(d, 512)           # ids 512..519 are the model's padding rows
+    named = open_model(hf_to_gguf(d, tmp_path / "eot.gguf", eot=7))
+    assert named.saved_tokenizer()[1]["eos_token_ids"] == [2, 7]
+    by_text = open_model(hf_to_gguf(d, tmp_path / "text.gguf",
+                                    control={515: "<end_of_turn>", 516: "<start_of_turn>"}))
+    assert by_text.saved_tokenizer()[1]["eos_token_ids"] == [2, 515]
+    plain = open_model(hf_to_gguf(d, tmp_path / "plain.gguf"))
+    assert plain.saved_tokenizer()[1]["eos_token_ids"] == [2]
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 9, 11]}))
+    assert open_model(d).saved_tokenizer()[1]["eos_token_ids"] == [2, 9, 11]

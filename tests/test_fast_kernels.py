@@ -58,15 +58,20 @@ def test_smollm_graphs_carry_the_recorded_settings(smollm_bundle):
     for v in m["variants"]:
         for prov, info in v["providers"].items():
             quantized = "fp16" not in v["precisions"]
+            table = v["tables"]["lm_head"]   # tied: the embedding's table
             assert info["accuracy_level"] == (4 if prov == "cpu" else 0)
-            assert info["lm_head"] == ("int8" if prov == "cpu" and quantized else "fp16")
+            # the head computes with the variant's table; an fp16 table gets the INT8 copy on CPU
+            want = table if table != "fp16" else ("int8" if prov == "cpu" and quantized else "fp16")
+            assert info["lm_head"] == want
     info, g = _graph_nodes(smollm_bundle, "int4")
+    v = next(x for x in m["variants"] if x["name"] == "int4")
     nbits = [n for n in g.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 4 * m["model"]["num_layers"] + 1          # qkv, o, gate_up, down + head
     assert {_attr(n, "accuracy_level") for n in nbits} == {4}
     assert {_attr(n, "block_size") for n in nbits} == {32}
-    head = [n for n in nbits if n.input[1] == "lm_head.int8.qweight"]
-    assert len(head) == 1 and _attr(head[0], "bits") == 8
+    p = v["tables"]["lm_head"]
+    head = [n for n in nbits if n.input[1] == f"model.embed_tokens.{p}.qweight"]
+    assert len(head) == 1 and _attr(head[0], "bits") == int(p[3:])
     assert not [n for n in g.graph.node if n.op_type == "Gemm"]     # no float32 head left
     _, g16 = _graph_nodes(smollm_bundle, "fp16")
     assert not [n for n in g16.graph.node if n.op_type == "MatMulNBits"]
@@ -121,7 +126,7 @@ def test_fast_kernels_keep_perplexity_of_the_exact_path(smollm_bundle, variant):
     info = next(v for v in m["variants"] if v["name"] == variant)["providers"]["cpu"]
     if not WIKITEXT.is_file():  # the gate is defined on WikiText-2 (../shared/data)
         pytest.skip(f"{WIKITEXT} missing")
-    tw = ev.text_windows(WIKITEXT, smollm_bundle / "tokenizer" / "tokenizer.json", 1024, 4)
+    tw = ev.text_windows(WIKITEXT, smollm_bundle, 1024, 4)
     fast = ev.onnx_logits_fn(smollm_bundle, m, variant)
     exact = _exact_session(smollm_bundle, info["graph"])
     nll = {"fast": 0.0, "exact": 0.0}

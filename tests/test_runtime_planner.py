@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from lsaq_runtime.manifest import SCHEMA_VERSION
+from lsaq_runtime.manifest import SCHEMA_VERSION, TOKENIZER_BYTES_PER_JSON_BYTE
 from lsaq_runtime.errors import LsaqRuntimeError, NoVariantFits
 from lsaq_runtime.planner import estimate, plan, plan_or_wait, precision_key
 from lsaq_runtime.probe import Device
@@ -113,14 +113,22 @@ def test_need_formula():
     info, dep = v["providers"]["cpu"], m["deployment"]
     ctx = 777
     ws = info["workspace"]
+    tok = next(f["bytes"] for f in m["files"] if f["path"] == "tokenizer/tokenizer.json")
     predicted = (info["resident_bytes"] + info["kv_bytes_per_token"] * ctx
                  + ws["fixed_bytes"] + ws["per_token_bytes"] * ctx + ws["per_token_sq_bytes"] * ctx**2
-                 + dep["runtime_overhead_bytes"]["cpu"])
+                 + dep["runtime_overhead_bytes"]["cpu"] + TOKENIZER_BYTES_PER_JSON_BYTE * tok)
     row = estimate(m, v, "cpu", ctx, 1)
     assert row.predicted_bytes == predicted
     assert row.need_bytes == predicted + max(int(0.1 * predicted), 8 * MiB)
     # batch scales the KV cache only
     assert estimate(m, v, "cpu", ctx, 2).kv_bytes == 2 * row.kv_bytes
+    # the session's creation copies count instead of KV + workspace when larger; the tokenizer
+    # is host memory: a CUDA plan leaves it out
+    info["creation_extra_bytes"] = 10 * predicted
+    big = estimate(m, v, "cpu", ctx, 1)
+    assert big.predicted_bytes == predicted - row.kv_bytes - row.workspace_bytes + 10 * predicted
+    cuda = estimate(m, v, "cuda", ctx, 1)
+    assert cuda.overhead_bytes == dep["runtime_overhead_bytes"]["cuda"]
 
 
 def test_context_changes_need_and_is_capped():
@@ -257,3 +265,78 @@ def test_missing_provider_graph():
     d = plan(m, gpu(0, 10**12))
     assert d.chosen is None and "no cuda graphs" in d.reason
     assert "no cuda graph" in d.table()
+
+
+def _measured(m: dict, values: dict, rank_by: str) -> dict:
+    """m with build-time quality numbers per variant (name -> value) and that ranking."""
+    m = copy.deepcopy(m)
+    key = "kl_fp16" if rank_by == "kl_fp16" else "perplexity"
+    for v in m["variants"]:
+        q = {"perplexity": 20.0, "kl_fp16": 0.0, "tokens": 2048}
+        q[key] = values[v["name"]]
+        v["quality"] = q
+    m["deployment"]["rank_by"] = rank_by
+    return m
+
+
+@pytest.mark.parametrize("rank_by", ["measured_quality", "kl_fp16"])
+def test_noise_never_ranks_a_coarser_variant_above_a_finer_one(rank_by):
+    """A real Gemma 3 build measured perplexity 350 (fp16), 349 (int8) and 321 (a mix) on windows
+    without BOS: quantization noise *lowered* a broken baseline and the runtime loaded the worst
+    variant while FP16 fitted. A variant at least as precise in every part must come first
+    whatever the measurement says; between variants that do not dominate each other the
+    measurement decides."""
+    base = synthetic_manifest()
+    names = [v["name"] for v in base["variants"]]
+    # inverted numbers: the more INT4 layers, the "better"
+    if rank_by == "kl_fp16":
+        values = {n: 0.05 - 0.002 * i for i, n in enumerate(names)}
+        values["fp16"] = 0.0
+    else:
+        values = {n: 350.0 - 3.0 * i for i, n in enumerate(names)}
+    m = _measured(base, values, rank_by)
+    d = plan(m, host(10**12))
+    assert d.chosen == "fp16"
+    # with FP16 out of reach the most precise that fits still wins: every ladder step dominates
+    # the next one here
+    for r in d.rows[1:]:
+        assert plan(m, host(r.need_bytes)).chosen == r.name
+    assert [r.name for r in d.rows] == _order(m)
+
+
+def test_measurement_decides_between_variants_that_do_not_dominate_each_other():
+    m = synthetic_manifest(layers=4)
+    keep = {"fp16", "int8", "int4x01", "int4x04"}
+    m["variants"] = [v for v in m["variants"] if v["name"] in keep]
+    a = copy.deepcopy(next(v for v in m["variants"] if v["name"] == "int4x01"))
+    a["name"], a["precisions"] = "other", ["int4", "int8", "int8", "int8"]   # another INT4 layer
+    for prov in a["providers"].values():
+        prov["graph"] = prov["files"][0] = f"other.{prov['graph'].split('.', 1)[1]}"
+        m["files"].append({"path": prov["graph"], "bytes": 10, "sha256": "0" * 64})
+    m["variants"].append(a)
+    # "other" measures better than int4x01, and neither is finer in every part: it goes first
+    m = _measured(m, {"fp16": 0.0, "int8": 0.01, "int4x01": 0.03, "other": 0.02, "int4x04": 0.2},
+                  "kl_fp16")
+    order = [r.name for r in plan(m, host(10**12)).rows]
+    assert order == ["fp16", "int8", "other", "int4x01", "int4x04"]
+    # a noisy all-INT4 measurement below both mixes still ranks last: both dominate it
+    m["variants"][-2]["quality"]["kl_fp16"] = 0.001
+    assert next(v for v in m["variants"] if v["name"] == "int4x04")["quality"]["kl_fp16"] == 0.001
+    order = [r.name for r in plan(m, host(10**12)).rows]
+    assert order.index("int4x04") == len(order) - 1
+
+
+def test_tables_take_part_in_dominance():
+    """Two variants with the same linears: the one with the finer embedding table and head is
+    the more precise one, whatever the measurement."""
+    m = synthetic_manifest(layers=2)
+    m["variants"] = [v for v in m["variants"] if v["name"] in ("fp16", "int8")]
+    b = copy.deepcopy(m["variants"][1])
+    b["name"], b["tables"] = "int8t", {"embed_tokens": "int4", "lm_head": "int4"}
+    for prov in b["providers"].values():
+        prov["lm_head"] = "int4"
+        prov["graph"] = prov["files"][0] = f"int8t.{prov['graph'].split('.', 1)[1]}"
+        m["files"].append({"path": prov["graph"], "bytes": 10, "sha256": "0" * 64})
+    m["variants"].append(b)
+    m = _measured(m, {"fp16": 0.0, "int8": 0.02, "int8t": 0.01}, "kl_fp16")
+    assert [r.name for r in plan(m, host(10**12)).rows] == ["fp16", "int8", "int8t"]

@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from lsaq_runtime.planner import quality_order
 import torch
 
 from conftest import _small_profile
@@ -233,11 +234,21 @@ def tiny_sensitivity_bundle(tiny_llama_dir, tmp_path_factory):
 def test_bundle_records_quality_and_ranks_by_it(tiny_sensitivity_bundle):
     m = read_manifest(tiny_sensitivity_bundle)
     assert m["scores"]["metric"] == "sensitivity"
-    assert m["deployment"]["rank_by"] == "measured_quality"
-    ppl = [v["quality"]["perplexity"] for v in m["variants"]]
-    assert ppl == sorted(ppl) and [v["rank"] for v in m["variants"]] == list(range(len(ppl)))
+    assert m["deployment"]["rank_by"] == "kl_fp16"
+    kl = [v["quality"]["kl_fp16"] for v in m["variants"]]
+    assert kl[0] == 0.0 and m["variants"][0]["name"] == "fp16" and all(k > 0 for k in kl[1:])
+    # listed in the runtime's order: best KL first, never above a variant that dominates it
+    assert [v["name"] for v in quality_order(m["variants"], "kl_fp16")] == \
+        [v["name"] for v in m["variants"]]
+    assert [v["rank"] for v in m["variants"]] == list(range(len(kl)))
+    assert all(v["quality"]["perplexity"] > 1 for v in m["variants"])
     names = {v["name"] for v in m["variants"]}
-    assert {"fp16", "int8", "int4"} <= names and len(names) == 5
+    assert {"fp16", "int8", "int4"} <= names and len(names) == 6   # 4 rungs, + fp16 tables
+    # the rung between all-INT8 and FP16: INT8 linears, fp16 tables
+    t16 = max((v for v in m["variants"] if v["name"] != "fp16"), key=lambda v: v["weight_bytes"])
+    assert set(t16["tables"].values()) == {"fp16"} and t16["layer_counts"]["int8"] == 4
+    assert all(v["tables"]["embed_tokens"] in ("int8", "int4") for v in m["variants"]
+               if v["name"] not in ("fp16", t16["name"]))
     assert any(v["layer_counts"]["mixed"] for v in m["variants"])
     assert "additive_fit" in m["scores"]["params"]
 
@@ -250,7 +261,9 @@ def test_mixed_variant_graph_matches_its_reference(tiny_sensitivity_bundle, tiny
     v = next(v for v in m["variants"] if v["layer_counts"]["mixed"])
     q = m["quantization"]
     schemes = schemes_for(q["scheme"], q["group_size"], q["symmetric"], q["block_size"])
-    ref = reference_model(open_model(tiny_llama_dir), v["precisions"], schemes)
+    assert v["tables"]["embed_tokens"] != "fp16"   # the tables are on the ladder too
+    ref = reference_model(open_model(tiny_llama_dir), v["precisions"], schemes,
+                          tables=v["tables"])
     ids = [int(x) for x in np.random.default_rng(3).integers(3, 500, size=40)]
     model = lsaq_runtime.load(tiny_sensitivity_bundle, context=64, device="cpu", variant=v["name"])
     got = model.score_tokens(ids)
@@ -262,26 +275,23 @@ def test_mixed_variant_graph_matches_its_reference(tiny_sensitivity_bundle, tiny
 
 def test_runtime_picks_best_measured_quality_that_fits(tiny_sensitivity_bundle):
     from lsaq_runtime.manifest import validate_manifest
-    from lsaq_runtime.planner import plan
+    from lsaq_runtime.planner import dominates, plan
     from lsaq_runtime.probe import Device
 
     m = read_manifest(tiny_sensitivity_bundle)
     host = Device("cpu", None, "sim", 2**40, 2**40, "test")
     d = plan(m, host)
-    assert d.chosen == m["variants"][0]["name"] and "best measured quality" in d.reason
-    # Give the second largest variant a worse measurement than the third: between their needs,
-    # the runtime takes the smaller one, which measured better, and never the larger.
+    assert d.chosen == m["variants"][0]["name"] == "fp16" and "best measured quality" in d.reason
     need = {r.name: r.need_bytes for r in d.rows}
     by_bytes = sorted(m["variants"], key=lambda v: -need[v["name"]])
-    for ppl, v in zip([10.0, 13.0, 12.0, 14.0, 15.0], by_bytes):
-        v["quality"]["perplexity"] = ppl
+    # Invert the measurements (the fewer bytes, the "better"): between two variants the runtime
+    # takes the one that measured better unless the other is at least as precise in every part.
+    for k, v in enumerate(by_bytes):
+        v["quality"]["kl_fp16"] = 0.0 if v["name"] == "fp16" else 1.0 - 0.1 * k
     validate_manifest(m)
-    second, third = by_bytes[1]["name"], by_bytes[2]["name"]
-    d = plan(m, host, budget=need[by_bytes[0]["name"]] - 1, simulate=True)
-    assert d.chosen == third and need[second] <= d.free_bytes
-    assert any("sorted" in n for n in d.notes)   # listed by rank, now out of quality order
-    d = plan(m, host, budget=need[third] - 1, simulate=True)
-    assert d.chosen == by_bytes[3]["name"]
+    for a, b in zip(by_bytes[1:], by_bytes[2:]):
+        d = plan(m, host, budget=need[a["name"]], simulate=True)
+        assert d.chosen == (a["name"] if dominates(a, b) else b["name"])
     del by_bytes[2]["quality"]
     with pytest.raises(Exception, match="no measured quality"):
         validate_manifest(m)

@@ -269,6 +269,12 @@ BAD = [
     ("/v1/completions", _cmpl(prompt=7), 400, "prompt", "must be a string"),
     ("/v1/completions", _cmpl(echo=True), 400, "echo", "not supported"),
     ("/v1/completions", _cmpl(seed=1.5), 400, "seed", "must be an integer"),
+    ("/v1/completions", _cmpl(seed=-1), 400, "seed", "at least 0"),
+    ("/v1/completions", _cmpl(seed=2**64), 400, "seed", "at most"),
+    ("/v1/completions", _cmpl(temperature=1e-310), 400, "temperature", "too small to sample"),
+    ("/v1/completions", '{"model": "tiny-llama", "prompt": "\\ud800"}', 400, "prompt",
+     "lone UTF-16 surrogate"),
+    ("/v1/completions", _cmpl(stop=["\ud800"]), 400, "stop", "lone UTF-16 surrogate"),
 ]
 
 
@@ -663,3 +669,299 @@ def test_the_plain_runtime_does_not_import_the_server():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
                        timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# -- issue 24: under attack and under load ---------------------------------------------------------
+def _lines_after(srv: ServeProcess, start: int) -> list[str]:
+    return srv.lines[start:]
+
+
+def _no_tracebacks(lines: list[str]) -> None:
+    text = "\n".join(lines)
+    assert "Traceback" not in text and "panicked" not in text and "a bug in lsaq" not in text, text
+
+
+def _post(url: str, path: str, body, timeout: float = 60, headers: dict | None = None):
+    """POST raw bytes (or a JSON string) on a fresh connection: (status, parsed JSON body)."""
+    data = body.encode() if isinstance(body, str) else body
+    code, _, raw_body = raw(url, "POST", path, data, headers)
+    return code, json.loads(raw_body)
+
+
+def test_slow_clients_cannot_take_the_server(tiny_bundle):
+    """Case 8: a thousand-connection slowloris cannot starve well-behaved clients: at the cap
+    the connection waiting longest for its request head is closed, a head must arrive within
+    HEADER_TIMEOUT_S, and the log stays a few lines (issue: 1,100 connections stopped the
+    server, 126k tracebacks)."""
+    from lsaq_runtime.server import HEADER_TIMEOUT_S
+
+    srv = ServeProcess(tiny_bundle, "--port", 0, "--context", 64, "--device", "cpu",
+                       "--max-connections", 40)
+    start = len(srv.lines)
+    host, port = srv.url.removeprefix("http://").split(":")
+    slow = []
+    try:
+        for i in range(300):                     # a byte at a time, never finishing the head
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHo")
+            slow.append(s)
+        for s in slow[-30:]:
+            s.sendall(b"s")
+        t0 = time.monotonic()
+        for _ in range(5):                        # well-behaved clients are answered at once
+            code, body = _post(srv.url, "/v1/completions", _cmpl(max_tokens=3, temperature=0),
+                               timeout=20)
+            assert code == 200 and body["usage"]["completion_tokens"] == 3, body
+        assert time.monotonic() - t0 < 15
+        assert metric(srv.url, "lsaq_http_connections_limit") == 40
+        assert metric(srv.url, "lsaq_http_connections_closed_total", '{reason="evicted"}') >= 250
+        assert metric(srv.url, "lsaq_http_connections_open") <= 40
+
+        # a client gone while sending its body is routine, not "a bug in lsaq"
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: 1000\r\n\r\n{\"model\": ")
+        time.sleep(0.3)
+        s.close()
+
+        # the survivors get no more than HEADER_TIMEOUT_S for their head
+        time.sleep(HEADER_TIMEOUT_S + 2)
+        for s in slow:
+            s.settimeout(5)
+            try:
+                data = s.recv(4096)
+                assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:80]
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+        assert metric(srv.url, "lsaq_http_connections_open") <= 2
+        code, body = _post(srv.url, "/v1/completions", _cmpl(max_tokens=3, temperature=0))
+        assert code == 200
+    finally:
+        for s in slow:
+            s.close()
+        srv.stop()
+    after = _lines_after(srv, start)
+    _no_tracebacks(after)
+    assert len(after) < 20, "\n".join(after)     # a few lines, not one per connection
+
+
+def _another_model(src: Path, dest: Path) -> None:
+    """What `lsaq-compile build --force` from another model leaves: other weights, another
+    name, every hash in its manifest right."""
+    shutil.copytree(src, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    m["model"]["name"] = "another-model"
+    p = dest / "weights" / "int8.safetensors"
+    data = bytearray(p.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start:start + 256] = bytes(b ^ 0x5A for b in data[start:start + 256])
+    p.write_bytes(bytes(data))
+    for f in m["files"]:
+        if f["path"] == "weights/int8.safetensors":
+            import hashlib
+            f["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (dest / "manifest.json").write_text(json.dumps(m, indent=1))
+
+
+def test_a_bundle_rebuilt_under_the_server_is_never_served(tiny_bundle, tmp_path):
+    """Case 9: the served folder is replaced by another model's bundle (as build --force does);
+    the server keeps answering from what it loaded, says on /health that the bundle changed,
+    and when memory forces a switch it pauses rather than load the new model's variant under
+    the old id."""
+    need = needs(tiny_bundle)
+    want = lsaq_run_json(tiny_bundle, "fp16", PROMPT, 8)["text"]
+    b = tmp_path / "served"
+    shutil.copytree(tiny_bundle, b)
+    budget = BudgetFile(tmp_path / "budget")
+    budget.write_text("none")
+    srv = ServeProcess(b, "--port", 0, "--context", CONTEXT, "--device", "cpu", "--poll", 0.1,
+                       "--memory-budget-file", budget, "--wait", 1)
+    start = len(srv.lines)
+    try:
+        assert srv.health()["bundle"]["changed"] is None
+        _another_model(tiny_bundle, tmp_path / "rebuilt")
+        os.rename(b, tmp_path / "old")
+        os.rename(tmp_path / "rebuilt", b)
+        wait_for(lambda: srv.health()["bundle"]["changed"], what="the change to be noticed")
+        code, body = _post(srv.url, "/v1/completions", _cmpl(max_tokens=8, temperature=0))
+        assert code == 200 and body["choices"][0]["text"] == want       # still the launch model
+        assert body["system_fingerprint"] == "lsaq-fp16"
+
+        budget.write_text(str(need["int8"]))       # fp16 no longer fits: int8 would be next
+        wait_for(lambda: srv.health()["status"] == "paused", what="the pause")
+        code, _, data = raw(srv.url, "GET", "/health")
+        h = json.loads(data)
+        assert code == 503 and "changed on disk after launch" in h["reason"] and \
+            "restart the server" in h["reason"]
+        code, body = _post(srv.url, "/v1/completions", _cmpl(max_tokens=8, temperature=0))
+        assert code == 503 and "changed on disk" in body["error"]["message"]
+        assert metric(srv.url, "lsaq_variant_loaded", '{variant="int8"}') == 0
+    finally:
+        srv.stop()
+    after = _lines_after(srv, start)
+    _no_tracebacks(after)
+    assert not any("loaded int8" in l or "switch down fp16 -> int8" in l for l in after), after
+
+
+def test_client_mistakes_are_400s_naming_the_field(chat_bundle, tmp_path):
+    """Case 10: each was a 500 (seed -1, a temperature that makes NaN probabilities, a lone
+    surrogate, a tokenizer that panics in Rust); now a 400 naming the field, and the server
+    goes on answering."""
+    from test_bad_inputs import backtracking_tokenizer
+
+    b = tmp_path / "b"
+    shutil.copytree(chat_bundle, b)
+    backtracking_tokenizer(b)
+    srv = ServeProcess(b, "--port", 0, "--context", CONTEXT, "--device", "cpu")
+    start = len(srv.lines)
+    hostile = "a" * 40 + "b"
+    cases = [
+        ("/v1/completions", _cmpl(seed=-1, temperature=0.7), 400, "seed", "at least 0"),
+        ("/v1/completions", _cmpl(temperature=1e-310), 400, "temperature", "too small"),
+        ("/v1/completions", '{"model": "tiny-llama", "prompt": "a\\ud800b"}', 400, "prompt",
+         "lone UTF-16 surrogate"),
+        ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", '
+         '"content": "\\udfff"}]}', 400, "messages[0].content", "lone UTF-16 surrogate"),
+        ("/v1/completions", '{"model": "\\ud800", "prompt": "x"}', 404, "model", "does not exist"),
+        ("/v1/completions", '{"model": "tiny-llama", "prompt": "x", "\\ud800": 1}', 400,
+         "\ud800", "Unrecognized request argument"),
+        ("/v1/completions", _cmpl(prompt=hostile), 400, "prompt", "crashed on it"),
+        ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": hostile}]), 400,
+         "messages", "crashed on it"),
+    ]
+    try:
+        for path, body, status, param, words in cases:
+            code, got = _post(srv.url, path, body)
+            assert code == status, (body, got)
+            assert got["error"]["param"] == param and words in got["error"]["message"], got
+        code, got = _post(srv.url, "/v1/completions", _cmpl(max_tokens=3, temperature=0))
+        assert code == 200 and got["usage"]["completion_tokens"] == 3
+    finally:
+        srv.stop()
+    _no_tracebacks(_lines_after(srv, start))
+
+
+def _sse_lines(resp) -> list[str]:
+    return [line.decode().strip() for line in resp if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_shutdown_is_graceful(smollm_bundle, sig):
+    """Case 11: on SIGTERM or SIGINT a running stream ends with an error event and [DONE],
+    queued clients get a 503 JSON, the engine is closed before the process exits, and the
+    log holds no traceback (issue: killed after uvicorn's 5 s grace before the engine closed,
+    streams cut, queued clients a closed connection or a plain-text 500)."""
+    import signal as signals
+
+    srv = ServeProcess(smollm_bundle, "--port", 0, "--context", 1024, "--device", "cpu",
+                       "--max-queue", 4)
+    start = len(srv.lines)
+    host, port = srv.url.removeprefix("http://").split(":")
+    model = json.loads(raw(srv.url, "GET", "/v1/models")[2])["data"][0]["id"]
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 900, "temperature": 0}
+    results = {}
+    try:
+        streaming = http.client.HTTPConnection(host, int(port), timeout=120)
+        streaming.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                          {"Content-Type": "application/json"})
+        resp = streaming.getresponse()
+        assert resp.status == 200
+        first = resp.readline()
+        assert first.startswith(b"data: ")
+
+        def queued(key, stream):
+            results[key] = _post(srv.url, "/v1/completions", json.dumps({**body, "stream": stream}),
+                                 timeout=120)
+        threads = [threading.Thread(target=queued, args=(k, k == "stream")) for k in ("plain", "stream")]
+        for t in threads:
+            t.start()
+        wait_for(lambda: metric(srv.url, "lsaq_queue_length") == 2, what="two queued requests")
+        t0 = time.monotonic()
+        srv.proc.send_signal(getattr(signals, sig))
+        rest = _sse_lines(resp)
+        for t in threads:
+            t.join(60)
+        srv.proc.wait(60)
+        took = time.monotonic() - t0
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    assert rest[-1] == "data: [DONE]", rest[-3:]
+    err = json.loads(rest[-2].removeprefix("data: "))["error"]
+    assert err["code"] == "shutting_down" and "shutting down" in err["message"]
+    for key in ("plain", "stream"):
+        code, got = results[key]
+        assert code == 503 and got["error"]["code"] == "shutting_down", got
+    assert srv.proc.returncode == 0 and took < 30
+    wait_for(lambda: any("engine closed" in l for l in srv.lines), what="the last log line")
+    after = _lines_after(srv, start)
+    _no_tracebacks(after)
+    assert "engine closed" in after[-1], after
+
+
+def test_a_taken_port_is_one_line_naming_it(tiny_bundle):
+    """Case 12: `lsaq-run serve` on a taken port exits at once with one line naming it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "lsaq_runtime.cli", "serve", str(tiny_bundle),
+                            "--port", str(port), "--device", "cpu"], capture_output=True,
+                           text=True, env=ENV, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"lsaq-run: error: cannot listen on 127.0.0.1:{port} "
+                               "(Address already in use)")
+
+
+def test_a_trickled_body_gets_408(chat_bundle, monkeypatch):
+    """Case 8's other half, in-process with a short timeout: a body that does not arrive in
+    BODY_TIMEOUT_S is a 408 and the connection closes."""
+    import lsaq_runtime.server as server
+
+    monkeypatch.setattr(server, "BODY_TIMEOUT_S", 1.0)
+    engine = Engine(chat_bundle, context=CONTEXT, device="cpu", poll=60).start()
+    try:
+        with background(engine) as url:
+            host, port = url.removeprefix("http://").split(":")
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: 500\r\n\r\n{\"model\": ")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            s.close()
+            assert data.startswith(b"HTTP/1.1 408") and b"request_timeout" in data, data[:200]
+    finally:
+        engine.close()
+
+
+def test_at_the_cap_with_every_connection_answered_a_newcomer_gets_503(served):
+    """Only connections waiting for a request head are evicted; when all are being answered
+    (one generating, one queued) a newcomer is refused with a 503 JSON, and served after."""
+    from lsaq_runtime.server import background
+
+    engine, slow = served["engine"], served["slow"]
+    slow.delay = 0.05
+    results = []
+    try:
+        with background(engine, max_connections=2) as url:
+            def ask():
+                results.append(_post(url, "/v1/completions", _cmpl(max_tokens=40, temperature=0)))
+            threads = [threading.Thread(target=ask) for _ in range(2)]
+            for t in threads:
+                t.start()
+                time.sleep(0.3)
+            wait_for(lambda: engine.running is not None and len(engine.jobs) == 1,
+                     what="one running and one queued request")
+            host, port = url.removeprefix("http://").split(":")
+            s = socket.create_connection((host, int(port)), timeout=10)
+            data = s.recv(4096)
+            s.close()
+            assert data.startswith(b"HTTP/1.1 503") and b"too_many_connections" in data, data
+            slow.delay = 0.0
+            for t in threads:
+                t.join(60)
+            assert [code for code, _ in results] == [200, 200]
+    finally:
+        slow.delay = 0.0

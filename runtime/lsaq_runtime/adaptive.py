@@ -31,9 +31,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .errors import LsaqRuntimeError, NoVariantFits, first_line
+from .errors import BundleChanged, LsaqRuntimeError, NoVariantFits, first_line
 from .integrity import verify_files
-from .manifest import load_manifest, tokenizer_file
+from .manifest import MANIFEST, load_pinned, manifest_digest, tokenizer_file
 from .planner import Decision, Row, no_fit_message, plan, ranking, resolve_context
 from .probe import Device
 from .sampling import Sampler
@@ -67,12 +67,22 @@ class FileBudget:
         self.path, self.log, self._said = Path(path), log, None
         self.value = self._read()   # at launch a bad file is an error
 
+    MAX_BYTES = 4096   # a size is a few characters; more is not a budget file
+
     def _read(self) -> int | None:
         try:
-            text = self.path.read_text(encoding="utf-8").strip()
+            with open(self.path, "rb") as f:
+                raw = f.read(self.MAX_BYTES + 1)
         except OSError as e:
             raise LsaqRuntimeError(f"{self.path}: cannot read the memory budget file "
                                    f"({e.strerror}); write a size such as 6GiB into it") from None
+        try:
+            if len(raw) > self.MAX_BYTES or b"\0" in raw:
+                raise ValueError
+            text = raw.decode("utf-8").strip()
+        except ValueError:  # UnicodeDecodeError is one
+            raise LsaqRuntimeError(f"{self.path}: the memory budget file is not a short text "
+                                   "file; write a size such as 6GiB, or none") from None
         if not text:
             raise LsaqRuntimeError(f"{self.path}: the memory budget file is empty; write a "
                                    "size such as 6GiB, or none")
@@ -116,8 +126,13 @@ class Job:
     variant: str | None = None
     outcome: str | None = None    # ok | cancelled | timeout | error
     cancelled: threading.Event = field(default_factory=threading.Event)
+    abort: dict | None = None     # the error to end with when cancelled by the server itself
 
-    def cancel(self) -> None:
+    def cancel(self, error: dict | None = None) -> None:
+        """Stop the job: the client went away, or (error given) the server ends it with that
+        error event (shutdown)."""
+        if error is not None and self.abort is None:
+            self.abort = error
         self.cancelled.set()
 
     @property
@@ -188,7 +203,12 @@ class Engine:
                  clock: Callable[[], float] = time.monotonic,
                  on_token: Callable[[Job], None] | None = None):
         self.bundle = Path(bundle)
-        self.manifest = load_manifest(self.bundle)
+        # The bundle's identity for the server's life: every later load must find these
+        # manifest bytes (model.load(pinned=...)), or the server serves no other model under
+        # this one's name (see bundle_changed).
+        self.manifest, self.manifest_sha = load_pinned(self.bundle)
+        self.bundle_changed: str | None = None   # why, once the folder holds another bundle
+        self._manifest_stat: tuple | None = self._stat_manifest()
         verify_files(self.bundle, self.manifest, [tokenizer_file(self.manifest)])
         self.codec = TextCodec(self.bundle, self.manifest)   # one tokenizer for every variant
         self.context = resolve_context(self.manifest, context)
@@ -277,6 +297,7 @@ class Engine:
         """One probe and plan; sets the variant the worker should hold (see the module doc)."""
         if self.switching:  # memory is in flux while a variant loads; the next probe decides
             return
+        self._check_bundle()
         dev = self._probe()
         budget = self.budget()
         now = self.clock()
@@ -326,6 +347,10 @@ class Engine:
             else:
                 want, reason = current, ""
                 self.better_since = None
+            if self.bundle_changed and want is not None and want != current:
+                # no other variant may load: keep the one held while it fits, else pause
+                keep = current is not None and cur is not None and cur.fits
+                want, reason = (current, "") if keep else (None, self._changed_reason())
             if self.target is None or want != self.target.variant:
                 self.target = _Target(want, reason, d, dev, held)
                 self.cond.notify_all()
@@ -334,7 +359,7 @@ class Engine:
 
     @staticmethod
     def _what(d: Decision) -> str:
-        return ("the best measured quality that fits" if ranking(d.manifest) == "measured_quality"
+        return ("the best measured quality that fits" if ranking(d.manifest) in ("kl_fp16", "measured_quality")
                 else "the most precise variant that fits")
 
     def _fit_reason(self, d: Decision, row: Row, where: str) -> str:
@@ -349,6 +374,44 @@ class Engine:
         if d.budget_bytes is not None:
             s += f", budget {_bytes(d.budget_bytes)}"
         return s
+
+    def _stat_manifest(self) -> tuple | None:
+        try:
+            st = (self.bundle / MANIFEST).stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def _check_bundle(self) -> None:
+        """Note (once) when the folder no longer holds the launch bundle: hashed again only
+        when the manifest's identity moved, so a probe costs a stat."""
+        if self.bundle_changed:
+            return
+        st = self._stat_manifest()
+        if st == self._manifest_stat:
+            return
+        try:
+            same = st is not None and manifest_digest(self.bundle) == self.manifest_sha
+        except LsaqRuntimeError:
+            same = False
+        if same:
+            self._manifest_stat = st
+            return
+        self._bundle_changed()
+
+    def _bundle_changed(self) -> None:
+        with self.cond:
+            if self.bundle_changed:
+                return
+            self.bundle_changed = (f"{self.bundle}: the bundle changed on disk after launch "
+                                   f"({MANIFEST} is no longer the one this server loaded)")
+        self.log(f"{self.bundle_changed}; serving only what is loaded ("
+                 f"{self.current or 'nothing'}) and loading nothing else; restart the server to "
+                 "serve the new bundle")
+
+    def _changed_reason(self) -> str:
+        return (f"{self.bundle_changed}; no other variant may be loaded under this server's "
+                "model id: restart the server to serve the new bundle")
 
     def _watch(self) -> None:
         said = None
@@ -399,8 +462,15 @@ class Engine:
                 row = next(r for r in t.decision.rows if r.name == name)
                 start = time.perf_counter()
                 try:
+                    if self.bundle_changed:
+                        raise BundleChanged(self.bundle_changed)
                     model = load(self.bundle, self.context, t.decision.budget_bytes,
-                                 self._device_label(t), variant=name, threads=self.threads)
+                                 self._device_label(t), variant=name, threads=self.threads,
+                                 pinned=(self.manifest, self.manifest_sha))
+                except BundleChanged:
+                    self._bundle_changed()
+                    errors.append(self._changed_reason())
+                    break
                 except LsaqRuntimeError as e:
                     with self.cond:
                         self.failed[name] = self.clock()
@@ -434,8 +504,9 @@ class Engine:
                 return
             with self.cond:  # nothing could be loaded: pause until the next plan
                 self.current, self.current_row, self.held_bytes = None, None, 0
-                self.target = _Target(None, "no variant could be loaded: " + "; ".join(errors),
-                                      t.decision, t.device, 0)
+                why = (self._changed_reason() if self.bundle_changed
+                       else "no variant could be loaded: " + "; ".join(errors))
+                self.target = _Target(None, why, t.decision, t.device, 0)
                 self.paused_since, self.pause_reason = self.clock(), self.target.reason
                 self.counters["switches"]["pause"] += 1
             self.log(f"pausing: {self.target.reason}")
@@ -496,6 +567,11 @@ class Engine:
                 continue
             try:
                 self._run(job)
+            except BaseException as e:  # never let one request stop the worker (and the queue)
+                self.log(f"request {job.id}: unexpected {type(e).__name__}: {first_line(e)}")
+                if job.outcome is None:
+                    self._finish(job, "error", {"status": 500, "code": "generation_failed",
+                                                "message": f"generation failed: {first_line(e)}"})
             finally:
                 with self.cond:
                     self.running = None
@@ -576,6 +652,11 @@ class Engine:
             return
         secs = time.perf_counter() - t0
         self._account(job, secs)
+        if job.cancelled.is_set() and job.abort is not None:
+            self.log(f"request {job.id}: ended by the server after {job.generated} of "
+                     f"{job.max_new_tokens} tokens: {job.abort['message']}")
+            self._finish(job, "error", job.abort)
+            return
         if job.cancelled.is_set():
             self.log(f"request {job.id}: client disconnected; stopped generating after "
                      f"{job.generated} of {job.max_new_tokens} tokens")
@@ -611,7 +692,9 @@ class Engine:
                     "device_free_bytes": self.last_device.free_bytes if self.last_device else None,
                     "budget_bytes": self.last_budget,
                     "need_bytes": row.need_bytes if row else None,
-                    "switches": dict(self.counters["switches"])}
+                    "switches": dict(self.counters["switches"]),
+                    "bundle": {"manifest_sha256": self.manifest_sha,
+                               "changed": self.bundle_changed}}
 
     def metrics(self) -> str:
         """Prometheus text exposition (version 0.0.4)."""
@@ -667,8 +750,13 @@ class Engine:
                    [({}, c["probes"])])
             return "\n".join(lines) + "\n"
 
-    def close(self) -> None:
-        """Stop the threads, fail waiting requests (503), unload the variant."""
+    SHUTDOWN = {"status": 503, "code": "shutting_down",
+                "message": "the server is shutting down; retry on another server or later"}
+
+    def begin_shutdown(self) -> None:
+        """Take no more requests, fail the waiting ones (503 shutting_down) and end the running
+        one with that error at its next token; returns at once (the HTTP layer then finishes
+        the responses, and close() waits for the threads)."""
         with self.cond:
             self._closing = True
             waiting = list(self.jobs)
@@ -677,10 +765,13 @@ class Engine:
             self.cond.notify_all()
         self._stop.set()
         for job in waiting:
-            self._finish(job, "error", {"status": 503, "code": "shutting_down",
-                                        "message": "the server is shutting down"})
+            self._finish(job, "error", dict(self.SHUTDOWN))
         if running is not None:
-            running.cancel()
+            running.cancel(dict(self.SHUTDOWN))
+
+    def close(self) -> None:
+        """Stop the threads, fail waiting requests (503), unload the variant."""
+        self.begin_shutdown()
         for t in self._threads:
             t.join(timeout=30)
         if self.model is not None:

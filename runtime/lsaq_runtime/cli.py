@@ -94,12 +94,25 @@ def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait
         _print_decision(d, as_json)
         return
 
+    from .sampling import Sampler
+
+    Sampler(temperature, top_k, top_p, seed)  # bad settings fail now, not after loading
+    if chat:  # refused before minutes of hashing and loading, not after
+        from .manifest import load_manifest
+
+        if not load_manifest(bundle, check_sizes=False)["tokenizer"].get("chat_template"):
+            raise LsaqRuntimeError(f"{bundle}: this bundle has no chat template "
+                                   "(tokenizer.chat_template), so --chat cannot format a "
+                                   "conversation; run without --chat, or rebuild with "
+                                   "`lsaq-compile build --chat-template FILE`")
     if prompt is None or prompt == "-":
         if sys.stdin.isatty() and prompt is None:
             raise LsaqRuntimeError("no PROMPT given; pass it as an argument or pipe it on stdin (PROMPT -)")
-        prompt = sys.stdin.read()
+        prompt = _read_stdin()
         if prompt.endswith("\n"):  # `echo ... |` adds one; it would change the continuation
             prompt = prompt[:-1]
+    else:
+        _check_argv_text(prompt, "PROMPT")
     t0 = time.perf_counter()
     model = load(bundle, context, memory_budget, device, variant, wait, threads=threads,
                  log=stderr_log)
@@ -128,6 +141,36 @@ def run_cmd(bundle, prompt, max_new_tokens, context, device, memory_budget, wait
     stderr_log(f"stopped at {model.last_stop}; {dt:.1f}s generating")
     model.close()
     memory_trace("end")
+
+
+MAX_STDIN_BYTES = 256 << 20   # far more text than any context window holds
+
+
+def _read_stdin() -> str:
+    """The prompt piped on stdin: UTF-8 text, bounded (`< /dev/zero` must not fill memory)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    raw = stream.read(MAX_STDIN_BYTES + 1) if stream is not None else \
+        sys.stdin.read(MAX_STDIN_BYTES + 1).encode("utf-8", "surrogateescape")
+    if len(raw) > MAX_STDIN_BYTES:
+        raise LsaqRuntimeError(f"stdin holds more than {MAX_STDIN_BYTES >> 20} MiB, more than any "
+                               "prompt can be; pipe the prompt itself")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LsaqRuntimeError(f"stdin is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                               f"{e.start}); pipe UTF-8 text as the prompt") from None
+
+
+def _check_argv_text(text: str, name: str) -> None:
+    """Command-line text arrives decoded with surrogateescape: an undecodable byte shows up as a
+    lone surrogate U+DC80..U+DCFF, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(text[e.start])
+        what = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"U+{ch:04X}"
+        raise LsaqRuntimeError(f"{name} is not UTF-8 text ({what} at character {e.start}); "
+                               "pass UTF-8 text") from None
 
 
 def _print_decision(d, as_json: bool) -> None:
@@ -173,9 +216,14 @@ def inspect_cmd(bundle):
     for v in m["variants"]:
         c = v["layer_counts"]
         provs = ", ".join(f"{p}: {format_size(i['resident_bytes'])}" for p, i in v["providers"].items())
-        q = f"  ppl {v['quality']['perplexity']:.3f}" if "quality" in v else ""
+        q = v.get("quality") or {}
+        q = (f"  KL {q['kl_fp16']:.4f}" if "kl_fp16" in q else "") + \
+            (f"  ppl {q['perplexity']:.3f}" if "perplexity" in q else "")
+        t = v.get("tables") or {}
+        tables = "/".join(dict.fromkeys(t.get(k, "fp16") for k in ("embed_tokens", "lm_head")))
         _echo(f"  {v['name']:<10} fp16 {c['fp16']:>3} int8 {c['int8']:>3} int4 {c['int4']:>3} "
-              f"mixed {c.get('mixed', 0):>3}  {v['avg_bits']:.2f} bits{q}  resident {provs}")
+              f"mixed {c.get('mixed', 0):>3}  tables {tables:<9} {v['avg_bits']:.2f} bits{q}  "
+              f"resident {provs}")
     total = sum(f["bytes"] for f in m["files"])
     _echo(f"{len(m['files'])} files, {format_size(total)}")
 
@@ -212,8 +260,12 @@ def inspect_cmd(bundle):
               help="Require 'Authorization: Bearer KEY' on /v1/* (OpenAI clients send their "
                    "api_key so). Env: LSAQ_API_KEY.")
 @click.option("--access-log", is_flag=True, help="Log every HTTP request (uvicorn).")
+@click.option("--max-connections", type=click.IntRange(min=1), default=None,
+              help="Most HTTP connections open at once (default 2048, within the descriptor "
+                   "limit); at the cap the one waiting longest for its request is closed.")
 def serve_cmd(bundle, host, port, context, device, memory_budget, memory_budget_file, wait,
-              max_queue, poll, upgrade_after, threads, model_name, api_key, access_log):
+              max_queue, poll, upgrade_after, threads, model_name, api_key, access_log,
+              max_connections):
     """Serve BUNDLE over the OpenAI API, re-planning the variant as free memory changes.
 
     One generation at a time from a FIFO queue. Switches down at once when the loaded
@@ -225,10 +277,15 @@ def serve_cmd(bundle, host, port, context, device, memory_budget, memory_budget_
                                'runtime leaves out: pip install "lsaq[serve]"')
     from .adaptive import Engine, FileBudget
     from .model import resolve_budget, stderr_log
+    from .probe import check_threads
     from .server import bind, model_id, serve, url_of
 
     if memory_budget is not None and memory_budget_file is not None:
         raise LsaqRuntimeError("give --memory-budget or --memory-budget-file, not both")
+    if api_key is None and os.environ.get("LSAQ_API_KEY") is not None:
+        api_key = os.environ["LSAQ_API_KEY"]   # click reads a set but empty variable as unset
+    _check_api_key(api_key)
+    check_threads(threads)
     budget = (FileBudget(memory_budget_file, log=stderr_log) if memory_budget_file
               else resolve_budget(memory_budget))
     sock = bind(host, port)
@@ -242,7 +299,21 @@ def serve_cmd(bundle, host, port, context, device, memory_budget, memory_budget_
     name = model_name or model_id(engine.manifest)
     stderr_log(f"serving '{name}' on {url_of(sock)}/v1 (one generation at a time, up to "
                f"{max_queue} waiting; memory probed every {poll:g}s) — Ctrl-C stops")
-    serve(engine, sock, name, access_log, api_key)
+    serve(engine, sock, name, access_log, api_key, max_connections)
+
+
+def _check_api_key(key: str | None) -> None:
+    """An empty key would be no key (every request passes); a key HTTP cannot carry as a
+    header (non-ASCII, controls) would lock every client out."""
+    if key is None:
+        return
+    if not key.strip():
+        raise LsaqRuntimeError("--api-key (or LSAQ_API_KEY) is empty, which would turn "
+                               "authentication off; give a non-empty key, or leave both out to "
+                               "serve without one")
+    if not all(32 < ord(c) < 127 for c in key):
+        raise LsaqRuntimeError("--api-key must be printable ASCII without spaces (clients send "
+                               "it in an HTTP header)")
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,10 @@ class NoVariantFits(LsaqRuntimeError):
         self.decision = decision
 
 
+class BundleChanged(LsaqRuntimeError):
+    """The bundle folder no longer holds the bundle this process launched with."""
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception's text (libraries' messages can run to pages)."""
     text = str(e).strip()

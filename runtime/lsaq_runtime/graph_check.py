@@ -6,9 +6,12 @@ the graph says what actually runs. They must agree, or the runtime would announc
 and run another, or size its buffers for a model the graph is not. Checked here:
 
 - external data: only graph initializers may have it; each points at a file the provider entry
-  lists (confined to the bundle), and at exactly the tensor of the same name, dtype and shape in
-  that file's safetensors header; the lengths add up to the provider's `weight_bytes`, and every
-  listed weight file is used;
+  lists (confined to the bundle, resolved from the graph's folder as ONNX Runtime resolves it),
+  and at exactly the tensor of the same name, dtype and shape in that file's safetensors header;
+  the lengths add up to the provider's `weight_bytes`, and every listed weight file is used;
+- bounded work: the variant's weight files may hold at most HASH_FACTOR times the bytes its
+  graph reads (plus their headers), so a listed file cannot make a launch hash without end;
+- memory: `resident_bytes` is at least what the graph itself implies (`resident_floor`);
 - precisions: the decoder linear weights of layer i are stored as `model.layers.{i}.{linear}.
   {precision}.{role}` (BUNDLE_FORMAT.md); each stored linear of a layer uses exactly the
   precision the manifest gives it, and every MatMulNBits node's `bits` matches the precision of the weight it reads;
@@ -21,20 +24,73 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import LsaqRuntimeError
-from .integrity import bundle_path, check_relpath, safetensors_index
-from .manifest import LINEAR_PART, PARTS, split_precision
+from .integrity import bundle_path, check_relpath, safetensors_layout
+from .manifest import LINEAR_PART, PARTS, TABLES, split_precision
 from .onnx_proto import DTYPES, EXTERNAL, GraphFormatError, read_model
 
 LINEAR_WEIGHT = re.compile(
     r"^model\.layers\.(\d+)\.(self_attn\.(?:qkv|o)_proj|mlp\.(?:gate_up|down)_proj)\.([a-z0-9]+)\.")
+# A token table: "model.embed_tokens.weight" / "lm_head.weight" (fp16), or quantized
+# "{base}.{int8|int4}.{role}" (the LM head's INT8 copy of older bundles is lm_head.int8.*)
+TABLE_WEIGHT = re.compile(r"^(model\.embed_tokens|lm_head)\.(?:weight$|(int8|int4)\.)")
 _ST_TO_ONNX = {"F32": 1, "U8": 2, "I8": 3, "F16": 10}
 _ONNX_ELEM = {"float32": 1, "float16": 10}
 _BITS = {"int8": 8, "int4": 4}
 HEAD_INT8 = "lm_head.int8"
 STATIC_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "num_logits_to_keep")
+# A store holds each layer's weights once per precision it is built at (fp16 2 bytes a weight,
+# int8 about 1.1 with scales, int4 about 0.6, scales kept in two dtypes): a variant's files hold
+# at most about 7 times what its graph reads, at the most quantized variant. Twice that is the
+# most a variant may make the runtime hash.
+HASH_FACTOR = 16
+# Ops that hold their weight input for the session's life, and the bytes per element of the
+# float types a Cast of a weight can produce (ONNX TensorProto data types).
+_HOLDS_WEIGHT = {"MatMulNBits", "MatMul", "Gemm"}
+_ELEM_SIZE = {1: 4, 10: 2, 11: 8, 16: 2, 2: 1, 3: 1}
+
+
+def resident_floor(g) -> int:
+    """A lower bound of the weight bytes the provider holds once the session is created,
+    derived from the graph alone; the manifest's `resident_bytes` may not claim less.
+
+    Counted: each external initializer a MatMulNBits, MatMul or Gemm node reads, at its stored
+    size, or, when the node reads it through a Cast, at the cast's size (ONNX Runtime folds a
+    Cast of a constant into a new constant: a float16 weight cast to float32 holds twice its
+    stored bytes). A weight read several ways counts once, at its largest. Left out, so that the
+    bound stays below any honest estimate the compiler makes: embeddings (Gather keeps them
+    memory-mapped on CPU), norms, kernel extras (prepacked block sums), rotary caches, and any
+    term the build's memory model adds (e.g. vocabulary-sized buffers)."""
+    external = {t.name: t for t in g.tensors
+                if t.where == "initializer" and (t.external or t.data_location == EXTERNAL)}
+    consumers: dict[str, list] = {}
+    for n in g.nodes:
+        for x in n.inputs:
+            consumers.setdefault(x, []).append(n)
+    held: dict[str, int] = {}
+    for name, t in external.items():
+        try:
+            length = int(t.external.get("length", 0))
+        except ValueError:
+            continue
+        elem = _ELEM_SIZE.get(t.dtype)
+        best = 0
+        for n in consumers.get(name, []):
+            if n.op_type in _HOLDS_WEIGHT:
+                best = max(best, length)
+            elif n.op_type == "Cast" and elem and n.outputs and any(
+                    c.op_type in _HOLDS_WEIGHT for c in consumers.get(n.outputs[0], [])):
+                best = max(best, length // elem * _ELEM_SIZE.get(n.ints.get("to"), elem))
+        if best:
+            held[name] = best
+    return sum(held.values())
+
+
+def _table_precision(name: str) -> str:
+    m = TABLE_WEIGHT.match(name)
+    return m.group(2) or "fp16"
 
 
 @dataclass
@@ -59,7 +115,10 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
 
     # -- external data -------------------------------------------------------------------
     declared = [f for f in info["files"] if f != info["graph"]]
+    # ONNX Runtime resolves a location from the graph's folder; so does this check.
+    folder = PurePosixPath(info["graph"]).parent
     indexes: dict[str, dict] = {}
+    headers: dict[str, int] = {}
     used: set[str] = set()
     total = 0
     for t in g.tensors:
@@ -70,13 +129,13 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
         if set(t.external) - {"location", "offset", "length", "checksum"} or \
                 not {"location", "offset", "length"} <= set(t.external):
             raise bad(f"initializer {t.name!r} has external data keys {sorted(t.external)}")
-        loc = t.external["location"]
-        check_relpath(loc, f"{where}: initializer {t.name!r}")
+        loc = (folder / check_relpath(t.external["location"],
+                                      f"{where}: initializer {t.name!r}")).as_posix()
         if loc not in declared:
             raise bad(f"initializer {t.name!r} reads {loc!r}, which is not among the variant's "
                       f"files {declared}")
         if loc not in indexes:
-            indexes[loc] = safetensors_index(bundle_path(root, loc, where))
+            indexes[loc], headers[loc] = safetensors_layout(bundle_path(root, loc, where))
         entry = indexes[loc].get(t.name)
         try:
             off, length = int(t.external["offset"]), int(t.external["length"])
@@ -95,6 +154,18 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
         raise bad(f"it reads {sorted(used)} but the manifest lists {sorted(declared)}")
     if "weight_bytes" in info and total != info["weight_bytes"]:
         raise bad(f"it references {total} weight bytes, the manifest says {info['weight_bytes']}")
+    sizes = {f["path"]: f["bytes"] for f in manifest["files"]}
+    stored = sum(sizes.get(f, 0) for f in declared)
+    allowed = HASH_FACTOR * total + sum(headers.values())
+    if stored > allowed:
+        raise bad(f"its weight files hold {stored:,} bytes but it reads only {total:,} of them; "
+                  f"a variant's files may hold at most {HASH_FACTOR}x what it reads, so they are "
+                  "refused without being hashed")
+    floor = resident_floor(g)
+    if info["resident_bytes"] < floor:
+        raise bad(f"resident_bytes {info['resident_bytes']:,} is less than the {floor:,} bytes "
+                  "its matmul weights alone hold once loaded; the manifest understates the "
+                  "memory it needs")
 
     # -- precisions ----------------------------------------------------------------------
     L = manifest["model"]["num_layers"]
@@ -112,17 +183,35 @@ def check_graph(root: Path, manifest: dict, variant: dict, provider: str, data: 
                 got = ", ".join(sorted(found[i][part])) or "no linear weights"
                 raise bad(f"layer {i}'s {part} computes with {got} weights, the manifest says "
                           f"{want}")
-    head_q = f"{HEAD_INT8}.qweight"
-    if (head_q in g.initializers) != (info["lm_head"] == "int8"):
-        raise bad(f"its LM head is {'int8' if head_q in g.initializers else 'fp16'}, the "
-                  f"manifest says {info['lm_head']}")
+    tables = {t: (variant.get("tables") or {}).get(t, "fp16") for t in TABLES}
+    gathered = {_table_precision(n.inputs[0]) for n in g.nodes
+                if n.op_type == "Gather" and TABLE_WEIGHT.match(n.inputs[0] if n.inputs else "")}
+    if gathered != {tables["embed_tokens"]}:
+        got = ", ".join(sorted(gathered)) or "no table"
+        raise bad(f"its embedding gathers rows of a {got} table, the manifest says "
+                  f"{tables['embed_tokens']}")
+    cast_of = {n.outputs[0]: n.inputs[0] for n in g.nodes if n.op_type == "Cast" and n.inputs}
+
+    def weight_of(name: str) -> str:   # through the Cast a float table takes on CPU
+        return cast_of.get(name, name)
+
+    heads = [n for n in g.nodes if n.op_type in ("MatMulNBits", "Gemm")
+             and TABLE_WEIGHT.match(weight_of(n.inputs[1]) if len(n.inputs) > 1 else "")]
+    if len(heads) != 1:
+        raise bad(f"it has {len(heads)} LM heads over a token table, not one")
+    head = heads[0]
+    head_p = _table_precision(weight_of(head.inputs[1]))
+    if head.op_type == "MatMulNBits" and head.ints.get("bits") != _BITS.get(head_p):
+        raise bad(f"the LM head's MatMulNBits has bits={head.ints.get('bits')} over a {head_p} "
+                  "table")
+    if head_p != info["lm_head"]:
+        raise bad(f"its LM head is {head_p}, the manifest says {info['lm_head']}")
     for n in g.nodes:
         if n.op_type != "MatMulNBits":
             continue
         bits = n.ints.get("bits")
-        if n.inputs[1:2] == [head_q]:
-            if bits != 8:
-                raise bad(f"the LM head's MatMulNBits has bits={bits}, not 8")
+        if n is head:
+            pass
         else:
             m = LINEAR_WEIGHT.match(n.inputs[1] if len(n.inputs) > 1 else "")
             prec = m.group(3) if m else None

@@ -7,6 +7,11 @@ Runtime opens it. Hashing is ~1 GB/s here, so for large bundles a stamp remember
 hashed correctly, keyed by device, inode, size, mtime and ctime (ctime cannot be set back by a
 user program), in the user's cache folder; any change to the file invalidates it. `lsaq-run
 verify` ignores stamps and hashes everything.
+
+A stamp records only what was hashed: the file is hashed through one open descriptor, and its
+identity (device, inode, size, mtime, ctime) before and after hashing must equal the identity
+the path has afterwards. A file renamed over the path, or written to, while it was being hashed
+fails that test: it is hashed again (what the path now holds), never stamped with the old bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,54 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class FileChanged(Exception):
+    """The file at a path changed or was replaced while it was being hashed."""
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def hash_exactly(path: str | os.PathLike, chunk: int = 1 << 22) -> tuple[str, os.stat_result]:
+    """(sha256, stat) of the file the path names, read through one descriptor; FileChanged when
+    the descriptor's identity moved during the read or the path now names something else, so
+    the digest describes the path's bytes at the moment of return. Opened without following a
+    final symlink and without blocking (a FIFO swapped in must not hang the launch)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise FileChanged(f"{path} is no longer a regular file")
+        h = hashlib.sha256()
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            buf = bytearray(chunk)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                h.update(view[:n])
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    now = os.stat(path, follow_symlinks=False)
+    if not _identity(before) == _identity(after) == _identity(now):
+        raise FileChanged(f"{path} changed while it was being hashed")
+    return h.hexdigest(), after
+
+
+def hash_settled(path: Path, tries: int = 3) -> tuple[str, os.stat_result]:
+    """hash_exactly, retried when the file changed under it (a copy still finishing); one clear
+    error when it keeps changing."""
+    for _ in range(tries):
+        try:
+            return hash_exactly(path)
+        except FileChanged:
+            continue
+        except OSError as e:
+            raise LsaqRuntimeError(f"{path}: cannot be read ({e.strerror})") from None
+    raise LsaqRuntimeError(f"{path}: kept changing while it was being checked ({tries} tries); "
+                           "something is writing the bundle: wait for it to finish, then retry")
 
 
 def check_relpath(rel: str, where: str) -> PurePosixPath:
@@ -90,11 +143,12 @@ def _cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "lsaq"
 
 
-def _stamp_key(path: Path, sha: str) -> tuple[str, str] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
+def _stamp_key(path: Path, sha: str, st: os.stat_result | None = None) -> tuple[str, str] | None:
+    if st is None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
     ident = f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|" \
             f"{st.st_mtime_ns}|{st.st_ctime_ns}|{sha}"
     return hashlib.sha256(ident.encode()).hexdigest(), ident
@@ -116,8 +170,10 @@ def _has_stamp(path: Path, sha: str) -> bool:
         return False
 
 
-def _write_stamp(path: Path, sha: str) -> None:
-    k = _stamp_key(path, sha)
+def _write_stamp(path: Path, sha: str, st: os.stat_result) -> None:
+    """Remember that the file whose identity is `st` (the stat of the hashed descriptor) has
+    this sha256."""
+    k = _stamp_key(path, sha, st)
     if k is None:
         return
     f = _stamp_file(k[0])
@@ -145,11 +201,12 @@ def verify_files(root: Path, manifest: dict, rels: list[str], log=None) -> dict[
         if _has_stamp(p, e["sha256"]):
             stamped += e["bytes"]
             continue
-        if sha256_file(p) != e["sha256"]:
+        sha, st = hash_settled(p)
+        if sha != e["sha256"] or st.st_size != e["bytes"]:
             raise LsaqRuntimeError(f"{p}: sha256 mismatch (the file was modified or damaged); "
                                    "rebuild or copy the bundle again")
         hashed += e["bytes"]
-        _write_stamp(p, e["sha256"])
+        _write_stamp(p, sha, st)
     if log:
         log(f"verified {len(rels)} weight files ({hashed / 2**20:,.0f} MiB hashed, "
             f"{stamped / 2**20:,.0f} MiB unchanged since an earlier check)")
@@ -157,9 +214,24 @@ def verify_files(root: Path, manifest: dict, rels: list[str], log=None) -> dict[
 
 
 # ------------------------------------------------------------------------------- safetensors
+# Bytes per element of the safetensors dtypes; an entry's length must be its shape's product times this.
+ST_ELEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+           "U8": 1, "BOOL": 1}
+
+
 def safetensors_index(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
-    """name -> (dtype, shape, absolute offset, length) from a .safetensors header, checked: the
-    header fits the file, every range lies in the data section, and ranges do not overlap."""
+    """name -> (dtype, shape, absolute offset, length) from a .safetensors header (see
+    safetensors_layout)."""
+    return safetensors_layout(path)[0]
+
+
+def safetensors_layout(path: Path) -> tuple[dict[str, tuple[str, list[int], int, int]], int]:
+    """(name -> (dtype, shape, absolute offset, length), header bytes) of a .safetensors file,
+    checked as the format requires: the header fits the file, every entry's length is its
+    shape times its dtype's size, and the entries tile the data section exactly (no overlap, no
+    hole, nothing after the last one), so every byte of the file is either header or a tensor
+    the header names. That ties the file's size to what its header declares, cheaply, before
+    anything is hashed."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -185,14 +257,28 @@ def safetensors_index(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (a, b) = e["dtype"], [int(d) for d in e["shape"]], e["data_offsets"]
-            if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= data_len):
+            dtype, shape, (a, b) = e["dtype"], e["shape"], e["data_offsets"]
+            if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= data_len
+                    and isinstance(shape, list) and len(shape) <= 8
+                    and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                            for d in shape)):
                 raise ValueError
         except (TypeError, ValueError, KeyError):
             raise LsaqRuntimeError(f"{path}: bad safetensors entry for {name!r}") from None
-        out[name] = (str(dtype), shape, data_start + a, b - a)
+        count = 1
+        for d in shape:
+            count *= d
+        if dtype not in ST_ELEM or count * ST_ELEM[dtype] != b - a:
+            raise LsaqRuntimeError(f"{path}: safetensors entry {name!r} is {b - a} bytes, not "
+                                   f"those of a {dtype} {shape} tensor; the weight store is damaged")
+        out[name] = (str(dtype), list(shape), data_start + a, b - a)
         spans.append((a, b))
     spans.sort()
     if any(b1 > a2 for (_, b1), (a2, _) in zip(spans, spans[1:])):
         raise LsaqRuntimeError(f"{path}: safetensors entries overlap; the weight store is damaged")
-    return out
+    covered = sum(b - a for a, b in spans)
+    if covered != data_len:
+        raise LsaqRuntimeError(f"{path}: {data_len - covered:,} of its {data_len:,} data bytes "
+                               "belong to no tensor its header names; the weight store is "
+                               "damaged or padded, rebuild it")
+    return out, data_start

@@ -13,6 +13,7 @@ graph is opened, so a damaged bundle fails with a message naming the file and th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -22,17 +23,21 @@ from pathlib import Path
 import jsonschema
 
 from .errors import LsaqRuntimeError
-from .integrity import bundle_path, check_size, sha256_file
+from .integrity import bundle_path, check_size, hash_settled, sha256_file
 
-__all__ = ["MANIFEST", "SCHEMA_VERSION", "METRICS", "PRECISIONS", "PARTS", "LINEAR_PART",
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "METRICS", "PRECISIONS", "PARTS", "LINEAR_PART", "TABLES",
            "split_precision", "join_precision", "ELEM_BYTES", "MAX_MANIFEST_BYTES",
            "kv_bytes_per_token", "workspace_bytes", "validate_manifest", "read_manifest_json",
            "load_manifest", "check_files", "verify_bundle", "sha256_file", "tokenizer_file",
-           "variant_files", "replace_refusal", "parse_json"]
+           "variant_files", "replace_refusal", "parse_json", "read_manifest_bytes",
+           "load_pinned", "manifest_digest", "SWAP_JOURNAL"]
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 5
-MIN_SCHEMA_VERSION = 4   # 5 only adds per-linear precisions (QKV/O/GATE_UP/DOWN): 4 reads as is
+SCHEMA_VERSION = 6
+# 5 added per-linear precisions (QKV/O/GATE_UP/DOWN); 6 the embedding table and LM head on the
+# ladder (variants[].tables), rank_by kl_fp16 and a float32 residual stream in float16 graphs.
+# Each only adds: 4 and 5 read as they are.
+MIN_SCHEMA_VERSION = 4
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 METRICS = ("jaccard", "cosine", "zscore", "sensitivity")  # scores.metric: how layers were ranked
 PRECISIONS = ("fp16", "int8", "int4")              # per decoder layer, or per part of one
@@ -42,7 +47,10 @@ PRECISIONS = ("fp16", "int8", "int4")              # per decoder layer, or per p
 PARTS = ("qkv", "o", "gate_up", "down")             # a layer's stored linears, in that order
 LINEAR_PART = {"self_attn.qkv_proj": "qkv", "self_attn.o_proj": "o",
                "mlp.gate_up_proj": "gate_up", "mlp.down_proj": "down"}
-RANK_BY = ("precision", "measured_quality")        # deployment.rank_by
+RANK_BY = ("precision", "kl_fp16", "measured_quality")   # deployment.rank_by
+# The token tables: the embedding (read by Gather) and the LM head (a matmul). A tied model has
+# one table, used by both, so both get one precision.
+TABLES = ("embed_tokens", "lm_head")
 
 
 def split_precision(p: str) -> dict[str, str]:
@@ -72,11 +80,30 @@ def join_precision(parts: dict[str, str]) -> str:
 ELEM_BYTES = {"float32": 4, "float16": 2}          # activation / KV dtype of a provider's graph
 MAX_MANIFEST_BYTES = 16 << 20
 _MAX_INT_DIGITS = 30
+# A graph holds no weights (they are external, in .safetensors), only nodes and small constants:
+# a few MB even for thousands of layers. It is read into memory whole, so it is bounded.
+MAX_GRAPH_BYTES = 1 << 30
+# tokenizers parses tokenizer.json whole, into several times its size in memory. The largest in
+# use are about 33 MB (Gemma 3's 262k-entry vocabulary); 128 MiB leaves room and bounds that.
+MAX_TOKENIZER_BYTES = 128 << 20
 
 
 def kv_bytes_per_token(model: dict, dtype: str) -> int:
     """Bytes of KV cache per token and sequence: a key and a value row per layer and KV head."""
     return 2 * model["num_layers"] * model["num_key_value_heads"] * model["head_dim"] * ELEM_BYTES[dtype]
+
+
+# Host memory the loaded tokenizer holds per byte of tokenizer.json: measured 11.4x (181 MiB for
+# a 16 MB, 262,144-token BPE; 13.3x at its peak while loading, before any weight is). Small
+# vocabularies hide it; a 262k vocabulary's tokenizer outweighs a small model's weights.
+TOKENIZER_BYTES_PER_JSON_BYTE = 12
+
+
+def tokenizer_bytes(m: dict) -> int:
+    """Host memory the runtime's tokenizer takes for this bundle (see the factor above)."""
+    path = tokenizer_file(m)
+    size = next((f["bytes"] for f in m["files"] if f["path"] == path), 0)
+    return TOKENIZER_BYTES_PER_JSON_BYTE * size
 
 
 def workspace_bytes(ws: dict, context: int) -> int:
@@ -117,10 +144,24 @@ def parse_json(raw: bytes, where: str) -> object:
 
 
 # ------------------------------------------------------------------------------- validation
+def _is_int(checker, value) -> bool:
+    # Draft 2020-12 counts 30.0 as an integer; the runtime indexes and multiplies with these
+    # numbers, so only a JSON integer written as one is.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @lru_cache(maxsize=1)
 def _validator() -> jsonschema.Draft202012Validator:
     schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
-    return jsonschema.Draft202012Validator(schema)
+    base = jsonschema.Draft202012Validator
+    strict = jsonschema.validators.extend(
+        base, type_checker=base.TYPE_CHECKER.redefine("integer", _is_int))
+    return strict(schema)
+
+
+def _normal_path(rel: str) -> bool:
+    """One spelling per file: no '.' or empty parts, no trailing slash ('./a//b/' is 'a/b')."""
+    return all(part not in ("", ".") for part in rel.split("/"))
 
 
 def _check_version(m: dict, where: str) -> None:
@@ -173,6 +214,7 @@ def validate_manifest(m: dict, where: str = MANIFEST) -> None:
         raise bad("a path appears twice in files")
     if MANIFEST in listed:
         raise bad(f"files lists {MANIFEST} itself")
+    _check_spellings(m, bad)
     names = set()
     for v in m["variants"]:
         name = v["name"]
@@ -195,16 +237,27 @@ def validate_manifest(m: dict, where: str = MANIFEST) -> None:
         if counts != {p: v["layer_counts"].get(p, 0) for p in counts}:
             raise bad(f"variant {name!r}: layer_counts {v['layer_counts']} disagree with its "
                       f"precisions {counts}")
-        if m["deployment"].get("rank_by") == "measured_quality" and "quality" not in v:
+        rank_by = m["deployment"].get("rank_by")
+        if rank_by in ("measured_quality", "kl_fp16") and "quality" not in v:
             raise bad(f"variant {name!r} has no measured quality, but deployment.rank_by is "
-                      "measured_quality")
+                      f"{rank_by}")
+        if rank_by == "kl_fp16" and "kl_fp16" not in v["quality"]:
+            raise bad(f"variant {name!r} has no quality.kl_fp16, but deployment.rank_by is kl_fp16")
+        tables = {t: v.get("tables", {}).get(t, "fp16") for t in TABLES}
+        if mo.get("tie_word_embeddings") and tables["embed_tokens"] != tables["lm_head"]:
+            raise bad(f"variant {name!r}: the model's embedding and LM head are one tied table, "
+                      f"but tables gives them {tables['embed_tokens']} and {tables['lm_head']}")
         for prov, info in v["providers"].items():
             if info["graph"] not in info["files"]:
                 raise bad(f"variant {name!r} ({prov}): its graph {info['graph']} is not among "
                           "its files")
+            _check_graph_entry(m, name, prov, info["graph"], bad)
             missing = [f for f in info["files"] if f not in listed]
             if missing:
                 raise bad(f"variant {name!r} ({prov}) uses {missing[0]}, which is not in files")
+            if tables["lm_head"] != "fp16" and info["lm_head"] != tables["lm_head"]:
+                raise bad(f"variant {name!r} ({prov}): its LM head is stored {tables['lm_head']} "
+                          f"but the graph entry says it computes with {info['lm_head']}")
             kv = kv_bytes_per_token(mo, info["dtype"])
             if info["kv_bytes_per_token"] != kv:
                 raise bad(f"variant {name!r} ({prov}): kv_bytes_per_token "
@@ -213,6 +266,41 @@ def validate_manifest(m: dict, where: str = MANIFEST) -> None:
                           f"{mo['head_dim']} x {ELEM_BYTES[info['dtype']]} bytes = {kv})")
     if tokenizer_file(m) not in listed:
         raise bad(f"{tokenizer_file(m)} is not in files; the bundle has no tokenizer")
+    tok_bytes = next(f["bytes"] for f in m["files"] if f["path"] == tokenizer_file(m))
+    if tok_bytes > MAX_TOKENIZER_BYTES:
+        raise LsaqRuntimeError(
+            f"{where}: {tokenizer_file(m)} is {tok_bytes:,} bytes, more than the "
+            f"{MAX_TOKENIZER_BYTES >> 20} MiB a tokenizer may have (the largest in use are about "
+            "33 MB); refused without reading it")
+
+
+def _check_spellings(m: dict, bad) -> None:
+    """Every path in one normal spelling, and no two differing only by case (one file on a
+    case-insensitive disk): otherwise one file could be listed, and hashed, thousands of times."""
+    seen: dict[str, str] = {}
+    for f in m["files"]:
+        rel = f["path"]
+        if not _normal_path(rel):
+            raise bad(f"files lists {rel!r}, which is not written in normal form (no '.', "
+                      "empty or trailing parts)")
+        other = seen.setdefault(rel.casefold(), rel)
+        if other != rel:
+            raise bad(f"files lists {other!r} and {rel!r}, one file on a case-insensitive disk")
+    if not _normal_path(m["tokenizer"]["dir"].rstrip("/")):
+        raise bad(f"tokenizer.dir {m['tokenizer']['dir']!r} is not written in normal form")
+
+
+def _check_graph_entry(m: dict, name: str, prov: str, graph: str, bad) -> None:
+    """A graph sits at the bundle root: ONNX Runtime resolves its external data from the
+    graph's folder, the checks from the root, and they must read the same files. It is read into
+    memory whole, so its size is bounded."""
+    if "/" in graph:
+        raise bad(f"variant {name!r} ({prov}): its graph {graph!r} is in a subfolder; graphs "
+                  "sit at the bundle root (ONNX Runtime reads their weights relative to them)")
+    size = next((f["bytes"] for f in m["files"] if f["path"] == graph), 0)
+    if size > MAX_GRAPH_BYTES:
+        raise bad(f"variant {name!r} ({prov}): its graph {graph} is {size:,} bytes, more than "
+                  f"the {MAX_GRAPH_BYTES >> 20} MiB a graph without weights may have")
 
 
 def tokenizer_file(m: dict) -> str:
@@ -228,9 +316,28 @@ def variant_files(m: dict, name: str, provider: str) -> list[str]:
 
 # ------------------------------------------------------------------------------- reading
 def read_manifest_json(bundle: str | Path) -> dict:
+    return parse_json(read_manifest_bytes(bundle), str(Path(bundle) / MANIFEST))
+
+
+# Written by `lsaq-compile build --force` beside the target while it swaps the old bundle for the
+# new one (lsaq_compile.bundle); its presence means a build was interrupted mid-swap.
+SWAP_JOURNAL = ".{name}.lsaq-swap"
+
+
+def _missing_bundle(root: Path) -> str:
+    journal = root.parent / SWAP_JOURNAL.format(name=root.name)
+    if journal.is_file():
+        return (f"{root}: no such bundle folder: an `lsaq-compile build --force` into it was "
+                f"interrupted while swapping folders ({journal} says which); run the same build "
+                "again, which finishes or undoes the swap before it starts")
+    return f"{root}: no such bundle folder"
+
+
+def read_manifest_bytes(bundle: str | Path) -> bytes:
+    """The raw bytes of a bundle's manifest.json (a regular file, at most 16 MiB)."""
     root = Path(bundle)
     if not root.is_dir():
-        raise LsaqRuntimeError(f"{root}: no such bundle folder")
+        raise LsaqRuntimeError(_missing_bundle(root))
     path = root / MANIFEST
     try:
         st = os.lstat(path)
@@ -251,7 +358,23 @@ def read_manifest_json(bundle: str | Path) -> dict:
         raise LsaqRuntimeError(f"{path}: cannot be read ({e.strerror})") from None
     if len(raw) > MAX_MANIFEST_BYTES:
         raise LsaqRuntimeError(f"{path}: more than {MAX_MANIFEST_BYTES >> 20} MiB; refused")
-    return parse_json(raw, str(path))
+    return raw
+
+
+def load_pinned(bundle: str | Path) -> tuple[dict, str]:
+    """(checked manifest, sha256 of its bytes): what a long-running server holds on to, to
+    tell later whether the folder still holds the bundle it launched with."""
+    root = Path(bundle)
+    raw = read_manifest_bytes(root)
+    m = parse_json(raw, str(root / MANIFEST))
+    validate_manifest(m, str(root / MANIFEST))
+    check_files(root, m)
+    return m, hashlib.sha256(raw).hexdigest()
+
+
+def manifest_digest(bundle: str | Path) -> str:
+    """sha256 of the bundle's manifest.json bytes as they are now."""
+    return hashlib.sha256(read_manifest_bytes(bundle)).hexdigest()
 
 
 def check_files(bundle: str | Path, m: dict) -> None:
@@ -275,37 +398,66 @@ def load_manifest(bundle: str | Path, check_sizes: bool = True) -> dict:
 
 def verify_bundle(bundle: str | Path, progress=None, check_graphs: bool = True) -> list[str]:
     """Check every file's place, size and sha256 (no stamps), then every graph against the
-    manifest and the weight store; return the problems found."""
+    manifest and the weight store; return the problems found.
+
+    Work stays bounded: a weight file is hashed only when a graph that reads it passes the
+    cheap checks first (headers, sizes, at most graph_check.HASH_FACTOR times what it reads),
+    so a listed file cannot make verify hash without end; such a graph's problems are reported
+    instead."""
     from .graph_check import check_graph
 
     root = Path(bundle)
     m = load_manifest(root, check_sizes=False)
-    problems = []
+    problems, sized = [], []
     for f in m["files"]:
-        if progress:
-            progress(f["path"])
         try:
             p = bundle_path(root, f["path"], MANIFEST)
             check_size(p, f["bytes"])
+            sized.append((f, p))
         except LsaqRuntimeError as e:
             problems.append(str(e))
-            continue
-        if sha256_file(p) != f["sha256"]:
-            problems.append(f"{p}: sha256 mismatch")
-    if problems or not check_graphs:  # graphs over damaged files would only repeat them
+    graph_problems: list[str] = []
+    weights: dict[str, bool] = {}   # weight file -> some graph reading it passed the cheap checks
+    if check_graphs:
+        for v in m["variants"]:
+            for prov, info in v["providers"].items():
+                try:
+                    check_graph(root, m, v, prov, _graph_bytes(root, info["graph"]))
+                    passed = True
+                except LsaqRuntimeError as e:
+                    graph_problems.append(str(e))
+                    passed = False
+                for w in info["files"]:
+                    if w != info["graph"]:
+                        weights[w] = weights.get(w, False) or passed
+    for f, p in sized:
+        if weights.get(f["path"]) is False:
+            continue   # no graph that reads it passed: hashing it could be unbounded
+        if progress:
+            progress(f["path"])
+        try:
+            if hash_settled(p)[0] != f["sha256"]:
+                problems.append(f"{p}: sha256 mismatch")
+        except LsaqRuntimeError as e:
+            problems.append(str(e))
+    if problems:  # graphs over damaged files would only repeat them
         return problems
-    for v in m["variants"]:
-        for prov, info in v["providers"].items():
-            try:
-                check_graph(root, m, v, prov, bundle_path(root, info["graph"], MANIFEST).read_bytes())
-            except LsaqRuntimeError as e:
-                problems.append(str(e))
-    return problems
+    return graph_problems
+
+
+def _graph_bytes(root: Path, rel: str) -> bytes:
+    p = bundle_path(root, rel, MANIFEST)
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise LsaqRuntimeError(f"{p}: cannot be read ({e.strerror})") from None
 
 
 def replace_refusal(folder: str | Path) -> str | None:
     """Why `folder` must not be deleted to make room for a new bundle, or None when it may be:
-    it is an LSAQ bundle (its manifest says so) holding nothing but its listed files."""
+    it passes the runtime's full check (`verify_bundle`: schema, every listed file's place, size
+    and sha256) and holds nothing but its listed files. Whatever else it is (a user's folder
+    with a manifest.json that merely says "lsaq-bundle", a damaged bundle), it stays."""
     root = Path(folder)
     if root.is_symlink() or not root.is_dir():
         return f"{root} is not a folder"
@@ -318,8 +470,11 @@ def replace_refusal(folder: str | Path) -> str | None:
         return f"{root} is not recognisably an LSAQ bundle ({e})"
     if not isinstance(m, dict) or m.get("format") != "lsaq-bundle":
         return f"{root} is not an LSAQ bundle ({MANIFEST} does not say \"format\": \"lsaq-bundle\")"
-    files = m.get("files")
-    listed = {f.get("path") for f in files if isinstance(f, dict)} if isinstance(files, list) else set()
+    try:
+        validate_manifest(m, str(path))
+    except LsaqRuntimeError as e:
+        return f"{root} does not pass the bundle check, so it may hold someone's files ({e})"
+    listed = {f["path"] for f in m["files"]}
     extra = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
@@ -328,4 +483,8 @@ def replace_refusal(folder: str | Path) -> str | None:
     if extra:
         shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
         return f"{root} holds files that are not part of the bundle ({shown})"
+    problems = verify_bundle(root)
+    if problems:
+        return (f"{root} does not pass the bundle check, so it may hold someone's files "
+                f"({problems[0]}{f' and {len(problems) - 1} more' if len(problems) > 1 else ''})")
     return None

@@ -11,13 +11,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import LsaqRuntimeError, printable
+from .errors import BundleChanged, LsaqRuntimeError, printable
 from .graph_check import check_graph
 from .integrity import bundle_path, verify_files
-from .manifest import MANIFEST, load_manifest, tokenizer_file, variant_files
+from .manifest import (MANIFEST, check_files, load_manifest, manifest_digest, tokenizer_file,
+                       variant_files)
 from .planner import Decision, plan_or_wait
-from .probe import (Device, choose_device, cuda_provider_available, physical_cores, probe_gpus,
-                    probe_host)
+from .probe import (Device, check_threads, choose_device, cuda_provider_available,
+                    physical_cores, probe_gpus, probe_host)
 from .sampling import Sampler
 from .session import Runner, create_session, warn
 from .sizes import parse_size
@@ -36,10 +37,16 @@ def memory_trace(stage: str) -> None:
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        rss = -1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"lsaq-memory: {stage} rss={rss} peak={peak}", file=sys.stderr, flush=True)
+        with open("/proc/self/status") as f:   # anonymous vs file-backed (memory-mapped) pages
+            kinds = {k: int(v.split()[0]) * 1024 for k, v in
+                     (line.split(":", 1) for line in f) if k in ("RssAnon", "RssFile", "VmHWM")}
+    except (OSError, ValueError):
+        rss, kinds = -1, {}
+    # VmHWM: the peak of this program's own memory. ru_maxrss would also count the parent's
+    # pages at exec time (a child started from a big process inherits that high-water mark).
+    peak = kinds.pop("VmHWM", None) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    extra = "".join(f" {k.lower()}={v}" for k, v in kinds.items())
+    print(f"lsaq-memory: {stage} rss={rss} peak={peak}{extra}", file=sys.stderr, flush=True)
 
 
 class Model:
@@ -211,19 +218,27 @@ def decide(bundle, context: int | None = None, memory_budget=None, device: str =
 
 def load(bundle, context: int | None = None, memory_budget=None, device: str = "auto",
          variant: str | None = None, wait: float = 0, threads: int | None = None,
-         log: Callable[[str], None] | None = None) -> Model:
+         log: Callable[[str], None] | None = None, pinned: tuple[dict, str] | None = None
+         ) -> Model:
     """Load the most precise variant of `bundle` that fits the chosen device.
 
     context: KV cache capacity in tokens (default: deployment.context_length, capped by
              model.max_context).
     memory_budget: '6GiB', bytes, or None (then $LSAQ_MEMORY_BUDGET); caps the free memory.
     device: auto | cpu | cuda | cuda:N.  variant: force one by name.  wait: seconds to wait for
-    memory to free up when nothing fits.  log: where progress lines go (default: nowhere)."""
+    memory to free up when nothing fits.  log: where progress lines go (default: nowhere).
+    pinned: (manifest, sha256 of its bytes) from manifest.load_pinned: load from that manifest,
+    and refuse (BundleChanged) when the folder's manifest is no longer those bytes (a server
+    never loads another bundle's files under its launch bundle's name)."""
     root = Path(bundle)
+    check_threads(threads)
     threads = threads or physical_cores()
     times: dict[str, float] = {}
     t = time.perf_counter()
-    manifest = load_manifest(root)                      # schema, version, every file's size
+    if pinned is not None:
+        manifest = _still_pinned(root, *pinned)
+    else:
+        manifest = load_manifest(root)                  # schema, version, every file's size
     verify_files(root, manifest, [tokenizer_file(manifest)])
     codec = TextCodec(root, manifest)                   # fail on a bad tokenizer before loading
     memory_trace("start")
@@ -253,6 +268,15 @@ def load(bundle, context: int | None = None, memory_budget=None, device: str = "
     return model
 
 
+def _still_pinned(root: Path, manifest: dict, sha: str) -> dict:
+    if manifest_digest(root) != sha:
+        raise BundleChanged(f"{root / MANIFEST}: the bundle changed on disk after launch (its "
+                            "manifest is no longer the one loaded then); restart to use the new "
+                            "bundle")
+    check_files(root, manifest)
+    return manifest
+
+
 def _open_variant(root: Path, manifest: dict, d: Decision, threads: int | None, log,
                   times: dict[str, float]):
     """Verify every file the chosen variant uses, check its graph against the manifest, then
@@ -270,6 +294,9 @@ def _open_variant(root: Path, manifest: dict, d: Decision, threads: int | None, 
     if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise LsaqRuntimeError(f"{graph}: sha256 mismatch (the file was modified or damaged); "
                                "rebuild or copy the bundle again")
+    # Cheap first: the graph and the weight files' headers and sizes (which bound what may be
+    # hashed), then the hashes, then the graph again over the headers of the hashed files.
+    check_graph(root, manifest, v, d.provider, data)
     verify_files(root, manifest, files[1:], log=log)
     check_graph(root, manifest, v, d.provider, data)
     times["verify"] = time.perf_counter() - t
@@ -280,4 +307,7 @@ def _open_variant(root: Path, manifest: dict, d: Decision, threads: int | None, 
 
 
 def stderr_log(msg: str) -> None:
-    print(f"lsaq-run: {printable(msg, newlines=False)}", file=sys.stderr, flush=True)
+    from .rustguard import STDERR_LOCK
+
+    with STDERR_LOCK:  # never inside a tokenizer call's window (rustguard)
+        print(f"lsaq-run: {printable(msg, newlines=False)}", file=sys.stderr, flush=True)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 MAX_STOP = 4            # as OpenAI
 DEFAULT_COMPLETION_TOKENS = 16   # OpenAI's default max_tokens for /v1/completions
+MIN_TEMPERATURE = 1e-5  # sampling.MIN_TEMPERATURE: below it (but 0) a temperature is a mistake
+MAX_SEED = 2**64 - 1    # numpy's generators take seeds in [0, 2**64)
 
 # Accepted and ignored: they describe the request (who, what for) and change no token.
 IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
@@ -130,6 +132,18 @@ def _short(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _text(v: str, where: str) -> str:
+    """A string the tokenizer can take: JSON may carry a lone UTF-16 surrogate ("\\ud800"),
+    which is not text."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(f"'{where}' holds a lone UTF-16 surrogate ({v[e.start]!r} at character "
+                       f"{e.start}), which is not text; send valid Unicode", where,
+                       "invalid_value") from None
+    return v
+
+
 def _unsupported(name: str, why: str) -> ApiError:
     return ApiError(f"'{name}' is not supported by this server: {why}", name, "unsupported_parameter")
 
@@ -164,6 +178,10 @@ def _common(body: dict, allowed: set[str]) -> Params:
     p = Params(model=model)
     p.max_tokens = _int(body, "max_tokens", lo=1)
     t = _num(body, "temperature", 0.0, 2.0)
+    if t is not None and 0 < t < MIN_TEMPERATURE:
+        raise ApiError(f"'temperature' {t:g} is too small to sample with (below "
+                       f"{MIN_TEMPERATURE:g} only the most likely token is left); send 0 for "
+                       "greedy decoding", "temperature", "invalid_value")
     p.temperature = 1.0 if t is None else t
     tp = _num(body, "top_p", 0.0, 1.0, lo_open=True)
     p.top_p = 1.0 if tp is None else tp
@@ -196,8 +214,8 @@ def _common(body: dict, allowed: set[str]) -> Params:
         if len(stop) > MAX_STOP:
             raise ApiError(f"'stop' takes at most {MAX_STOP} sequences (got {len(stop)})",
                            "stop", "invalid_value")
-        p.stop = [s for s in stop if s]
-    p.seed = _int(body, "seed")
+        p.stop = [_text(s, "stop") for s in stop if s]
+    p.seed = _int(body, "seed", lo=0, hi=MAX_SEED)
     for name in ("frequency_penalty", "presence_penalty"):
         v = _num(body, name, -2.0, 2.0)
         if v:
@@ -273,6 +291,8 @@ def _messages(msgs) -> list[dict]:
         name = m.get("name")
         if name is not None and not isinstance(name, str):
             raise ApiError(f"'{where}.name' must be a string", f"{where}.name", "invalid_type")
+        if name is not None:
+            _text(name, f"{where}.name")
         out.append({"role": "system" if role == "developer" else role,   # the template's name
                     "content": _content(m.get("content"), f"{where}.content")})
     return out
@@ -280,7 +300,7 @@ def _messages(msgs) -> list[dict]:
 
 def _content(c, where: str) -> str:
     if isinstance(c, str):
-        return c
+        return _text(c, where)
     if isinstance(c, list):  # content parts: text only
         texts = []
         for j, part in enumerate(c):
@@ -289,7 +309,7 @@ def _content(c, where: str) -> str:
                 raise ApiError(f"'{where}[{j}]' must be a text part {{\"type\": \"text\", "
                                "\"text\": \"...\"}} (this server reads text only)",
                                f"{where}[{j}]", "invalid_value")
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{where}[{j}].text"))
         return "".join(texts)
     raise ApiError(f"'{where}' must be a string or an array of text parts, not {_kind(c)}",
                    where, "invalid_type")
@@ -312,7 +332,7 @@ def parse_completion(body: dict, vocab_size: int) -> Params:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]   # a batch of one
     if isinstance(prompt, str):
-        p.prompt = prompt
+        p.prompt = _text(prompt, "prompt")
     elif isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         bad = next((t for t in prompt if not 0 <= t < vocab_size), None)

@@ -1,7 +1,9 @@
-"""Choose the variant to load: the most precise one whose memory need fits the free memory.
+"""Choose the variant to load: the best one (most precise, or best measured quality) whose
+memory need fits the free memory.
 
-need = predicted + margin, with predicted = resident weights + KV cache for the requested context
-+ workspace(context) + runtime overhead (BUNDLE_FORMAT.md). The KV cache is one buffer of exactly
+need = predicted + margin, with predicted = resident weights + runtime overhead (the tokenizer
+included on CPU) + the larger of (KV cache for the requested context + workspace) and the
+session's creation-time copies (BUNDLE_FORMAT.md). The KV cache is one buffer of exactly
 `context` tokens shared by past and present (see session.py), so it is counted once.
 """
 
@@ -13,9 +15,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .errors import LsaqRuntimeError, NoVariantFits
-from .manifest import kv_bytes_per_token, workspace_bytes
+from .manifest import (TABLES, kv_bytes_per_token, split_precision, tokenizer_bytes,
+                       workspace_bytes)
 from .probe import Device
 from .sizes import format_size
+
+# Floors under the manifest's deployment numbers, so a manifest cannot plan with less than the
+# runtime is sure to take: the interpreter, ONNX Runtime and the tokenizer hold 88 MiB on CPU
+# (benchmarks/bench_memory.py; about half is the floor), a CUDA context far more; and a margin
+# of at least 5% (8 MiB) for the allocator's slack. A manifest may say more, never less.
+MIN_OVERHEAD_BYTES = {"cpu": 48 << 20, "cuda": 128 << 20}
+MIN_MARGIN_FRACTION = 0.05
+MIN_MARGIN_BYTES = 8 << 20
 
 
 @dataclass
@@ -25,10 +36,12 @@ class Row:
     layer_counts: dict
     avg_bits: float
     perplexity: float | None = None   # measured at build time (held-out calibration text)
+    kl_fp16: float | None = None      # KL from the FP16 variant on the same windows
     resident_bytes: int = 0
     kv_bytes: int = 0
     workspace_bytes: int = 0
-    overhead_bytes: int = 0
+    overhead_bytes: int = 0      # runtime (interpreter, ONNX Runtime) and the tokenizer
+    creation_bytes: int = 0      # transient while the session is created (see estimate)
     predicted_bytes: int = 0     # need without the safety margin
     margin_bytes: int = 0
     need_bytes: int | None = None  # None: no graph for this provider
@@ -67,17 +80,19 @@ class Decision:
                 "notes": self.notes, "variants": [asdict(r) for r in self.rows]}
 
     def table(self) -> str:
-        head = ("", "variant", "fp16", "int8", "int4", "mixed", "avg bits", "ppl", "need", "fits")
+        head = ("", "variant", "fp16", "int8", "int4", "mixed", "avg bits", "KL", "ppl", "need",
+                "fits")
         lines = [head]
         for r in self.rows:
             c = r.layer_counts
             need = format_size(r.need_bytes) if r.need_bytes is not None else f"no {self.provider} graph"
             ppl = f"{r.perplexity:.3f}" if r.perplexity is not None else "-"
+            kl = f"{r.kl_fp16:.4f}" if r.kl_fp16 is not None else "-"
             lines.append(("*" if r.chosen else "", r.name, str(c["fp16"]), str(c["int8"]), str(c["int4"]),
-                          str(c.get("mixed", 0)), f"{r.avg_bits:.2f}", ppl, need,
+                          str(c.get("mixed", 0)), f"{r.avg_bits:.2f}", kl, ppl, need,
                           "yes" if r.fits else "no"))
         widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
-        right = {2, 3, 4, 5, 6, 7, 8}
+        right = {2, 3, 4, 5, 6, 7, 8, 9}
         out = ["  ".join(s.rjust(w) if i in right else s.ljust(w)
                          for i, (s, w) in enumerate(zip(l, widths))).rstrip() for l in lines]
         budget = f" (budget {format_size(self.budget_bytes)})" if self.budget_bytes is not None else ""
@@ -88,16 +103,52 @@ class Decision:
         return "\n".join(out + [f"note: {n}" for n in self.notes])
 
 
+_RANK = {"int4": 0, "int8": 1, "fp16": 2}
+
+
+def precision_vector(v: dict) -> tuple[int, ...]:
+    """How precise each stored part of a variant is (0 int4, 1 int8, 2 fp16): every decoder
+    linear of every layer, then the embedding table and the LM head (fp16 when not listed)."""
+    out = [_RANK[p] for lp in v["precisions"] for p in split_precision(lp).values()]
+    tables = v.get("tables") or {}
+    out += [_RANK[tables.get(t, "fp16")] for t in TABLES]
+    return tuple(out)
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """a is at least as precise as b in every part (a quantizes nothing b keeps finer)."""
+    return all(x >= y for x, y in zip(precision_vector(a), precision_vector(b)))
+
+
 def precision_key(v: dict) -> tuple:
     """Most precise first: more FP16 layers, then more real bits (bytes stored per decoder
-    weight), then more INT8 layers."""
+    weight), then more INT8 layers, then finer embedding table and head."""
     c = v["layer_counts"]
-    return (-c["fp16"], -float(v["avg_bits"]), -c["int8"], c["int4"])
+    tables = sum(precision_vector(v)[-len(TABLES):])
+    return (-c["fp16"], -float(v["avg_bits"]), -c["int8"], c["int4"], -tables)
+
+
+def measured(v: dict, rank_by: str) -> float:
+    """The build's measured quality of a variant, lower is better: KL from the FP16 variant
+    (rank_by kl_fp16) or perplexity (measured_quality) on held-out calibration windows."""
+    q = v["quality"]
+    return float(q["kl_fp16"] if rank_by == "kl_fp16" else q["perplexity"])
+
+
+def quality_order(variants: list[dict], rank_by: str) -> list[dict]:
+    """Best measured quality first, but never a variant above one that is at least as precise
+    in every part: measurement noise (or a broken baseline: perplexity can *fall* under
+    quantization noise) must not make the runtime load a strictly coarser variant while a finer
+    one fits. Each variant is ranked by the best measurement among itself and the variants it
+    dominates (an isotonic bound), ties to the more precise."""
+    score = {id(v): min(measured(u, rank_by) for u in variants if dominates(v, u))
+             for v in variants}
+    return sorted(variants, key=lambda v: (score[id(v)],) + precision_key(v))
 
 
 def quality_key(v: dict) -> tuple:
-    """Best measured quality first: lowest perplexity on the build's held-out calibration
-    windows; equal perplexities go to the more precise variant."""
+    """Best measured perplexity first, ties to the more precise variant (no dominance rule:
+    use quality_order to rank a whole bundle)."""
     return (float(v["quality"]["perplexity"]),) + precision_key(v)
 
 
@@ -107,16 +158,20 @@ def ranking(manifest: dict) -> str:
 
 def ordered_variants(manifest: dict) -> tuple[list[dict], list[str]]:
     """Variants best first: by measured quality when the bundle measured every variant
-    (deployment.rank_by = measured_quality), else most precise first. Manifest order is the
-    contract, but a hand-edited or buggy manifest must not make the runtime pick a worse
-    variant than one that fits."""
+    (deployment.rank_by kl_fp16 or measured_quality), else most precise first; either way never
+    a variant above one that dominates it. Manifest order is the contract, but a hand-edited or
+    buggy manifest must not make the runtime pick a worse variant than one that fits."""
     listed = list(manifest["variants"])
-    by_quality = ranking(manifest) == "measured_quality"
-    ordered = sorted(listed, key=quality_key if by_quality else precision_key)  # stable
+    rank_by = ranking(manifest)
+    if rank_by in ("kl_fp16", "measured_quality"):
+        ordered = quality_order(listed, rank_by)
+    else:
+        ordered = sorted(listed, key=precision_key)  # stable
     notes = []
     if [v["name"] for v in ordered] != [v["name"] for v in listed]:
-        what = "best measured quality" if by_quality else "most precise"
-        notes.append(f"manifest variants were not listed {what} first; sorted that way")
+        what = "most precise" if rank_by == "precision" else "best measured quality"
+        notes.append(f"manifest variants were not listed {what} first; sorted that way (a "
+                     "variant at least as precise in every part before the others)")
     return ordered, notes
 
 
@@ -138,7 +193,8 @@ def estimate(manifest: dict, variant: dict, provider: str, context: int, batch: 
     """The memory need of one variant on one provider (BUNDLE_FORMAT.md formula)."""
     q = variant.get("quality")
     row = Row(variant["name"], variant.get("rank", 0), dict(variant["layer_counts"]),
-              float(variant["avg_bits"]), float(q["perplexity"]) if q else None)
+              float(variant["avg_bits"]), float(q["perplexity"]) if q else None,
+              float(q["kl_fp16"]) if q and "kl_fp16" in q else None)
     info = variant["providers"].get(provider)
     if info is None:
         return row
@@ -149,10 +205,18 @@ def estimate(manifest: dict, variant: dict, provider: str, context: int, batch: 
     # kv_bytes_per_token was checked against it).
     row.kv_bytes = kv_bytes_per_token(manifest["model"], info["dtype"]) * context * batch
     row.workspace_bytes = workspace_bytes(ws, context)
-    row.overhead_bytes = int(dep["runtime_overhead_bytes"].get(provider, 0))
-    row.predicted_bytes = row.resident_bytes + row.kv_bytes + row.workspace_bytes + row.overhead_bytes
+    row.overhead_bytes = max(int(dep["runtime_overhead_bytes"].get(provider, 0)),
+                             MIN_OVERHEAD_BYTES.get(provider, 0))
+    if provider == "cpu":   # the tokenizer lives in host memory, which a CPU plan counts
+        row.overhead_bytes += tokenizer_bytes(manifest)
+    row.creation_bytes = int(info.get("creation_extra_bytes", 0))
+    # Session creation's transient copies are released before the KV cache and the prefill's
+    # activations exist: the peak is the larger of the two.
+    row.predicted_bytes = row.resident_bytes + row.overhead_bytes + max(
+        row.kv_bytes + row.workspace_bytes, row.creation_bytes)
     margin = dep["safety_margin"]
-    row.margin_bytes = int(max(margin["fraction"] * row.predicted_bytes, margin["min_bytes"]))
+    row.margin_bytes = int(max(max(margin["fraction"], MIN_MARGIN_FRACTION) * row.predicted_bytes,
+                               margin["min_bytes"], MIN_MARGIN_BYTES))
     row.need_bytes = row.predicted_bytes + row.margin_bytes
     return row
 
@@ -208,12 +272,16 @@ def plan(manifest: dict, device: Device, context: int | None = None, batch: int 
         return d
     first.chosen, d.chosen = True, first.name
     better = [r for r in rows[:rows.index(first)] if r.need_bytes is not None]
-    if ranking(manifest) == "measured_quality":
-        d.reason = (f"{first.name}: the best measured quality that fits (perplexity "
-                    f"{first.perplexity:.3f} on held-out calibration text; needs "
-                    f"{format_size(first.need_bytes)} of {format_size(free)} free)")
+    rank_by = ranking(manifest)
+    if rank_by in ("kl_fp16", "measured_quality"):
+        what = "KL from FP16" if rank_by == "kl_fp16" else "perplexity"
+        fmt = (lambda r: f"{r.kl_fp16:.4f}") if rank_by == "kl_fp16" else \
+            (lambda r: f"{r.perplexity:.3f}")
+        d.reason = (f"{first.name}: the best measured quality that fits ({what} {fmt(first)} on "
+                    f"held-out calibration text; needs {format_size(first.need_bytes)} of "
+                    f"{format_size(free)} free)")
         if better:
-            d.reason += (f"; {better[-1].name} ({better[-1].perplexity:.3f}) would need "
+            d.reason += (f"; {better[-1].name} ({fmt(better[-1])}) would need "
                          f"{format_size(better[-1].need_bytes)}")
         return d
     d.reason = (f"{first.name}: the most precise variant that fits (needs "

@@ -191,6 +191,29 @@ def physical_cores(cpu_root: str = "/sys/devices/system/cpu", affinity: set[int]
     return max(1, min(n, quota)) if quota else n
 
 
+def usable_cpus(affinity: set[int] | None = None, cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Logical CPUs this process may run on at once: its affinity mask, capped by a cgroup CPU
+    quota (containers)."""
+    n = len(affinity if affinity is not None else os.sched_getaffinity(0))
+    quota = _cpu_quota(cgroup_root)
+    return max(1, min(n, quota) if quota else n)
+
+
+def check_threads(threads: int | None, cpus: int | None = None) -> None:
+    """Refuse more ONNX Runtime threads than CPUs: the extra threads only wait on each other
+    (thousands of them stall the machine for minutes for a two-token answer)."""
+    if threads is None:
+        return
+    cpus = usable_cpus() if cpus is None else cpus
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise LsaqRuntimeError(f"--threads must be a positive integer, not {threads!r}")
+    if threads > cpus:
+        raise LsaqRuntimeError(f"--threads {threads}: this process may use {cpus} CPU"
+                               f"{'s' if cpus != 1 else ''} (its affinity and CPU quota); more "
+                               "threads than CPUs only wait on each other; use --threads "
+                               f"{cpus} or fewer, or leave it out (one per physical core)")
+
+
 def _cpu_quota(root: str) -> int | None:
     """CPUs allowed by a cgroup quota (v2 cpu.max, v1 cfs_quota/period), rounded up."""
     try:

@@ -189,4 +189,7 @@ class Runner:
 
 
 def warn(msg: str) -> None:
-    print(f"lsaq-run: WARNING: {printable(msg, newlines=False)}", file=sys.stderr, flush=True)
+    from .rustguard import STDERR_LOCK
+
+    with STDERR_LOCK:
+        print(f"lsaq-run: WARNING: {printable(msg, newlines=False)}", file=sys.stderr, flush=True)

@@ -6,43 +6,89 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from .errors import LsaqRuntimeError, first_line
+from . import rustguard
+from .errors import LsaqRuntimeError
 from .integrity import bundle_path
 from .manifest import tokenizer_file
 
 
+def check_text(text: str, what: str) -> None:
+    """Text must be Unicode that UTF-8 can carry: a lone UTF-16 surrogate (JSON's "\\ud800", or
+    undecodable bytes of a command line) is not text, and the tokenizer cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = text[e.start]
+        raise LsaqRuntimeError(f"{what} holds {ch!r} at character {e.start}, a lone UTF-16 "
+                               "surrogate that is not text; send valid Unicode") from None
+
+
 class TextCodec:
+    """The bundle's tokenizer and how the model frames a sequence (BOS first or not).
+
+    Every place that turns text into token ids for this model uses one of these: generation,
+    serving, and on the compile side calibration, build-time quality and evaluation, so a
+    window scored at build time starts the way a prompt does at run time."""
+
     def __init__(self, bundle: Path, manifest: dict):
-        t = manifest["tokenizer"]
         path = bundle_path(Path(bundle), tokenizer_file(manifest), "manifest.json")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # the tokenizers error text is all we get
-            raise LsaqRuntimeError(f"{path}: cannot be read as a tokenizer "
-                                   f"({first_line(e)})") from None
-        self.vocab_size = manifest["model"]["vocab_size"]
+        self._init(path, manifest["tokenizer"], manifest["model"]["vocab_size"])
+
+    @classmethod
+    def from_files(cls, tokenizer_json: Path, facts: dict, vocab_size: int) -> "TextCodec":
+        """A codec over a tokenizer.json and the tokenizer facts a manifest would record
+        (bos_token_id, add_bos_token, eos_token_ids, chat_template): the compiler's view of the
+        tokenizer it is about to ship."""
+        codec = cls.__new__(cls)
+        codec._init(Path(tokenizer_json), facts, vocab_size)
+        return codec
+
+    def _init(self, path: Path, t: dict, vocab_size: int) -> None:
+        # the tokenizers error text is all we get; a panic is caught too (rustguard)
+        self.tokenizer = rustguard.call(Tokenizer.from_file, str(path),
+                                        what=f"{path}: cannot be read as a tokenizer")
+        self.vocab_size = vocab_size
         self.bos_id = t.get("bos_token_id")
         self.add_bos = bool(t["add_bos_token"]) and self.bos_id is not None
         self.eos_ids = frozenset(t["eos_token_ids"])
         self.chat_template = t.get("chat_template")
 
-    def encode(self, text: str) -> list[int]:
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of `text` alone (no BOS): for cutting a long text into windows."""
         # The manifest, not the tokenizer.json post-processor, decides about BOS; special tokens
         # written in the text (e.g. by a chat template) are still recognised.
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        check_text(text, "the prompt")
+        ids = rustguard.call(self.tokenizer.encode, text, add_special_tokens=False,
+                             what="the bundle's tokenizer failed on the prompt").ids
         bad = next((i for i in ids if i >= self.vocab_size), None)
         if bad is not None:  # the graph's embedding lookup would fail on it
             raise LsaqRuntimeError(f"the bundle's tokenizer produced token id {bad}, outside the "
                                    f"model's vocabulary of {self.vocab_size}; the bundle is damaged")
+        return ids
+
+    @property
+    def prefix(self) -> list[int]:
+        """What the model expects before any text: [BOS] or nothing."""
+        return [self.bos_id] if self.add_bos else []
+
+    def frame(self, ids: list[int]) -> list[int]:
+        """`ids` as the start of a sequence: BOS first when the model expects one."""
+        ids = list(ids)
         if self.add_bos and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt: the text, framed as a sequence start."""
+        return self.frame(self.encode_text(text))
+
     def decode(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return rustguard.call(self.tokenizer.decode, list(ids), skip_special_tokens=True,
+                              what="the bundle's tokenizer failed to decode generated tokens")
 
     def token_text(self, token_id: int | None) -> str:
-        return "" if token_id is None else (self.tokenizer.id_to_token(token_id) or "")
+        return "" if token_id is None else (rustguard.call(
+            self.tokenizer.id_to_token, token_id, what="the bundle's tokenizer failed") or "")
 
     def apply_chat_template(self, prompt: str | list[dict]) -> str:
         if not self.chat_template:

@@ -66,9 +66,11 @@ def cli(*args) -> str:
 
 def ladder(manifest: dict) -> list[str]:
     """FP16, INT8, two mixes (a third and two thirds of the way down in bits), all-INT4."""
-    vs = sorted(manifest["variants"], key=lambda v: -v["avg_bits"])
+    vs = sorted(manifest["variants"], key=lambda v: -v.get("bits_per_weight", v["avg_bits"]))
     names = [v["name"] for v in vs]
-    mixes = [v for v in vs if v["name"] not in ("fp16", "int8", "int4")]
+    # mixes of INT8 and INT4 linears (not a rung that differs from INT8 only in its tables)
+    mixes = [v for v in vs if v["name"] not in ("fp16", "int8", "int4") and
+             (v["layer_counts"].get("mixed") or (v["layer_counts"]["int8"] and v["layer_counts"]["int4"]))]
     picks = [mixes[len(mixes) // 3], mixes[(2 * len(mixes)) // 3]] if len(mixes) >= 2 else mixes
     out = [n for n in ("fp16", "int8") if n in names] + [v["name"] for v in picks]
     return out + (["int4"] if "int4" in names else [])
@@ -147,7 +149,10 @@ def quality(args, work: Path, threads: int) -> tuple[list[dict], dict]:
     rows = []
     for v in ladder(m):
         info = next(x for x in m["variants"] if x["name"] == v)
-        r = {"variant": v, "avg_bits": info["avg_bits"]}
+        t = info.get("tables") or {}
+        r = {"variant": v, "avg_bits": info["avg_bits"],
+             "bits_per_weight": info.get("bits_per_weight"),
+             "tables": f"{t.get('embed_tokens', 'fp16')} / {t.get('lm_head', 'fp16')}"}
         log(f"{v}: bundle perplexity (ONNX Runtime, exact kernels)")
         fn = ev.onnx_logits_fn(bundle, m, v, threads=threads, context=args.seq_len)
         t0 = time.perf_counter()
@@ -194,7 +199,7 @@ def quality(args, work: Path, threads: int) -> tuple[list[dict], dict]:
         log(f"{v}: transformers logits vs the torch reference, and perplexity")
         ref = ev.torch_logits_fn(m["model"]["source"]["path"], info["precisions"], q["scheme"],
                                  q.get("group_size"), q.get("symmetric", True), q.get("clip", "none"),
-                                 q.get("clip_calibration"))
+                                 q.get("clip_calibration"), tables=info.get("tables"))
         w0 = tw.windows[0]
         a, b = hf_fn(w0), ref(w0)
         r["ct_vs_ref"] = float(np.abs(a - b).max())
@@ -354,15 +359,19 @@ def report(args, rows, chat, speed_rows, threads, t_total) -> str:
         "loader), as llama.cpp computes the GGUF export, and as transformers computes the "
         "compressed-tensors export, on the same token windows. Δ: relative to the bundle.",
         "",
-        "| variant | avg bits | bundle ppl | GGUF (llama.cpp) ppl | Δ | compressed-tensors "
+        "| variant | avg bits (linears) | bits per weight (model) | tables (embedding / head) "
+        "| bundle ppl | GGUF (llama.cpp) ppl | Δ | compressed-tensors "
         "(transformers) ppl | Δ | transformers vs torch reference, max abs logit diff (1 window) "
         "| transformers load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         dl = (r["ppl_llama"] / r["ppl_bundle"] - 1) * 100
         dc = (r["ppl_ct"] / r["ppl_bundle"] - 1) * 100
-        lines.append(f"| {r['variant']} | {r['avg_bits']:.2f} | {r['ppl_bundle']:.4f} | "
+        bpw = r.get("bits_per_weight")
+        lines.append(f"| {r['variant']} | {r['avg_bits']:.2f} | "
+                     f"{'-' if bpw is None else f'{bpw:.2f}'} | {r.get('tables', 'fp16 / fp16')} | "
+                     f"{r['ppl_bundle']:.4f} | "
                      f"{r['ppl_llama']:.4f} | {dl:+.3f}% | {r['ppl_ct']:.4f} | {dc:+.3f}% | "
                      f"{r['ct_vs_ref']:.2e} (logits up to {r['ref_scale']:.1f}) | {r['ct_load']} |")
     lines += ["", "| variant | GGUF MiB | GGUF tensor types | Q4_1 rel. RMS error vs the bundle's "

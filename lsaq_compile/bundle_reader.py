@@ -231,9 +231,12 @@ class BundleReader:
         """Every matrix weight of `variant` with the stored tensor that holds it: the decoder
         linears at their precisions from `precisions`, the embedding table and the LM head.
 
-        head: the LM head's precision when the manifest does not say (fp16: the float table;
-        int8: the CPU graphs' INT8 copy). An embedding table or LM head stored quantized for
-        the variant (keys like the linears': `model.embed_tokens.int8.qweight`) is used."""
+        The token tables' precisions are the variant's `tables` (schema 6; fp16 when absent).
+        A quantized table is stored like a linear (`model.embed_tokens.int8.qweight`, ...).
+        head: what the LM head computes with when its table is fp16 (fp16: the float table;
+        int8: the CPU graphs' INT8 copy, which is the int8 table itself since schema 6 and
+        `lm_head.int8.*` before). A tied model whose head reads its embedding table at the
+        table's precision gets no separate lm_head entry (the head is the embedding)."""
         mo = self.model
         h, i_size = mo["hidden_size"], mo["intermediate_size"]
         q_dim = mo["num_attention_heads"] * mo["head_dim"]
@@ -253,18 +256,27 @@ class BundleReader:
         vocab = mo["vocab_size"]
         emb_p, head_p = table_precisions(variant, head)
         out.append(self._table(EMBED, emb_p, (vocab, h), "embedding"))
-        tied = mo["tie_word_embeddings"] or not self.has(f"{LM_HEAD}.weight")
-        if head_p == "fp16" and tied and emb_p == "fp16":
-            pass  # the head is the embedding table itself
-        else:
-            src = EMBED if tied and head_p == "fp16" else LM_HEAD
-            out.append(self._table(LM_HEAD, head_p, (vocab, h), "lm_head", src))
+        tied = self.tied
+        if tied and head_p == emb_p:
+            pass  # the head is the embedding table itself, at its precision
+        elif tied and head_p == "fp16":
+            out.append(self._table(LM_HEAD, head_p, (vocab, h), "lm_head", EMBED))
+        elif tied and self.has(f"{EMBED}.{head_p}.qweight"):
+            # schema 6: the tied head's quantized copy is the embedding table's own codes
+            out.append(self._table(LM_HEAD, head_p, (vocab, h), "lm_head", EMBED))
+        else:   # untied, or an older bundle's CPU head copy lm_head.int8.*
+            out.append(self._table(LM_HEAD, head_p, (vocab, h), "lm_head"))
         missing = [w.base for w in out if not self._stored(w)]
         if missing:
             raise LsaqError(f"{self.root}: the weight store lacks {missing[0]}"
                             + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
                             + f" for variant {variant['name']}; the bundle is incomplete")
         return out
+
+    @property
+    def tied(self) -> bool:
+        """The LM head is the embedding table (no float lm_head.weight stored)."""
+        return bool(self.model["tie_word_embeddings"]) or not self.has(f"{LM_HEAD}.weight")
 
     def _table(self, name: str, precision: str, shape, role: str, src: str | None = None
                ) -> StoredWeight:
@@ -349,15 +361,16 @@ class BundleReader:
 
 
 def table_precisions(variant: dict, head: str = "fp16") -> tuple[str, str]:
-    """(embedding table, LM head) precisions of a variant: the manifest's when it records them
-    (`embedding` / `lm_head` on the variant), else fp16 for the table and `head` for the LM head."""
-    emb = variant.get("embedding") or "fp16"
-    lm = variant.get("lm_head") or head
-    for what, p in (("embedding", emb), ("lm_head", lm)):
+    """(embedding table, LM head) precisions of a variant: its `tables` (schema 6; fp16 when
+    absent), with `head` for an LM head whose table is fp16 (the CPU graphs' INT8 copy)."""
+    tables = variant.get("tables") or {}
+    emb = tables.get("embed_tokens") or "fp16"
+    lm = tables.get("lm_head") or "fp16"
+    for what, p in (("embed_tokens", emb), ("lm_head", lm), ("head", head)):
         if p not in ("fp16", "int8", "int4"):
             raise LsaqError(f"variant {variant['name']}: {what} precision {p!r} is not fp16, "
                             "int8 or int4")
-    return emb, lm
+    return emb, (head if lm == "fp16" else lm)
 
 
 def rel_rms(approx: np.ndarray, exact: np.ndarray) -> float:

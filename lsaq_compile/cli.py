@@ -276,7 +276,8 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
             q = m["quantization"]
             fns["torch"] = ev.torch_logits_fn(m["model"]["source"]["path"], v["precisions"],
                                               q["scheme"], q.get("group_size"), q.get("symmetric", True),
-                                              q.get("clip", "none"), q.get("clip_calibration"))
+                                              q.get("clip", "none"), q.get("clip_calibration"),
+                                              tables=v.get("tables"))
         row = [name, f"{v['avg_bits']:.2f}"]
         for kind, fn in fns.items():
             base = {"variant": name, "provider": "cpu", "engine": kind, "created": now}

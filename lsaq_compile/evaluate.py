@@ -93,9 +93,11 @@ def encoder(codec) -> Callable[[str], list[int]]:
 
 def torch_logits_fn(model_path, precisions: list[str], scheme_kind: str = "channel",
                     group_size: int | None = None, symmetric: bool = True, clip: str = "none",
-                    clip_calibration: dict | None = None) -> LogitsFn:
+                    clip_calibration: dict | None = None,
+                    tables: dict[str, str] | None = None) -> LogitsFn:
     """The same plan in transformers, with exactly the dequantized weights the graph uses.
-    clip_calibration: the manifest's record of the text 'mse-act' clipping was measured on."""
+    clip_calibration: the manifest's record of the text 'mse-act' clipping was measured on.
+    tables: the variant's token-table precisions (manifest `tables`; fp16 when left out)."""
     import torch
 
     from .model_source import open_model
@@ -105,7 +107,8 @@ def torch_logits_fn(model_path, precisions: list[str], scheme_kind: str = "chann
     source = open_model(model_path)
     act = _clip_activations(source, clip_calibration) if clip == "mse-act" else None
     model = reference_model(source, precisions, schemes_for(scheme_kind, group_size, symmetric,
-                                                            clip=clip), act_stats=act).eval()
+                                                            clip=clip), act_stats=act,
+                            tables=tables).eval()
 
     def run(ids: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle_reader import BundleReader, Quantized, StoredWeight, rel_rms
+from .bundle_reader import BundleReader, Quantized, StoredWeight
 from .errors import LsaqError
 from .export_common import (FOLDER_MARKER, check_parent, check_target, clean_stale,
                             export_record, folder_refusal, put_in_place, tmp_path)
@@ -56,6 +56,23 @@ def pack_int32(codes: np.ndarray, bits: int) -> np.ndarray:
         u = np.pad(codes[a:a + step].astype(np.uint32), ((0, 0), (0, pad))).reshape(-1, out.shape[1], per)
         out[a:a + step] = np.bitwise_or.reduce(u << shifts, axis=-1)
     return out.view(np.int32)
+
+
+def dequantized_f16(q: Quantized) -> tuple[np.ndarray, float]:
+    """(float16 [N, K] of a stored quantized weight's dequantized values, the relative RMS error
+    of that rounding), a few rows at a time (a 7B vocabulary table never sits in float64)."""
+    out = np.empty((q.n, q.k), np.float16)
+    err2 = ref2 = 0.0
+    step = max(1, (1 << 22) // max(q.k, 1))
+    for a in range(0, q.n, step):
+        b = min(q.n, a + step)
+        w = Quantized(q.scheme, b - a, q.k, q.codes[a:b], q.scales[a:b],
+                      q.zero_points[a:b]).dequantize()
+        out[a:b] = w.astype(np.float16)
+        d = out[a:b].astype(np.float64) - w
+        err2 += float((d * d).sum())
+        ref2 += float((w.astype(np.float64) ** 2).sum())
+    return out, (0.0 if ref2 == 0 else math.sqrt(err2 / ref2))
 
 
 def ct_weights_args(q: Quantized) -> dict:
@@ -279,10 +296,16 @@ def export_compressed(bundle, variant: str, out, force: bool = False, verify: bo
         raise LsaqError(f"architecture {arch} has no transformers class this exporter knows")
     facts = reader.arch_facts(v)
     fam = facts.family
-    # the LM head of the GPU graph (float16) unless the variant records its own precision
+    # the LM head of the GPU graph (float16) unless the variant's tables are quantized
     weights = reader.variant_weights(v, "fp16")
     by_name = {w.name: w for w in weights}
-    tied = "lm_head.weight" not in by_name
+    emb, lmh = by_name["model.embed_tokens.weight"], by_name.get("lm_head.weight")
+    if lmh is None and emb.precision not in ("fp16", "fp32"):
+        # A tied model's quantized table: the head is written as a quantized Linear module
+        # (the table's own codes, exact) and the embedding as float16 (below), so the folder
+        # is untied.
+        lmh = StoredWeight("lm_head.weight", emb.base, emb.precision, emb.shape, "lm_head")
+    tied = lmh is None
     cfg = hf_config(reader, facts, tied)
     modules = _modules(reader, weights, fam.fused_linears)
     mo = reader.model
@@ -292,23 +315,27 @@ def export_compressed(bundle, variant: str, out, force: bool = False, verify: bo
 
     # names of every tensor, known before any is written (the writer reserves its header)
     float_tensors: list[tuple[str, object]] = []    # (name, fetch)
-    emb, lmh = by_name["model.embed_tokens.weight"], by_name.get("lm_head.weight")
+    table_records: list[dict] = []
     if emb.precision in ("fp16", "fp32"):
         float_tensors.append(("model.embed_tokens.weight", lambda: reader.float_weight(emb)))
     else:
-        # compressed-tensors has no quantized embedding vLLM reads: its dequantized values
+        # compressed-tensors' embedding quantization is not read by transformers, nor by vLLM
+        # releases whose models do not pass their quantization config to the embedding (and
+        # vLLM's quantized embedding reads no zero points): its dequantized values in float16
         def emb_f16():
-            w = reader.quantized(emb).dequantize()
-            w16 = w.astype(np.float16)
-            notes.append(f"not exact: model.embed_tokens is stored {emb.precision}; written as "
-                         f"float16 of its dequantized values (relative RMS error "
-                         f"{rel_rms(w16, w):.2e})")
+            w16, err = dequantized_f16(reader.quantized(emb))
+            notes.append(f"not exact: model.embed_tokens is stored {emb.precision} in the bundle; "
+                         f"written as float16 of its dequantized values (compressed-tensors has "
+                         f"no quantized embedding transformers and vLLM read), relative RMS "
+                         f"error {err:.2e}")
+            table_records.append({"module": "model.embed_tokens", "format": "float16",
+                                  "exact": False, "rel_rms": err, "stored": emb.precision})
             return w16
         float_tensors.append(("model.embed_tokens.weight", emb_f16))
     if lmh is not None:
         if lmh.precision in ("fp16", "fp32"):
             float_tensors.append(("lm_head.weight", lambda: reader.float_weight(lmh)))
-        else:   # a quantized module like the decoder's
+        else:   # a quantized Linear module like the decoder's (compressed-tensors target lm_head)
             modules.append(Module("lm_head", lmh, 0, lmh.shape[0]))
     float_tensors.append(("model.norm.weight", lambda: reader.array("model.norm.weight") - offset))
     norms = ["input_layernorm", "post_attention_layernorm"]
@@ -417,7 +444,8 @@ def export_compressed(bundle, variant: str, out, force: bool = False, verify: bo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if errors_json is not None:
-        Path(errors_json).write_text(json.dumps(records, indent=1), encoding="utf-8")
+        Path(errors_json).write_text(json.dumps(table_records + records, indent=1),
+                                     encoding="utf-8")
     size = sum(p.stat().st_size for p in out.iterdir())
     return CTReport(out, list(config_groups.values()), len(ignore), size,
                     time.perf_counter() - t0, notes)

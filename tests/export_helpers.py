@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import _exact_paper_profile, make_tiny_family
+from conftest import _exact_paper_profile, _small_profile, make_tiny_family
 from lsaq_compile.quantize import QuantizedTensor, QuantScheme
 
 
@@ -27,6 +27,25 @@ def build(hf: Path, out: Path, scheme: str = "channel", group_asym: bool = False
     if group_asym:
         q = prof.quantization
         q.scheme, q.group_size, q.symmetric, q.clip = "group", 32, False, "mse"
+    return build_bundle(hf, out, profile=prof, progress=Progress(quiet=True))
+
+
+def ladder_build(hf: Path, out: Path, scheme: str = "group", cpu_lm_head: str = "fp16") -> Path:
+    """A tiny bundle of the default profile's ladder by bytes, with the token tables on the
+    ladder (schema 6: INT8/INT4 embedding and LM head on most rungs, plus the t16 rung of INT8
+    linears and fp16 tables), on the exact kernels. scheme: "group" for the default profile's
+    INT4 (group 32, zero points), "channel" for per-channel symmetric. cpu_lm_head "int8": the
+    CPU graphs of an fp16-table variant read the INT8 table as their head."""
+    from lsaq_compile.bundle import build_bundle
+    from lsaq_compile.progress import Progress
+
+    prof = _small_profile(samples=3, seq_len=48)
+    prof.build.rungs, prof.build.refine, prof.build.quality_samples = 3, 1, 2
+    q = prof.quantization
+    q.cpu_accuracy_level, q.cpu_lm_head, q.clip = 0, cpu_lm_head, "none"
+    if scheme == "channel":
+        q.scheme, q.symmetric, q.group_size = "channel", True, None
+    assert q.tables == "ladder" and prof.build.ladder == "bytes"
     return build_bundle(hf, out, profile=prof, progress=Progress(quiet=True))
 
 
@@ -65,6 +84,35 @@ class Expected:
         scheme = QuantScheme(bits, "group", block, zp is None)
         return QuantizedTensor(scheme, n, k, block, packed, self.store[f"{base}.scales"],
                                zp).dequantize()
+
+    def tables(self, variant: str) -> dict[str, str]:
+        return self.variant(variant).get("tables") or {"embed_tokens": "fp16", "lm_head": "fp16"}
+
+    def embedding(self, variant: str) -> np.ndarray:
+        """float32 [vocab, hidden]: the embedding table the variant's graphs gather from."""
+        mo = self.m["model"]
+        p = self.tables(variant)["embed_tokens"]
+        base = "model.embed_tokens" if p == "fp16" else f"model.embed_tokens.{p}"
+        return self.stored(base, mo["vocab_size"], mo["hidden_size"], p)
+
+    def head(self, variant: str, cpu: bool = True) -> tuple[np.ndarray | None, str]:
+        """(float32 [vocab, hidden] LM head the variant's CPU graph computes with (cpu=False: its
+        GPU graph, never the CPU's INT8 copy), or None when it is the embedding table at the
+        table's precision; its precision)."""
+        mo = self.m["model"]
+        n, k = mo["vocab_size"], mo["hidden_size"]
+        t = self.tables(variant)
+        p = t["lm_head"]
+        if p == "fp16" and cpu:
+            p = self.variant(variant)["providers"].get("cpu", {}).get("lm_head", "fp16")
+        tied = "lm_head.weight" not in self.store
+        if tied and p == t["embed_tokens"]:
+            return None, p
+        if p == "fp16":
+            return self.stored("lm_head" if not tied else "model.embed_tokens", n, k, p), p
+        base = f"model.embed_tokens.{p}" if tied and f"model.embed_tokens.{p}.qweight" in \
+            self.store else f"lm_head.{p}"
+        return self.stored(base, n, k, p), p
 
     def linear(self, variant: str, layer: int, lin: str) -> tuple[np.ndarray, str]:
         """(float32 weight [N, K] of stored (fused) linear lin, its precision)."""

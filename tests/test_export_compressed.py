@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export_helpers import Expected, build, family_bundle
+from export_helpers import Expected, build, family_bundle, ladder_build
 from lsaq_compile.cli import main as compile_main
 
 ct = pytest.importorskip("compressed_tensors")
@@ -91,6 +91,35 @@ def check_decompressed(folder: Path, exp: Expected, variant: str) -> dict:
             got = PackedQuantizationCompressor.decompress(state, scheme)["weight"].numpy()
         np.testing.assert_array_equal(got, want, err_msg=m)
         counts[p] = counts.get(p, 0) + 1
+    # the token tables: an fp16 embedding as it is, a quantized one as float16 of its
+    # dequantized values (compressed-tensors has no embedding transformers and vLLM read); the
+    # LM head of the GPU graph (never the CPU's INT8 copy): fp16 as it is, quantized as a
+    # quantized Linear target from the table's own codes (a tied one: the folder is untied)
+    emb = exp.embedding(variant)
+    got = sd["model.embed_tokens.weight"]
+    assert got.dtype == torch.float16
+    if exp.tables(variant)["embed_tokens"] == "fp16":
+        np.testing.assert_array_equal(got.float().numpy(), emb)
+    else:
+        np.testing.assert_array_equal(got.numpy(), emb.astype(np.float16))
+    head, hp = exp.head(variant, cpu=False)
+    if head is None and hp != "fp16":   # a tied quantized table: untied, head from its codes
+        head = emb
+    assert cfg["tie_word_embeddings"] == (head is None)
+    if head is not None:
+        if hp == "fp16":
+            if qc:
+                assert "lm_head" in qc["ignore"]
+            np.testing.assert_array_equal(sd["lm_head.weight"].float().numpy(), head)
+        else:
+            scheme = scheme_of["lm_head"]
+            assert scheme.weights.num_bits == int(hp[3:])
+            state = {k.rsplit(".", 1)[1]: v for k, v in sd.items() if k.rsplit(".", 1)[0] == "lm_head"}
+            state["weight_scale"] = state["weight_scale"].float()
+            got = PackedQuantizationCompressor.decompress(state, scheme)["weight"].numpy()
+            np.testing.assert_array_equal(got, head, err_msg="lm_head")
+        counts["lm_head:" + hp] = 1
+    counts["embed_tokens:" + exp.tables(variant)["embed_tokens"]] = 1
     return counts
 
 
@@ -104,6 +133,7 @@ def test_every_variant_decompresses_to_the_bundles_weights(which, tiny_bundle, a
         o = export(b, v["name"], out, capsys)
         counts = check_decompressed(out, exp, v["name"])
         c = v["layer_counts"]
+        assert "embed_tokens:fp16" in counts and "lm_head:int8" not in counts
         assert ("int4" in counts) == bool(c["int4"] or c.get("mixed")), counts
         cfg = json.loads((out / "config.json").read_text())
         assert ("quantization_config" in cfg) == (v["name"] != "fp16")
@@ -120,6 +150,57 @@ def test_every_variant_decompresses_to_the_bundles_weights(which, tiny_bundle, a
     want = Tokenizer.from_file(str(b / "tokenizer" / "tokenizer.json")).encode(
         text, add_special_tokens=False).ids
     assert AutoTokenizer.from_pretrained(str(out)).encode(text, add_special_tokens=False) == want
+
+
+@pytest.fixture(scope="module")
+def ladder_bundles(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """Schema 6 bundles with the token tables on the ladder (see test_export_gguf)."""
+    from conftest import make_tiny_family
+
+    tmp = tmp_path_factory.mktemp("ct-ladder")
+    return {"untied": ladder_build(tiny_llama_dir, tmp / "untied"),
+            "tied": ladder_build(make_tiny_family(tmp / "hf-qwen3", "qwen3"), tmp / "tied",
+                                 scheme="channel", cpu_lm_head="int8")}
+
+
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_quantized_tables_decompress_and_compute(which, ladder_bundles, tmp_path, capsys):
+    """Every variant of a ladder whose tables are quantized: the embedding as float16 of the
+    table's dequantized values (said in one line, with its error), the LM head a quantized
+    Linear target read back exactly by compressed-tensors' decompressor; transformers computes
+    the compiler's torch reference of the same plan and tables within 1e-3 (the float16
+    rounding of the embedding is the one difference)."""
+    from lsaq_compile.export_compressed import transformers_model
+
+    b = ladder_bundles[which]
+    exp = Expected(b)
+    ids = np.asarray([3, 17, 42, 99, 5, 250, 7, 64, 128, 31, 200, 11, 9, 44, 71], np.int64)
+    seen = set()
+    int8_tables = next(v["name"] for v in exp.m["variants"] if v["tables"]["embed_tokens"] == "int8")
+    for v in exp.m["variants"]:
+        name = v["name"]
+        out = tmp_path / name
+        errs = tmp_path / f"{name}.json"
+        o = export(b, name, out, capsys, "--errors-json", errs)
+        counts = check_decompressed(out, exp, name)
+        seen |= {k for k in counts if ":" in k}
+        rec = {r["module"]: r for r in json.loads(errs.read_text())}
+        quantized = v["tables"]["embed_tokens"] != "fp16"
+        lines = [x for x in o.splitlines() if "model.embed_tokens" in x]
+        if quantized:
+            assert len(lines) == 1 and "float16" in lines[0] and "not exact" in lines[0]
+            r = rec["model.embed_tokens"]
+            assert not r["exact"] and 0 < r["rel_rms"] < 1e-3
+            assert f"{r['rel_rms']:.2e}" in lines[0]
+        else:
+            assert lines == [] and "model.embed_tokens" not in rec
+        if name in ("int4", int8_tables):
+            model, _ = transformers_model(out)
+            with torch.no_grad():
+                got = model(torch.from_numpy(ids)[None]).logits[0].float().numpy()
+            want = _reference(b, name)(ids)
+            assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max()), name
+    assert {"embed_tokens:int8", "embed_tokens:int4", "lm_head:int4"} <= seen, seen
 
 
 def test_packing_is_compressed_tensors_own(asym_bundle, tmp_path, capsys):
@@ -160,7 +241,8 @@ def _reference(bundle: Path, variant: str):
     v = next(x for x in m["variants"] if x["name"] == variant)
     q = m["quantization"]
     return torch_logits_fn(m["model"]["source"]["path"], v["precisions"], q["scheme"],
-                           q.get("group_size"), q.get("symmetric", True), q.get("clip", "none"))
+                           q.get("group_size"), q.get("symmetric", True), q.get("clip", "none"),
+                           tables=v.get("tables"))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export_helpers import Expected, build, family_bundle
+from export_helpers import Expected, build, family_bundle, ladder_build
 from lsaq_compile.cli import main as compile_main
 
 gguf = pytest.importorskip("gguf")
@@ -57,10 +57,11 @@ def expected_tensors(exp: Expected, variant: str, arch: str) -> dict[str, np.nda
     heads, kvh, h = mo["num_attention_heads"], mo["num_key_value_heads"], mo["hidden_size"]
     q, kv, ff = exp.q_dim, exp.kv_dim, mo["intermediate_size"]
     permute = arch == "llama"
-    out = {"token_embd.weight": exp.store["model.embed_tokens.weight"].astype(np.float32),
+    out = {"token_embd.weight": exp.embedding(variant),
            "output_norm.weight": exp.store["model.norm.weight"]}
-    if "lm_head.weight" in exp.store:
-        out["output.weight"] = exp.store["lm_head.weight"].astype(np.float32)
+    head, _ = exp.head(variant)
+    if head is not None:   # else llama.cpp's output is token_embd itself (tied, one precision)
+        out["output.weight"] = head
     for i in range(mo["num_layers"]):
         b = f"blk.{i}"
         qkv, _ = exp.linear(variant, i, "self_attn.qkv_proj")
@@ -149,6 +150,58 @@ def test_every_variant_reads_back_asymmetric_group(asym_bundle, tmp_path, capsys
     code, o, e = run(capsys, ["export", asym_bundle, "--variant", "int4", "--to", "gguf",
                               "-o", tmp_path / "again.gguf"])
     assert code == 0 and "not exact:" in o and "Q4_1" in o and "relative RMS error" in o
+
+
+@pytest.fixture(scope="module")
+def ladder_bundles(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """Schema 6 bundles with the token tables on the ladder: an untied tiny Llama with the
+    default profile's INT4 (group 32, zero points), and a tied tiny Qwen3 per channel whose
+    fp16-table rung's CPU head is the INT8 table (cpu_lm_head int8)."""
+    from conftest import make_tiny_family
+
+    tmp = tmp_path_factory.mktemp("gguf-ladder")
+    return {"untied": ladder_build(tiny_llama_dir, tmp / "untied"),
+            "tied": ladder_build(make_tiny_family(tmp / "hf-qwen3", "qwen3"), tmp / "tied",
+                                 scheme="channel", cpu_lm_head="int8")}
+
+
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_quantized_tables_read_back(which, ladder_bundles, tmp_path, capsys):
+    """token_embd and output are written from the bundle's own table codes and scales: INT8 as
+    Q8_0 and per-channel INT4 as Q4_0 (exact), group INT4 with zero points as Q4_1 (its error
+    reported); a tied model's one quantized table is token_embd alone (llama.cpp's output
+    falls back to it); the CPU graphs' INT8 head of an fp16 table is output, as Q8_0."""
+    b = ladder_bundles[which]
+    exp = Expected(b)
+    int4 = "Q4_0" if which == "tied" else "Q4_1"
+    gtype = {"fp16": "F16", "int8": "Q8_0", "int4": int4}
+    seen = set()
+    for v in exp.m["variants"]:
+        name = v["name"]
+        out = tmp_path / f"{name}.gguf"
+        rec = export(b, name, out, capsys)
+        check_readback(out, exp, name, rec)
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+        emb = v["tables"]["embed_tokens"]
+        assert types["token_embd.weight"] == gtype[emb], (name, types["token_embd.weight"])
+        head, hp = exp.head(name)
+        if head is None:
+            assert which == "tied" and "output.weight" not in types
+        else:
+            assert types["output.weight"] == gtype[hp]
+        seen.add((emb, hp, "output.weight" in types))
+    embs = {e for e, _, _ in seen}
+    assert {"fp16", "int8", "int4"} <= embs, seen
+    if which == "tied":
+        # the fp16-table rung of INT8 linears: its CPU head is the INT8 table, written as output
+        assert ("fp16", "int8", True) in seen, seen
+    code, o, e = run(capsys, ["export", b, "--variant", "int4", "--to", "gguf",
+                              "-o", tmp_path / "again.gguf"])
+    assert code == 0
+    if which == "untied":   # the Q4_1 tables' error is said, with the others'
+        assert "not exact:" in o and "Q4_1" in o
+    else:
+        assert "every tensor holds the bundle's numbers exactly" in o
 
 
 def test_metadata_tokenizer_and_marker(asym_bundle, tmp_path, capsys):
@@ -401,6 +454,29 @@ def test_llama_cpp_computes_the_bundles_logits(asym_bundle, variant, tmp_path, c
     assert isinstance(text, str)
 
 
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python not installed (bench extra)")
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_llama_cpp_computes_quantized_tables(ladder_bundles, which, tmp_path, capsys):
+    """llama.cpp reads the INT4 token tables (and a tied model's one table as its output) and
+    computes the bundle's logits."""
+    from lsaq_compile.evaluate import onnx_logits_fn
+    from lsaq_runtime.manifest import load_manifest
+
+    b = ladder_bundles[which]
+    m = load_manifest(b)
+    v = next(x for x in m["variants"] if x["tables"]["embed_tokens"] == "int4")["name"]
+    out = tmp_path / f"{v}.gguf"
+    export(b, v, out, capsys)
+    ids = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 200, 11]
+    llm = _llama(out)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)], np.float32)
+    want = onnx_logits_fn(b, m, v, context=64)(np.asarray(ids))
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() < 0.03 * scale, np.abs(got - want).max() / scale
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
 def test_rows_gguf_cannot_block_are_written_f16_and_reported():
     """A row length that is not a multiple of 32 has no Q8_0/Q4_x form: the nearest type (F16
     of the dequantized values) is chosen and its error measured, never silently."""
@@ -434,7 +510,7 @@ def test_rows_gguf_cannot_block_are_written_f16_and_reported():
 @pytest.mark.slow
 def test_real_smollm2_mix(smollm_bundle, tmp_path, capsys):
     """The real model's default-profile bundle: a mixed variant read back tensor by tensor,
-    its tokenizer (SmolLM2's pre-tokenizer), the INT8 LM head of the CPU graphs as Q8_0, and a
+    its tokenizer (SmolLM2's pre-tokenizer), its token tables (quantized on the ladder), and a
     Modelfile whose TEMPLATE states its ChatML template (with its default system message)."""
     exp = Expected(smollm_bundle)
     mixes = [v for v in exp.m["variants"] if v["layer_counts"].get("mixed") or
@@ -444,19 +520,25 @@ def test_real_smollm2_mix(smollm_bundle, tmp_path, capsys):
     rec = export(smollm_bundle, v, out, capsys)
     r = gguf.GGUFReader(str(out))
     t = {x.name: x for x in r.tensors}
-    head = "int8" if exp.variant(v)["providers"]["cpu"]["lm_head"] == "int8" else "fp16"
-    if head == "int8":
-        # the CPU graphs' INT8 head, as Q8_0, read back exactly
-        assert t["output.weight"].tensor_type.name == "Q8_0"
-        n, k = exp.m["model"]["vocab_size"], exp.m["model"]["hidden_size"]
-        want = exp.stored("lm_head.int8", n, k, "int8")
-        got = gguf.dequantize(t["output.weight"].data, t["output.weight"].tensor_type).reshape(n, k)
-        np.testing.assert_array_equal(got, want)
-        del t["output.weight"]
-        exp.store.pop("lm_head.weight", None)
+    # the token tables as the variant's CPU graph computes with them: quantized tables from
+    # their own codes (schema 6), an fp16 table's INT8 CPU head as Q8_0; exact or reported
+    reported = {x["name"]: x for x in rec}
+    head, _ = exp.head(v)
+    tables = {"token_embd.weight": exp.embedding(v)}
+    if head is not None:
+        tables["output.weight"] = head
+    else:
+        assert "output.weight" not in t
+    n, k = exp.m["model"]["vocab_size"], exp.m["model"]["hidden_size"]
+    for name, want in tables.items():
+        got = gguf.dequantize(t[name].data, t[name].tensor_type).reshape(n, k)
+        if t[name].tensor_type.name == "Q4_1":
+            err = np.sqrt(((got - want) ** 2).sum() / (want ** 2).sum())
+            assert reported[name]["rel_rms"] == pytest.approx(float(err), rel=1e-3)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)
     blk = [n for n in t if n.startswith("blk.")]
     assert len(blk) == 9 * exp.m["model"]["num_layers"]
-    reported = {x["name"]: x for x in rec}
     want = expected_tensors(exp, v, "llama")
     for name in blk:
         d = gguf.dequantize(t[name].data, t[name].tensor_type).reshape(want[name].shape)

@@ -141,7 +141,7 @@ def quality(args, work: Path, threads: int) -> tuple[list[dict], dict]:
     bundle = Path(args.exact_bundle)
     m = lsaq_runtime.load_manifest(bundle)
     tok_json = bundle / "tokenizer" / "tokenizer.json"
-    tw = ev.text_windows(TEXT, tok_json, args.seq_len, args.windows)
+    tw = ev.text_windows(TEXT, ev.bundle_codec(bundle, m), args.seq_len, args.windows)
     tk = Tokenizer.from_file(str(tok_json))
     decode = lambda ids: tk.decode(ids, skip_special_tokens=False)  # noqa: E731
     prompt_ids = tk.encode(PROMPT, add_special_tokens=False).ids
@@ -176,9 +176,10 @@ def quality(args, work: Path, threads: int) -> tuple[list[dict], dict]:
         t0 = time.perf_counter()
         r["ppl_llama"] = ev.perplexity(ll, tw)["perplexity"]
         r["t_llama"] = time.perf_counter() - t0
-        r["greedy"] = compare_greedy(lsaq_greedy(bundle, v, prompt_ids, 32, threads),
-                                     ll.greedy(prompt_ids, 32), decode)
-        r["greedy_text"] = decode(ll.greedy(prompt_ids, 32)[0])
+        theirs = ll.greedy(prompt_ids, 32)
+        r["greedy"] = compare_greedy(lsaq_greedy(bundle, v, prompt_ids, 32, threads), theirs,
+                                     decode)
+        r["greedy_text"] = decode(theirs[0])
         del ll
 
         d = work / f"exact-{v}-ct"
@@ -210,6 +211,8 @@ def quality(args, work: Path, threads: int) -> tuple[list[dict], dict]:
         r["t_ct"] = time.perf_counter() - t0
         del model
         rows.append(r)
+        # what is measured so far survives a run cut short
+        (work / "quality.partial.json").write_text(json.dumps(rows, indent=1, default=str))
         log(f"{v}: bundle {r['ppl_bundle']:.4f}, llama.cpp {r['ppl_llama']:.4f}, "
             f"transformers {r['ppl_ct']:.4f}; greedy {r['greedy']}")
     chat = chat_check(bundle, work, ladder(m)[1], threads, tk)
@@ -251,8 +254,7 @@ def speed(args, work: Path, threads: int) -> list[dict]:
 
     bundle = Path(args.bundle)
     m = lsaq_runtime.load_manifest(bundle)
-    tok_json = bundle / "tokenizer" / "tokenizer.json"
-    tw = ev.text_windows(TEXT, tok_json, args.seq_len, args.speed_windows)
+    tw = ev.text_windows(TEXT, ev.bundle_codec(bundle, m), args.seq_len, args.speed_windows)
     names = ladder(m)
     if args.quick:
         names = [n for i, n in enumerate(names) if i in (1, 2, len(names) - 1)]

@@ -372,11 +372,3 @@ def table_precisions(variant: dict, head: str = "fp16") -> tuple[str, str]:
                             "int8 or int4")
     return emb, (head if lm == "fp16" else lm)
 
-
-def rel_rms(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Relative RMS error ||approx - exact|| / ||exact|| (0 for an all-zero exact)."""
-    a = np.asarray(approx, np.float64)
-    e = np.asarray(exact, np.float64)
-    den = float(np.sqrt(np.mean(e * e)))
-    num = float(np.sqrt(np.mean((a - e) ** 2)))
-    return 0.0 if den == 0 else num / den

@@ -198,6 +198,24 @@ class LlamaCpp(Engine):
         return t1 - t0, time.perf_counter() - t0
 
 
+class LsaqExport(LlamaCpp):
+    """An LSAQ variant exported to GGUF (lsaq-compile export) and run by llama.cpp."""
+
+    def __init__(self, bundle: Path, variant: str, work: Path, context: int, threads: int):
+        from llama_cpp import Llama
+
+        from lsaq_compile.export_gguf import export_gguf
+
+        path = work / f"lsaq-export-{variant}.gguf"
+        export_gguf(bundle, variant, path, force=True, modelfile=False)
+        self.engine, self.precision = "llama.cpp", f"lsaq:{variant}"
+        self.llm = Llama(model_path=str(path), n_ctx=context, n_batch=512, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+        self.weight_bytes = self.read_bytes = path.stat().st_size
+        info = next(v for v in lsaq_runtime.load_manifest(bundle)["variants"] if v["name"] == variant)
+        self.avg_bits = info["avg_bits"]
+
+
 class Genai(Engine):
     def __init__(self, path: Path, precision: str, context: int):
         import onnxruntime_genai as og
@@ -265,6 +283,10 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--skip", nargs="*", default=[], help="engines to leave out")
+    ap.add_argument("--export", action="store_true",
+                    help="also run each LSAQ variant's GGUF export (lsaq-compile export) in llama.cpp")
+    ap.add_argument("--bundle", default=None, help="an existing LSAQ bundle of the same model "
+                    "[default: build one from the float weights in the workdir]")
     args = ap.parse_args()
     from lsaq_runtime.probe import physical_cores
     threads = args.threads or physical_cores()
@@ -274,13 +296,15 @@ def main() -> None:
     t_start = time.perf_counter()
 
     hf = hf_folder(work, args.model)
-    bundle = lsaq_bundle(work, hf)
+    bundle = Path(args.bundle) if args.bundle else lsaq_bundle(work, hf)
     manifest = lsaq_runtime.load_manifest(bundle)
     names = [v["name"] for v in manifest["variants"]]
     mix = names[len(names) // 2]
     lsaq_variants = ["fp16", "int8", "int4"] + ([] if args.quick else [mix])
     context = args.prompt + args.new + 8
     engines: list[Engine] = [Lsaq(bundle, v, context, threads) for v in lsaq_variants]
+    if args.export and "llama.cpp" not in args.skip:
+        engines += [LsaqExport(bundle, v, work, context, threads) for v in lsaq_variants]
     if "llama.cpp" not in args.skip:
         ggufs = llama_ggufs(work, hf)
         engines += [LlamaCpp(p, name, context, threads) for name, p in ggufs.items()]

@@ -291,7 +291,7 @@ def eval_cmd(bundle, text, seq_len, windows, tasks, data, limit, cross_check, va
         fns = {"onnx": ev.onnx_logits_fn(bundle, m, name, context=seq_len)}
         if reference:
             fns["torch"] = ev.torch_logits_fn(m["model"]["source"]["path"], v["precisions"],
-                                              m["quantization"])
+                                              m["quantization"], tables=v.get("tables"))
         row = [name, f"{v['avg_bits']:.2f}"]
         for kind, fn in fns.items():
             base = {"variant": name, "provider": "cpu", "engine": kind, "created": now}
@@ -382,6 +382,36 @@ def study(model, metrics, text, calibration, samples, seq_len, k, final_norm, ev
                   eval_seq_len, windows, reference_windows, bl, force, tasks_dir=data, tasks=tasks,
                   items=items or None, cross_check=not no_cross_check, quick=quick)
     click.echo((d / "report.md").read_text())
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--variant", required=True, help="the variant to export (see `inspect`)")
+@click.option("--to", "target", type=click.Choice(["gguf", "compressed-tensors"]), required=True,
+              help="gguf: one file for llama.cpp / Ollama; compressed-tensors: a Hugging Face "
+                   "folder for vLLM / transformers")
+@click.option("-o", "--output", "out", type=click.Path(), required=True,
+              help="FILE.gguf, or the folder to create")
+@click.option("--force", is_flag=True, help="replace an earlier export at that path")
+@click.option("--no-modelfile", is_flag=True, help="gguf: no Ollama Modelfile beside the file")
+@click.option("--errors-json", type=click.Path(dir_okay=False),
+              help="also write each tensor's type and relative RMS error as JSON")
+@click.option("-q", "--quiet", is_flag=True)
+def export(bundle, variant, target, out, force, no_modelfile, errors_json, quiet):
+    """Write one variant's plan for another engine, from the bundle's own codes and scales."""
+    progress = Progress(quiet)
+    if target == "gguf":
+        from .export_gguf import export_gguf
+
+        rep = export_gguf(bundle, variant, out, force=force, modelfile=not no_modelfile,
+                          progress=progress.stage("export"), errors_json=errors_json)
+    else:
+        from .export_compressed import export_compressed
+
+        rep = export_compressed(bundle, variant, out, force=force,
+                                progress=progress.stage("export"), errors_json=errors_json)
+    for line in rep.lines():
+        click.echo(printable(line))
 
 
 def main(argv=None):

@@ -92,11 +92,12 @@ def encoder(codec) -> Callable[[str], list[int]]:
     return codec.encode
 
 
-def torch_logits_fn(model_path, precisions: list[str], quantization: dict | None = None
-                    ) -> LogitsFn:
+def torch_logits_fn(model_path, precisions: list[str], quantization: dict | None = None,
+                    tables: dict[str, str] | None = None) -> LogitsFn:
     """The same plan in transformers, with exactly the dequantized weights the graph uses.
     quantization: the manifest's `quantization` record (None: the paper's per-channel RTN);
-    for clip 'mse-act' its clip_calibration says which text the clipping was measured on."""
+    for clip 'mse-act' its clip_calibration says which text the clipping was measured on.
+    tables: the variant's token-table precisions (manifest `tables`; fp16 when left out)."""
     import torch
 
     from .model_source import open_model
@@ -107,7 +108,8 @@ def torch_logits_fn(model_path, precisions: list[str], quantization: dict | None
     source = open_model(model_path)
     act = (_clip_activations(source, (quantization or {}).get("clip_calibration"))
            if settings.clip == "mse-act" else None)
-    model = reference_model(source, precisions, settings.schemes(), act_stats=act).eval()
+    model = reference_model(source, precisions, settings.schemes(), act_stats=act,
+                            tables=tables).eval()
 
     def run(ids: np.ndarray) -> np.ndarray:
         with torch.no_grad():

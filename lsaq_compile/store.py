@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import LsaqError
 
-_ST_DTYPES = {"float16": "F16", "float32": "F32", "uint8": "U8"}
+_ST_DTYPES = {"float16": "F16", "float32": "F32", "uint8": "U8", "int32": "I32", "int64": "I64"}
 # Upper bound of one header entry's length beyond its name: dtype, a shape of up to 4 dims and
 # two offsets, each number at most 20 digits, plus JSON punctuation.
 _ENTRY_OVERHEAD = 200

@@ -19,17 +19,21 @@ import numpy as np
 
 from lsaq_runtime.errors import LsaqRuntimeError
 from lsaq_runtime.integrity import safetensors_index
-from lsaq_runtime.manifest import load_manifest, split_precision, verify_bundle
+from lsaq_runtime.format import (FINAL_NORM, FLOAT_ROLE, LINEAR_PART, STORED_LINEARS, TABLE_BASE, layer_key, linear_base,
+                                 quant_keys, split_precision, table_base)
+from lsaq_runtime.manifest import load_manifest
+from lsaq_runtime.verify import verify_bundle
 
 from .errors import LsaqError
 from .model_source import FAMILIES, Family
 
-EMBED = "model.embed_tokens"
-LM_HEAD = "lm_head"
-FINAL_NORM = "model.norm.weight"
-STORED_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-PART_OF = {"self_attn.qkv_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_up_proj": "gate_up",
-           "mlp.down_proj": "down"}
+EMBED = TABLE_BASE["embed_tokens"]
+LM_HEAD = TABLE_BASE["lm_head"]
+
+
+def role_key(base: str, role: str) -> str:
+    """Store key of one role (qweight, scales, zero_points) of a quantized weight at `base`."""
+    return quant_keys(base)[role]
 _NP = {"F16": np.float16, "F32": np.float32, "U8": np.uint8}
 
 
@@ -169,15 +173,15 @@ class BundleReader:
         """An fp16/fp32 weight as stored, in Hugging Face layout [N, K] (the store keeps the
         decoder's float linears pre-transposed, [K, N])."""
         if w.role == "linear":
-            return np.ascontiguousarray(self.array(f"{w.base}.weight_kn").T)
+            return np.ascontiguousarray(self.array(f"{w.base}.{FLOAT_ROLE}").T)
         return self.array(f"{w.base}.weight")
 
     def quantized(self, w: StoredWeight) -> Quantized:
         """A stored INT8/INT4 weight with its scheme read from the stored shapes and the
         manifest (channel: one scale a row, repeated in every block)."""
         bits = int(w.precision[3:])
-        packed = self.array(f"{w.base}.qweight")
-        scales = self.array(f"{w.base}.scales")
+        packed = self.array(role_key(w.base, "qweight"))
+        scales = self.array(role_key(w.base, "scales"))
         n, nb, blob = packed.shape
         block = blob * 8 // bits
         k = w.shape[1]
@@ -188,8 +192,8 @@ class BundleReader:
             codes = packed.reshape(n, -1)
         else:
             codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)
-        if self.has(f"{w.base}.zero_points"):
-            zp = self.array(f"{w.base}.zero_points")
+        if self.has(role_key(w.base, "zero_points")):
+            zp = self.array(role_key(w.base, "zero_points"))
             if bits == 4:
                 zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)
             zp = np.ascontiguousarray(zp[:, :nb])
@@ -205,16 +209,16 @@ class BundleReader:
         the scales, and those only when a block is under 32, to tell a repeated row scale
         apart): planning an export of a 7B bundle reads no weights."""
         bits = int(w.precision[3:])
-        key = f"{w.base}.qweight"
+        key = role_key(w.base, "qweight")
         if key not in self.index:
             raise LsaqError(f"{self.root}: the weight store lacks {key}")
         n, nb, blob = self.index[key][2]
         block = blob * 8 // bits
-        symmetric = not self.has(f"{w.base}.zero_points")
+        symmetric = not self.has(role_key(w.base, "zero_points"))
         q = self.manifest.get("quantization") or {}
         kind = "channel" if bits == 8 or q.get("scheme", "channel") == "channel" else "group"
         if kind == "channel" and block < 32:
-            kind = self.strategy(bits, self.array(f"{w.base}.scales"))
+            kind = self.strategy(bits, self.array(role_key(w.base, "scales")))
         return Scheme(bits, block, symmetric, kind)
 
     def strategy(self, bits: int, scales: np.ndarray) -> str:
@@ -250,9 +254,9 @@ class BundleReader:
             except ValueError as e:
                 raise LsaqError(str(e)) from None
             for lin in STORED_LINEARS:
-                prec = parts[PART_OF[lin]]
-                out.append(StoredWeight(f"model.layers.{i}.{lin}.weight",
-                                        f"model.layers.{i}.{lin}.{prec}", prec, dims[lin]))
+                prec = parts[LINEAR_PART[lin]]
+                out.append(StoredWeight(layer_key(i, f"{lin}.weight"),
+                                        linear_base(i, lin, prec), prec, dims[lin]))
         vocab = mo["vocab_size"]
         emb_p, head_p = table_precisions(variant, head)
         out.append(self._table(EMBED, emb_p, (vocab, h), "embedding"))
@@ -261,7 +265,7 @@ class BundleReader:
             pass  # the head is the embedding table itself, at its precision
         elif tied and head_p == "fp16":
             out.append(self._table(LM_HEAD, head_p, (vocab, h), "lm_head", EMBED))
-        elif tied and self.has(f"{EMBED}.{head_p}.qweight"):
+        elif tied and self.has(role_key(table_base("embed_tokens", head_p), "qweight")):
             # schema 6: the tied head's quantized copy is the embedding table's own codes
             out.append(self._table(LM_HEAD, head_p, (vocab, h), "lm_head", EMBED))
         else:   # untied, or an older bundle's CPU head copy lm_head.int8.*
@@ -286,8 +290,8 @@ class BundleReader:
 
     def _stored(self, w: StoredWeight) -> bool:
         if w.precision in ("fp16", "fp32"):
-            return self.has(f"{w.base}.weight_kn" if w.role == "linear" else f"{w.base}.weight")
-        return self.has(f"{w.base}.qweight")
+            return self.has(f"{w.base}.{FLOAT_ROLE}" if w.role == "linear" else f"{w.base}.weight")
+        return self.has(role_key(w.base, "qweight"))
 
     # ------------------------------------------------------------------ the graph
     def arch_facts(self, variant: dict) -> ArchFacts:

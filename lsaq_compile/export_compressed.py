@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle_reader import BundleReader, Quantized, StoredWeight
+from lsaq_runtime.format import EMBED, LM_HEAD, layer_key, layer_prefix
+
+from .bundle_reader import BundleReader, Quantized, StoredWeight, role_key
 from .errors import LsaqError
 from .export_common import (FOLDER_MARKER, check_parent, check_target, clean_stale,
                             export_record, folder_refusal, put_in_place, tmp_path)
@@ -251,7 +253,7 @@ def _modules(reader: BundleReader, weights: list[StoredWeight], fused: bool) -> 
         members = (lin,) if fused or len(HF_MEMBERS[lin]) == 1 else HF_MEMBERS[lin]
         for m in members:
             lo, hi = rows.get(m, (0, w.shape[0])) if m != lin else (0, w.shape[0])
-            out.append(Module(f"model.layers.{layer}.{m}", w, lo, hi))
+            out.append(Module(layer_key(layer, m), w, lo, hi))
     return out
 
 
@@ -299,12 +301,12 @@ def export_compressed(bundle, variant: str, out, force: bool = False, verify: bo
     # the LM head of the GPU graph (float16) unless the variant's tables are quantized
     weights = reader.variant_weights(v, "fp16")
     by_name = {w.name: w for w in weights}
-    emb, lmh = by_name["model.embed_tokens.weight"], by_name.get("lm_head.weight")
+    emb, lmh = by_name[EMBED], by_name.get(LM_HEAD)
     if lmh is None and emb.precision not in ("fp16", "fp32"):
         # A tied model's quantized table: the head is written as a quantized Linear module
         # (the table's own codes, exact) and the embedding as float16 (below), so the folder
         # is untied.
-        lmh = StoredWeight("lm_head.weight", emb.base, emb.precision, emb.shape, "lm_head")
+        lmh = StoredWeight(LM_HEAD, emb.base, emb.precision, emb.shape, "lm_head")
     tied = lmh is None
     cfg = hf_config(reader, facts, tied)
     modules = _modules(reader, weights, fam.fused_linears)
@@ -317,7 +319,7 @@ def export_compressed(bundle, variant: str, out, force: bool = False, verify: bo
     float_tensors: list[tuple[str, object]] = []    # (name, fetch)
     table_records: list[dict] = []
     if emb.precision in ("fp16", "fp32"):
-        float_tensors.append(("model.embed_tokens.weight", lambda: reader.float_weight(emb)))
+        float_tensors.append((EMBED, lambda: reader.float_weight(emb)))
     else:
         # compressed-tensors' embedding quantization is not read by transformers, nor by vLLM
         # releases whose models do not pass their quantization config to the embedding (and
@@ -331,10 +333,10 @@ def export_compressed(bundle, variant: str, out, force: bool = False, verify: bo
             table_records.append({"module": "model.embed_tokens", "format": "float16",
                                   "exact": False, "rel_rms": err, "stored": emb.precision})
             return w16
-        float_tensors.append(("model.embed_tokens.weight", emb_f16))
+        float_tensors.append((EMBED, emb_f16))
     if lmh is not None:
         if lmh.precision in ("fp16", "fp32"):
-            float_tensors.append(("lm_head.weight", lambda: reader.float_weight(lmh)))
+            float_tensors.append((LM_HEAD, lambda: reader.float_weight(lmh)))
         else:   # a quantized Linear module like the decoder's (compressed-tensors target lm_head)
             modules.append(Module("lm_head", lmh, 0, lmh.shape[0]))
     float_tensors.append(("model.norm.weight", lambda: reader.array("model.norm.weight") - offset))
@@ -342,7 +344,7 @@ def export_compressed(bundle, variant: str, out, force: bool = False, verify: bo
     if fam.sandwich_norms:
         norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(L):
-        p = f"model.layers.{i}"
+        p = layer_prefix(i)
         for n in norms:
             float_tensors.append((f"{p}.{n}.weight",
                                   lambda k=f"{p}.{n}.weight": reader.array(k) - offset))
@@ -372,7 +374,7 @@ def export_compressed(bundle, variant: str, out, force: bool = False, verify: bo
             ignore.append(m.name)
         else:
             names += [f"{m.name}.{r}" for r in ("weight_packed", "weight_scale", "weight_shape")]
-            if reader.has(f"{m.weight.base}.zero_points"):
+            if reader.has(role_key(m.weight.base, "zero_points")):
                 names.append(f"{m.name}.weight_zero_point")
     if lmh is not None and lmh.precision in ("fp16", "fp32"):
         ignore.append("lm_head")
@@ -387,7 +389,7 @@ def export_compressed(bundle, variant: str, out, force: bool = False, verify: bo
             for n, fetch in float_tensors:
                 a = np.asarray(fetch())
                 st.add(n, a.astype(np.float16) if n.endswith(("embed_tokens.weight",
-                                                                "lm_head.weight")) else a)
+                                                                LM_HEAD)) else a)
             cur_base, cur = None, None
             for j, m in enumerate(modules):
                 if m.weight.precision in ("fp16", "fp32"):
@@ -485,7 +487,7 @@ def transformers_model(folder, dtype=None):
     sd = {k: (v.to(dtype) if v.is_floating_point() else v)
           for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == LM_HEAD)]
     if missing or unexpected:
         raise LsaqError(f"{folder}: tensors missing {missing[:3]}, unexpected {unexpected[:3]}")
     ModelCompressor(quantization_config=qconf).decompress_model(model)

@@ -30,6 +30,8 @@ from typing import Callable
 
 import numpy as np
 
+from lsaq_runtime.format import EMBED, LM_HEAD, layer_prefix
+
 from .bundle_reader import BundleReader, Quantized, Scheme, StoredWeight
 from .errors import LsaqError
 from .export_common import (GGUF_MARKER_KEY, MODELFILE_HEAD, check_parent, check_target,
@@ -489,13 +491,13 @@ def plan_tensors(reader: BundleReader, variant: dict, facts, gguf_arch: str,
 
     weights = reader.variant_weights(variant, head)
     by_name = {w.name: w for w in weights}
-    emb = _Linear(reader, by_name["model.embed_tokens.weight"])
+    emb = _Linear(reader, by_name[EMBED])
     add_matrix("token_embd.weight", emb, 0, mo["vocab_size"], None, True)
     h = mo["hidden_size"]
     add_vector("output_norm.weight", lambda: reader.array("model.norm.weight"), h,
                "model.norm.weight")
-    if "lm_head.weight" in by_name:
-        head_w = _Linear(reader, by_name["lm_head.weight"])
+    if LM_HEAD in by_name:
+        head_w = _Linear(reader, by_name[LM_HEAD])
         add_matrix("output.weight", head_w, 0, mo["vocab_size"], None, True)
     rp = facts.rope
     if rp.factors is not None:
@@ -504,7 +506,7 @@ def plan_tensors(reader: BundleReader, variant: dict, facts, gguf_arch: str,
 
     gemma = gguf_arch == "gemma3"
     for i in range(mo["num_layers"]):
-        p = f"model.layers.{i}"
+        p = layer_prefix(i)
         blk = f"blk.{i}"
 
         def norm(key):

@@ -113,9 +113,14 @@ INV_FREQ_LOCAL = "rope.local.inv_freq"   # Gemma 3: the sliding layers' own RoPE
 QKV_BIAS_KEY = "self_attn.qkv_proj.bias"
 
 
+def layer_prefix(i: int) -> str:
+    """The prefix of every tensor of decoder layer i (as in Hugging Face checkpoints)."""
+    return f"model.layers.{i}"
+
+
 def layer_key(i: int, name: str) -> str:
     """Key of tensor `name` of decoder layer i (a norm's "input_layernorm.weight", ...)."""
-    return f"model.layers.{i}.{name}"
+    return f"{layer_prefix(i)}.{name}"
 
 
 def norm_key(i: int, which: str) -> str:

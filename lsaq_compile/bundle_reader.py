@@ -19,7 +19,7 @@ import numpy as np
 
 from lsaq_runtime.errors import LsaqRuntimeError
 from lsaq_runtime.integrity import safetensors_index
-from lsaq_runtime.format import (FINAL_NORM, FLOAT_ROLE, LINEAR_PART, STORED_LINEARS, TABLE_BASE, layer_key, linear_base,
+from lsaq_runtime.format import (FLOAT_ROLE, LINEAR_PART, STORED_LINEARS, TABLE_BASE, layer_key, linear_base,
                                  quant_keys, split_precision, table_base)
 from lsaq_runtime.manifest import load_manifest
 from lsaq_runtime.verify import verify_bundle

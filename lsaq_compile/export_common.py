@@ -27,7 +27,7 @@ def tmp_path(out: Path) -> Path:
 
 def clean_stale(out: Path) -> None:
     """Remove temporaries of earlier exports to this target whose process is gone."""
-    from .bundle import _pid_alive
+    from .folders import _pid_alive
 
     for p in out.parent.glob(f".{out.name}{TMP_MARK}*"):
         pid = p.name.rsplit("-", 1)[-1]
@@ -94,14 +94,9 @@ def folder_refusal(path: Path) -> str | None:
 
 def check_target(out: Path, force: bool, refusal) -> None:
     """Refuse an existing target unless --force and `refusal(out)` finds it is our export."""
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not force:
-        raise LsaqError(f"{out} already exists; pass --force to replace it")
-    why = refusal(out)
-    if why:
-        raise LsaqError(f"{why}; --force only replaces an earlier export, so nothing was "
-                        "deleted: choose another -o or remove it yourself")
+    from .folders import check_target as check
+
+    check(out, force, refusal, "an earlier export")
 
 
 def put_in_place(tmp: Path, out: Path) -> None:

@@ -199,13 +199,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def check_replaceable(out: Path, force: bool) -> None:
-    """A build may only replace an existing folder that is an LSAQ bundle, and only with force."""
+def check_target(out: Path, force: bool, refusal, what: str, it: str = "it") -> None:
+    """Refuse an existing target unless --force and `refusal(out)` finds nothing against
+    replacing it (it is `what`: our own bundle or export), so no user's file is ever deleted."""
     if not (out.exists() or out.is_symlink()):
         return
     if not force:
         raise LsaqError(f"{out} already exists; pass --force to replace it")
-    why = replace_refusal(out)
+    why = refusal(out)
     if why:
-        raise LsaqError(f"{why}; --force only replaces an LSAQ bundle, so nothing was deleted: "
-                        "choose another -o or remove the folder yourself")
+        raise LsaqError(f"{why}; --force only replaces {what}, so nothing was deleted: "
+                        f"choose another -o or remove {it} yourself")
+
+
+def check_replaceable(out: Path, force: bool) -> None:
+    """A build may only replace an existing folder that is an LSAQ bundle, and only with force."""
+    check_target(out, force, replace_refusal, "an LSAQ bundle", "the folder")

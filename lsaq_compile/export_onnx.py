@@ -809,18 +809,24 @@ def _linear(g: _GraphBuilder, x: str, i: int, lin: str, layer_precision: str, sp
     return y
 
 
-def _matmul_nbits(g: _GraphBuilder, x: str, base: str, bits: int, k_in: int, n_out: int,
-                  hint: str) -> str:
-    """x @ W.T for the quantized weight stored under `base` (qweight, scales[, zero_points])."""
+def _stored_quantized(g: _GraphBuilder, base: str, bits: int, what: str
+                      ) -> tuple[dict[str, str], tuple[int, int, int]]:
+    """The store keys of the quantized weight under `base` and its (rows, blocks, block size)."""
     key = quant_keys(base)
     qref = g.index.get(key["qweight"])
     if qref is None:
-        raise LsaqError(f"the weight store lacks {key['qweight']}; was it written for "
-                        "this variant's precisions?")
+        raise LsaqError(f"the weight store lacks {key['qweight']}; was it written for this "
+                        f"variant's {what}?")
     n, n_blocks, blob = qref.shape
-    block = blob * 8 // bits
+    return key, (n, n_blocks, blob * 8 // bits)
+
+
+def _matmul_nbits(g: _GraphBuilder, x: str, base: str, bits: int, k_in: int, n_out: int,
+                  hint: str) -> str:
+    """x @ W.T for the quantized weight stored under `base` (qweight, scales[, zero_points])."""
+    key, (n, n_blocks, block) = _stored_quantized(g, base, bits, "precisions")
     if n != n_out or not 0 <= n_blocks * block - k_in < block:
-        raise LsaqError(f"{key['qweight']} has shape {qref.shape}, not that of a "
+        raise LsaqError(f"{key['qweight']} has shape {g.index[key["qweight"]].shape}, not that of a "
                         f"[{n_out}, {k_in}] weight")
     ins = [g.weight(key["qweight"]),
            g.weight(key["scales_f32"] if g.dtype == "float32" else key["scales"])]
@@ -840,13 +846,7 @@ def _gather_quantized(g: _GraphBuilder, base: str, bits: int, hidden: int) -> st
     the memory-mapped codes, scales and zero points, and every provider runs these ops (ORT's
     GatherBlockQuantized would do the same on CPU, but its CUDA support is not verified here)."""
     hint = "embed_q"
-    key = quant_keys(base)
-    qref = g.index.get(key["qweight"])
-    if qref is None:
-        raise LsaqError(f"the weight store lacks {key['qweight']}; was it written for this "
-                        "variant's table precision?")
-    _, n_blocks, blob = qref.shape
-    block = blob * 8 // bits
+    key, (_, n_blocks, block) = _stored_quantized(g, base, bits, "table precision")
     f32 = TensorProto.FLOAT
 
     def rows(key: str) -> str:

@@ -238,3 +238,21 @@ def empty_cache_feed(manifest: dict, ids: list[int], keep: int = 0) -> dict:
     for i in range(mo["num_layers"]):
         feed[f"past_key_values.{i}.key"] = feed[f"past_key_values.{i}.value"] = empty
     return feed
+
+
+def run_cli(capsys, which: str, args: list) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `lsaq-run` (which="run") or `lsaq-compile` in process."""
+    from lsaq_compile.cli import main as compile_main
+    from lsaq_runtime.cli import main as run_main
+
+    if which == "run":
+        code = run_main([str(a) for a in args])
+    else:
+        try:
+            compile_main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from lsaq_compile.cli import main as compile_main
+from conftest import run_cli
 from lsaq_runtime.cli import main as run_main
 
 PROMPT = "the quick brown fox"
@@ -63,17 +63,6 @@ def first_int8_weight(g) -> str:
     return next(t.name for t in g.graph.initializer if t.name.endswith(".int8.qweight"))
 
 
-def run_cli(capsys, which: str, args: list) -> tuple[int, str, str]:
-    if which == "run":
-        code = run_main([str(a) for a in args])
-    else:
-        try:
-            compile_main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ------------------------------------------------------------------------------- cases

@@ -12,21 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from export_helpers import Expected, build, family_bundle, ladder_build
-from lsaq_compile.cli import main as compile_main
 
 ct = pytest.importorskip("compressed_tensors")
 torch = pytest.importorskip("torch")
 
 
 def run(capsys, args) -> tuple[int, str, str]:
-    try:
-        compile_main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "compile", args)
 
 
 def export(bundle, variant, out, capsys, *extra) -> str:

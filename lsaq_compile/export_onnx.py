@@ -826,7 +826,7 @@ def _matmul_nbits(g: _GraphBuilder, x: str, base: str, bits: int, k_in: int, n_o
     """x @ W.T for the quantized weight stored under `base` (qweight, scales[, zero_points])."""
     key, (n, n_blocks, block) = _stored_quantized(g, base, bits, "precisions")
     if n != n_out or not 0 <= n_blocks * block - k_in < block:
-        raise LsaqError(f"{key['qweight']} has shape {g.index[key["qweight"]].shape}, not that of a "
+        raise LsaqError(f"{key['qweight']} has shape {g.index[key['qweight']].shape}, not that of a "
                         f"[{n_out}, {k_in}] weight")
     ins = [g.weight(key["qweight"]),
            g.weight(key["scales_f32"] if g.dtype == "float32" else key["scales"])]

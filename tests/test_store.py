@@ -61,4 +61,4 @@ def test_unplanned_or_repeated_tensor_is_refused(tmp_path):
             w.add("a", np.zeros(2, np.float32))
     with pytest.raises(ValueError):
         with SafetensorsWriter(tmp_path, "w.safetensors", ["a"]) as w:
-            w.add("a", np.zeros(2, np.int64))
+            w.add("a", np.zeros(2, np.float64))

@@ -116,7 +116,7 @@ class Expected:
 
     def linear(self, variant: str, layer: int, lin: str) -> tuple[np.ndarray, str]:
         """(float32 weight [N, K] of stored (fused) linear lin, its precision)."""
-        from lsaq_runtime.manifest import LINEAR_PART, split_precision
+        from lsaq_runtime.format import LINEAR_PART, split_precision
 
         mo = self.m["model"]
         p = split_precision(self.variant(variant)["precisions"][layer])[LINEAR_PART[lin]]

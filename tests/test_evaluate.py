@@ -78,7 +78,8 @@ def test_eval_cli_records_results_in_the_bundle(tiny_bundle, tmp_path):
 
     import hashlib
 
-    from lsaq_runtime.manifest import replace_refusal, verify_bundle
+    from lsaq_runtime.bundle_folder import replace_refusal
+    from lsaq_runtime.verify import verify_bundle
 
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)

@@ -256,3 +256,17 @@ def run_cli(capsys, which: str, args: list) -> tuple[int, str, str]:
     out, err = capsys.readouterr()
     return code, out, err
 
+
+@pytest.fixture(scope="session")
+def ladder_bundles(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """Schema 6 bundles with the token tables on the ladder, built once for both exporters'
+    tests (read only): the untied tiny Llama with the default profile's INT4 (group 32, zero
+    points), and a tied tiny Qwen3 per channel whose fp16-table rung's CPU head is the INT8
+    table (cpu_lm_head int8)."""
+    from export_helpers import ladder_build
+
+    tmp = tmp_path_factory.mktemp("ladder")
+    return {"untied": ladder_build(tiny_llama_dir, tmp / "untied"),
+            "tied": ladder_build(make_tiny_family(tmp / "hf-qwen3", "qwen3"), tmp / "tied",
+                                 scheme="channel", cpu_lm_head="int8")}
+

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from export_helpers import Expected, build, family_bundle, ladder_build
+from export_helpers import Expected, build, family_bundle
 
 ct = pytest.importorskip("compressed_tensors")
 torch = pytest.importorskip("torch")
@@ -144,17 +144,6 @@ def test_every_variant_decompresses_to_the_bundles_weights(which, tiny_bundle, a
     want = Tokenizer.from_file(str(b / "tokenizer" / "tokenizer.json")).encode(
         text, add_special_tokens=False).ids
     assert AutoTokenizer.from_pretrained(str(out)).encode(text, add_special_tokens=False) == want
-
-
-@pytest.fixture(scope="module")
-def ladder_bundles(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
-    """Schema 6 bundles with the token tables on the ladder (see test_export_gguf)."""
-    from conftest import make_tiny_family
-
-    tmp = tmp_path_factory.mktemp("ct-ladder")
-    return {"untied": ladder_build(tiny_llama_dir, tmp / "untied"),
-            "tied": ladder_build(make_tiny_family(tmp / "hf-qwen3", "qwen3"), tmp / "tied",
-                                 scheme="channel", cpu_lm_head="int8")}
 
 
 @pytest.mark.parametrize("which", ["untied", "tied"])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from export_helpers import Expected, build, family_bundle, ladder_build
+from export_helpers import Expected, build, family_bundle
 
 gguf = pytest.importorskip("gguf")
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
@@ -144,19 +144,6 @@ def test_every_variant_reads_back_asymmetric_group(asym_bundle, tmp_path, capsys
     code, o, e = run(capsys, ["export", asym_bundle, "--variant", "int4", "--to", "gguf",
                               "-o", tmp_path / "again.gguf"])
     assert code == 0 and "not exact:" in o and "Q4_1" in o and "relative RMS error" in o
-
-
-@pytest.fixture(scope="module")
-def ladder_bundles(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
-    """Schema 6 bundles with the token tables on the ladder: an untied tiny Llama with the
-    default profile's INT4 (group 32, zero points), and a tied tiny Qwen3 per channel whose
-    fp16-table rung's CPU head is the INT8 table (cpu_lm_head int8)."""
-    from conftest import make_tiny_family
-
-    tmp = tmp_path_factory.mktemp("gguf-ladder")
-    return {"untied": ladder_build(tiny_llama_dir, tmp / "untied"),
-            "tied": ladder_build(make_tiny_family(tmp / "hf-qwen3", "qwen3"), tmp / "tied",
-                                 scheme="channel", cpu_lm_head="int8")}
 
 
 @pytest.mark.parametrize("which", ["untied", "tied"])

@@ -554,6 +554,14 @@ def _expect_503(ask) -> str:
     return e.value.message
 
 
+def settle(engine) -> str:
+    """Let the engine see the current reading and finish any switch it decides; the variant."""
+    engine.observe()
+    wait_for(lambda: not engine._needs_switch() and not engine.switching,
+             what="the switch to finish")
+    return engine.current
+
+
 def test_hysteresis_does_not_flap(chat_bundle):
     """Memory that keeps coming and going never switches up; it must stay free for
     upgrade_after seconds (a fake clock; the budget is what squeezes)."""
@@ -564,10 +572,7 @@ def test_hysteresis_does_not_flap(chat_bundle):
 
     def at(t, b):
         now[0], budget[0] = t, b
-        engine.observe()
-        wait_for(lambda: not engine._needs_switch() and not engine.switching,
-                 what="the switch to finish")
-        return engine.current
+        return settle(engine)
 
     try:
         assert engine.current == "fp16"
@@ -619,10 +624,7 @@ def test_a_switch_reads_and_hashes_only_the_variant(chat_bundle, monkeypatch):
 
     def switch_at(b):
         budget[0] = b
-        engine.observe()
-        wait_for(lambda: not engine._needs_switch() and not engine.switching,
-                 what="the switch to finish")
-        return engine.current
+        return settle(engine)
 
     try:
         assert engine.current == "fp16"

@@ -413,24 +413,31 @@ def _llama(path: Path, n_ctx: int = 64):
     return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False)
 
 
-@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python not installed (bench extra)")
-@pytest.mark.parametrize("variant", ["fp16", "int8", "int4x2", "int4"])
-def test_llama_cpp_computes_the_bundles_logits(asym_bundle, variant, tmp_path, capsys):
+def llama_cpp_matches(bundle: Path, variant: str, tmp_path, capsys):
+    """Export `variant` to GGUF, run llama.cpp on a fixed prompt and assert its logits are the
+    bundle's ONNX graph's; the loaded model, for more checks."""
     from lsaq_compile.evaluate import onnx_logits_fn
     from lsaq_runtime.manifest import load_manifest
 
     out = tmp_path / f"{variant}.gguf"
-    export(asym_bundle, variant, out, capsys)
+    export(bundle, variant, out, capsys)
     ids = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 200, 11]
     llm = _llama(out)
     llm.eval(ids)
     got = np.asarray(llm.scores[: len(ids)], np.float32)
-    m = load_manifest(asym_bundle)
-    want = onnx_logits_fn(asym_bundle, m, variant, context=64)(np.asarray(ids))
+    m = load_manifest(bundle)
+    want = onnx_logits_fn(bundle, m, variant, context=64)(np.asarray(ids))
     # llama.cpp rounds activations to 8 bits (Q8_0/Q4_x) or float16 (F16) inside its matmuls
     scale = np.abs(want).max()
     assert np.abs(got - want).max() < 0.03 * scale, np.abs(got - want).max() / scale
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    return llm
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python not installed (bench extra)")
+@pytest.mark.parametrize("variant", ["fp16", "int8", "int4x2", "int4"])
+def test_llama_cpp_computes_the_bundles_logits(asym_bundle, variant, tmp_path, capsys):
+    llm = llama_cpp_matches(asym_bundle, variant, tmp_path, capsys)
     text = llm.create_completion("the", max_tokens=8, temperature=0.0)["choices"][0]["text"]
     assert isinstance(text, str)
 
@@ -440,22 +447,12 @@ def test_llama_cpp_computes_the_bundles_logits(asym_bundle, variant, tmp_path, c
 def test_llama_cpp_computes_quantized_tables(ladder_bundles, which, tmp_path, capsys):
     """llama.cpp reads the INT4 token tables (and a tied model's one table as its output) and
     computes the bundle's logits."""
-    from lsaq_compile.evaluate import onnx_logits_fn
     from lsaq_runtime.manifest import load_manifest
 
     b = ladder_bundles[which]
-    m = load_manifest(b)
-    v = next(x for x in m["variants"] if x["tables"]["embed_tokens"] == "int4")["name"]
-    out = tmp_path / f"{v}.gguf"
-    export(b, v, out, capsys)
-    ids = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 200, 11]
-    llm = _llama(out)
-    llm.eval(ids)
-    got = np.asarray(llm.scores[: len(ids)], np.float32)
-    want = onnx_logits_fn(b, m, v, context=64)(np.asarray(ids))
-    scale = np.abs(want).max()
-    assert np.abs(got - want).max() < 0.03 * scale, np.abs(got - want).max() / scale
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    v = next(x for x in load_manifest(b)["variants"]
+             if x["tables"]["embed_tokens"] == "int4")["name"]
+    llama_cpp_matches(b, v, tmp_path, capsys)
 
 
 def test_rows_gguf_cannot_block_are_written_f16_and_reported():

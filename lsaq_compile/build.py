@@ -1,8 +1,8 @@
 """The compiler's orchestrator: run the stages (stages/) in order on one job record, in a
 working folder beside the target, and put the finished bundle in place.
 
-Scores are measured once and reused for every variant (exllamav2's measure-once idea); a
-killed build continues with `resume=True` (`lsaq-compile build --resume`), reusing every
+Scores are measured once and reused for every variant, and by every later build of the same
+inputs (measurements.py: exllamav2's measure-once idea); a killed build continues with `resume=True` (`lsaq-compile build --resume`), reusing every
 finished stage and every finished measurement.
 """
 
@@ -27,10 +27,12 @@ STAGES = stages.PIPELINE
 def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike = "bundle",
                  profile: str | Profile | None = None, scores=None, metric: str | None = None,
                  force: bool = False, progress: Progress | None = None,
-                 chat_template: str | None = None, resume: bool = False) -> Path:
+                 chat_template: str | None = None, resume: bool = False,
+                 remeasure: bool = False) -> Path:
     """Compile `model` (None = the default SmolLM2) into a bundle folder at `out`.
     chat_template: a Jinja template to ship instead of the source's (many GGUFs carry none).
-    resume: continue the interrupted build of `out` (same inputs) where it stopped."""
+    resume: continue the interrupted build of `out` (same inputs) where it stopped.
+    remeasure: measure even when an earlier build kept a measurement of the same inputs."""
     progress = progress or Progress()
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     # Absolute: `-o .` names the folder by its own name, so the working folder goes beside
@@ -48,7 +50,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
     t0 = time.perf_counter()
     ctx = BuildContext(model, out, prof, QuantSettings.from_profile(prof.quantization),
                        metric or prof.scoring.metric, progress, scores_given=scores,
-                       chat_template=chat_template, resumed=resume)
+                       chat_template=chat_template, resumed=resume, remeasure=remeasure)
     job = None
     try:
         if work is None:

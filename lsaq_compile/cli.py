@@ -131,8 +131,11 @@ def _score_sensitivity(source, profile, calibration, samples, seq_len, progress)
 @click.option("--force", is_flag=True, help="replace an existing bundle folder")
 @click.option("--resume", is_flag=True, help="continue the interrupted build of -o (same "
               "arguments): finished stages and measurements are reused")
+@click.option("--remeasure", is_flag=True, help="measure again even when an earlier build of "
+              "this model kept a measurement of the same calibration and quantizers")
 @click.option("-q", "--quiet", is_flag=True)
-def build(model, out, profile, scores, metric, calibration, chat_template, force, resume, quiet):
+def build(model, out, profile, scores, metric, calibration, chat_template, force, resume, remeasure,
+          quiet):
     """Score (unless --scores), quantize, export every variant and write the bundle."""
     from .bundle import build_bundle, read_manifest
     from .profiles import load_profile
@@ -142,7 +145,8 @@ def build(model, out, profile, scores, metric, calibration, chat_template, force
         prof.scoring.calibration = calibration
     template = _read_template(chat_template) if chat_template else None
     path = build_bundle(model, out, profile=prof, scores=scores, metric=metric, force=force,
-                        progress=Progress(quiet), chat_template=template, resume=resume)
+                        progress=Progress(quiet), chat_template=template, resume=resume,
+                        remeasure=remeasure)
     click.echo(variant_table(read_manifest(path)))
 
 

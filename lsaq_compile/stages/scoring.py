@@ -3,13 +3,15 @@ the KL of quantizing each linear alone) or a proxy metric (importance.py: Jaccar
 z-score), or scores given by the caller (`--scores`).
 
 A measurement appends each finished (layer, unit) to the job's measurements.jsonl, so a
-killed build resumes it where it stopped; scores.json is written only once it is whole.
+killed build resumes it where it stopped; scores.json is written only once it is whole, and
+the whole measurement is kept for every later build of the same inputs (measurements.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from ..errors import LsaqError
@@ -30,10 +32,31 @@ def run(job: Job, ctx: BuildContext) -> Job:
     if ctx.scores_given is not None:
         ctx.scores = given_scores(ctx.scores_given, ctx.source.spec.num_layers)
     else:
-        ctx.scores, ctx.meter = measure(ctx, _log(job, ctx))
+        ctx.scores, ctx.meter = measure_or_reuse(job, ctx)
     if job.folder is not None:
         write_json_atomic(job.path(SCORES), ctx.scores.to_json())
     return job.finish(NAME, {"scores": SCORES, "metric": ctx.scores.metric})
+
+
+def measure_or_reuse(job: Job, ctx: BuildContext):
+    """An earlier build's finished measurement of the same inputs (measurements.py), or a new
+    one, which is then kept for the builds after this one."""
+    from .. import measurements
+
+    windows = job.outputs.get("calibration", {}).get("windows_sha256")
+    key = measurements.key(ctx, windows)
+    found = None if ctx.remeasure else measurements.lookup(key, ctx.progress)
+    if found is not None:
+        scores, facts = found
+        ctx.progress(f"scoring: reusing the {scores.metric} measurement of an earlier build of "
+                     f"this model (same calibration and quantizers; stored {facts.get('stored', '?')}"
+                     f", {facts.get('seconds', 0):.0f} s saved); --remeasure measures again")
+        return scores, None
+    t0 = time.perf_counter()
+    scores, meter = measure(ctx, _log(job, ctx))
+    measurements.store(key, scores, {"model": ctx.source.spec.name, "metric": scores.metric,
+                                     "seconds": round(time.perf_counter() - t0, 1)})
+    return scores, meter
 
 
 def _log(job: Job, ctx: BuildContext) -> MeasurementLog | None:

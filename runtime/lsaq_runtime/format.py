@@ -3,7 +3,7 @@
 Everything that both halves must spell the same way lives here and only here: the compiler
 writes bundles with these names (lsaq_compile imports this module), the runtime reads and
 checks them (manifest, graph_check, session, planner). BUNDLE_FORMAT.md describes the same
-things in prose; tests/test_architecture.py checks the two agree.
+things in prose; tests/contract/test_architecture.py checks the two agree.
 
 This module holds data and pure functions only: no I/O, no imports beyond the standard library.
 """

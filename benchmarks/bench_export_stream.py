@@ -42,7 +42,7 @@ def log(msg: str) -> None:
 def checkpoint(out: Path, layers: int) -> Path:
     from safetensors.numpy import save_file
 
-    from conftest import save_tiny_tokenizer
+    from factories.models import save_tiny_tokenizer
 
     if (out / "config.json").is_file():
         return out

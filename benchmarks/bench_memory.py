@@ -53,12 +53,13 @@ def large_vocab_bundle(cache: Path) -> Path:
     if (cache / "bundle" / "manifest.json").is_file():
         return cache / "bundle"
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import _small_profile, make_large_vocab_model
+    from factories.bundles import small_profile
+    from factories.models import make_large_vocab_model
     from lsaq_compile.bundle import build_bundle
     from lsaq_compile.progress import Progress
 
     src = make_large_vocab_model(cache / "hf")
-    prof = _small_profile(samples=2, seq_len=64)
+    prof = small_profile(samples=2, seq_len=64)
     prof.build.rungs, prof.build.refine, prof.build.quality_samples = 2, 0, 2
     print(f"building the large-vocabulary bundle into {cache / 'bundle'} (once)", file=sys.stderr)
     return build_bundle(src, cache / "bundle", profile=prof, force=True, progress=Progress())

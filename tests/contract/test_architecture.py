@@ -216,3 +216,28 @@ def test_bundle_format_doc_names_exist_in_the_format_module():
     assert named, "BUNDLE_FORMAT.md refers to no name of lsaq_runtime.format"
     missing = sorted(n for n in named if not hasattr(fmt, n))
     assert not missing, missing
+
+
+def test_what_benchmarks_examples_and_tests_import_exists():
+    """Every name a benchmark, example or test imports from the two packages or from the test
+    factories exists (they import inside functions too, where a moved name fails only when run)."""
+    import importlib
+    import importlib.util
+
+    ours = ("lsaq_compile", "lsaq_runtime", "factories", "conftest")
+    missing = []
+    for folder in ("benchmarks", "examples", "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                        and node.module.split(".")[0] in ours):
+                    continue
+                try:
+                    mod = importlib.import_module(node.module)
+                except ImportError as e:
+                    missing.append(f"{path.relative_to(ROOT)}: {node.module} ({e})")
+                    continue
+                missing += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(mod, a.name)
+                            and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert not missing, missing

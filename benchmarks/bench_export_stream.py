@@ -19,68 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "runtime"), str(REPO / "tests")]
-SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-             num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-             rms_norm_eps=1e-5, rope_theta=10000.0)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def checkpoint(out: Path, layers: int) -> Path:
-    from safetensors.numpy import save_file
-
-    from factories.models import save_tiny_tokenizer
-
-    if (out / "config.json").is_file():
-        return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    h, ff, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
-
-    def rand(*shape):
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
-
-    index = {}
-
-    def shard(name, tensors):
-        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-        index.update({k: name for k in tensors})
-
-    shard("embed.safetensors", {"model.embed_tokens.weight": rand(v, h),
-                                "model.norm.weight": np.ones(h, np.float16)})
-    shard("head.safetensors", {"lm_head.weight": rand(v, h)})
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        t = {f"{p}.self_attn.{n}.weight": rand(h, h) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        t.update({f"{p}.mlp.gate_proj.weight": rand(ff, h), f"{p}.mlp.up_proj.weight": rand(ff, h),
-                  f"{p}.mlp.down_proj.weight": rand(h, ff),
-                  f"{p}.input_layernorm.weight": np.ones(h, np.float16),
-                  f"{p}.post_attention_layernorm.weight": np.ones(h, np.float16)})
-        shard(f"layer-{i:02d}.safetensors", t)
-        log(f"checkpoint layer {i + 1}/{layers}")
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers,
-           "torch_dtype": "float16", "tie_word_embeddings": False, "bos_token_id": 1,
-           "eos_token_id": 2, **SHAPE}
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
-    save_tiny_tokenizer(tmp, v)
-    tmp.rename(out)
-    return out
+sys.path.insert(0, str(REPO / "benchmarks"))
+from checkpoints import SHAPES, checkpoint, log  # noqa: E402
 
 
 def peak_of(cmd: list[str]) -> tuple[float, float, str]:
@@ -113,7 +62,7 @@ def main() -> None:
     py = sys.executable
     lsaq = [py, "-m", "lsaq_compile.cli"]
     t0 = time.perf_counter()
-    ckpt = checkpoint(work / "ckpt", args.layers)
+    ckpt = checkpoint(work / "ckpt", SHAPES["llama-2-7b"], args.layers)
     scores = work / "scores.json"
     scores.write_text(json.dumps({"metric": "jaccard", "params": {"k": 10, "final_norm": False},
                                   "calibration": None, "model": {},

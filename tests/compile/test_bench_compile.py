@@ -1,0 +1,51 @@
+"""benchmarks/checkpoints.py measures a command from outside (anonymous memory of its process
+tree, CPU seconds, a memory stop) and bench_compile.py extrapolates per layer."""
+
+from __future__ import annotations
+
+import sys
+
+from factories.data import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_compile import extrapolate  # noqa: E402
+from checkpoints import SHAPES, layer_params, measure, table_params  # noqa: E402
+
+# A child that holds 300 MiB of anonymous memory in a grandchild for a moment, burning CPU.
+HOLD = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+        "'b = bytearray(300 << 20); import time; t = time.process_time()\\n"
+        "while time.process_time() - t < 0.6: b[::4096] = bytes(len(b[::4096]))'])")
+
+
+def test_measure_sees_a_grandchilds_memory_and_cpu():
+    c = measure([sys.executable, "-c", HOLD], every=0.05)
+    assert c.rc == 0 and not c.stopped
+    assert 280 <= c.peak_anon_mib < 600, c
+    assert c.cpu_s >= 0.5 and c.wall_s >= c.cpu_s * 0.5
+
+
+def test_measure_stops_a_command_past_the_limit():
+    c = measure([sys.executable, "-c", HOLD], stop_above_gib=0.1, every=0.05)
+    assert c.rc != 0 and "passed 0.1 GiB" in c.stopped
+
+
+def test_published_shapes_count_their_parameters():
+    # Llama-2-7B: 6.74B parameters; Llama-3-8B: 8.03B (their model cards)
+    for name, want in (("llama-2-7b", 6.74e9), ("llama-3-8b", 8.03e9), ("llama-2-70b", 68.98e9)):
+        s = SHAPES[name]
+        got = layer_params(s) * s["num_hidden_layers"] + table_params(s)
+        assert abs(got - want) / want < 0.01, (name, got)
+
+
+def test_extrapolation_is_fixed_plus_per_layer():
+    rows = [dict(shape="llama-2-7b", profile="paper", layers=2, wall=100.0, cpu=150.0, anon=1000.0,
+                 status="ok"),
+            dict(shape="llama-2-7b", profile="paper", layers=4, wall=160.0, cpu=250.0, anon=1000.0,
+                 status="ok"),
+            dict(shape="llama-3-8b", profile="paper", layers=2, wall=1.0, cpu=1.0, anon=1.0,
+                 status="failed")]
+    (line,) = extrapolate(rows)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # 100 + 30 s x 30 more layers = 1000 s = 17 min; CPU 150 + 50 x 30 = 1650 s = 28 min
+    assert cells[:6] == ["llama-2-7b", "32", "6.7B", "paper", "17", "28"]
+    assert cells[6] == "30.0 / 50.0 / 0" and cells[7] == "1.0"

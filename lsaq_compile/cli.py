@@ -400,8 +400,14 @@ def study(model, metrics, text, calibration, samples, seq_len, k, final_norm, ev
 @click.option("--no-modelfile", is_flag=True, help="gguf: no Ollama Modelfile beside the file")
 @click.option("--errors-json", type=click.Path(dir_okay=False),
               help="also write each tensor's type and relative RMS error as JSON")
+@click.option("--embedding-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True,
+              help="compressed-tensors: how a quantized embedding table is written (its "
+                   "dequantized values; vLLM reads no quantized embedding): float32 exact, "
+                   "float16 half the bytes, rounded")
 @click.option("-q", "--quiet", is_flag=True)
-def export(bundle, variant, target, out, force, no_modelfile, errors_json, quiet):
+def export(bundle, variant, target, out, force, no_modelfile, errors_json, embedding_dtype,
+           quiet):
     """Write one variant's plan for another engine, from the bundle's own codes and scales."""
     progress = Progress(quiet)
     if target == "gguf":
@@ -413,7 +419,8 @@ def export(bundle, variant, target, out, force, no_modelfile, errors_json, quiet
         from .export_compressed import export_compressed
 
         rep = export_compressed(bundle, variant, out, force=force,
-                                progress=progress.stage("export"), errors_json=errors_json)
+                                progress=progress.stage("export"), errors_json=errors_json,
+                                embedding_dtype=embedding_dtype)
     for line in rep.lines():
         click.echo(printable(line))
 

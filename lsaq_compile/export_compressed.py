@@ -10,6 +10,9 @@ written from the bundle's own codes, scales and zero points:
   group INT4 with integer zero point -> num_bits 4, strategy group, group_size, symmetric false
   per-channel / group symmetric INT4 -> num_bits 4, strategy channel / group, symmetric
   fp16 linears -> plain float16 weights, listed in `ignore`
+  a quantized LM head -> a quantized Linear target like the decoder's (a tied table: untied)
+  a quantized embedding -> float32 of its dequantized values (exact; vLLM reads no quantized
+                           embedding), or float16 with --embedding-dtype float16
 
 compressed-tensors stores codes as signed integers (q - 2^(bits-1)) and packs them with that
 offset added back, so the packed words are exactly the bundle's unsigned codes, 32/bits to an
@@ -60,17 +63,18 @@ def pack_int32(codes: np.ndarray, bits: int) -> np.ndarray:
     return out.view(np.int32)
 
 
-def dequantized_f16(q: Quantized) -> tuple[np.ndarray, float]:
-    """(float16 [N, K] of a stored quantized weight's dequantized values, the relative RMS error
-    of that rounding), a few rows at a time (a 7B vocabulary table never sits in float64)."""
-    out = np.empty((q.n, q.k), np.float16)
+def dequantized(q: Quantized, dtype=np.float16) -> tuple[np.ndarray, float]:
+    """(`dtype` [N, K] of a stored quantized weight's dequantized values, the relative RMS error
+    of that rounding: 0 for float32, which is what the bundle's kernels compute with), a few
+    rows at a time (a 7B vocabulary table never sits in float64)."""
+    out = np.empty((q.n, q.k), dtype)
     err2 = ref2 = 0.0
     step = max(1, (1 << 22) // max(q.k, 1))
     for a in range(0, q.n, step):
         b = min(q.n, a + step)
         w = Quantized(q.scheme, b - a, q.k, q.codes[a:b], q.scales[a:b],
                       q.zero_points[a:b]).dequantize()
-        out[a:b] = w.astype(np.float16)
+        out[a:b] = w.astype(dtype)
         d = out[a:b].astype(np.float64) - w
         err2 += float((d * d).sum())
         ref2 += float((w.astype(np.float64) ** 2).sum())
@@ -283,11 +287,16 @@ class CTReport:
 
 
 def export_compressed(bundle, variant: str, out, force: bool = False, verify: bool = True,
-                      progress=None, errors_json: Path | None = None) -> CTReport:
-    """Write variant `variant` of `bundle` as a compressed-tensors folder `out`."""
+                      progress=None, errors_json: Path | None = None,
+                      embedding_dtype: str = "float32") -> CTReport:
+    """Write variant `variant` of `bundle` as a compressed-tensors folder `out`. embedding_dtype
+    (float32 | float16): how a quantized embedding table is written (its dequantized values:
+    float32 exact, float16 half the bytes and rounded)."""
     from .store import SafetensorsWriter
 
     t0 = time.perf_counter()
+    if embedding_dtype not in ("float32", "float16"):
+        raise LsaqError(f"embedding dtype {embedding_dtype!r}: choose float32 or float16")
     out = Path(out)
     check_parent(out)
     check_target(out, force, folder_refusal)
@@ -318,22 +327,31 @@ def export_compressed(bundle, variant: str, out, force: bool = False, verify: bo
     # names of every tensor, known before any is written (the writer reserves its header)
     float_tensors: list[tuple[str, object]] = []    # (name, fetch)
     table_records: list[dict] = []
+    emb_dequantized = None
     if emb.precision in ("fp16", "fp32"):
         float_tensors.append((EMBED, lambda: reader.float_weight(emb)))
     else:
-        # compressed-tensors' embedding quantization is not read by transformers, nor by vLLM
-        # releases whose models do not pass their quantization config to the embedding (and
-        # vLLM's quantized embedding reads no zero points): its dequantized values in float16
-        def emb_f16():
-            w16, err = dequantized_f16(reader.quantized(emb))
-            notes.append(f"not exact: model.embed_tokens is stored {emb.precision} in the bundle; "
-                         f"written as float16 of its dequantized values (compressed-tensors has "
-                         f"no quantized embedding transformers and vLLM read), relative RMS "
-                         f"error {err:.2e}")
-            table_records.append({"module": "model.embed_tokens", "format": "float16",
-                                  "exact": False, "rel_rms": err, "stored": emb.precision})
-            return w16
-        float_tensors.append((EMBED, emb_f16))
+        # compressed-tensors can quantize an Embedding (transformers would read it), but vLLM
+        # gives its VocabParallelEmbedding no compressed-tensors method (get_quant_method
+        # quantizes LinearBase, Attention and FusedMoE only), so a folder with a packed
+        # embedding would not load there: the table's dequantized values, in float32 (exactly
+        # what the bundle computes; an engine running float16 rounds them as it loads) or, with
+        # embedding_dtype="float16", in half the bytes and rounded here
+        np_dtype = np.float32 if embedding_dtype == "float32" else np.float16
+
+        def emb_dequantized():
+            w, err = dequantized(reader.quantized(emb), np_dtype)
+            stored = emb.shape[0] * emb.shape[1] * (8 if emb.precision == "int8" else 4) / 8
+            how = ("exact" if err == 0 else
+                   f"not exact: rounded to float16, relative RMS error {err:.2e}")
+            notes.append(f"model.embed_tokens is stored {emb.precision} in the bundle; written as "
+                         f"{embedding_dtype} of its dequantized values ({how}; "
+                         f"{w.nbytes / 2**20:,.1f} MiB where the bundle's codes take "
+                         f"{stored / 2**20:,.1f} MiB: vLLM reads no quantized embedding)")
+            table_records.append({"module": "model.embed_tokens", "format": embedding_dtype,
+                                  "exact": err == 0, "rel_rms": err, "stored": emb.precision})
+            return w
+        float_tensors.append((EMBED, emb_dequantized))
     if lmh is not None:
         if lmh.precision in ("fp16", "fp32"):
             float_tensors.append((LM_HEAD, lambda: reader.float_weight(lmh)))
@@ -388,8 +406,8 @@ def export_compressed(bundle, variant: str, out, force: bool = False, verify: bo
         with SafetensorsWriter(tmp, WEIGHTS_FILE, names) as st:
             for n, fetch in float_tensors:
                 a = np.asarray(fetch())
-                st.add(n, a.astype(np.float16) if n.endswith(("embed_tokens.weight",
-                                                                LM_HEAD)) else a)
+                float_table = n in (EMBED, LM_HEAD) and fetch is not emb_dequantized
+                st.add(n, a.astype(np.float16) if float_table else a)
             cur_base, cur = None, None
             for j, m in enumerate(modules):
                 if m.weight.precision in ("fp16", "fp32"):

@@ -53,7 +53,8 @@ def expected_module(exp: Expected, variant: str, module: str) -> tuple[np.ndarra
     return w[rows[0]:rows[1]], p
 
 
-def check_decompressed(folder: Path, exp: Expected, variant: str) -> dict:
+def check_decompressed(folder: Path, exp: Expected, variant: str,
+                       embedding_dtype: str = "float32") -> dict:
     """Every module through compressed-tensors' PackedQuantizationCompressor.decompress."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
@@ -85,16 +86,20 @@ def check_decompressed(folder: Path, exp: Expected, variant: str) -> dict:
             got = PackedQuantizationCompressor.decompress(state, scheme)["weight"].numpy()
         np.testing.assert_array_equal(got, want, err_msg=m)
         counts[p] = counts.get(p, 0) + 1
-    # the token tables: an fp16 embedding as it is, a quantized one as float16 of its
-    # dequantized values (compressed-tensors has no embedding transformers and vLLM read); the
-    # LM head of the GPU graph (never the CPU's INT8 copy): fp16 as it is, quantized as a
-    # quantized Linear target from the table's own codes (a tied one: the folder is untied)
+    # the token tables: an fp16 embedding as it is, a quantized one as float32 of its
+    # dequantized values, exactly (vLLM reads no quantized embedding), or float16 of them when
+    # asked; the LM head of the GPU graph (never the CPU's INT8 copy): fp16 as it is, quantized
+    # as a quantized Linear target from the table's own codes (a tied one: the folder is untied)
     emb = exp.embedding(variant)
     got = sd["model.embed_tokens.weight"]
-    assert got.dtype == torch.float16
     if exp.tables(variant)["embed_tokens"] == "fp16":
+        assert got.dtype == torch.float16
         np.testing.assert_array_equal(got.float().numpy(), emb)
+    elif embedding_dtype == "float32":
+        assert got.dtype == torch.float32
+        np.testing.assert_array_equal(got.numpy(), emb)
     else:
+        assert got.dtype == torch.float16
         np.testing.assert_array_equal(got.numpy(), emb.astype(np.float16))
     head, hp = exp.head(variant, cpu=False)
     if head is None and hp != "fp16":   # a tied quantized table: untied, head from its codes
@@ -148,17 +153,19 @@ def test_every_variant_decompresses_to_the_bundles_weights(which, tiny_bundle, a
 
 @pytest.mark.parametrize("which", ["untied", "tied"])
 def test_quantized_tables_decompress_and_compute(which, ladder_bundles, tmp_path, capsys):
-    """Every variant of a ladder whose tables are quantized: the embedding as float16 of the
-    table's dequantized values (said in one line, with its error), the LM head a quantized
-    Linear target read back exactly by compressed-tensors' decompressor; transformers computes
-    the compiler's torch reference of the same plan and tables within 1e-3 (the float16
-    rounding of the embedding is the one difference)."""
+    """Every variant of a ladder whose tables are quantized: the embedding as float32 of the
+    table's dequantized values (exact, said in one line with its bytes), the LM head a
+    quantized Linear target read back exactly by compressed-tensors' decompressor;
+    transformers computes the compiler's torch reference of the same plan and tables within
+    1e-3 (absolute: the float32 embedding is the bundle's, so nothing but the order of float32
+    operations differs). With --embedding-dtype float16 the embedding is float16 of those
+    values, its rounding measured and printed."""
     from lsaq_compile.export_compressed import transformers_model
 
     b = ladder_bundles[which]
     exp = Expected(b)
     ids = np.asarray([3, 17, 42, 99, 5, 250, 7, 64, 128, 31, 200, 11, 9, 44, 71], np.int64)
-    seen = set()
+    seen, loaded16 = set(), False
     int8_tables = next(v["name"] for v in exp.m["variants"] if v["tables"]["embed_tokens"] == "int8")
     for v in exp.m["variants"]:
         name = v["name"]
@@ -171,19 +178,38 @@ def test_quantized_tables_decompress_and_compute(which, ladder_bundles, tmp_path
         quantized = v["tables"]["embed_tokens"] != "fp16"
         lines = [x for x in o.splitlines() if "model.embed_tokens" in x]
         if quantized:
-            assert len(lines) == 1 and "float16" in lines[0] and "not exact" in lines[0]
+            assert len(lines) == 1 and "float32" in lines[0] and "(exact;" in lines[0]
             r = rec["model.embed_tokens"]
-            assert not r["exact"] and 0 < r["rel_rms"] < 1e-3
-            assert f"{r['rel_rms']:.2e}" in lines[0]
+            assert r["exact"] and r["rel_rms"] == 0 and r["format"] == "float32"
         else:
             assert lines == [] and "model.embed_tokens" not in rec
         if name in ("int4", int8_tables):
-            model, _ = transformers_model(out)
+            model, how = transformers_model(out)
             with torch.no_grad():
                 got = model(torch.from_numpy(ids)[None]).logits[0].float().numpy()
             want = _reference(b, name)(ids)
-            assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max()), name
+            assert np.abs(got - want).max() < 1e-3, name
+            if quantized and how == "from_pretrained":
+                # loaded at the config's dtype (float16), the float32 table is rounded on load
+                from transformers import AutoModelForCausalLM
+
+                m16 = AutoModelForCausalLM.from_pretrained(str(out))
+                e16 = m16.get_input_embeddings().weight
+                assert e16.dtype == torch.float16
+                np.testing.assert_array_equal(e16.detach().numpy(),
+                                              exp.embedding(name).astype(np.float16))
+                loaded16 = True
     assert {"embed_tokens:int8", "embed_tokens:int4", "lm_head:int4"} <= seen, seen
+    assert loaded16   # the INT8-table variant is symmetric: transformers loads it itself
+    # half the embedding's bytes, rounded, on request
+    out = tmp_path / "f16"
+    errs = tmp_path / "f16.json"
+    o = export(b, int8_tables, out, capsys, "--errors-json", errs, "--embedding-dtype", "float16")
+    check_decompressed(out, exp, int8_tables, embedding_dtype="float16")
+    r = {r["module"]: r for r in json.loads(errs.read_text())}["model.embed_tokens"]
+    assert not r["exact"] and 0 < r["rel_rms"] < 1e-3 and r["format"] == "float16"
+    line = next(x for x in o.splitlines() if "model.embed_tokens" in x)
+    assert "not exact" in line and f"{r['rel_rms']:.2e}" in line
 
 
 def test_packing_is_compressed_tensors_own(asym_bundle, tmp_path, capsys):

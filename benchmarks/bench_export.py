@@ -16,8 +16,8 @@ kernels). For FP16, INT8, two mixes and all-INT4 of B_EXACT:
     exported tokenizer.chat_template: its prompt against the runtime's, and the greedy reply.
 Then one interleaved speed run (prefill and decode tok/s, wall and CPU seconds) of B_DEFAULT's
 variants in lsaq-run, their GGUF exports in llama.cpp, and llama.cpp's own Q8_0 / Q4_K_M / Q4_0
-(from bench_peers: llama.cpp's converter and quantizer on the same float weights), with weight
-bytes and perplexity beside each.
+(llama.cpp's quantizer on the FP16 export: the same float16 weights), with weight bytes and
+perplexity beside each.
 """
 
 from __future__ import annotations
@@ -276,10 +276,10 @@ def speed(args, work: Path, threads: int) -> list[dict]:
         engines.append(ex)
         log(f"perplexity {ex.label}")
         ppl[ex.label] = ev.perplexity(LlamaLogits(g, args.seq_len, threads), tw)["perplexity"]
-    hf = bp.hf_folder(work / "peers", None)
-    for name, p in bp.llama_ggufs(work / "peers", hf).items():
-        if name == "F16":
-            continue
+    f16 = work / "default-fp16.gguf"
+    if not f16.is_file():
+        cli("export", bundle, "--variant", "fp16", "--to", "gguf", "-o", f16, "--force", "-q")
+    for name, p in own_quants(f16, work, threads).items():
         e = bp.LlamaCpp(p, name, context, threads)
         e.label = f"llama.cpp own {name}"
         engines.append(e)
@@ -289,6 +289,7 @@ def speed(args, work: Path, threads: int) -> list[dict]:
     ids = engines[0].m.codec.encode(TEXT.read_text(encoding="utf-8")[: args.prompt * 10])[: args.prompt]
     for e in engines:
         e.generate(ids, 4)      # warm-up
+    args.speed_load = [os.getloadavg()]
     res = {e.label: {"pre": [], "dec": [], "cpu": [], "wall": []} for e in engines}
     for r in range(args.repeats):
         for e in engines:
@@ -298,7 +299,8 @@ def speed(args, work: Path, threads: int) -> list[dict]:
             res[e.label]["wall"].append(time.perf_counter() - w0)
             res[e.label]["pre"].append(args.prompt / tf)
             res[e.label]["dec"].append((args.new - 1) / (tt - tf))
-        log(f"speed round {r + 1}/{args.repeats}")
+        args.speed_load.append(os.getloadavg())
+        log(f"speed round {r + 1}/{args.repeats}, load average {args.speed_load[-1][0]:.1f}")
     rows = []
     for e in engines:
         x = res[e.label]
@@ -307,6 +309,29 @@ def speed(args, work: Path, threads: int) -> list[dict]:
                      "wall_s": statistics.median(x["wall"]), "cpu_s": statistics.median(x["cpu"]),
                      "ppl": ppl[e.label]})
     return rows
+
+
+def own_quants(f16: Path, work: Path, threads: int) -> dict[str, Path]:
+    """llama.cpp's own Q8_0, Q4_K_M and Q4_0 of the model, made by its quantizer
+    (llama_model_quantize, as llama-quantize) from the FP16 export: the same float weights
+    (the F16 GGUF holds the bundle's float16 tensors), llama.cpp's own choice of types."""
+    import llama_cpp
+
+    out = {}
+    for name in ("Q8_0", "Q4_K_M", "Q4_0"):
+        p = work / f"own-{name}.gguf"
+        if not p.is_file():
+            log(f"llama.cpp quantize {f16.name} -> {name}")
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+            params.nthread = threads
+            tmp = p.with_suffix(".tmp")
+            if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params):
+                tmp.unlink(missing_ok=True)
+                raise SystemExit(f"llama_model_quantize to {name} failed")
+            tmp.rename(p)
+        out[name] = p
+    return out
 
 
 class Exported:
@@ -342,6 +367,7 @@ def report(args, rows, chat, speed_rows, threads, t_total) -> str:
         f"compressed-tensors {__import__('compressed_tensors').__version__}, gguf "
         f"{__import__('importlib.metadata').metadata.version('gguf')}. Total {t_total / 60:.0f} min.",
         "",
+        *([Path(args.preamble).read_text().rstrip(), ""] if args.preamble else []),
         "Commands:",
         "```",
         *(["python benchmarks/bench_export.py " + " ".join(args.quality_argv) + "   # quality"]
@@ -395,9 +421,20 @@ def report(args, rows, chat, speed_rows, threads, t_total) -> str:
                 f"- llama.cpp reply ({chat['finish']}): {chat['llama_reply']!r}",
                 f"- lsaq-run reply: {chat['lsaq_reply']!r}", ""]
     if speed_rows:
+        ld = getattr(args, "speed_load", None)
+        ld = (f"; load average {ld[0][0]:.1f} / {ld[0][1]:.1f} / {ld[0][2]:.1f} at the first "
+              f"round, {min(x[0] for x in ld):.1f} to {max(x[0] for x in ld):.1f} (1 min) after "
+              f"each" if ld else "")
         lines += [f"## Speed: the default bundle ({args.bundle}) against llama.cpp", "",
+                  "llama.cpp's own Q8_0, Q4_K_M and Q4_0: its quantizer (`llama_model_quantize`, "
+                  "llama-quantize's function) on the FP16 export, i.e. the same float16 weights "
+                  "the bundle was built from, with llama.cpp's own choice of types per tensor. "
+                  "Engines run one after another within a round (A B C ... A B C ...); medians "
+                  "over rounds. CPU s: process CPU time of the round (all threads), beside its wall "
+                  "time: where CPU s is well under threads x wall, the engine waited for the "
+                  "machine's other jobs.", "",
                   f"{args.prompt}-token WikiText-2 prompt, {args.new} new tokens greedy, median of "
-                  f"{args.repeats} interleaved rounds, {threads} threads each "
+                  f"{args.repeats} interleaved rounds{ld}, {threads} threads each "
                   f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} for llama.cpp). "
                   f"Perplexity: the first {args.speed_windows} x {args.seq_len} WikiText-2 "
                   "windows, each engine's own logits "
@@ -428,6 +465,8 @@ def main() -> None:
                     help="take the quality section from WORKDIR/quality.json of an earlier run")
     ap.add_argument("--speed-windows", type=int, default=4,
                     help="windows for the speed table's perplexity column")
+    ap.add_argument("--preamble", default=None,
+                    help="a markdown file placed after the machine line (how the bundles were made)")
     args = ap.parse_args()
     from lsaq_runtime.probe import physical_cores
 

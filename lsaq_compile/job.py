@@ -165,6 +165,7 @@ class BuildContext:
     scores_given: object = None        # a scores.json path or Scores to reuse
     chat_template: str | None = None
     resumed: bool = False
+    device: str = "cpu"                # torch stages: auto | cpu | cuda
     # filled in by the stages, in pipeline order
     source: object = None
     schemes: dict = field(default_factory=dict)

@@ -348,6 +348,10 @@ def allocate_rungs(meter: KLMeter, sens: Sensitivity, sizes: list[dict[str, dict
     bytes still within budget; candidates ranked by the additive model). table_sizes: the
     token tables on the ladder and their bytes at each precision (they are items like the
     linears; budgets then count them)."""
+    if hasattr(meter, "kl_many"):   # a streamed meter: each round's plans in one pass
+        from .estimate import allocate_rungs as batched
+
+        return batched(sens, sizes, budgets, meter.kl_many, refine, table_sizes, progress)
     L = meter.spec.num_layers
     tabs = tuple(table_sizes or ())
     costs, weights = _items(sens, sizes, table_sizes)

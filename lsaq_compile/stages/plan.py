@@ -45,7 +45,15 @@ def plans(ctx: BuildContext) -> tuple[list[Plan], dict[str, float], dict]:
                         f"profile allocates {'/'.join(want)} (scoring.granularity "
                         f"{prof.scoring.granularity!r}); score again with this profile")
     meter = ctx.meter
-    if meter is None:  # reused scores: the plans are still validated on this build's windows
+    if meter is None and prof.scoring.measure == "fisher":
+        # whole plans measured exactly, streamed: every plan of a refinement round in one pass
+        from ..estimate import StreamMeter
+
+        say = ctx.progress.stage("allocating")
+        meter = StreamMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,
+                            device=ctx.device, progress=lambda step: say(str(step))
+                            if step.done in (1, step.total) else None)
+    elif meter is None:  # reused scores: the plans are still validated on this build's windows
         meter = sensitivity.KLMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats)
     return sensitivity.ladder_plans(meter, sens, ctx.schemes, kind, prof.build.rungs,
                                     prof.build.refine, ctx.progress.stage("allocating"),

@@ -30,7 +30,7 @@ def run(job: Job, ctx: BuildContext) -> Job:
     if ctx.scores_given is not None:
         ctx.scores = given_scores(ctx.scores_given, ctx.source.spec.num_layers)
     else:
-        ctx.scores, ctx.meter = measure(ctx, _log(job, ctx))
+        ctx.scores, ctx.meter = measure(ctx, _log(job, ctx), job.folder)
     if job.folder is not None:
         write_json_atomic(job.path(SCORES), ctx.scores.to_json())
     return job.finish(NAME, {"scores": SCORES, "metric": ctx.scores.metric})
@@ -40,17 +40,35 @@ def _log(job: Job, ctx: BuildContext) -> MeasurementLog | None:
     """The job's per-linear measurement log, keyed to the job's inputs and calibration."""
     if job.folder is None:
         return None
-    key = fingerprint([job.key, job.outputs.get("calibration", {}).get("windows_sha256")])
-    return MeasurementLog(job.path(MEASUREMENTS), key)
+    facts = [job.key, job.outputs.get("calibration", {}).get("windows_sha256")]
+    if ctx.profile.scoring.measure == "fisher":   # float16 on a GPU differs from float32
+        facts.append(resolve_device(ctx.device))
+    return MeasurementLog(job.path(MEASUREMENTS), fingerprint(facts))
 
 
-def measure(ctx: BuildContext, log: MeasurementLog | None = None):
-    """(Scores, KLMeter or None) measured now with the profile's calibration and quantizers."""
+def resolve_device(device: str) -> str:
+    """"cpu" or "cuda": what --device auto|cpu|cuda runs the torch stages on."""
+    from ..estimate import _device
+
+    return _device(device or "cpu").type
+
+
+def measure(ctx: BuildContext, log: MeasurementLog | None = None, folder=None):
+    """(Scores, KLMeter or None) measured now with the profile's calibration and quantizers
+    (scoring.measure "exact": KLMeter, kept for the whole-plan checks; "fisher": the streamed
+    estimate, its hidden states and gradient checkpointed in `folder` for a resumed build)."""
     from .. import sensitivity
     from ..importance import score_model
 
     sc = ctx.profile.scoring
     say = ctx.progress.stage("scoring")
+    if ctx.metric == "sensitivity" and sc.measure == "fisher":
+        from .. import estimate
+
+        return estimate.score(ctx.source, ctx.calib, ctx.calib.windows, ctx.schemes,
+                              ctx.act_stats, say, granularity=sc.granularity,
+                              tables=ctx.profile.tables_on_ladder, log=log, probes=sc.probes,
+                              device=ctx.device, checkpoint_dir=folder), None
     if ctx.metric == "sensitivity":
         return sensitivity.score(ctx.source, ctx.calib, ctx.calib.windows, ctx.schemes,
                                  ctx.act_stats, say, granularity=sc.granularity,

@@ -55,8 +55,7 @@ import torch
 from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_OF
 
 from .errors import LsaqError
-from .export_onnx import (EMBED, FINAL_NORM, LM_HEAD, effective_linear_weight, part_precision,
-                          table_weight)
+from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, part_precision, table_weight
 from .layerwise import (_classes, final_norm, module_state, position_embeddings,
                         run_layer, torch_linears)
 from .model_source import LINEAR_NAMES, ModelSource
@@ -67,7 +66,7 @@ from .sensitivity import GRANULARITY, QUANTIZED, Sensitivity, _stats_key
 
 HEAD_CHUNK = 8192          # vocabulary rows projected at once: bounds the head's memory
 MEMMAP_BYTES = 256 << 20   # stored hidden states above this go to a file, not RAM
-QUANTIZED_TABLE_CACHE = 512 << 20   # a quantized token table up to this (float32) is kept
+QUANTIZED_TABLE_CACHE = 1 << 30   # quantized token tables up to this in all (float32) are kept
 
 
 # ---------------------------------------------------------------------------- progress
@@ -158,10 +157,14 @@ class _Stack:
     device), the embedding rows of the calibration tokens, the final norm, the head by chunks."""
 
     def __init__(self, source: ModelSource, windows: np.ndarray, device: torch.device,
-                 dtype: torch.dtype, schemes: dict[str, QuantScheme] | None = None):
+                 dtype: torch.dtype, schemes: dict[str, QuantScheme] | None = None,
+                 candidates: str | os.PathLike | None = None):
         spec = self.spec = source.spec
         self.source, self.device, self.dtype = source, device, dtype
         self.schemes = schemes or {}
+        self.candidates = Path(candidates) if candidates is not None else None
+        if self.candidates is not None:
+            self.candidates.mkdir(parents=True, exist_ok=True)
         self._quantized: dict[tuple[str, str], np.ndarray] = {}
         self.config = spec.to_hf_config()
         self.config._attn_implementation = "sdpa"
@@ -195,8 +198,11 @@ class _Stack:
             if key in self._quantized:
                 return self._quantized[key][a:b]
             n = self._rows_count(name)
-            if n * self.spec.hidden_size * 4 <= QUANTIZED_TABLE_CACHE:
-                self._quantized.clear()     # one quantized table at a time
+            size = n * self.spec.hidden_size * 4
+            if size <= QUANTIZED_TABLE_CACHE:
+                while self._quantized and size + sum(
+                        t.nbytes for t in self._quantized.values()) > QUANTIZED_TABLE_CACHE:
+                    self._quantized.pop(next(iter(self._quantized)))   # the oldest first
                 self._quantized[key] = np.concatenate([
                     table_weight(self._rows(name, c, min(n, c + HEAD_CHUNK)), precision,
                                  self.schemes) for c in range(0, n, HEAD_CHUNK)])
@@ -255,6 +261,9 @@ class _Stack:
         dropped as each is converted, so one copy of the layer is held."""
         linear = {f"{n}.weight" for n in LINEAR_NAMES}
         tensors = self.source.layer_tensors(i)
+        # the source's linears stay until the next layer is read: their quantized candidates
+        # are made from them (one read of the layer, whatever the number of candidates)
+        self._linears = (i, {k[:-len(".weight")]: tensors[k] for k in linear})
         state = {}
         for k in list(tensors):
             v = tensors.pop(k)
@@ -267,6 +276,53 @@ class _Stack:
 
     def run(self, layer, i: int, h: torch.Tensor) -> torch.Tensor:
         return run_layer(layer, h, self.mask(i), self.positions, self.rotary[i])
+
+    def weight(self, i: int, name: str) -> np.ndarray:
+        """The source's float32 weight of HF linear `name` of layer i (the layer last read)."""
+        if getattr(self, "_linears", (None,))[0] == i:
+            return self._linears[1][name]
+        return self.source.tensor(f"model.layers.{i}.{name}.weight")
+
+    def delta(self, i: int, members: Sequence[str], act_stats: dict, precision: str
+              ) -> np.ndarray:
+        """float32 [N, K]: Q(W) - W of one transformers module (its HF members stacked by rows),
+        exactly the weight change a graph at `precision` computes with (as KLMeter quantizes).
+        With a candidate folder each quantization is made once per build and read back after
+        (the clipping search costs more than the layer's forward)."""
+        out = []
+        for n in members:
+            w = self.weight(i, n)
+            act = act_stats.get(_stats_key(i, n))
+            q = self._quantized_linear(i, n, w, precision, act).dequantize()
+            out.append(q - _f16(w))
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def _quantized_linear(self, i: int, name: str, w: np.ndarray, precision: str, act):
+        from .quantize import QuantizedTensor, quantize
+
+        scheme = self.schemes[precision]
+        path = None
+        if self.candidates is not None:
+            path = self.candidates / f"{i}.{name}.{precision}.npz"
+            if path.is_file():
+                try:
+                    with np.load(path) as z:
+                        if str(z["scheme"]) == scheme.name:
+                            return QuantizedTensor(scheme, int(z["n"]), int(z["k"]),
+                                                   int(z["block_size"]), z["packed"], z["scales"],
+                                                   z["zero_points"] if z["has_zp"] else None)
+                except (OSError, ValueError, KeyError):
+                    pass    # cut short by a kill: quantized again
+        qt = quantize(w, scheme, **({"act": act} if act is not None else {}))
+        if path is not None:
+            part = path.with_name(f".{path.name}.part")
+            with open(part, "wb") as f:
+                np.savez(f, scheme=scheme.name, n=qt.n, k=qt.k, block_size=qt.block_size,
+                         packed=qt.packed, scales=qt.scales, has_zp=qt.zero_points is not None,
+                         zero_points=qt.zero_points if qt.zero_points is not None
+                         else np.zeros(0, np.uint8))
+            os.replace(part, path)
+        return qt
 
     def head_chunks(self, dtype=None, precision: str = "fp16"):
         """(first row, head rows in `dtype`, the compute dtype by default) over the vocabulary:
@@ -290,19 +346,6 @@ def _scale_embedded(spec, rows: torch.Tensor) -> torch.Tensor:
 def _part_of(module: str) -> str:
     """Stored part (qkv, o, gate_up, down) of transformers' linear module `module`."""
     return LINEAR_PART[STORED_OF[module.rsplit(".", 1)[-1]]]
-
-
-def _deltas(source: ModelSource, i: int, members: Sequence[str], schemes: dict[str, QuantScheme],
-            act_stats: dict, precision: str) -> np.ndarray:
-    """float32 [N, K]: Q(W) - W of one transformers module (its HF members stacked by rows),
-    exactly the weight change a graph at `precision` computes with (as KLMeter quantizes)."""
-    out = []
-    for n in members:
-        w = source.tensor(f"model.layers.{i}.{n}.weight")   # one linear read at a time
-        act = act_stats.get(_stats_key(i, n))
-        q = effective_linear_weight(w, precision, schemes, **({"act": act} if act is not None else {}))
-        out.append(q - _f16(w))
-    return np.concatenate(out) if len(out) > 1 else out[0]
 
 
 class _Hidden:
@@ -410,7 +453,8 @@ def estimate(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
              device: str = "cpu", dtype=None, batch_size: int = 4,
              workdir: str | os.PathLike | None = None, progress: ProgressFn | None = None,
              on_layer: Callable[[int, dict], None] | None = None,
-             checkpoint: "Checkpoint | None" = None) -> Estimate:
+             checkpoint: "Checkpoint | None" = None,
+             candidates: str | os.PathLike | None = None) -> Estimate:
     """Streamed estimate of every stored linear's KL cost at INT8 and INT4 (module docstring).
 
     windows: int64 [samples, seq_len] calibration token ids; act_stats: the clip 'mse-act'
@@ -422,14 +466,16 @@ def estimate(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
     checkpoint: keep the stored hidden states and the probes' gradient in a folder, so that a
     killed run continues the backward sweep at the layer it reached (see Checkpoint); the
     layers above it are then not measured again and their terms are zero in the result
-    (`Estimate.first_layer` says from where they are real: the caller has the others)."""
+    (`Estimate.first_layer` says from where they are real: the caller has the others).
+    candidates: a folder keeping every quantized linear, made once and read back by later
+    passes (plans_kl) and by a resumed run."""
     dev = _device(device)
     dt = _dtype(dev, dtype)
     if probes < 0:
         raise LsaqError(f"probes must be >= 0, not {probes}")
     t0 = time.perf_counter()
     act_stats = act_stats or {}
-    st = _Stack(source, windows, dev, dt, schemes)
+    st = _Stack(source, windows, dev, dt, schemes, candidates)
     L, n, T, S = st.spec.num_layers, st.n, st.seq_len, probes
     P = len(QUANTIZED)
     first = np.zeros((S, n, L, len(PARTS), P))
@@ -448,7 +494,7 @@ def estimate(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
             j = PARTS.index(_part_of(m))
             out_sq[:, i, j] += o.float().square().sum(dim=(1, 2)).cpu().numpy()
             for k, p in enumerate(QUANTIZED):
-                dW = st._t(_deltas(source, i, st.modules[m], schemes, act_stats, p))
+                dW = st._t(st.delta(i, st.modules[m], act_stats, p))
                 d = dO[m, p] = x @ dW.T
                 del dW
                 local[:, i, j, k] += d.float().square().sum(dim=(1, 2)).cpu().numpy()
@@ -823,6 +869,7 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
                                                            seed, granularity]))
         est = estimate(source, windows, schemes, act_stats, probes=probes, seed=seed,
                        device=device, dtype=dtype, on_layer=on_layer, checkpoint=ckpt,
+                       candidates=Path(checkpoint_dir) / "candidates" if checkpoint_dir else None,
                        progress=lambda step: say(str(step)), **kw)
         # a resumed sweep starts below the layers the log holds: they must all be there
         missing = [i for i in range(L) if not cost[units[0]][i]]
@@ -893,7 +940,7 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
             if prec == "fp16":
                 return fp16[m]
             if (m, prec) not in cache:
-                d = _deltas(source, i, st.modules[m], schemes, act_stats, prec)
+                d = st.delta(i, st.modules[m], act_stats, prec)
                 cache[m, prec] = fp16[m] + st._t(d)
             return cache[m, prec]
 
@@ -947,11 +994,11 @@ class StreamMeter:
 
     def __init__(self, source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantScheme],
                  act_stats: dict | None = None, *, device: str = "cpu", dtype=None,
-                 progress: ProgressFn | None = None):
+                 progress: ProgressFn | None = None, candidates=None):
         self.source, self.spec = source, source.spec
         self.windows, self.schemes, self.act_stats = windows, schemes, act_stats or {}
         dev = _device(device)
-        self.stack = _Stack(source, windows, dev, _dtype(dev, dtype), schemes)
+        self.stack = _Stack(source, windows, dev, _dtype(dev, dtype), schemes, candidates)
         self.tokens, self.progress = self.stack.tokens, progress
 
     def kl_many(self, plans: Sequence) -> list[float]:

@@ -181,7 +181,7 @@ def test_batched_refinement_chooses_what_the_serial_one_chooses(tiny, est16):
 
     def kl_many(plans):
         calls.append(len(plans))
-        return [meter.kl(p) for p in plans]
+        return [meter.kl(p, t) for p, t in plans]
 
     got = E.allocate_rungs(sens, sizes, budgets, kl_many, refine=2)
     want = sensitivity.allocate_rungs(meter, sens, sizes, budgets, refine=2)
@@ -207,7 +207,7 @@ def test_build_bundle_takes_the_estimated_scores(tiny_llama_dir, tmp_path):
     q = prof.quantization
     schemes = schemes_for(q.scheme, q.group_size, q.symmetric, q.block_size, q.clip)
     act = activation_stats(src, calib.windows)
-    sc = E.score(src, calib, calib.windows, schemes, act, probes=2)
+    sc = E.score(src, calib, calib.windows, schemes, act, probes=2, tables=True)
     assert sc.params["measure"] == "fisher" and sc.params["probes"] == 2
     m = read_manifest(build_bundle(tiny_llama_dir, tmp_path / "b", profile=prof, scores=sc,
                                    progress=Progress(quiet=True)))
@@ -215,10 +215,31 @@ def test_build_bundle_takes_the_estimated_scores(tiny_llama_dir, tmp_path):
     assert [v["name"] for v in m["variants"]][:2] == ["fp16", "int8"]
 
 
-def test_sources_without_row_reads_give_the_same_estimate(tiny, est16, monkeypatch):
-    """GGUF files are read whole (the head then kept once as float16): same numbers."""
-    src, win, act, _, _ = tiny
-    monkeypatch.setattr(type(src), "tensor_rows", lambda self, name, a, b: None)
-    monkeypatch.setattr(type(src), "tensor_shape", lambda self, name: None)
-    est = E.estimate(src, win, SCHEMES, act, probes=2, seed=0)
-    np.testing.assert_allclose(est.first, est16.first[:2], rtol=1e-5, atol=1e-9)
+def test_plans_kl_with_token_tables_is_the_exact_kl(tiny):
+    """Quantized embedding (every layer's input changes) and untied head, alone and with
+    quantized layers: the streamed pass gives KLMeter.kl(precisions, tables)."""
+    src, win, act, meter, _ = tiny
+    L = src.spec.num_layers
+    plans = [(("fp16",) * L, {"embed_tokens": "int4"}), (("fp16",) * L, {"lm_head": "int8"}),
+             (("int8",) * L, {"embed_tokens": "int8", "lm_head": "int4"}),
+             (("int4", "fp16", "int8/int4/int8/int8", "int8"), {"lm_head": "int4"})]
+    got = E.plans_kl(src, win, SCHEMES, plans, act)
+    want = [meter.kl(p, t) for p, t in plans]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert all(w > 0 for w in want)
+
+
+def test_tied_table_cost_is_the_exact_one(tmp_path):
+    """A tied model's one table is the embedding and the head at once: its cost is measured
+    exactly, as sensitivity.measure measures it."""
+    src = open_model(make_tiny_model(tmp_path / "tied", tie_word_embeddings=True))
+    win = np.random.default_rng(2).integers(3, 512, size=(2, 24))
+    meter = sensitivity.KLMeter(src, win, SCHEMES_MSE)
+    exact = sensitivity.measure(meter, units=LINEAR, tables=True)
+    got = E.table_costs(src, win, SCHEMES_MSE, sensitivity.table_units(src.spec, src))
+    assert set(got) == {"embed_tokens"}
+    for p in sensitivity.QUANTIZED:
+        assert got["embed_tokens"][p] == pytest.approx(exact.tables["embed_tokens"][p], rel=1e-3)
+
+
+SCHEMES_MSE = schemes_for("group", 32, False, 32, "mse")

@@ -62,6 +62,8 @@ def measure(ctx: BuildContext, log: MeasurementLog | None = None, folder=None):
 
     sc = ctx.profile.scoring
     say = ctx.progress.stage("scoring")
+    if ctx.metric == "sensitivity" and ctx.calib is not None:
+        check_memory(ctx, say)
     if ctx.metric == "sensitivity" and sc.measure == "fisher":
         from .. import estimate
 
@@ -77,6 +79,65 @@ def measure(ctx: BuildContext, log: MeasurementLog | None = None, folder=None):
                          calibration=ctx.calib if ctx.metric != "zscore" else None,
                          progress=lambda i, n, s: say(f"layer {i + 1}/{n} ({s:.1f}s)"))
     return result[ctx.metric], None
+
+
+GiB = 1 << 30
+
+
+def memory_need(spec, measure: str, samples: int, seq_len: int, probes: int = 16,
+                tied: bool = True) -> int:
+    """Bytes of host memory the sensitivity measurement is expected to hold at its peak.
+
+    exact (KLMeter): every decoder linear as float32 plus its INT8 and INT4 candidates (12
+    bytes a weight), the token tables as float32 with one quantized copy, every layer's input
+    and the reference distributions (float32). fisher (estimate.py): one layer three times
+    (source arrays, compute copy, a quantized candidate), the tables as float16 plus one
+    quantized tables (at most 1 GiB kept), the probes' gradient twice (float32), the head's
+    row chunks. Hidden states above 256 MiB are memory-mapped, so not counted."""
+    from ..plan import part_params
+
+    linear = sum(part_params(spec).values())
+    tables = (1 if tied else 2) * spec.vocab_size * spec.hidden_size
+    tokens = samples * seq_len
+    if measure == "exact":
+        return (12 * linear * spec.num_layers + 4 * tables + 4 * spec.vocab_size * spec.hidden_size
+                + 4 * (spec.num_layers + 1) * tokens * spec.hidden_size
+                + 8 * tokens * spec.vocab_size)
+    from ..estimate import HEAD_CHUNK, QUANTIZED_TABLE_CACHE
+
+    hidden = 2 * (spec.num_layers + 1) * tokens * spec.hidden_size
+    return (12 * linear + 2 * tables
+            + min(QUANTIZED_TABLE_CACHE, 8 * spec.vocab_size * spec.hidden_size)
+            + 2 * 4 * probes * tokens * spec.hidden_size
+            + 4 * tokens * (HEAD_CHUNK * 3 + probes * spec.hidden_size)
+            + (hidden if hidden <= 256 << 20 else 0))
+
+
+def check_memory(ctx: BuildContext, say) -> None:
+    """Refuse, before hours of work, a measurement that cannot fit in the host's memory (or
+    the container's limit), with the estimate and what would fit."""
+    from lsaq_runtime.probe import probe_host
+
+    from ..export_onnx import LM_HEAD
+
+    sc = ctx.profile.scoring
+    spec = ctx.source.spec
+    tied = spec.tie_word_embeddings or not ctx.source.has_tensor(LM_HEAD)
+    need = {m: memory_need(spec, m, sc.samples, sc.seq_len, sc.probes, tied)
+            for m in ("exact", "fisher")}
+    try:
+        free = probe_host().free_bytes
+    except Exception:     # no way to tell: measure, as before
+        return
+    say(f"{sc.measure} measurement: about {need[sc.measure] / GiB:.1f} GiB of memory expected, "
+        f"{free / GiB:.1f} GiB available")
+    if need[sc.measure] > free:
+        alt = ("; scoring.measure = \"fisher\" (--measure fisher) streams the model in about "
+               f"{need['fisher'] / GiB:.1f} GiB" if sc.measure == "exact" else
+               "; fewer scoring.samples or probes need less")
+        raise LsaqError(f"the {sc.measure} sensitivity measurement of this model needs about "
+                        f"{need[sc.measure] / GiB:.1f} GiB of memory but {free / GiB:.1f} GiB "
+                        f"is available{alt}")
 
 
 def given_scores(scores, num_layers: int):

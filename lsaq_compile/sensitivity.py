@@ -81,8 +81,13 @@ class KLMeter:
     """Mean KL(FP16 || plan) of next-token distributions over fixed calibration windows."""
 
     def __init__(self, source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantScheme],
-                 act_stats: dict | None = None, batch_size: int = 4):
+                 act_stats: dict | None = None, batch_size: int = 4, device: str = "cpu"):
         spec = self.spec = source.spec
+        # device: where the layers run (float32 everywhere; the meter holds the whole model, so
+        # a GPU only suits the models whose float32 copy and candidates fit on it)
+        from .estimate import _device
+
+        dev = self.device = _device(device)
         self.source, self.schemes, self.act_stats = source, schemes, act_stats or {}
         self.batch_size = batch_size
         config = spec.to_hf_config()
@@ -97,12 +102,16 @@ class KLMeter:
             raise LsaqError(f"calibration token id {int(ids.max())} is outside the model's "
                             f"{table.shape[0]}-row embedding")
         self.tied = spec.tie_word_embeddings or not source.has_tensor(LM_HEAD)
-        self.table = table
-        self.head = table if self.tied else f16(source.tensor(LM_HEAD))
+        self.table = table.to(dev)
+        self.head = self.table if self.tied else f16(source.tensor(LM_HEAD)).to(dev)
         self._tables: dict[tuple[str, str], torch.Tensor] = {}
-        self.norm = as_tensor(np.asarray(source.tensor(FINAL_NORM), np.float32))
+        self.norm = as_tensor(np.asarray(source.tensor(FINAL_NORM), np.float32)).to(dev)
         self.positions = torch.arange(self.seq_len)[None]
         self.rotary = position_embeddings(spec, config, table[:1][None], self.positions)
+        if dev.type != "cpu":
+            self.positions = self.positions.to(dev)
+            self.rotary = [{k: tuple(t.to(dev) for t in v) for k, v in r.items()}
+                           for r in self.rotary]
         self.layers, self.masks, self.fp16 = [], [], []
         # transformers' linear modules of a layer and the Llama-style linears each stacks
         self.modules = torch_linears(spec)
@@ -114,15 +123,15 @@ class KLMeter:
             with torch.device("meta"):
                 layer = layer_cls(config, i)
             layer.load_state_dict(module_state(spec, state), strict=True, assign=True)
-            self.layers.append(layer.eval())
+            self.layers.append(layer.eval().to(dev))
             self.fp16.append({m: layer.get_submodule(m).weight.data for m in self.modules})
-            self.masks.append(causal_mask(self.seq_len, spec.layer_window(i)))
+            self.masks.append(causal_mask(self.seq_len, spec.layer_window(i)).to(dev))
         self._weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         # The FP16 model's input to every layer and its output distribution: each measurement
         # starts at the first layer it changes and compares against these.
-        self.ids = ids
+        self.ids = ids = ids.to(dev)
         with torch.no_grad():
-            h = embed(spec, table, ids)
+            h = embed(spec, self.table, ids)
             self.inputs = [h]
             for i in range(spec.num_layers):
                 h = self._layer(i, h)
@@ -151,8 +160,9 @@ class KLMeter:
             return fp16
         if (which, precision) not in self._tables:
             self._tables.clear()
-            w = table_weight(fp16.numpy(), precision, self.schemes)
-            self._tables[(which, precision)] = torch.from_numpy(np.ascontiguousarray(w))
+            w = table_weight(fp16.cpu().numpy(), precision, self.schemes)
+            self._tables[(which, precision)] = torch.from_numpy(np.ascontiguousarray(w)).to(
+                self.device)
         return self._tables[(which, precision)]
 
     def _weight(self, i: int, module: str, precision: str) -> torch.Tensor:
@@ -170,7 +180,7 @@ class KLMeter:
                     ws.append(effective_linear_weight(tensors[f"{n}.weight"], precision,
                                                       self.schemes, **kw))
                 out[mod] = torch.from_numpy(np.ascontiguousarray(np.concatenate(ws),
-                                                                 dtype=np.float32))
+                                                                 dtype=np.float32)).to(self.device)
             self._weights[(i, precision)] = out
         return self._weights[(i, precision)][module]
 
@@ -463,7 +473,7 @@ def check_finite(sens: Sensitivity) -> None:
 # ---------------------------------------------------------------- scoring and the ladder
 def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[str, QuantScheme],
           act_stats: dict | None = None, progress: Callable[[str], None] | None = None,
-          granularity: str = "block", tables: bool = False, log=None):
+          granularity: str = "block", tables: bool = False, log=None, device: str = "cpu"):
     """Measure every unit's sensitivity (GRANULARITY: "block" = attention and MLP, "linear" =
     each stored linear; with `tables` the embedding table and LM head too); return (Scores with
     metric "sensitivity", the meter). log: a job.MeasurementLog to continue and append to."""
@@ -480,7 +490,7 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
             progress(f"resuming: reusing {len(known)} finished (layer, unit) measurements from "
                      f"{log.path}")
     t0 = time.perf_counter()
-    meter = KLMeter(source, windows, schemes, act_stats)
+    meter = KLMeter(source, windows, schemes, act_stats, device=device)
     if progress:
         progress(f"FP16 reference on {meter.n} x {meter.seq_len} tokens "
                  f"({time.perf_counter() - t0:.0f}s)")

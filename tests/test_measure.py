@@ -223,6 +223,15 @@ def test_cpu_measurement_and_cuda_cross_check(model):
     assert np.median(np.abs(np.log(f(gpu) / f(cpu)))) < 0.05
     kl_gpu = E.plans_kl(src, win, SCHEMES, plans, device="cuda")
     np.testing.assert_allclose(kl_gpu, kl_cpu, rtol=0.05)
+    # the exact meter on the GPU (float32 there): the same KLs
+    on_gpu = sensitivity.KLMeter(src, win, SCHEMES, device="cuda")
+    np.testing.assert_allclose([on_gpu.kl(p, t) for p, t in plans], kl_cpu, rtol=1e-3)
+    # activation statistics in float16 on the GPU
+    from lsaq_compile.activations import activation_stats
+
+    a_cpu, a_gpu = activation_stats(src, win), activation_stats(src, win, device="cuda")
+    for k, v in a_cpu.items():
+        np.testing.assert_allclose(a_gpu[k], v, rtol=0.02, atol=1e-6)
 
 
 def test_a_measurement_that_cannot_fit_is_refused_before_it_starts(model, tmp_path, profile,

@@ -55,7 +55,8 @@ def plans(ctx: BuildContext, job: Job | None = None) -> tuple[list[Plan], dict[s
                             if step.done in (1, step.total) else None,
                             candidates=job.path("candidates") if job and job.folder else None)
     elif meter is None:  # reused scores: the plans are still validated on this build's windows
-        meter = sensitivity.KLMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats)
+        meter = sensitivity.KLMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,
+                                    device=ctx.device)
     return sensitivity.ladder_plans(meter, sens, ctx.schemes, kind, prof.build.rungs,
                                     prof.build.refine, ctx.progress.stage("allocating"),
                                     prof.build.rung_bits, tables=prof.tables_on_ladder)

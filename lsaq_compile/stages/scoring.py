@@ -74,7 +74,8 @@ def measure(ctx: BuildContext, log: MeasurementLog | None = None, folder=None):
     if ctx.metric == "sensitivity":
         return sensitivity.score(ctx.source, ctx.calib, ctx.calib.windows, ctx.schemes,
                                  ctx.act_stats, say, granularity=sc.granularity,
-                                 tables=ctx.profile.tables_on_ladder, log=log)
+                                 tables=ctx.profile.tables_on_ladder, log=log,
+                                 device=ctx.device)
     result = score_model(ctx.source, metrics=(ctx.metric,), k=sc.k, final_norm=sc.final_norm,
                          calibration=ctx.calib if ctx.metric != "zscore" else None,
                          progress=lambda i, n, s: say(f"layer {i + 1}/{n} ({s:.1f}s)"))

@@ -52,7 +52,7 @@ class ScoringSection:
     # later layers and the full-vocabulary KL (layers^2 work, the whole model in memory);
     # fisher: a streamed second-order estimate from `probes` sampled-label gradients (a fixed
     # number of passes, one layer in memory; estimate.py), the token tables measured exactly
-    measure: str = "exact"
+    measure: str = "fisher"
     probes: int = 16
 
 

@@ -212,7 +212,9 @@ def test_build_bundle_takes_the_estimated_scores(tiny_llama_dir, tmp_path):
     m = read_manifest(build_bundle(tiny_llama_dir, tmp_path / "b", profile=prof, scores=sc,
                                    progress=Progress(quiet=True)))
     assert m["scores"]["params"]["measure"] == "fisher"
-    assert [v["name"] for v in m["variants"]][:2] == ["fp16", "int8"]
+    names = [v["name"] for v in m["variants"]]
+    assert names[0] == "fp16" and "int8" in names and names[-1] == "int4"
+    assert set(m["scores"]["params"]["tables"]) == {"embed_tokens", "lm_head"}
 
 
 def test_plans_kl_with_token_tables_is_the_exact_kl(tiny):
@@ -225,7 +227,8 @@ def test_plans_kl_with_token_tables_is_the_exact_kl(tiny):
              (("int4", "fp16", "int8/int4/int8/int8", "int8"), {"lm_head": "int4"})]
     got = E.plans_kl(src, win, SCHEMES, plans, act)
     want = [meter.kl(p, t) for p, t in plans]
-    np.testing.assert_allclose(got, want, rtol=1e-4)
+    # float32 sums over every position and vocabulary entry: a KL of 1e-5 agrees to ~1e-8
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-8)
     assert all(w > 0 for w in want)
 
 
@@ -239,7 +242,8 @@ def test_tied_table_cost_is_the_exact_one(tmp_path):
     got = E.table_costs(src, win, SCHEMES_MSE, sensitivity.table_units(src.spec, src))
     assert set(got) == {"embed_tokens"}
     for p in sensitivity.QUANTIZED:
-        assert got["embed_tokens"][p] == pytest.approx(exact.tables["embed_tokens"][p], rel=1e-3)
+        assert got["embed_tokens"][p] == pytest.approx(exact.tables["embed_tokens"][p], rel=1e-3,
+                                                       abs=1e-7)
 
 
 SCHEMES_MSE = schemes_for("group", 32, False, 32, "mse")

@@ -110,7 +110,7 @@ def memory_need(spec, measure: str, samples: int, seq_len: int, probes: int = 16
     return (12 * linear + 2 * tables
             + min(QUANTIZED_TABLE_CACHE, 8 * spec.vocab_size * spec.hidden_size)
             + 2 * 4 * probes * tokens * spec.hidden_size
-            + 4 * tokens * (HEAD_CHUNK * 3 + probes * spec.hidden_size)
+            + 4 * tokens * (min(HEAD_CHUNK, spec.vocab_size) * 3 + probes * spec.hidden_size)
             + (hidden if hidden <= 256 << 20 else 0))
 
 

@@ -26,7 +26,7 @@ def activation_stats(source: ModelSource, windows: np.ndarray, batch_size: int =
     windows: int64 [samples, seq_len] calibration token ids (calibration.load_calibration);
     device: auto | cpu | cuda (float16 on the GPU, one layer there at a time; the sums are
     float64 either way)."""
-    from .estimate import _device
+    from .devices import _device
 
     dev = _device(device)
     dtype = torch.float32 if dev.type == "cpu" else torch.float16

@@ -95,7 +95,7 @@ def with_measure(prof: Profile, measure: str) -> Profile:
 
 def check_device(device: str) -> str:
     """The torch device of --device auto|cpu|cuda, refused in one line where it cannot run."""
-    from .estimate import _device
+    from .devices import _device
 
     return _device(device).type
 

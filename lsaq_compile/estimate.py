@@ -52,8 +52,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_OF
+from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_OF, layer_key
 
+from .devices import _clock, _device, _dtype  # noqa: F401  (estimate._device: the public spelling of old)
 from .errors import LsaqError
 from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, part_precision, table_weight
 from .layerwise import (_classes, final_norm, module_state, position_embeddings,
@@ -84,11 +85,6 @@ class Step:
     def __str__(self) -> str:
         return (f"{self.stage}: layer {self.done}/{self.total}, {self.rate * 60:.1f} layers/min, "
                 f"{self.elapsed:.0f}s elapsed, about {_clock(self.eta)} left")
-
-
-def _clock(s: float) -> str:
-    s = max(0, int(round(s)))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 ProgressFn = Callable[[Step], None]
@@ -125,28 +121,6 @@ class _Clock:
 
 
 # ---------------------------------------------------------------------------- the stack
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise LsaqError(f"device {device!r}: use auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LsaqError("device cuda: torch sees no CUDA device (a CPU-only torch, or no GPU)")
-    return torch.device(device)
-
-
-def _dtype(dev: torch.device, dtype) -> torch.dtype:
-    """float32 on the CPU; float16 on CUDA: it holds the FP16 model's weights exactly (bfloat16
-    would round them by about as much as INT8 does), gradients are rescaled per probe so they
-    do not underflow, and an activation that overflows stops the run with a message."""
-    if dtype is None:
-        return torch.float32 if dev.type == "cpu" else torch.float16
-    d = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if d not in (torch.float32, torch.float16, torch.bfloat16):
-        raise LsaqError(f"dtype {dtype!r}: use float32, float16 or bfloat16")
-    return d
-
-
 def _f16(a) -> np.ndarray:
     """float32 copy of the FP16 model's value (what the FP16 variant computes with)."""
     return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
@@ -281,7 +255,7 @@ class _Stack:
         """The source's float32 weight of HF linear `name` of layer i (the layer last read)."""
         if getattr(self, "_linears", (None,))[0] == i:
             return self._linears[1][name]
-        return self.source.tensor(f"model.layers.{i}.{name}.weight")
+        return self.source.tensor(layer_key(i, f"{name}.weight"))
 
     def delta(self, i: int, members: Sequence[str], act_stats: dict, precision: str
               ) -> np.ndarray:
@@ -1011,50 +985,4 @@ class StreamMeter:
         return self.kl_many([(tuple(precisions), tables or {})])[0]
 
 
-def allocate_rungs(sens: Sensitivity, sizes: list[dict[str, dict[str, int]]],
-                   budgets: list[tuple[str, int]], kl_many: Callable[[list], list[float]],
-                   refine: int = 1, table_sizes: dict | None = None,
-                   progress: Callable[[str], None] | None = None) -> list:
-    """sensitivity.allocate_rungs with every whole-plan measurement of a round batched into one
-    call of kl_many(plans) -> KLs (plans as (layer precisions, tables); e.g. plans_kl: one
-    streamed pass a round): the knapsack's plan of every budget in the first, then per
-    refinement round the candidate swaps of every budget still improving. Same rungs as
-    sensitivity.allocate_rungs given the same KLs; its cost is (1 + refine) streamed passes
-    whatever the number of rungs."""
-    from .plan import allocate
-    from .sensitivity import Rung, _decode, _items, _plan, _plan_bytes, _swaps, plan_costs
-
-    L = len(sizes)
-    tabs = tuple(table_sizes or ())
-    costs, weights = _items(sens, sizes, table_sizes)
-    choices = allocate(costs, weights, [b for _, b in budgets])
-
-    def rung(name, budget, choice, kl, refined=0):
-        prec, tables = _decode(choice, L, sens.units, tabs)
-        return Rung(budget, _plan(name, prec, tables),
-                    _plan_bytes(prec, sizes, tables, table_sizes), plan_costs(sens, prec, tables),
-                    kl, refined)
-
-    kls = kl_many([_decode(c, L, sens.units, tabs) for c in choices])
-    rungs = [rung(name, b, c, k) for (name, b), c, k in zip(budgets, choices, kls)]
-    live = list(range(len(rungs)))
-    for _ in range(refine):
-        cands = {r: _swaps(choices[r], costs, weights, rungs[r].budget, limit=3) for r in live}
-        flat = [(r, c) for r in live for c in cands[r]]
-        if not flat:
-            break
-        got = kl_many([_decode(c, L, sens.units, tabs) for _, c in flat])
-        best: dict[int, tuple] = {}
-        for (r, c), kl in zip(flat, got):
-            if kl < rungs[r].measured and (r not in best or kl < best[r][1]):
-                best[r] = (c, kl)
-        for r, (c, kl) in best.items():
-            choices[r] = c
-            rungs[r] = rung(rungs[r].plan.name, rungs[r].budget, c, kl, rungs[r].refined + 1)
-        live = list(best)
-    if progress:
-        for r in rungs:
-            progress(f"{r.plan.name}: {r.bytes / 2**20:.1f} MiB of quantized weights, KL "
-                     f"{r.measured:.4f} measured / {r.predicted:.4f} additive"
-                     + (f", {r.refined} swap(s) kept" if r.refined else ""))
-    return rungs
+allocate_rungs = sensitivity.allocate_rungs_batched   # whole plans a round at a time

@@ -85,7 +85,7 @@ class KLMeter:
         spec = self.spec = source.spec
         # device: where the layers run (float32 everywhere; the meter holds the whole model, so
         # a GPU only suits the models whose float32 copy and candidates fit on it)
-        from .estimate import _device
+        from .devices import _device
 
         dev = self.device = _device(device)
         self.source, self.schemes, self.act_stats = source, schemes, act_stats or {}
@@ -287,7 +287,7 @@ def measure(meter: KLMeter, precisions=QUANTIZED, units: tuple[str, ...] = GRANU
 def _eta(t0: float, done: int, n: int, layer: int, L: int) -> str:
     """", 12.0 measurements/min, about 4m10s left": a measurement of layer i runs L - i layers,
     so the work left is weighed by the layers each remaining one runs, at the rate so far."""
-    from .estimate import _clock
+    from .devices import _clock
 
     spent = time.perf_counter() - t0
     if not done or done >= n:
@@ -374,9 +374,8 @@ def allocate_rungs(meter: KLMeter, sens: Sensitivity, sizes: list[dict[str, dict
     token tables on the ladder and their bytes at each precision (they are items like the
     linears; budgets then count them)."""
     if hasattr(meter, "kl_many"):   # a streamed meter: each round's plans in one pass
-        from .estimate import allocate_rungs as batched
-
-        return batched(sens, sizes, budgets, meter.kl_many, refine, table_sizes, progress)
+        return allocate_rungs_batched(sens, sizes, budgets, meter.kl_many, refine, table_sizes,
+                                      progress)
     L = meter.spec.num_layers
     tabs = tuple(table_sizes or ())
     costs, weights = _items(sens, sizes, table_sizes)
@@ -409,6 +408,52 @@ def allocate_rungs(meter: KLMeter, sens: Sensitivity, sizes: list[dict[str, dict
                      f"{rung.measured:.4f} measured / {rung.predicted:.4f} additive"
                      + (f", {rung.refined} swap(s) kept" if rung.refined else ""))
         rungs.append(rung)
+    return rungs
+
+
+def allocate_rungs_batched(sens: Sensitivity, sizes: list[dict[str, dict[str, int]]],
+                   budgets: list[tuple[str, int]], kl_many: Callable[[list], list[float]],
+                   refine: int = 1, table_sizes: dict | None = None,
+                   progress: Callable[[str], None] | None = None) -> list:
+    """allocate_rungs with every whole-plan measurement of a round batched into one
+    call of kl_many(plans) -> KLs (plans as (layer precisions, tables); e.g. plans_kl: one
+    streamed pass a round): the knapsack's plan of every budget in the first, then per
+    refinement round the candidate swaps of every budget still improving. Same rungs as
+    sensitivity.allocate_rungs given the same KLs; its cost is (1 + refine) streamed passes
+    whatever the number of rungs."""
+    L = len(sizes)
+    tabs = tuple(table_sizes or ())
+    costs, weights = _items(sens, sizes, table_sizes)
+    choices = allocate(costs, weights, [b for _, b in budgets])
+
+    def rung(name, budget, choice, kl, refined=0):
+        prec, tables = _decode(choice, L, sens.units, tabs)
+        return Rung(budget, _plan(name, prec, tables),
+                    _plan_bytes(prec, sizes, tables, table_sizes), plan_costs(sens, prec, tables),
+                    kl, refined)
+
+    kls = kl_many([_decode(c, L, sens.units, tabs) for c in choices])
+    rungs = [rung(name, b, c, k) for (name, b), c, k in zip(budgets, choices, kls)]
+    live = list(range(len(rungs)))
+    for _ in range(refine):
+        cands = {r: _swaps(choices[r], costs, weights, rungs[r].budget, limit=3) for r in live}
+        flat = [(r, c) for r in live for c in cands[r]]
+        if not flat:
+            break
+        got = kl_many([_decode(c, L, sens.units, tabs) for _, c in flat])
+        best: dict[int, tuple] = {}
+        for (r, c), kl in zip(flat, got):
+            if kl < rungs[r].measured and (r not in best or kl < best[r][1]):
+                best[r] = (c, kl)
+        for r, (c, kl) in best.items():
+            choices[r] = c
+            rungs[r] = rung(rungs[r].plan.name, rungs[r].budget, c, kl, rungs[r].refined + 1)
+        live = list(best)
+    if progress:
+        for r in rungs:
+            progress(f"{r.plan.name}: {r.bytes / 2**20:.1f} MiB of quantized weights, KL "
+                     f"{r.measured:.4f} measured / {r.predicted:.4f} additive"
+                     + (f", {r.refined} swap(s) kept" if r.refined else ""))
     return rungs
 
 

@@ -48,7 +48,7 @@ def _log(job: Job, ctx: BuildContext) -> MeasurementLog | None:
 
 def resolve_device(device: str) -> str:
     """"cpu" or "cuda": what --device auto|cpu|cuda runs the torch stages on."""
-    from ..estimate import _device
+    from ..devices import _device
 
     return _device(device or "cpu").type
 

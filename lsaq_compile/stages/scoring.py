@@ -92,12 +92,20 @@ def memory_need(spec, measure: str, samples: int, seq_len: int, probes: int = 16
     exact (KLMeter): every decoder linear as float32 plus its INT8 and INT4 candidates (12
     bytes a weight), the token tables as float32 with one quantized copy, every layer's input
     and the reference distributions (float32). fisher (estimate.py): one layer three times
-    (source arrays, compute copy, a quantized candidate), the tables as float16 plus one
-    quantized tables (at most 1 GiB kept), the probes' gradient twice (float32), the head's
-    row chunks. Hidden states above 256 MiB are memory-mapped, so not counted."""
+    (source arrays, compute copy, a quantized candidate), the tables as float16 plus their
+    quantized copies (at most 1 GiB kept), the probes' gradient twice (float32), the head's
+    row chunks. Hidden states above 256 MiB are memory-mapped, so not counted. Both add
+    BASELINE, what the process holds before measuring."""
     from ..plan import part_params
 
-    linear = sum(part_params(spec).values())
+    return BASELINE + _need(spec, measure, samples, seq_len, probes, tied, part_params(spec))
+
+
+BASELINE = 1 << 30   # the interpreter, torch and transformers themselves (about 0.96 GB measured)
+
+
+def _need(spec, measure, samples, seq_len, probes, tied, parts) -> int:
+    linear = sum(parts.values())
     tables = (1 if tied else 2) * spec.vocab_size * spec.hidden_size
     tokens = samples * seq_len
     if measure == "exact":

@@ -656,6 +656,10 @@ class Checkpoint:
         os.replace(part, self.folder / self.GRAD)
         self._write_meta(self.GRAD, {"layer": layer, "sha256": _digest(g)})
 
+    def drop_gradient(self) -> None:
+        for p in (self.folder / self.GRAD, self.folder / f"{self.GRAD}.json"):
+            p.unlink(missing_ok=True)
+
     def clear(self) -> None:
         for name in (self.HIDDEN, self.GRAD):
             for p in (self.folder / name, self.folder / f"{name}.json"):
@@ -841,6 +845,9 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
         if checkpoint_dir is not None:
             ckpt = Checkpoint(checkpoint_dir, fingerprint([getattr(log, "key", None), probes,
                                                            seed, granularity]))
+            top = ckpt._meta(Checkpoint.GRAD).get("layer")
+            if isinstance(top, int) and not all(have(j) for j in range(top, L)):
+                ckpt.drop_gradient()   # a layer above it lacks its logged costs: from the top
         est = estimate(source, windows, schemes, act_stats, probes=probes, seed=seed,
                        device=device, dtype=dtype, on_layer=on_layer, checkpoint=ckpt,
                        candidates=Path(checkpoint_dir) / "candidates" if checkpoint_dir else None,

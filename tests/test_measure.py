@@ -267,3 +267,34 @@ def test_a_measurement_that_cannot_fit_is_refused_before_it_starts(model, tmp_pa
     with pytest.raises(LsaqError, match="fisher"):
         build_bundle(model, tmp_path / "b", profile=str(profile), measure="exact",
                      progress=Progress(quiet=True))
+
+
+def test_a_checkpoint_ahead_of_the_log_restarts_the_sweep(model, tmp_path, monkeypatch):
+    """The gradient checkpoint says layers from L-2 up are done, but the log lost layer L-1's
+    costs: the sweep starts again from the top rather than leave a layer unmeasured."""
+    src = open_model(model)
+    win = np.random.default_rng(5).integers(3, 512, size=(2, 24))
+    whole = _scores(src, win, probes=2)
+    L = src.spec.num_layers
+    log = MeasurementLog(tmp_path / MEASUREMENTS, "key-1")
+    real = E.layer_costs
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(E, "layer_costs", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _scores(src, win, log, tmp_path / "ckpt", probes=2)
+    lines = log.path.read_text().splitlines()
+    log.path.write_text("\n".join(x for x in lines if f'"layer", {L - 1},' not in x) + "\n")
+    monkeypatch.setattr(E, "layer_costs", real)
+    grads = []
+    real_head = E._head_grad
+    monkeypatch.setattr(E, "_head_grad", lambda *a, **k: (grads.append(1), real_head(*a, **k))[1])
+    again = _scores(src, win, log, tmp_path / "ckpt", probes=2)
+    assert grads == [1]
+    assert again.importance == pytest.approx(whole.importance, rel=1e-6)

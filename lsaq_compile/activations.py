@@ -19,10 +19,17 @@ from .model_source import ModelSource
 
 
 def activation_stats(source: ModelSource, windows: np.ndarray, batch_size: int = 8,
-                     progress: ProgressHook | None = None) -> dict[str, np.ndarray]:
+                     progress: ProgressHook | None = None, device: str = "cpu"
+                     ) -> dict[str, np.ndarray]:
     """{act_key(i, lin): float32 [K]} for every layer i and stored linear lin (export_onnx.FUSED).
 
-    windows: int64 [samples, seq_len] calibration token ids (calibration.load_calibration)."""
+    windows: int64 [samples, seq_len] calibration token ids (calibration.load_calibration);
+    device: auto | cpu | cuda (float16 on the GPU, one layer there at a time; the sums are
+    float64 either way)."""
+    from .devices import _device
+
+    dev = _device(device)
+    dtype = torch.float32 if dev.type == "cpu" else torch.float16
     windows = np.asarray(windows, dtype=np.int64)
     sums: dict[str, torch.Tensor] = {}
     # transformers' module holding each stored linear's first member (Phi-3: its fused module)
@@ -38,11 +45,12 @@ def activation_stats(source: ModelSource, windows: np.ndarray, batch_size: int =
 
             layer.get_submodule(module_of[members[0]]).register_forward_pre_hook(hook)
 
-    forward_layers(source, windows, on_layer=on_layer, batch_size=batch_size, progress=progress)
+    forward_layers(source, windows, on_layer=on_layer, batch_size=batch_size, progress=progress,
+                   device=dev, dtype=dtype)
     tokens = windows.size
     out = {}
     for key, s in sums.items():
-        mean = (s / tokens).numpy().astype(np.float32)
+        mean = (s / tokens).cpu().numpy().astype(np.float32)
         if not np.all(np.isfinite(mean)):
             raise LsaqError(f"{key}: non-finite activation statistics; the hidden states "
                             "overflowed or the weights hold NaN/inf — check the model files")

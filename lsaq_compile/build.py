@@ -28,13 +28,19 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                  profile: str | Profile | None = None, scores=None, metric: str | None = None,
                  force: bool = False, progress: Progress | None = None,
                  chat_template: str | None = None, resume: bool = False,
-                 remeasure: bool = False) -> Path:
+                 remeasure: bool = False, device: str = "cpu",
+                 measure: str | None = None) -> Path:
     """Compile `model` (None = the default SmolLM2) into a bundle folder at `out`.
     chat_template: a Jinja template to ship instead of the source's (many GGUFs carry none).
     resume: continue the interrupted build of `out` (same inputs) where it stopped.
-    remeasure: measure even when an earlier build kept a measurement of the same inputs."""
+    remeasure: measure even when an earlier build kept a measurement of the same inputs.
+    device: where the torch stages run (auto | cpu | cuda); measure: override the profile's
+    scoring.measure (exact | fisher)."""
     progress = progress or Progress()
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    if measure is not None:
+        prof = with_measure(prof, measure)
+    check_device(device)
     # Absolute: `-o .` names the folder by its own name, so the working folder goes beside
     # it, not inside it.
     out = Path(os.path.abspath(out))
@@ -50,7 +56,8 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
     t0 = time.perf_counter()
     ctx = BuildContext(model, out, prof, QuantSettings.from_profile(prof.quantization),
                        metric or prof.scoring.metric, progress, scores_given=scores,
-                       chat_template=chat_template, resumed=resume, remeasure=remeasure)
+                       chat_template=chat_template, resumed=resume, remeasure=remeasure,
+                       device=device)
     job = None
     try:
         if work is None:
@@ -80,6 +87,22 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
     return out
 
 
+def with_measure(prof: Profile, measure: str) -> Profile:
+    """A copy of `prof` measuring sensitivity by `measure` (checked like the profile's own)."""
+    import copy
+
+    prof = copy.deepcopy(prof)
+    prof.scoring.measure = measure
+    return prof.validate()
+
+
+def check_device(device: str) -> str:
+    """The torch device of --device auto|cpu|cuda, refused in one line where it cannot run."""
+    from .devices import _device
+
+    return _device(device).type
+
+
 def _resumed_job(work: Path, progress) -> Job:
     job = Job.load(work / JOB_DIR)
     job.done = [s for s in job.done if s != "writer"]   # the manifest is always written anew
@@ -94,13 +117,14 @@ def _drop(work: Path | None) -> None:
 
 
 def score_for_profile(source, profile: str | Profile | None = None,
-                      metric: str | None = None, progress: Progress | None = None):
+                      metric: str | None = None, progress: Progress | None = None,
+                      device: str = "cpu"):
     """Scores measured as `build` would measure them with this profile (its calibration, and
     for sensitivity its quantizers); pass them to build_bundle(scores=...) to reuse them."""
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     ctx = BuildContext(None, Path("."), prof, QuantSettings.from_profile(prof.quantization),
                        metric or prof.scoring.metric, progress or Progress(quiet=True),
-                       source=source)
+                       source=source, device=device)
     job = Job(None, {})     # nothing persisted: scoring alone, in memory
     for stage in (stages.source, stages.calibration, stages.scoring):
         job = stage.run(job, ctx)

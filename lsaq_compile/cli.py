@@ -13,6 +13,7 @@ from lsaq_runtime.errors import LsaqRuntimeError, first_line, printable
 from lsaq_runtime.format import METRICS
 
 from .errors import LsaqError
+from .profiles import MEASURES
 from .progress import Progress
 
 
@@ -133,9 +134,14 @@ def _score_sensitivity(source, profile, calibration, samples, seq_len, progress)
               "arguments): finished stages and measurements are reused")
 @click.option("--remeasure", is_flag=True, help="measure again even when an earlier build of "
               "this model kept a measurement of the same calibration and quantizers")
+@click.option("--measure", type=click.Choice(MEASURES), help="override the profile's "
+              "scoring.measure: exact (each unit's KL alone) or fisher (streamed estimate)")
+@click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="cpu",
+              show_default=True, help="where the torch measurement runs (auto: cuda when "
+              "torch sees one)")
 @click.option("-q", "--quiet", is_flag=True)
-def build(model, out, profile, scores, metric, calibration, chat_template, force, resume, remeasure,
-          quiet):
+def build(model, out, profile, scores, metric, calibration, chat_template, force, resume,
+          remeasure, measure, device, quiet):
     """Score (unless --scores), quantize, export every variant and write the bundle."""
     from .bundle import build_bundle, read_manifest
     from .profiles import load_profile
@@ -146,7 +152,7 @@ def build(model, out, profile, scores, metric, calibration, chat_template, force
     template = _read_template(chat_template) if chat_template else None
     path = build_bundle(model, out, profile=prof, scores=scores, metric=metric, force=force,
                         progress=Progress(quiet), chat_template=template, resume=resume,
-                        remeasure=remeasure)
+                        remeasure=remeasure, device=device, measure=measure)
     click.echo(variant_table(read_manifest(path)))
 
 

@@ -166,6 +166,7 @@ class BuildContext:
     chat_template: str | None = None
     resumed: bool = False
     remeasure: bool = False            # measure even when an earlier build's measurement fits
+    device: str = "cpu"                # torch stages: auto | cpu | cuda
     # filled in by the stages, in pipeline order
     source: object = None
     schemes: dict = field(default_factory=dict)

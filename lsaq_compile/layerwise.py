@@ -139,8 +139,13 @@ def causal_mask(seq_len: int, window: int | None = None) -> torch.Tensor:
 
 def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: HiddenHook | None = None,
                    on_weights: WeightsHook | None = None, batch_size: int = 8,
-                   progress: ProgressHook | None = None, on_layer: LayerHook | None = None) -> None:
-    """Embed `windows` (int64 [samples, seq_len]) and push them through every decoder layer."""
+                   progress: ProgressHook | None = None, on_layer: LayerHook | None = None,
+                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
+    """Embed `windows` (int64 [samples, seq_len]) and push them through every decoder layer,
+    one layer in memory at a time, on `device` in `dtype` (float32 by default; the hooks then
+    see tensors there)."""
+    dev = torch.device(device)
+    dt = dtype or torch.float32
     spec = source.spec
     config = spec.to_hf_config()
     config._attn_implementation = "sdpa"  # takes our explicit float mask like eager, but faster
@@ -156,6 +161,10 @@ def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: Hidde
     del table  # only the gathered rows are needed from here on
     positions = torch.arange(seq_len)[None]
     rotary = position_embeddings(spec, config, hidden[:1], positions)
+    if dev.type != "cpu" or dt != torch.float32:
+        hidden = hidden.to(dev, dt)
+        rotary = [{k: tuple(t.to(dev, dt) for t in v) for k, v in r.items()} for r in rotary]
+        positions = positions.to(dev)
     masks: dict[int | None, torch.Tensor] = {}
     for i in range(spec.num_layers):
         t0 = time.perf_counter()
@@ -167,11 +176,15 @@ def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: Hidde
         layer.load_state_dict({k: as_tensor(v) for k, v in module_state(spec, tensors).items()},
                               strict=True, assign=True)
         layer.eval()
+        if dev.type != "cpu" or dt != torch.float32:
+            layer.to(dev, dt)
         if on_layer:
             on_layer(i, layer)
         window = spec.layer_window(i)
         if window not in masks:
-            masks[window] = causal_mask(seq_len, window)
+            m = causal_mask(seq_len, window)
+            masks[window] = (m if dt == torch.float32 else torch.where(
+                m < 0, torch.finfo(dt).min, 0.0).to(dt)).to(dev)
         out = torch.empty_like(hidden)
         with torch.no_grad():
             for b in range(0, n, batch_size):

@@ -15,6 +15,7 @@ from .errors import LsaqError
 from .plan import check_ladder
 
 PROFILES_DIR = Path(__file__).resolve().parent / "data" / "profiles"
+MEASURES = ("exact", "fisher")   # scoring.measure
 
 
 def parse_size(text: str | int) -> int:
@@ -47,6 +48,12 @@ class ScoringSection:
     samples: int = 4
     seq_len: int = 128
     granularity: str = "linear"  # sensitivity: linear (qkv, o, gate_up, down) | block (attention, MLP)
+    # sensitivity: how each unit's KL cost is measured. exact: quantize it alone and run the
+    # later layers and the full-vocabulary KL (layers^2 work, the whole model in memory);
+    # fisher: a streamed second-order estimate from `probes` sampled-label gradients (a fixed
+    # number of passes, one layer in memory; estimate.py), the token tables measured exactly
+    measure: str = "fisher"
+    probes: int = 16
 
 
 @dataclass
@@ -105,6 +112,10 @@ class Profile:
         if self.scoring.granularity not in ("block", "linear"):
             raise LsaqError(f"{where}: scoring.granularity must be 'block' (attention and MLP) "
                             f"or 'linear' (each stored linear), not {self.scoring.granularity!r}")
+        if self.scoring.measure not in MEASURES:
+            raise LsaqError(f"{where}: scoring.measure must be 'exact' (each unit's KL measured "
+                            "alone) or 'fisher' (the streamed estimate), not "
+                            f"{self.scoring.measure!r}")
         if self.quantization.scheme not in ("channel", "group"):
             raise LsaqError(f"{where}: quantization.scheme must be 'channel' or 'group'")
         if self.quantization.group_size not in (32, 64, 128):
@@ -132,6 +143,7 @@ class Profile:
                                 ("build.refine", self.build.refine, 0),
                                 ("build.quality_samples", self.build.quality_samples, 0),
                                 ("scoring.k", self.scoring.k, 1),
+                                ("scoring.probes", self.scoring.probes, 1),
                                 ("scoring.samples", self.scoring.samples, 1),
                                 ("scoring.seq_len", self.scoring.seq_len, 2),
                                 ("deployment.context_length", self.deployment.context_length, 1),

@@ -81,8 +81,13 @@ class KLMeter:
     """Mean KL(FP16 || plan) of next-token distributions over fixed calibration windows."""
 
     def __init__(self, source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantScheme],
-                 act_stats: dict | None = None, batch_size: int = 4):
+                 act_stats: dict | None = None, batch_size: int = 4, device: str = "cpu"):
         spec = self.spec = source.spec
+        # device: where the layers run (float32 everywhere; the meter holds the whole model, so
+        # a GPU only suits the models whose float32 copy and candidates fit on it)
+        from .devices import _device
+
+        dev = self.device = _device(device)
         self.source, self.schemes, self.act_stats = source, schemes, act_stats or {}
         self.batch_size = batch_size
         config = spec.to_hf_config()
@@ -97,12 +102,16 @@ class KLMeter:
             raise LsaqError(f"calibration token id {int(ids.max())} is outside the model's "
                             f"{table.shape[0]}-row embedding")
         self.tied = spec.tie_word_embeddings or not source.has_tensor(LM_HEAD)
-        self.table = table
-        self.head = table if self.tied else f16(source.tensor(LM_HEAD))
+        self.table = table.to(dev)
+        self.head = self.table if self.tied else f16(source.tensor(LM_HEAD)).to(dev)
         self._tables: dict[tuple[str, str], torch.Tensor] = {}
-        self.norm = as_tensor(np.asarray(source.tensor(FINAL_NORM), np.float32))
+        self.norm = as_tensor(np.asarray(source.tensor(FINAL_NORM), np.float32)).to(dev)
         self.positions = torch.arange(self.seq_len)[None]
         self.rotary = position_embeddings(spec, config, table[:1][None], self.positions)
+        if dev.type != "cpu":
+            self.positions = self.positions.to(dev)
+            self.rotary = [{k: tuple(t.to(dev) for t in v) for k, v in r.items()}
+                           for r in self.rotary]
         self.layers, self.masks, self.fp16 = [], [], []
         # transformers' linear modules of a layer and the Llama-style linears each stacks
         self.modules = torch_linears(spec)
@@ -114,15 +123,15 @@ class KLMeter:
             with torch.device("meta"):
                 layer = layer_cls(config, i)
             layer.load_state_dict(module_state(spec, state), strict=True, assign=True)
-            self.layers.append(layer.eval())
+            self.layers.append(layer.eval().to(dev))
             self.fp16.append({m: layer.get_submodule(m).weight.data for m in self.modules})
-            self.masks.append(causal_mask(self.seq_len, spec.layer_window(i)))
+            self.masks.append(causal_mask(self.seq_len, spec.layer_window(i)).to(dev))
         self._weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         # The FP16 model's input to every layer and its output distribution: each measurement
         # starts at the first layer it changes and compares against these.
-        self.ids = ids
+        self.ids = ids = ids.to(dev)
         with torch.no_grad():
-            h = embed(spec, table, ids)
+            h = embed(spec, self.table, ids)
             self.inputs = [h]
             for i in range(spec.num_layers):
                 h = self._layer(i, h)
@@ -151,8 +160,9 @@ class KLMeter:
             return fp16
         if (which, precision) not in self._tables:
             self._tables.clear()
-            w = table_weight(fp16.numpy(), precision, self.schemes)
-            self._tables[(which, precision)] = torch.from_numpy(np.ascontiguousarray(w))
+            w = table_weight(fp16.cpu().numpy(), precision, self.schemes)
+            self._tables[(which, precision)] = torch.from_numpy(np.ascontiguousarray(w)).to(
+                self.device)
         return self._tables[(which, precision)]
 
     def _weight(self, i: int, module: str, precision: str) -> torch.Tensor:
@@ -170,7 +180,7 @@ class KLMeter:
                     ws.append(effective_linear_weight(tensors[f"{n}.weight"], precision,
                                                       self.schemes, **kw))
                 out[mod] = torch.from_numpy(np.ascontiguousarray(np.concatenate(ws),
-                                                                 dtype=np.float32))
+                                                                 dtype=np.float32)).to(self.device)
             self._weights[(i, precision)] = out
         return self._weights[(i, precision)][module]
 
@@ -270,8 +280,23 @@ def measure(meter: KLMeter, precisions=QUANTIZED, units: tuple[str, ...] = GRANU
             if progress:
                 progress(f"layer {i + 1}/{L} {part}: " + ", ".join(
                     f"{p} {cost[part][i][p]:.2e}" for p in precisions)
-                    + f" ({done}/{n}, {time.perf_counter() - t0:.0f}s)")
+                    + f" ({done}/{n}, {time.perf_counter() - t0:.0f}s{_eta(t0, done, n, i, L)})")
     return Sensitivity(cost, meter.tokens, time.perf_counter() - t0, tables=table_cost)
+
+
+def _eta(t0: float, done: int, n: int, layer: int, L: int) -> str:
+    """", 12.0 measurements/min, about 4m10s left": a measurement of layer i runs L - i layers,
+    so the work left is weighed by the layers each remaining one runs, at the rate so far."""
+    from .devices import _clock
+
+    spent = time.perf_counter() - t0
+    if not done or done >= n:
+        return ""
+    # work ~ sum over measured layers of (L - i) per measurement; the tables' passes aside
+    did = sum(L - j for j in range(layer + 1))
+    left = sum(L - j for j in range(layer + 1, L))
+    return (f", {60 * done / max(spent, 1e-9):.1f} measurements/min, about "
+            f"{_clock(spent * left / max(did, 1))} left")
 
 
 @dataclass
@@ -348,6 +373,9 @@ def allocate_rungs(meter: KLMeter, sens: Sensitivity, sizes: list[dict[str, dict
     bytes still within budget; candidates ranked by the additive model). table_sizes: the
     token tables on the ladder and their bytes at each precision (they are items like the
     linears; budgets then count them)."""
+    if hasattr(meter, "kl_many"):   # a streamed meter: each round's plans in one pass
+        return allocate_rungs_batched(sens, sizes, budgets, meter.kl_many, refine, table_sizes,
+                                      progress)
     L = meter.spec.num_layers
     tabs = tuple(table_sizes or ())
     costs, weights = _items(sens, sizes, table_sizes)
@@ -380,6 +408,52 @@ def allocate_rungs(meter: KLMeter, sens: Sensitivity, sizes: list[dict[str, dict
                      f"{rung.measured:.4f} measured / {rung.predicted:.4f} additive"
                      + (f", {rung.refined} swap(s) kept" if rung.refined else ""))
         rungs.append(rung)
+    return rungs
+
+
+def allocate_rungs_batched(sens: Sensitivity, sizes: list[dict[str, dict[str, int]]],
+                   budgets: list[tuple[str, int]], kl_many: Callable[[list], list[float]],
+                   refine: int = 1, table_sizes: dict | None = None,
+                   progress: Callable[[str], None] | None = None) -> list:
+    """allocate_rungs with every whole-plan measurement of a round batched into one
+    call of kl_many(plans) -> KLs (plans as (layer precisions, tables); e.g. plans_kl: one
+    streamed pass a round): the knapsack's plan of every budget in the first, then per
+    refinement round the candidate swaps of every budget still improving. Same rungs as
+    sensitivity.allocate_rungs given the same KLs; its cost is (1 + refine) streamed passes
+    whatever the number of rungs."""
+    L = len(sizes)
+    tabs = tuple(table_sizes or ())
+    costs, weights = _items(sens, sizes, table_sizes)
+    choices = allocate(costs, weights, [b for _, b in budgets])
+
+    def rung(name, budget, choice, kl, refined=0):
+        prec, tables = _decode(choice, L, sens.units, tabs)
+        return Rung(budget, _plan(name, prec, tables),
+                    _plan_bytes(prec, sizes, tables, table_sizes), plan_costs(sens, prec, tables),
+                    kl, refined)
+
+    kls = kl_many([_decode(c, L, sens.units, tabs) for c in choices])
+    rungs = [rung(name, b, c, k) for (name, b), c, k in zip(budgets, choices, kls)]
+    live = list(range(len(rungs)))
+    for _ in range(refine):
+        cands = {r: _swaps(choices[r], costs, weights, rungs[r].budget, limit=3) for r in live}
+        flat = [(r, c) for r in live for c in cands[r]]
+        if not flat:
+            break
+        got = kl_many([_decode(c, L, sens.units, tabs) for _, c in flat])
+        best: dict[int, tuple] = {}
+        for (r, c), kl in zip(flat, got):
+            if kl < rungs[r].measured and (r not in best or kl < best[r][1]):
+                best[r] = (c, kl)
+        for r, (c, kl) in best.items():
+            choices[r] = c
+            rungs[r] = rung(rungs[r].plan.name, rungs[r].budget, c, kl, rungs[r].refined + 1)
+        live = list(best)
+    if progress:
+        for r in rungs:
+            progress(f"{r.plan.name}: {r.bytes / 2**20:.1f} MiB of quantized weights, KL "
+                     f"{r.measured:.4f} measured / {r.predicted:.4f} additive"
+                     + (f", {r.refined} swap(s) kept" if r.refined else ""))
     return rungs
 
 
@@ -444,7 +518,7 @@ def check_finite(sens: Sensitivity) -> None:
 # ---------------------------------------------------------------- scoring and the ladder
 def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[str, QuantScheme],
           act_stats: dict | None = None, progress: Callable[[str], None] | None = None,
-          granularity: str = "block", tables: bool = False, log=None):
+          granularity: str = "block", tables: bool = False, log=None, device: str = "cpu"):
     """Measure every unit's sensitivity (GRANULARITY: "block" = attention and MLP, "linear" =
     each stored linear; with `tables` the embedding table and LM head too); return (Scores with
     metric "sensitivity", the meter). log: a job.MeasurementLog to continue and append to."""
@@ -461,7 +535,7 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
             progress(f"resuming: reusing {len(known)} finished (layer, unit) measurements from "
                      f"{log.path}")
     t0 = time.perf_counter()
-    meter = KLMeter(source, windows, schemes, act_stats)
+    meter = KLMeter(source, windows, schemes, act_stats, device=device)
     if progress:
         progress(f"FP16 reference on {meter.n} x {meter.seq_len} tokens "
                  f"({time.perf_counter() - t0:.0f}s)")

@@ -59,7 +59,7 @@ def activation_stats(ctx: BuildContext):
 
     calib = ctx.calib
     log = ctx.progress.stage("activations")
-    stats = measure(ctx.source, calib.windows,
+    stats = measure(ctx.source, calib.windows, device=ctx.device,
                     progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))
     return stats, {"source": calib.source, "sha256": calib.sha256, "samples": calib.samples,
                    "seq_len": calib.seq_len, "windows_sha256": windows_fingerprint(calib.windows)}

@@ -22,14 +22,14 @@ def run(job: Job, ctx: BuildContext) -> Job:
         rec = json.loads(job.path(PLANS).read_text(encoding="utf-8"))
         ctx.plans, ctx.plan_kl, ctx.additive = from_json(rec)
         return job
-    ctx.plans, ctx.plan_kl, ctx.additive = plans(ctx)
+    ctx.plans, ctx.plan_kl, ctx.additive = plans(ctx, job)
     ctx.meter = None   # its cached activations and weights are not needed past planning
     if job.folder is not None:
         write_json_atomic(job.path(PLANS), to_json(ctx.plans, ctx.plan_kl, ctx.additive))
     return job.finish(NAME, {"plans": PLANS, "variants": [p.name for p in ctx.plans]})
 
 
-def plans(ctx: BuildContext) -> tuple[list[Plan], dict[str, float], dict]:
+def plans(ctx: BuildContext, job: Job | None = None) -> tuple[list[Plan], dict[str, float], dict]:
     """(plans most precise first, measured KL per plan, additive fit)."""
     from .. import sensitivity
 
@@ -45,8 +45,18 @@ def plans(ctx: BuildContext) -> tuple[list[Plan], dict[str, float], dict]:
                         f"profile allocates {'/'.join(want)} (scoring.granularity "
                         f"{prof.scoring.granularity!r}); score again with this profile")
     meter = ctx.meter
-    if meter is None:  # reused scores: the plans are still validated on this build's windows
-        meter = sensitivity.KLMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats)
+    if meter is None and prof.scoring.measure == "fisher":
+        # whole plans measured exactly, streamed: every plan of a refinement round in one pass
+        from ..estimate import StreamMeter
+
+        say = ctx.progress.stage("allocating")
+        meter = StreamMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,
+                            device=ctx.device, progress=lambda step: say(str(step))
+                            if step.done in (1, step.total) else None,
+                            candidates=job.path("candidates") if job and job.folder else None)
+    elif meter is None:  # reused scores: the plans are still validated on this build's windows
+        meter = sensitivity.KLMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,
+                                    device=ctx.device)
     return sensitivity.ladder_plans(meter, sens, ctx.schemes, kind, prof.build.rungs,
                                     prof.build.refine, ctx.progress.stage("allocating"),
                                     prof.build.rung_bits, tables=prof.tables_on_ladder)

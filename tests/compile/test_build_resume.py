@@ -14,12 +14,14 @@ from lsaq_compile.job import JOB_DIR, MEASUREMENTS
 from factories.models import make_tiny_model
 
 CLI = [sys.executable, "-m", "lsaq_compile.cli"]
-# Measured sensitivity per linear, tables on the ladder, quality on held-out windows: the
-# default profile's stages, at sizes that take seconds.
+# Measured sensitivity per linear (the exact measurement, resumed per linear; the default's
+# streamed estimate is killed and resumed in test_measure.py), tables on the ladder, quality on
+# held-out windows: the default profile's stages, at sizes that take seconds.
 PROFILE = """
 [scoring]
 samples = 4
 seq_len = 40
+measure = "exact"
 [build]
 rungs = 2
 quality_samples = 2

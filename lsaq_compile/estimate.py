@@ -1,0 +1,995 @@
+"""Streamed sensitivity estimate: the KL cost of quantizing each linear in a fixed number of
+passes over the model, with one decoder layer in memory at a time.
+
+The exact measurement (`sensitivity.KLMeter`) quantizes each linear alone and runs the later
+layers and a full-vocabulary KL for every one: layers^2 x vocabulary work, with the whole model
+held in float32. Here the same quantity, mean KL(FP16 || quantized) of the next-token
+distributions, is estimated to second order at the FP16 model. Per predicted position,
+
+    KL(p || q) ~= 1/2 dz^T F dz,       F = diag(p) - p p^T = E_{y~p}[r r^T],  r = e_y - p
+
+where dz is the change of the logits. Let g be the gradient of sum_t log p(y_t) (one label
+y_t ~ p_t drawn at every position: a "probe") with respect to a linear's output o, and
+do = x (Q(W) - W)^T that linear's output change at its FP16 input x. To first order the logits
+move by J do, and g . do = sum_t r_t . dz_t, so
+
+    sum_t KL_t ~= 1/2 E_y[(g . do)^2]
+
+(the cross terms between positions vanish in expectation: the y_t are drawn independently).
+This is the Fisher quadratic form of the weight change, i.e. (KL gradient x weight change)^2,
+computed without holding the model: g for every linear of every layer comes from one backward
+sweep per probe that recomputes one layer at a time from its stored input.
+
+Passes over the model (each reads every layer's weights once):
+  1. forward: the FP16 hidden state entering every layer is stored (float16; on disk by
+     np.memmap when large), and the top one is projected on the vocabulary in row chunks;
+  2. at the head: `probes` label sets y ~ p (Gumbel-max per vocabulary chunk, the noise drawn
+     on the CPU so every device draws the same labels) and the gradient they send down;
+  3. backward from the top: per layer, the quantized candidates of its linears (exactly the
+     weights the graphs compute with), a forward from the stored input, and one
+     vector-Jacobian product per probe, which gives g at every linear and the gradient entering
+     the layer below. By-products: the local output error |do|^2 of every linear.
+Cost: about 4 + probes forward-pass equivalents (forward; the backward's forward with graph;
+do at two precisions; one input-gradient VJP per probe, about a forward each; three passes over
+the head) and one quantization of every linear, whatever the number of linears. Memory: one
+layer (compute dtype) plus one linear's quantized candidates, the calibration hidden states
+(float16) and the probes' gradients (float32, probes x tokens x hidden, twice).
+
+`plans_kl` is the whole-plan check in the same style: every plan of a ladder measured exactly
+(the KLMeter number) in one streamed pass, one weight read and quantization per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_OF, layer_key
+
+from .devices import _clock, _device, _dtype  # noqa: F401  (estimate._device: the public spelling of old)
+from .errors import LsaqError
+from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, part_precision, table_weight
+from .layerwise import (_classes, final_norm, module_state, position_embeddings,
+                        run_layer, torch_linears)
+from .model_source import LINEAR_NAMES, ModelSource
+from .plan import UNITS
+from .quantize import QuantScheme
+from . import sensitivity
+from .sensitivity import GRANULARITY, QUANTIZED, Sensitivity, _stats_key
+
+HEAD_CHUNK = 8192          # vocabulary rows projected at once: bounds the head's memory
+MEMMAP_BYTES = 256 << 20   # stored hidden states above this go to a file, not RAM
+QUANTIZED_TABLE_CACHE = 1 << 30   # quantized token tables up to this in all (float32) are kept
+
+
+# ---------------------------------------------------------------------------- progress
+@dataclass
+class Step:
+    """One progress report: `done` of `total` layers of `stage` after `elapsed` seconds;
+    `eta` is the seconds left in the whole estimate (stages weighted by measured rates)."""
+    stage: str
+    done: int
+    total: int
+    elapsed: float
+    rate: float      # layers per second in this stage
+    eta: float
+
+    def __str__(self) -> str:
+        return (f"{self.stage}: layer {self.done}/{self.total}, {self.rate * 60:.1f} layers/min, "
+                f"{self.elapsed:.0f}s elapsed, about {_clock(self.eta)} left")
+
+
+ProgressFn = Callable[[Step], None]
+
+
+class _Clock:
+    """Per-stage layer rates and an ETA: a backward layer costs about (1 + probes) forward
+    layers until one has been timed."""
+
+    def __init__(self, L: int, probes: int, progress: ProgressFn | None):
+        self.L, self.progress, self.t0 = L, progress, time.perf_counter()
+        self.per = {"forward": None, "backward": None}
+        self.ratio = 1.0 + probes
+        self.stages = ("forward", "backward") if probes else ("local",)
+        self.skipped = 0       # backward layers a resumed run finds done
+
+    def skip(self, n: int) -> None:
+        self.skipped = n
+
+    def skip_forward(self) -> None:
+        pass
+
+    def tick(self, stage: str, done: int, t_stage: float) -> None:
+        new = done - (self.skipped if stage == "backward" else 0)
+        per = t_stage / max(new, 1)
+        self.per[stage if stage in self.per else "forward"] = per
+        fwd = self.per["forward"]
+        bwd = self.per["backward"] or (fwd * self.ratio if fwd else per)
+        left = (self.L - done) * per
+        if stage == "forward" and "backward" in self.stages:
+            left += (self.L - self.skipped) * bwd
+        if self.progress:
+            self.progress(Step(stage, done, self.L, time.perf_counter() - self.t0, 1 / per, left))
+
+
+# ---------------------------------------------------------------------------- the stack
+def _f16(a) -> np.ndarray:
+    """float32 copy of the FP16 model's value (what the FP16 variant computes with)."""
+    return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
+
+
+class _Stack:
+    """The model's pieces, built on demand: one decoder layer at a time (compute dtype, on the
+    device), the embedding rows of the calibration tokens, the final norm, the head by chunks."""
+
+    def __init__(self, source: ModelSource, windows: np.ndarray, device: torch.device,
+                 dtype: torch.dtype, schemes: dict[str, QuantScheme] | None = None,
+                 candidates: str | os.PathLike | None = None):
+        spec = self.spec = source.spec
+        self.source, self.device, self.dtype = source, device, dtype
+        self.schemes = schemes or {}
+        self.candidates = Path(candidates) if candidates is not None else None
+        if self.candidates is not None:
+            self.candidates.mkdir(parents=True, exist_ok=True)
+        self._quantized: dict[tuple[str, str], np.ndarray] = {}
+        self.config = spec.to_hf_config()
+        self.config._attn_implementation = "sdpa"
+        self.layer_cls, _ = _classes(spec.architecture)
+        self.ids = np.asarray(windows, dtype=np.int64)
+        if self.ids.ndim != 2 or self.ids.shape[1] < 2:
+            raise LsaqError(f"calibration windows must be [samples, seq_len >= 2], not {self.ids.shape}")
+        self.n, self.seq_len = self.ids.shape
+        self.tokens = self.n * (self.seq_len - 1)   # the last position predicts nothing inside
+        self.modules = torch_linears(spec)          # transformers' module -> HF linears it stacks
+        positions = torch.arange(self.seq_len)[None]
+        rot = position_embeddings(spec, self.config, torch.zeros(1, 1, dtype=torch.float32),
+                                  positions)
+        self.positions = positions.to(device)
+        self.rotary = [{k: tuple(t.to(device, dtype) for t in v) for k, v in r.items()}
+                       for r in rot]
+        self._masks: dict = {}
+        self.norm = self._t(np.asarray(source.tensor(FINAL_NORM), np.float32))
+        tied = spec.tie_word_embeddings or not source.has_tensor(LM_HEAD)
+        self.head_name = EMBED if tied else LM_HEAD
+        self._whole: dict[str, np.ndarray] = {}
+        self.vocab = self._rows_count(self.head_name)
+
+    def _rows(self, name: str, a: int, b: int, precision: str = "fp16") -> np.ndarray:
+        """float32 rows [a, b) of the embedding or head, FP16-rounded, or as a graph at
+        `precision` computes with them (a table is quantized per row, so a range of rows is
+        quantized alone). Read by row ranges where the source can; otherwise read once and
+        kept as float16. A small table's quantized copy is kept (refinement asks again)."""
+        if precision != "fp16":
+            key = (name, precision)
+            if key in self._quantized:
+                return self._quantized[key][a:b]
+            n = self._rows_count(name)
+            size = n * self.spec.hidden_size * 4
+            if size <= QUANTIZED_TABLE_CACHE:
+                while self._quantized and size + sum(
+                        t.nbytes for t in self._quantized.values()) > QUANTIZED_TABLE_CACHE:
+                    self._quantized.pop(next(iter(self._quantized)))   # the oldest first
+                self._quantized[key] = np.concatenate([
+                    table_weight(self._rows(name, c, min(n, c + HEAD_CHUNK)), precision,
+                                 self.schemes) for c in range(0, n, HEAD_CHUNK)])
+                return self._quantized[key][a:b]
+            return table_weight(self._rows(name, a, b), precision, self.schemes)
+        if name not in self._whole:
+            read = getattr(self.source, "tensor_rows", None)
+            rows = read(name, a, b) if read is not None else None
+            if rows is not None:
+                return _f16(rows)
+            self._whole[name] = np.asarray(self.source.tensor(name)).astype(np.float16)
+        return self._whole[name][a:b].astype(np.float32)
+
+    def _rows_count(self, name: str) -> int:
+        shape_of = getattr(self.source, "tensor_shape", None)
+        shape = shape_of(name) if shape_of is not None else None
+        if shape is None:
+            if name not in self._whole:
+                self._whole[name] = np.asarray(self.source.tensor(name)).astype(np.float16)
+            return int(self._whole[name].shape[0])
+        return int(shape[0])
+
+    def _t(self, a: np.ndarray) -> torch.Tensor:
+        # a read-only array (a memory map) is copied: torch tensors may be written through
+        return torch.from_numpy(np.require(a, requirements="CW")).to(self.device, self.dtype)
+
+    def mask(self, i: int) -> torch.Tensor:
+        w = self.spec.layer_window(i)
+        if w not in self._masks:
+            q = torch.arange(self.seq_len)[:, None]
+            k = torch.arange(self.seq_len)[None, :]
+            allowed = (k <= q) & ((q - k) < w if w is not None else True)
+            m = torch.zeros(self.seq_len, self.seq_len, dtype=self.dtype)
+            m.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+            self._masks[w] = m[None, None].to(self.device)
+        return self._masks[w]
+
+    def embedded(self, precision: str = "fp16") -> torch.Tensor:
+        """float32 [n, T, hidden] on the CPU: the embeddings of the windows, as the FP16 model
+        (or a graph with the table at `precision`) computes them."""
+        rows_n = self.vocab if self.head_name == EMBED else self._rows_count(EMBED)
+        if int(self.ids.max()) >= rows_n:
+            raise LsaqError(f"calibration token id {int(self.ids.max())} is outside the model's "
+                            f"{rows_n}-row embedding")
+        flat = self.ids.reshape(-1)
+        out = np.empty((flat.size, self.spec.hidden_size), np.float32)
+        for a in range(0, rows_n, HEAD_CHUNK):      # the rows of the ids, a chunk at a time
+            hit = (flat >= a) & (flat < a + HEAD_CHUNK)
+            if hit.any():
+                out[hit] = self._rows(EMBED, a, min(rows_n, a + HEAD_CHUNK), precision)[flat[hit] - a]
+        rows = torch.from_numpy(out.reshape(*self.ids.shape, -1))
+        return _scale_embedded(self.spec, rows)
+
+    def layer(self, i: int) -> torch.nn.Module:
+        """Decoder layer i as the FP16 model computes it; the source's float32 arrays are
+        dropped as each is converted, so one copy of the layer is held."""
+        linear = {f"{n}.weight" for n in LINEAR_NAMES}
+        tensors = self.source.layer_tensors(i)
+        # the source's linears stay until the next layer is read: their quantized candidates
+        # are made from them (one read of the layer, whatever the number of candidates)
+        self._linears = (i, {k[:-len(".weight")]: tensors[k] for k in linear})
+        state = {}
+        for k in list(tensors):
+            v = tensors.pop(k)
+            state[k] = self._t(_f16(v) if k in linear else np.asarray(v, np.float32))
+            del v
+        with torch.device("meta"):
+            layer = self.layer_cls(self.config, i)
+        layer.load_state_dict(module_state(self.spec, state), strict=True, assign=True)
+        return layer.eval().requires_grad_(False)
+
+    def run(self, layer, i: int, h: torch.Tensor) -> torch.Tensor:
+        return run_layer(layer, h, self.mask(i), self.positions, self.rotary[i])
+
+    def weight(self, i: int, name: str) -> np.ndarray:
+        """The source's float32 weight of HF linear `name` of layer i (the layer last read)."""
+        if getattr(self, "_linears", (None,))[0] == i:
+            return self._linears[1][name]
+        return self.source.tensor(layer_key(i, f"{name}.weight"))
+
+    def delta(self, i: int, members: Sequence[str], act_stats: dict, precision: str
+              ) -> np.ndarray:
+        """float32 [N, K]: Q(W) - W of one transformers module (its HF members stacked by rows),
+        exactly the weight change a graph at `precision` computes with (as KLMeter quantizes).
+        With a candidate folder each quantization is made once per build and read back after
+        (the clipping search costs more than the layer's forward)."""
+        out = []
+        for n in members:
+            w = self.weight(i, n)
+            act = act_stats.get(_stats_key(i, n))
+            q = self._quantized_linear(i, n, w, precision, act).dequantize()
+            out.append(q - _f16(w))
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def _quantized_linear(self, i: int, name: str, w: np.ndarray, precision: str, act):
+        from .quantize import QuantizedTensor, quantize
+
+        scheme = self.schemes[precision]
+        path = None
+        if self.candidates is not None:
+            path = self.candidates / f"{i}.{name}.{precision}.npz"
+            if path.is_file():
+                try:
+                    with np.load(path) as z:
+                        if str(z["scheme"]) == scheme.name:
+                            return QuantizedTensor(scheme, int(z["n"]), int(z["k"]),
+                                                   int(z["block_size"]), z["packed"], z["scales"],
+                                                   z["zero_points"] if z["has_zp"] else None)
+                except (OSError, ValueError, KeyError):
+                    pass    # cut short by a kill: quantized again
+        qt = quantize(w, scheme, **({"act": act} if act is not None else {}))
+        if path is not None:
+            part = path.with_name(f".{path.name}.part")
+            with open(part, "wb") as f:
+                np.savez(f, scheme=scheme.name, n=qt.n, k=qt.k, block_size=qt.block_size,
+                         packed=qt.packed, scales=qt.scales, has_zp=qt.zero_points is not None,
+                         zero_points=qt.zero_points if qt.zero_points is not None
+                         else np.zeros(0, np.uint8))
+            os.replace(part, path)
+        return qt
+
+    def head_chunks(self, dtype=None, precision: str = "fp16"):
+        """(first row, head rows in `dtype`, the compute dtype by default) over the vocabulary:
+        the FP16 head, or the head as a graph at `precision` computes with it."""
+        for a in range(0, self.vocab, HEAD_CHUNK):
+            rows = torch.from_numpy(np.ascontiguousarray(
+                self._rows(self.head_name, a, min(self.vocab, a + HEAD_CHUNK), precision)))
+            yield a, rows.to(self.device, dtype or self.dtype)
+
+    def logits_of(self, normed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        z = normed @ rows.T
+        cap = self.spec.final_logit_softcapping
+        return z if not cap else torch.tanh(z / cap) * cap
+
+
+def _scale_embedded(spec, rows: torch.Tensor) -> torch.Tensor:
+    """Gemma scales embeddings by sqrt(hidden): the same arithmetic as layerwise.embed."""
+    return rows if spec.embed_scale is None else rows * torch.tensor(spec.embed_scale, dtype=rows.dtype)
+
+
+def _part_of(module: str) -> str:
+    """Stored part (qkv, o, gate_up, down) of transformers' linear module `module`."""
+    return LINEAR_PART[STORED_OF[module.rsplit(".", 1)[-1]]]
+
+
+class _Hidden:
+    """The FP16 hidden state entering each layer (and leaving the last), float16, in RAM or
+    in a memory-mapped file under `workdir` when larger than MEMMAP_BYTES."""
+
+    def __init__(self, L: int, shape: tuple, workdir: str | os.PathLike | None,
+                 path: Path | None = None, reuse: bool = False):
+        full = (L + 1, *shape)
+        nbytes = 2 * int(np.prod(full))
+        self.path, self.complete, self.on_finish = None, False, None
+        if path is not None:      # a checkpoint's file: kept, and reused once complete
+            self.path = None      # close() leaves it in place
+            self.a = np.memmap(path, dtype=np.float16, mode="r+" if reuse else "w+", shape=full)
+            self.complete = reuse
+        elif nbytes > MEMMAP_BYTES:
+            d = Path(workdir) if workdir else Path(tempfile.gettempdir())
+            d.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix="lsaq-hidden-", suffix=".f16", dir=d)
+            os.close(fd)
+            self.path = Path(name)
+            self.a = np.memmap(self.path, dtype=np.float16, mode="w+", shape=full)
+        else:
+            self.a = np.empty(full, np.float16)
+
+    def finish(self) -> None:
+        """Every hidden state is written (a checkpoint marks the file reusable)."""
+        if isinstance(self.a, np.memmap):
+            self.a.flush()
+        self.complete = True
+        if self.on_finish:
+            self.on_finish()
+
+    def put(self, i: int, sl: slice, h: torch.Tensor) -> None:
+        h16 = h.detach().to("cpu", torch.float16)
+        if not torch.isfinite(h16).all():
+            raise LsaqError(f"the hidden state entering layer {i} overflows float16 (or holds "
+                            "NaN/inf): check the model files, or compute in bfloat16 or "
+                            "float32 (dtype=...)")
+        self.a[i, sl] = h16.numpy()
+
+    def get(self, i: int, sl: slice) -> np.ndarray:
+        return np.asarray(self.a[i, sl])
+
+    def close(self) -> None:
+        if self.path is not None:
+            del self.a
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+# ---------------------------------------------------------------------------- the estimate
+@dataclass
+class Estimate:
+    """Raw per-(probe, window, layer, part, precision) terms of a streamed estimate.
+
+    first[s, w, i, j, k]: g . do of probe s in window w for part PARTS[j] of layer i at
+        precision QUANTIZED[k] (summed over the part's modules, positions and outputs);
+    outdiag[...]: sum of (g * do)^2 elementwise (a diagonal-Fisher variant, output space);
+    local[w, i, j, k]: |do|^2 and out_sq[w, i, j]: |o|^2 (local output error, no gradient).
+    Costs are per predicted token, like KLMeter's mean KL."""
+    first: np.ndarray
+    outdiag: np.ndarray
+    local: np.ndarray
+    out_sq: np.ndarray
+    tokens: int
+    seconds: float
+    params: dict = field(default_factory=dict)
+    first_layer: int | None = None   # a resumed run measured layers below this one only
+
+    @property
+    def num_layers(self) -> int:
+        return self.local.shape[1]
+
+    def cost(self, kind: str = "fisher", units: tuple[str, ...] = GRANULARITY["linear"],
+             probes: int | None = None) -> dict[str, list[dict[str, float]]]:
+        """unit -> per layer {precision: estimated mean KL}. kind "fisher": 1/2 E[(g . do)^2]
+        (the estimate); "outdiag": its diagonal in output space; "local": |do|^2 (no scale)."""
+        idx = {u: [PARTS.index(LINEAR_PART[lin]) for lin in UNITS[u]] for u in units}
+        s = slice(None, probes)
+        out = {u: [dict() for _ in range(self.num_layers)] for u in units}
+        for u, js in idx.items():
+            if kind == "fisher":
+                a = self.first[s][:, :, :, js].sum(axis=3)          # [S, n, L, P]
+                v = 0.5 * (a ** 2).sum(axis=1).mean(axis=0)         # [L, P]
+            elif kind == "outdiag":
+                v = 0.5 * self.outdiag[s][:, :, :, js].sum(axis=(1, 3)).mean(axis=0)
+            elif kind == "local":
+                v = self.local[:, :, js].sum(axis=(0, 2))
+            else:
+                raise LsaqError(f"estimate kind {kind!r}: use fisher, outdiag or local")
+            for i in range(self.num_layers):
+                out[u][i] = {p: float(v[i, k]) / self.tokens for k, p in enumerate(QUANTIZED)}
+        return out
+
+    def sensitivity(self, kind: str = "fisher", units: tuple[str, ...] = GRANULARITY["linear"],
+                    probes: int | None = None) -> Sensitivity:
+        """The costs in the form the knapsack (sensitivity.allocate_rungs) consumes."""
+        return Sensitivity(self.cost(kind, units, probes), self.tokens, self.seconds,
+                           {"measure": kind, **self.params})
+
+
+def estimate(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantScheme],
+             act_stats: dict | None = None, *, probes: int = 8, seed: int = 0,
+             device: str = "cpu", dtype=None, batch_size: int = 4,
+             workdir: str | os.PathLike | None = None, progress: ProgressFn | None = None,
+             on_layer: Callable[[int, dict], None] | None = None,
+             checkpoint: "Checkpoint | None" = None,
+             candidates: str | os.PathLike | None = None) -> Estimate:
+    """Streamed estimate of every stored linear's KL cost at INT8 and INT4 (module docstring).
+
+    windows: int64 [samples, seq_len] calibration token ids; act_stats: the clip 'mse-act'
+    statistics (activations.activation_stats), as the quantizers need them; probes: label sets
+    drawn per window (0: only the local output errors, one forward pass); device: auto, cpu or
+    cuda; dtype: compute dtype (float32 on the CPU, float16 on CUDA by default); workdir: where
+    large hidden states are memory-mapped (a temporary folder by default; the file is removed).
+    on_layer(i, record): called after layer i's terms are final (a resumable job saves them).
+    checkpoint: keep the stored hidden states and the probes' gradient in a folder, so that a
+    killed run continues the backward sweep at the layer it reached (see Checkpoint); the
+    layers above it are then not measured again and their terms are zero in the result
+    (`Estimate.first_layer` says from where they are real: the caller has the others).
+    candidates: a folder keeping every quantized linear, made once and read back by later
+    passes (plans_kl) and by a resumed run."""
+    dev = _device(device)
+    dt = _dtype(dev, dtype)
+    if probes < 0:
+        raise LsaqError(f"probes must be >= 0, not {probes}")
+    t0 = time.perf_counter()
+    act_stats = act_stats or {}
+    st = _Stack(source, windows, dev, dt, schemes, candidates)
+    L, n, T, S = st.spec.num_layers, st.n, st.seq_len, probes
+    P = len(QUANTIZED)
+    first = np.zeros((S, n, L, len(PARTS), P))
+    outdiag = np.zeros_like(first)
+    local = np.zeros((n, L, len(PARTS), P))
+    out_sq = np.zeros((n, L, len(PARTS)))
+    clock = _Clock(L, S, progress)
+    batches = [slice(b, min(n, b + batch_size)) for b in range(0, n, batch_size)]
+
+    def output_changes(i: int, caps: dict) -> dict:
+        """do = x (Q(W) - W)^T of every module and precision over all windows (caps: module ->
+        (x, o) of every window), quantizing one module at a time so that only its candidates
+        are held; adds the local terms."""
+        dO = {}
+        for m, (x, o) in caps.items():
+            j = PARTS.index(_part_of(m))
+            out_sq[:, i, j] += o.float().square().sum(dim=(1, 2)).cpu().numpy()
+            for k, p in enumerate(QUANTIZED):
+                dW = st._t(st.delta(i, st.modules[m], act_stats, p))
+                d = dO[m, p] = x @ dW.T
+                del dW
+                local[:, i, j, k] += d.float().square().sum(dim=(1, 2)).cpu().numpy()
+        return dO
+
+    def forward_all(layer, i: int, h: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """No-grad forward of every window through layer i: (output, module -> (x, o))."""
+        outs, caps = [], []
+        with torch.no_grad():
+            for sl in batches:
+                c = _capture(layer, st.modules)
+                outs.append(st.run(layer, i, h[sl]))
+                caps.append(c.done())
+        return torch.cat(outs), {m: tuple(torch.cat([c[m][r] for c in caps]) for r in (0, 1))
+                                 for m in caps[0]}
+
+    hidden = None
+    top_layer = L      # the backward starts below this layer
+    try:
+        if S == 0:   # local errors only: one forward sweep, quantizing as it goes
+            h = st.embedded().to(dev, dt)
+            for i in range(L):
+                layer = st.layer(i)
+                h, caps = forward_all(layer, i, h)
+                with torch.no_grad():
+                    output_changes(i, caps)
+                del layer, caps
+                clock.tick("local", i + 1, time.perf_counter() - t0)
+            return Estimate(first, outdiag, local, out_sq, st.tokens, time.perf_counter() - t0,
+                            _params(schemes, S, seed, dev, dt))
+
+        shape = (n, T, st.spec.hidden_size)
+        G = None
+        if checkpoint is not None:
+            hidden = checkpoint.hidden(L, shape)
+            resumed = checkpoint.gradient(S, shape) if hidden.complete else None
+            if resumed is not None:
+                top_layer, g = resumed
+                G = torch.from_numpy(g).to(dev)
+                clock.skip(L - top_layer)
+        else:
+            hidden = _Hidden(L, shape, workdir)
+
+        if not hidden.complete:
+            # 1. forward, storing every layer's input
+            h = st.embedded().to(dev, dt)
+            hidden.put(0, slice(None), h)
+            tf = time.perf_counter()
+            for i in range(L):
+                layer = st.layer(i)
+                with torch.no_grad():
+                    h = torch.cat([st.run(layer, i, h[sl]) for sl in batches])
+                hidden.put(i + 1, slice(None), h)
+                del layer
+                clock.tick("forward", i + 1, time.perf_counter() - tf)
+            del h
+            hidden.finish()
+        else:
+            clock.skip_forward()
+
+        if G is None:
+            # 2. the probes' gradient at the top of the stack
+            G = torch.zeros((S, *shape), dtype=torch.float32, device=dev)
+            gens = [torch.Generator().manual_seed(seed * 1_000_003 + s) for s in range(S)]
+            top = torch.from_numpy(hidden.get(L, slice(None))[:, :-1]).to(dev)
+            G[:, :, :-1] = _head_grad(st, top.reshape(-1, top.shape[-1]), gens).reshape(
+                S, n, T - 1, -1)
+            del top
+
+        # 3. backward, one layer at a time from the top
+        tb = time.perf_counter()
+        for i in reversed(range(top_layer)):
+            layer = st.layer(i)
+            newG = torch.empty_like(G)
+            one = len(batches) == 1   # then the forward that records the graph gives x too
+            if not one:
+                _, caps = forward_all(layer, i, torch.from_numpy(hidden.get(i, slice(None))).to(dev, dt))
+                with torch.no_grad():
+                    dO = output_changes(i, caps)
+                del caps
+            for sl in batches:
+                h = torch.from_numpy(hidden.get(i, sl)).to(dev, dt).requires_grad_(True)
+                with torch.enable_grad():
+                    c = _capture(layer, st.modules)
+                    out = st.run(layer, i, h)
+                    cap = c.done()
+                if one:
+                    with torch.no_grad():
+                        dO = output_changes(i, cap)
+                mods = list(cap)
+                outs = [cap[m][1] for m in mods]
+                for s in range(S):
+                    # a power-of-two scale bringing the largest incoming gradient to ~1: exact,
+                    # and keeps float16's small gradients from underflowing
+                    scale = _pow2_scale(G[s, sl])
+                    grads = torch.autograd.grad(out, [h, *outs],
+                                                grad_outputs=(G[s, sl] * scale).to(dt),
+                                                retain_graph=s < S - 1, allow_unused=True)
+                    newG[s, sl] = grads[0].float() / scale
+                    with torch.no_grad():
+                        for m, g in zip(mods, grads[1:]):
+                            if g is None:
+                                continue
+                            j = PARTS.index(_part_of(m))
+                            g = g.float() / scale
+                            for k, p in enumerate(QUANTIZED):
+                                gd = g * dO[m, p][sl if not one else slice(None)].float()
+                                first[s, sl, i, j, k] += gd.sum(dim=(1, 2)).cpu().numpy()
+                                outdiag[s, sl, i, j, k] += gd.square().sum(dim=(1, 2)).cpu().numpy()
+                del out, cap, outs, h
+            G = newG
+            del layer, dO
+            if not (np.isfinite(first[:, :, i]).all() and np.isfinite(local[:, i]).all()):
+                raise LsaqError(f"estimate: non-finite terms at layer {i}; the weights hold "
+                                "NaN/inf or the compute dtype overflowed")
+            if on_layer:
+                on_layer(i, {"first": first[:, :, i], "outdiag": outdiag[:, :, i],
+                             "local": local[:, i], "out_sq": out_sq[:, i], "tokens": st.tokens})
+            if checkpoint is not None:   # after on_layer: a kill between them measures i again
+                checkpoint.save_gradient(i, G)
+            clock.tick("backward", L - i, time.perf_counter() - tb)
+    finally:
+        if hidden is not None and checkpoint is None:
+            hidden.close()
+    return Estimate(first, outdiag, local, out_sq, st.tokens, time.perf_counter() - t0,
+                    _params(schemes, S, seed, dev, dt), first_layer=top_layer)
+
+
+class Checkpoint:
+    """The resumable state of an estimate in a folder (a build's job folder): the stored
+    hidden states (a memory-mapped file, marked complete once the forward pass wrote all of
+    them) and the probes' gradient entering the layer the backward sweep reached. Each file
+    carries `key` (the measurement's fingerprint): state of other inputs is never reused."""
+
+    HIDDEN, GRAD = "fisher-hidden.f16", "fisher-grad.npy"
+
+    def __init__(self, folder: str | os.PathLike, key: str):
+        self.folder, self.key = Path(folder), key
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _meta(self, name: str) -> dict:
+        try:
+            d = json.loads((self.folder / f"{name}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return d if isinstance(d, dict) and d.get("key") == self.key else {}
+
+    def _write_meta(self, name: str, meta: dict) -> None:
+        from .job import write_json_atomic
+
+        write_json_atomic(self.folder / f"{name}.json", {"key": self.key, **meta})
+
+    def hidden(self, L: int, shape: tuple) -> "_Hidden":
+        full = [L + 1, *shape]
+        meta = self._meta(self.HIDDEN)
+        path = self.folder / self.HIDDEN
+        done = meta.get("shape") == full and meta.get("complete") is True and path.is_file()
+        h = _Hidden(L, shape, None, path=path, reuse=done)
+        h.on_finish = lambda: self._write_meta(self.HIDDEN, {"shape": full, "complete": True})
+        if not done:
+            self._write_meta(self.HIDDEN, {"shape": full, "complete": False})
+        return h
+
+    def gradient(self, probes: int, shape: tuple) -> tuple[int, np.ndarray] | None:
+        """(layer, gradient entering from above it) saved by a killed run, or None."""
+        meta = self._meta(self.GRAD)
+        path = self.folder / self.GRAD
+        if not path.is_file() or not isinstance(meta.get("layer"), int):
+            return None
+        try:
+            g = np.load(path)
+        except (OSError, ValueError):
+            return None
+        if g.shape != (probes, *shape) or meta.get("sha256") != _digest(g):
+            return None
+        return meta["layer"], g
+
+    def save_gradient(self, layer: int, G: torch.Tensor) -> None:
+        g = G.detach().to("cpu", torch.float32).numpy()
+        part = self.folder / f".{self.GRAD}.part"
+        with open(part, "wb") as f:
+            np.save(f, g)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, self.folder / self.GRAD)
+        self._write_meta(self.GRAD, {"layer": layer, "sha256": _digest(g)})
+
+    def drop_gradient(self) -> None:
+        for p in (self.folder / self.GRAD, self.folder / f"{self.GRAD}.json"):
+            p.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        for name in (self.HIDDEN, self.GRAD):
+            for p in (self.folder / name, self.folder / f"{name}.json"):
+                p.unlink(missing_ok=True)
+
+
+def _digest(a: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _pow2_scale(g: torch.Tensor) -> float:
+    m = float(g.abs().max())
+    return 2.0 ** -math.frexp(m)[1] if m > 0 and math.isfinite(m) else 1.0
+
+
+def _params(schemes, probes, seed, dev, dt) -> dict:
+    return {"int8": schemes["int8"].name, "int4": schemes["int4"].name, "probes": probes,
+            "seed": seed, "device": dev.type, "dtype": str(dt).removeprefix("torch.")}
+
+
+class _capture:
+    """Forward hooks keeping each linear module's input and output of the next forward."""
+
+    def __init__(self, layer, modules):
+        self.caps, self.handles = {}, []
+        for m in modules:
+            def hook(mod, args, out, m=m):
+                self.caps[m] = (args[0], out)
+            self.handles.append(layer.get_submodule(m).register_forward_hook(hook))
+
+    def done(self) -> dict:
+        for h in self.handles:
+            h.remove()
+        return self.caps
+
+
+def _head_grad(st: _Stack, top: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """float32 [S, N, hidden]: gradient of sum log p(y) w.r.t. the final hidden states `top`
+    [N, hidden] (every predicted position of every window) for S = len(gens) label sets y ~ p.
+    The head is read HEAD_CHUNK rows at a time, twice, and computed in float32 whatever the
+    compute dtype.
+
+    Labels by Gumbel-max: probe s's noise comes from its own CPU generator (a run with more
+    probes starts with the same ones; any device draws the same labels, and a small change of
+    the logits rarely changes an argmax). dlogp(y)/dz = e_y - p and z = cap(normed @ head^T),
+    so the gradient w.r.t. the normed state is c_y head[y] - sum_v p_v c_v head[v] with
+    c = dz/d(normed @ head^T)."""
+    S, N = len(gens), top.shape[0]
+    x = top.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        normed = final_norm(st.spec, x, st.norm.float())
+    nd = normed.detach()
+    cap = st.spec.final_logit_softcapping
+    lse = torch.full((N,), -math.inf, device=st.device)
+    best = torch.full((S, N), -math.inf, device=st.device)
+    label = torch.zeros((S, N), dtype=torch.long, device=st.device)
+    for a, rows in st.head_chunks(torch.float32):        # pass 1: normaliser and labels
+        z = st.logits_of(nd, rows)
+        lse = torch.logaddexp(lse, torch.logsumexp(z, -1))
+        for s, gen in enumerate(gens):
+            u = torch.rand(z.shape, generator=gen).clamp_(1e-20, 1.0)
+            m, arg = (z - torch.log(-torch.log(u)).to(st.device)).max(-1)
+            take = m > best[s]
+            best[s] = torch.where(take, m, best[s])
+            label[s] = torch.where(take, arg + a, label[s])
+    mean = torch.zeros(N, nd.shape[1], device=st.device)
+    pick = torch.zeros(S, N, nd.shape[1], device=st.device)
+    for a, rows in st.head_chunks(torch.float32):        # pass 2: both terms
+        raw = nd @ rows.T
+        z = torch.tanh(raw / cap) * cap if cap else raw
+        c = 1 - torch.tanh(raw / cap) ** 2 if cap else torch.ones_like(raw)
+        mean += (torch.exp(z - lse[:, None]) * c) @ rows
+        hit = (label >= a) & (label < a + rows.shape[0])
+        if hit.any():
+            s_idx, t_idx = hit.nonzero(as_tuple=True)
+            v = label[s_idx, t_idx] - a
+            pick[s_idx, t_idx] = c[t_idx, v][:, None] * rows[v]
+    g_normed = pick - mean[None]
+    out = torch.empty(S, N, x.shape[1], device=st.device)
+    for s in range(S):
+        out[s] = torch.autograd.grad(normed, x, g_normed[s], retain_graph=s < S - 1)[0]
+    return out
+
+
+def layer_costs(first: np.ndarray, tokens: int, units: tuple[str, ...] = GRANULARITY["linear"]
+                ) -> dict[str, dict[str, float]]:
+    """unit -> {precision: estimated mean KL} of one layer from its first-order terms
+    first[s, w, part, precision] (Estimate.first[:, :, i]): 1/2 E_s[sum_w (sum over the unit's
+    parts of g . do)^2] per predicted token."""
+    out = {}
+    for u in units:
+        js = [PARTS.index(LINEAR_PART[lin]) for lin in UNITS[u]]
+        a = first[:, :, js].sum(axis=2)                      # [S, n, P]
+        v = 0.5 * (a ** 2).sum(axis=1).mean(axis=0)          # [P]
+        out[u] = {p: float(v[k]) / tokens for k, p in enumerate(QUANTIZED)}
+    return out
+
+
+def estimate_sensitivity(source: ModelSource, windows: np.ndarray,
+                         schemes: dict[str, QuantScheme], act_stats: dict | None = None,
+                         units: tuple[str, ...] = GRANULARITY["linear"], **kw) -> Sensitivity:
+    """`estimate` with the Fisher costs in the Sensitivity form the knapsack consumes."""
+    return estimate(source, windows, schemes, act_stats, **kw).sensitivity("fisher", units)
+
+
+def table_costs(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantScheme],
+                names: Sequence[str], **kw) -> dict[str, dict[str, float]]:
+    """The token tables' costs, measured exactly (the KL KLMeter gives) in one streamed pass:
+    a quantized embedding changes every layer's input, so it is one more carried state per
+    precision; an untied head only changes the last projection."""
+    plans = [(("fp16",) * source.spec.num_layers, {t: p}) for t in names for p in QUANTIZED]
+    kl = plans_kl(source, windows, schemes, plans, **kw) if plans else []
+    it = iter(kl)
+    return {t: {p: next(it) for p in QUANTIZED} for t in names}
+
+
+def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[str, QuantScheme],
+          act_stats: dict | None = None, progress: Callable[[str], None] | None = None,
+          granularity: str = "linear", tables: bool = False, log=None, probes: int = 16,
+          seed: int = 0, device: str = "cpu", dtype=None, checkpoint_dir=None, **kw):
+    """Scores (metric "sensitivity", params.measure "fisher") as sensitivity.score returns
+    them, so build_bundle(scores=...) and sensitivity.from_scores take them unchanged; with
+    `tables` the token tables' costs too (measured exactly: a few streamed passes).
+
+    log: a job.MeasurementLog to continue and append to (each layer's unit costs once its
+    backward step is done, each table's once measured); checkpoint_dir: where the hidden
+    states and the probes' gradient are kept so that a killed build resumes the sweep (both
+    keyed by the log's fingerprint)."""
+    from .importance import Scores
+
+    if granularity not in GRANULARITY:
+        raise LsaqError(f"sensitivity granularity {granularity!r}: use "
+                        f"{' or '.join(map(repr, GRANULARITY))}")
+    units = GRANULARITY[granularity]
+    say = progress or (lambda m: None)
+    known = {}
+    if log is not None:
+        log.start()
+        known = log.read()
+        if known:
+            say(f"resuming: reusing {len(known)} finished measurements from {log.path}")
+    L = source.spec.num_layers
+    t0 = time.perf_counter()
+    names = sensitivity.table_units(source.spec, source) if tables else ()
+    tcost = {t: known[("table", t)] for t in names
+             if ("table", t) in known and set(QUANTIZED) <= set(known[("table", t)])}
+    todo = [t for t in names if t not in tcost]
+    if todo:
+        say(f"token tables {', '.join(todo)}: exact KL at {'/'.join(QUANTIZED)} in one "
+            "streamed pass")
+        got = table_costs(source, windows, schemes, todo, act_stats=act_stats, device=device,
+                          dtype=dtype, progress=lambda step: say(f"tables {step}"), **kw)
+        for t, c in got.items():
+            tcost[t] = c
+            if log is not None:
+                log.append(("table", t), c)
+            say(f"{t} table: " + ", ".join(f"{p} {c[p]:.2e}" for p in QUANTIZED))
+
+    def have(i: int) -> bool:
+        return all(("layer", i, u) in known and set(QUANTIZED) <= set(known[("layer", i, u)])
+                   for u in units)
+
+    cost = {u: [dict() for _ in range(L)] for u in units}
+    for i in range(L):
+        if have(i):
+            for u in units:
+                cost[u][i] = {p: known[("layer", i, u)][p] for p in QUANTIZED}
+
+    def on_layer(i: int, rec: dict) -> None:
+        c = layer_costs(rec["first"], rec["tokens"], units)
+        for u in units:
+            cost[u][i] = c[u]
+            if log is not None:
+                log.append(("layer", i, u), c[u])
+
+    seconds = 0.0
+    if not all(have(i) for i in range(L)):
+        from .job import fingerprint
+
+        ckpt = None
+        if checkpoint_dir is not None:
+            ckpt = Checkpoint(checkpoint_dir, fingerprint([getattr(log, "key", None), probes,
+                                                           seed, granularity]))
+            top = ckpt._meta(Checkpoint.GRAD).get("layer")
+            if isinstance(top, int) and not all(have(j) for j in range(top, L)):
+                ckpt.drop_gradient()   # a layer above it lacks its logged costs: from the top
+        est = estimate(source, windows, schemes, act_stats, probes=probes, seed=seed,
+                       device=device, dtype=dtype, on_layer=on_layer, checkpoint=ckpt,
+                       candidates=Path(checkpoint_dir) / "candidates" if checkpoint_dir else None,
+                       progress=lambda step: say(str(step)), **kw)
+        # a resumed sweep starts below the layers the log holds: they must all be there
+        missing = [i for i in range(L) if not cost[units[0]][i]]
+        if missing:
+            raise LsaqError(f"fisher measurement: layers {missing[:5]} were not measured (a "
+                            "resumed sweep without their logged costs); build without --resume")
+        if ckpt is not None:
+            ckpt.clear()
+        seconds = est.seconds
+    sens = Sensitivity(cost, (np.asarray(windows).shape[1] - 1) * len(windows),
+                       time.perf_counter() - t0 if not seconds else seconds,
+                       tables=tcost)
+    sensitivity.check_finite(sens)
+    spec = source.spec
+    model = {"name": spec.name, "architecture": spec.architecture, "num_layers": spec.num_layers,
+             "fingerprint": source.fingerprint()}
+    calib = {"source": calibration.source, "sha256": calibration.sha256,
+             "samples": int(len(windows)), "seq_len": int(np.asarray(windows).shape[1])}
+    params = {"int8": schemes["int8"].name, "int4": schemes["int4"].name, **sens.to_json(),
+              "measure": "fisher", "probes": probes, "seed": seed}
+    return Scores(metric="sensitivity", params=params, calibration=calib, model=model,
+                  importance=sens.layer_importance())
+
+
+# ---------------------------------------------------------------------------- whole plans
+def _plan_of(plan, L: int, tied: bool) -> tuple[tuple[str, ...], str, str]:
+    """(layer precisions, embedding precision, head precision) of a plan given as layer
+    precisions or as (layer precisions, {table: precision}); a tied head follows the table."""
+    if len(plan) == 2 and isinstance(plan[1], dict):
+        prec, tables = tuple(plan[0]), plan[1]
+    else:
+        prec, tables = tuple(plan), {}
+    if len(prec) != L:
+        raise LsaqError(f"{len(prec)} precisions for {L} layers")
+    e = tables.get("embed_tokens", "fp16")
+    return prec, e, e if tied else tables.get("lm_head", "fp16")
+
+
+def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantScheme],
+             plans: Sequence, act_stats: dict | None = None, *,
+             device: str = "cpu", dtype=None, batch_size: int = 4,
+             progress: ProgressFn | None = None, stack: "_Stack | None" = None) -> list[float]:
+    """Mean KL(FP16 || plan) per predicted token of every plan (layer precisions, as
+    KLMeter.kl takes them, or (layer precisions, {table: precision}) as KLMeter.kl(p, tables)),
+    all in one streamed pass: the FP16 state and each plan's state are carried layer by layer
+    (plans alike up to a layer share one state up to there), every layer read and each of its
+    quantized candidates made once. Compute: at most 1 + plans forward passes; memory: one
+    layer, its candidates, the distinct states."""
+    dev = _device(device)
+    dt = _dtype(dev, dtype)
+    act_stats = act_stats or {}
+    st = stack or _Stack(source, windows, dev, dt, schemes)
+    L = st.spec.num_layers
+    tied = st.head_name == EMBED
+    ref = ("fp16",) * L
+    items = [(ref, "fp16", "fp16")] + [_plan_of(p, L, tied) for p in plans]
+    batches = [slice(b, min(st.n, b + batch_size)) for b in range(0, st.n, batch_size)]
+    states = {(e, ()): st.embedded(e).to(st.device, st.dtype) for e in {e for _, e, _ in items}}
+    clock = _Clock(L, 0, progress)
+    t0 = time.perf_counter()
+    for i in range(L):
+        need = {(e, prec[:i + 1]) for prec, e, _ in items}
+        layer = st.layer(i)
+        fp16 = {m: layer.get_submodule(m).weight.data for m in st.modules}
+        cache: dict = {}
+
+        def weight(m, prec):
+            if prec == "fp16":
+                return fp16[m]
+            if (m, prec) not in cache:
+                d = st.delta(i, st.modules[m], act_stats, prec)
+                cache[m, prec] = fp16[m] + st._t(d)
+            return cache[m, prec]
+
+        new = {}
+        with torch.no_grad():
+            for e, key in sorted(need, key=lambda k: k[1][-1]):   # alike precisions together
+                for m in st.modules:
+                    layer.get_submodule(m).weight.data = weight(m, part_precision(key[-1], m))
+                h = states[(e, key[:-1])]
+                new[(e, key)] = torch.cat([st.run(layer, i, h[sl]) for sl in batches])
+        states = new
+        del layer, cache, fp16
+        clock.tick("plans", i + 1, time.perf_counter() - t0)
+    return _kl_at_head(st, states, [((e, prec), hp) for prec, e, hp in items])
+
+
+def _kl_at_head(st: _Stack, states: dict, items: list[tuple]) -> list[float]:
+    """Mean KL of items[0]'s next-token distributions to each later item's, an item being
+    (state key, head precision); the head taken by row chunks (two passes: the normalisers,
+    then the KL sums), each head precision quantized by chunk."""
+    normed = {k: final_norm(st.spec, h[:, :-1].float(), st.norm.float()).to(st.dtype)
+              for k, h in states.items() if k in {key for key, _ in items}}
+    pairs = sorted(set(items), key=str)
+    heads = sorted({hp for _, hp in pairs})
+    lse = {pr: torch.full(normed[pr[0]].shape[:2], -math.inf, device=st.device) for pr in pairs}
+    for hp in heads:
+        for _, rows in st.head_chunks(precision=hp):
+            for pr in pairs:
+                if pr[1] == hp:
+                    z = st.logits_of(normed[pr[0]], rows).float()
+                    lse[pr] = torch.logaddexp(lse[pr], torch.logsumexp(z, -1))
+    ref = items[0]
+    kl = {pr: 0.0 for pr in pairs}
+    others = {hp: st.head_chunks(precision=hp) for hp in heads if hp != "fp16"}
+    for _, rows0 in st.head_chunks():       # the reference's head is the FP16 one
+        lp = st.logits_of(normed[ref[0]], rows0).float() - lse[ref][..., None]
+        p = lp.exp()
+        for hp in heads:
+            rows = rows0 if hp == "fp16" else next(others[hp])[1]
+            for pr in pairs:
+                if pr[1] == hp and pr != ref:
+                    lq = st.logits_of(normed[pr[0]], rows).float() - lse[pr][..., None]
+                    kl[pr] += float((p * (lp - lq)).sum())
+    return [kl[pr] / st.tokens for pr in items[1:]]
+
+
+class StreamMeter:
+    """What the plan stage asks of KLMeter, streamed: whole-plan KLs by `plans_kl` (one pass
+    for a batch of plans), holding one layer at a time. `kl_many` lets the ladder's allocation
+    batch every plan of a refinement round into one pass."""
+
+    def __init__(self, source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantScheme],
+                 act_stats: dict | None = None, *, device: str = "cpu", dtype=None,
+                 progress: ProgressFn | None = None, candidates=None):
+        self.source, self.spec = source, source.spec
+        self.windows, self.schemes, self.act_stats = windows, schemes, act_stats or {}
+        dev = _device(device)
+        self.stack = _Stack(source, windows, dev, _dtype(dev, dtype), schemes, candidates)
+        self.tokens, self.progress = self.stack.tokens, progress
+
+    def kl_many(self, plans: Sequence) -> list[float]:
+        if not plans:
+            return []
+        return plans_kl(self.source, self.windows, self.schemes, plans, self.act_stats,
+                        stack=self.stack, progress=self.progress)
+
+    def kl(self, precisions, tables: dict[str, str] | None = None) -> float:
+        return self.kl_many([(tuple(precisions), tables or {})])[0]
+
+
+allocate_rungs = sensitivity.allocate_rungs_batched   # whole plans a round at a time

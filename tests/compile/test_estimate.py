@@ -1,0 +1,249 @@
+"""The streamed sensitivity estimate (lsaq_compile.estimate) against the exact measurement."""
+
+import weakref
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from factories.models import make_tiny_family, make_tiny_model
+from lsaq_compile import estimate as E
+from lsaq_compile import sensitivity
+from lsaq_compile.activations import activation_stats
+from lsaq_compile.errors import LsaqError
+from lsaq_compile.model_source import open_model
+from lsaq_compile.quantize import schemes_for
+
+SCHEMES = schemes_for("group", 32, False, 32, "mse-act")   # the default profile's quantizers
+LINEAR = sensitivity.GRANULARITY["linear"]
+
+
+def _flat(cost) -> np.ndarray:
+    return np.array([cost[u][i][q] for u in cost for i in range(len(cost[u]))
+                     for q in sensitivity.QUANTIZED])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama, calibration windows, its activation statistics and the exact costs."""
+    src = open_model(make_tiny_model(tmp_path_factory.mktemp("est") / "llama"))
+    win = np.random.default_rng(0).integers(3, 512, size=(4, 32))
+    act = activation_stats(src, win)
+    meter = sensitivity.KLMeter(src, win, SCHEMES, act)
+    exact = sensitivity.measure(meter, units=LINEAR)
+    return src, win, act, meter, exact
+
+
+@pytest.fixture(scope="module")
+def est16(tiny):
+    src, win, act, _, _ = tiny
+    return E.estimate(src, win, SCHEMES, act, probes=16, seed=0)
+
+
+def test_estimate_tracks_exact_kl_in_rank_and_scale(tiny, est16):
+    exact = _flat(tiny[4].cost)
+    fisher = _flat(est16.cost("fisher"))
+    assert spearmanr(exact, fisher)[0] > 0.95
+    # a second-order estimate, not a fitted one: the scale itself must come out
+    assert 0.7 < np.median(fisher / exact) < 1.4
+    # the cheap local error alone ranks worse (it knows nothing downstream of a linear)
+    assert spearmanr(exact, fisher)[0] > spearmanr(exact, _flat(est16.cost("local")))[0]
+
+
+def test_estimate_returns_what_the_knapsack_consumes(tiny, est16):
+    src, _, _, meter, exact = tiny
+    sens = est16.sensitivity("fisher", LINEAR)
+    assert sens.units == exact.units and sens.tokens == exact.tokens
+    sensitivity.check_finite(sens)
+    plans, kl, _ = sensitivity.ladder_plans(meter, sens, SCHEMES, "bytes", rungs=2, refine=0)
+    assert [p.name for p in plans][:2] == ["fp16", "int8"] and plans[-1].name == "int4"
+    # block units: a half's first-order terms add before squaring (the cross term counts)
+    block = est16.cost("fisher", sensitivity.GRANULARITY["block"])
+    i = 1
+    a = est16.first[:, :, i, :2].sum(axis=2)[..., 1]
+    assert block["attn"][i]["int4"] == pytest.approx(0.5 * (a ** 2).sum(1).mean() / est16.tokens)
+
+
+def test_estimate_is_deterministic_and_probes_nest(tiny, est16):
+    src, win, act, _, _ = tiny
+    four = E.estimate(src, win, SCHEMES, act, probes=4, seed=0)
+    np.testing.assert_array_equal(four.first, est16.first[:4])   # a larger run extends a smaller
+    np.testing.assert_array_equal(four.local, est16.local)
+    other = E.estimate(src, win, SCHEMES, act, probes=4, seed=1)
+    assert not np.allclose(other.first, four.first)
+    np.testing.assert_array_equal(other.local, four.local)        # no probe in the local error
+    # windows one at a time (the x of every window from a separate no-grad pass): same terms
+    single = E.estimate(src, win, SCHEMES, act, probes=4, seed=0, batch_size=1)
+    np.testing.assert_allclose(single.first, four.first, rtol=1e-4, atol=1e-9)
+    only = E.estimate(src, win, SCHEMES, act, probes=0)           # one forward sweep
+    np.testing.assert_allclose(only.local, four.local, rtol=1e-4)
+    assert not only.first.size
+
+
+def test_estimate_in_the_cuda_dtypes_agrees_with_float32(tiny):
+    """The GPU's compute dtypes, run on the CPU: same labels, same ranking, close scale."""
+    src, win, act, _, _ = tiny
+    f32 = _flat(E.estimate(src, win, SCHEMES, act, probes=4, seed=0).cost())
+    for dtype, tol in (("bfloat16", 0.15), ("float16", 0.02)):
+        low = _flat(E.estimate(src, win, SCHEMES, act, probes=4, seed=0, dtype=dtype).cost())
+        assert spearmanr(f32, low)[0] > 0.99
+        assert np.median(np.abs(np.log(low / f32))) < tol
+
+
+def test_estimate_holds_one_layer_and_memory_maps_hidden_states(tiny, est16, monkeypatch,
+                                                                 tmp_path):
+    src, win, act, _, _ = tiny
+    alive, peak = set(), [0]
+    build = E._Stack.layer
+
+    def layer(self, i):
+        mod = build(self, i)
+        alive.add(id(mod))
+        peak[0] = max(peak[0], len(alive))
+        weakref.finalize(mod, alive.discard, id(mod))
+        return mod
+
+    monkeypatch.setattr(E._Stack, "layer", layer)
+    monkeypatch.setattr(E, "MEMMAP_BYTES", 0)          # every hidden state goes to a file
+    seen = []
+    real = E._Hidden.__init__
+
+    def hidden(self, *a, **k):
+        real(self, *a, **k)
+        seen.append(self.path)
+
+    monkeypatch.setattr(E._Hidden, "__init__", hidden)
+    est = E.estimate(src, win, SCHEMES, act, probes=2, seed=0, workdir=tmp_path)
+    assert peak[0] == 1                                # never two decoder layers at once
+    assert seen and seen[0].parent == tmp_path and not seen[0].exists()   # removed after
+    np.testing.assert_allclose(est.first, est16.first[:2], rtol=1e-5, atol=1e-9)
+
+
+def test_progress_reports_stage_layer_rate_and_eta(tiny):
+    src, win, act, _, _ = tiny
+    steps = []
+    E.estimate(src, win, SCHEMES, act, probes=2, progress=steps.append)
+    L = src.spec.num_layers
+    assert [(s.stage, s.done) for s in steps] == \
+        [("forward", i) for i in range(1, L + 1)] + [("backward", i) for i in range(1, L + 1)]
+    assert all(s.rate > 0 and s.eta >= 0 and s.total == L for s in steps)
+    assert steps[-1].eta == 0 and "layer 4/4" in str(steps[-1])
+
+
+def test_plans_kl_is_the_exact_whole_plan_kl_in_one_pass(tiny):
+    src, win, act, meter, _ = tiny
+    plans = [("int4",) * 4, ("int8",) * 4, ("fp16", "int4", "int8/int4/int4/int8", "int8")]
+    got = E.plans_kl(src, win, SCHEMES, plans, act)
+    want = [meter.kl(p) for p in plans]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    # float16, the CUDA default, holds the FP16 weights exactly: the whole-plan KLs stay close
+    half = E.plans_kl(src, win, SCHEMES, plans, act, dtype="float16")
+    np.testing.assert_allclose(half, want, rtol=0.05)
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma3"])
+def test_families_fused_linears_windows_and_softcapping(family, tmp_path):
+    """Phi-3's fused qkv/gate_up and sliding windows, Gemma 3's scaled embeddings, sandwich
+    norms and soft-capped logits: the streamed pass computes what KLMeter computes."""
+    src = open_model(make_tiny_family(tmp_path / family, family))
+    win = np.random.default_rng(1).integers(3, 512, size=(2, 24))
+    schemes = schemes_for("group", 32, False, 32, "mse")
+    meter = sensitivity.KLMeter(src, win, schemes)
+    plan = tuple(["int4", "int8/int4/int8/int4"] + ["int8"] * (src.spec.num_layers - 2))
+    np.testing.assert_allclose(E.plans_kl(src, win, schemes, [plan]), [meter.kl(plan)],
+                               rtol=1e-4)
+    exact = _flat(sensitivity.measure(meter, units=LINEAR).cost)
+    est = _flat(E.estimate(src, win, schemes, probes=8).cost())
+    assert spearmanr(exact, est)[0] > 0.9
+
+
+def test_bad_arguments(tiny):
+    src, win, act, _, _ = tiny
+    with pytest.raises(LsaqError, match="probes"):
+        E.estimate(src, win, SCHEMES, act, probes=-1)
+    with pytest.raises(LsaqError, match="device"):
+        E.estimate(src, win, SCHEMES, act, device="tpu")
+    with pytest.raises(LsaqError, match="dtype"):
+        E.estimate(src, win, SCHEMES, act, dtype="int8")
+    with pytest.raises(LsaqError, match="precisions for"):
+        E.plans_kl(src, win, SCHEMES, [("int8",)], act)
+
+
+def test_batched_refinement_chooses_what_the_serial_one_chooses(tiny, est16):
+    """allocate_rungs with each round's whole-plan KLs in one batch (one streamed pass)."""
+    src, win, act, meter, _ = tiny
+    sens = est16.sensitivity("fisher", LINEAR)
+    sizes = sensitivity.layer_part_sizes(src.spec, SCHEMES, sens.units)
+    lo = sum(sizes[i][u]["int4"] for i in range(len(sizes)) for u in sens.units)
+    hi = sum(sizes[i][u]["int8"] for i in range(len(sizes)) for u in sens.units)
+    budgets = [(f"r{k}", lo + (hi - lo) * k // 4) for k in range(5)]
+    calls = []
+
+    def kl_many(plans):
+        calls.append(len(plans))
+        return [meter.kl(p, t) for p, t in plans]
+
+    got = E.allocate_rungs(sens, sizes, budgets, kl_many, refine=2)
+    want = sensitivity.allocate_rungs(meter, sens, sizes, budgets, refine=2)
+    assert [(r.plan.precisions, r.measured, r.refined) for r in got] == \
+        [(r.plan.precisions, r.measured, r.refined) for r in want]
+    assert len(calls) <= 3 and calls[0] == len(budgets)
+    streamed = E.plans_kl(src, win, SCHEMES, [r.plan.precisions for r in got], act)
+    np.testing.assert_allclose(streamed, [r.measured for r in got], rtol=1e-4)
+
+
+def test_build_bundle_takes_the_estimated_scores(tiny_llama_dir, tmp_path):
+    """The hook the pipeline will use: Scores from the estimate, a ladder by bytes from them."""
+    from factories.bundles import small_profile
+    from lsaq_compile.bundle import build_bundle, read_manifest
+    from lsaq_compile.calibration import load_calibration, load_tokenizer
+    from lsaq_compile.progress import Progress
+
+    prof = small_profile(samples=2, seq_len=32)
+    prof.build.providers, prof.build.quality_samples, prof.build.rungs = ["cpu"], 0, 2
+    src = open_model(tiny_llama_dir)
+    calib = load_calibration(prof.scoring.calibration or None, load_tokenizer(src), samples=2,
+                             seq_len=32)
+    q = prof.quantization
+    schemes = schemes_for(q.scheme, q.group_size, q.symmetric, q.block_size, q.clip)
+    act = activation_stats(src, calib.windows)
+    sc = E.score(src, calib, calib.windows, schemes, act, probes=2, tables=True)
+    assert sc.params["measure"] == "fisher" and sc.params["probes"] == 2
+    m = read_manifest(build_bundle(tiny_llama_dir, tmp_path / "b", profile=prof, scores=sc,
+                                   progress=Progress(quiet=True)))
+    assert m["scores"]["params"]["measure"] == "fisher"
+    names = [v["name"] for v in m["variants"]]
+    assert names[0] == "fp16" and "int8" in names and names[-1] == "int4"
+    assert set(m["scores"]["params"]["tables"]) == {"embed_tokens", "lm_head"}
+
+
+def test_plans_kl_with_token_tables_is_the_exact_kl(tiny):
+    """Quantized embedding (every layer's input changes) and untied head, alone and with
+    quantized layers: the streamed pass gives KLMeter.kl(precisions, tables)."""
+    src, win, act, meter, _ = tiny
+    L = src.spec.num_layers
+    plans = [(("fp16",) * L, {"embed_tokens": "int4"}), (("fp16",) * L, {"lm_head": "int8"}),
+             (("int8",) * L, {"embed_tokens": "int8", "lm_head": "int4"}),
+             (("int4", "fp16", "int8/int4/int8/int8", "int8"), {"lm_head": "int4"})]
+    got = E.plans_kl(src, win, SCHEMES, plans, act)
+    want = [meter.kl(p, t) for p, t in plans]
+    # float32 sums over every position and vocabulary entry: a KL of 1e-5 agrees to ~1e-8
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-8)
+    assert all(w > 0 for w in want)
+
+
+def test_tied_table_cost_is_the_exact_one(tmp_path):
+    """A tied model's one table is the embedding and the head at once: its cost is measured
+    exactly, as sensitivity.measure measures it."""
+    src = open_model(make_tiny_model(tmp_path / "tied", tie_word_embeddings=True))
+    win = np.random.default_rng(2).integers(3, 512, size=(2, 24))
+    meter = sensitivity.KLMeter(src, win, SCHEMES_MSE)
+    exact = sensitivity.measure(meter, units=LINEAR, tables=True)
+    got = E.table_costs(src, win, SCHEMES_MSE, sensitivity.table_units(src.spec, src))
+    assert set(got) == {"embed_tokens"}
+    for p in sensitivity.QUANTIZED:
+        assert got["embed_tokens"][p] == pytest.approx(exact.tables["embed_tokens"][p], rel=1e-3,
+                                                       abs=1e-7)
+
+
+SCHEMES_MSE = schemes_for("group", 32, False, 32, "mse")

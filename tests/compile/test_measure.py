@@ -1,0 +1,300 @@
+"""scoring.measure = "fisher" in the build: profile and CLI settings, resume after a kill in the
+middle of the streamed sweep, no whole-model meter, and --device."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from factories.models import make_tiny_model
+from lsaq_compile import estimate as E
+from lsaq_compile import sensitivity
+from lsaq_compile.bundle import build_bundle, read_manifest
+from lsaq_compile.errors import LsaqError
+from lsaq_compile.job import JOB_DIR, MEASUREMENTS, MeasurementLog
+from lsaq_compile.model_source import open_model
+from lsaq_compile.profiles import load_profile
+from lsaq_compile.progress import Progress
+from lsaq_compile.quantize import schemes_for
+
+CLI = [sys.executable, "-m", "lsaq_compile.cli"]
+PROFILE = """
+[scoring]
+samples = 4
+seq_len = 40
+measure = "fisher"
+probes = 4
+[build]
+rungs = 2
+quality_samples = 2
+providers = ["cpu"]
+"""
+SCHEMES = schemes_for("group", 32, False, 32, "mse")
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("measure") / "tiny-measure")
+
+
+@pytest.fixture()
+def profile(tmp_path):
+    p = tmp_path / "fisher.toml"
+    p.write_text(PROFILE)
+    return p
+
+
+def _build(model, out, profile, *extra):
+    return subprocess.run(CLI + ["build", str(model), "-o", str(out), "--profile", str(profile),
+                                 *map(str, extra)], capture_output=True, text=True, timeout=900)
+
+
+def test_profile_measure_and_probes_are_checked(tmp_path):
+    assert load_profile("default").scoring.measure in ("exact", "fisher")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[scoring]\nmeasure = "exactly"\n')
+    with pytest.raises(LsaqError) as e:
+        load_profile(str(bad))
+    assert "scoring.measure" in str(e.value) and "\n" not in str(e.value)
+    bad.write_text('[scoring]\nmeasure = "fisher"\nprobes = 0\n')
+    with pytest.raises(LsaqError, match="scoring.probes must be at least 1"):
+        load_profile(str(bad))
+
+
+def test_cli_measure_override_and_bad_values(model, tmp_path, profile):
+    r = _build(model, tmp_path / "b", profile, "--measure", "approx")
+    assert r.returncode == 2 and "--measure" in r.stderr
+    with pytest.raises(LsaqError, match="scoring.measure"):
+        build_bundle(model, tmp_path / "c", profile=str(profile), measure="approx",
+                     progress=Progress(quiet=True))
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(CUDA, reason="refusal is for a machine without CUDA")
+def test_device_cuda_is_refused_without_cuda_in_one_line(model, tmp_path, profile):
+    r = _build(model, tmp_path / "b", profile, "--device", "cuda")
+    assert r.returncode == 2, r.stderr
+    assert "cuda" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert "Traceback" not in r.stderr and not (tmp_path / "b").exists()
+    # auto falls back to the CPU
+    with pytest.raises(LsaqError, match="no CUDA"):
+        E._device("cuda")
+    assert E._device("auto").type == "cpu"
+
+
+def test_fisher_build_never_builds_the_whole_model_meter(model, tmp_path, profile, monkeypatch):
+    """The exact meter holds every layer (float32 and both quantized copies); the fisher
+    build must not construct it, for the scores or for the whole-plan checks."""
+    def refuse(*a, **k):
+        raise AssertionError("KLMeter built by a fisher build")
+
+    monkeypatch.setattr(sensitivity.KLMeter, "__init__", refuse)
+    out = build_bundle(model, tmp_path / "b", profile=str(profile),
+                       progress=Progress(quiet=True))
+    m = read_manifest(out)
+    assert m["scores"]["params"]["measure"] == "fisher"
+    assert m["scores"]["params"]["probes"] == 4
+    assert set(m["scores"]["params"]["tables"]) == {"embed_tokens", "lm_head"}
+    names = [v["name"] for v in m["variants"]]
+    assert names[:2] == ["fp16", "mix10.81"] or names[0] == "fp16"
+    assert names[-1] == "int4"
+    # the plans' KLs the writer records are whole-plan measurements (streamed), not additive
+    kls = [v["quality"]["kl"] for v in m["variants"][1:]]
+    assert all(k > 0 for k in kls)
+
+
+def _scores(src, win, log=None, ckpt=None, probes=4):
+    calib = type("Calib", (), {"source": "test", "sha256": "0"})()
+    return E.score(src, calib, win, SCHEMES, None, granularity="linear", tables=True, log=log,
+                   probes=probes, checkpoint_dir=ckpt)
+
+
+def test_fisher_scoring_resumes_where_it_was_killed(model, tmp_path, monkeypatch):
+    """Killed after two layers of the backward sweep: the rerun measures only the rest (from
+    the saved gradient, not from the top) and gives what an unkilled run gives."""
+    src = open_model(model)
+    win = np.random.default_rng(3).integers(3, 512, size=(4, 24))
+    whole = _scores(src, win)
+    L = src.spec.num_layers
+
+    log = MeasurementLog(tmp_path / MEASUREMENTS, "key-1")
+    real = E.layer_costs
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(E, "layer_costs", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _scores(src, win, log, tmp_path / "ckpt")
+    known = log.read()
+    assert {k for k in known if k[0] == "layer"} == {("layer", i, u) for i in (L - 1, L - 2)
+                                                      for u in sensitivity.PARTS}
+    assert {k for k in known if k[0] == "table"} == {("table", "embed_tokens"), ("table", "lm_head")}
+    # a line cut short by the kill is ignored, not taken for a measurement
+    with open(log.path, "a") as f:
+        f.write('{"key": ["layer", 0, "qkv"], "co')
+
+    calls.clear()
+    monkeypatch.setattr(E, "layer_costs", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    grads = []
+    real_head = E._head_grad
+    monkeypatch.setattr(E, "_head_grad", lambda *a, **k: (grads.append(1), real_head(*a, **k))[1])
+    resumed = _scores(src, win, log, tmp_path / "ckpt")
+    assert len(calls) == L - 2 and not grads       # the rest only, from the saved gradient
+    assert not list((tmp_path / "ckpt").glob("fisher-*"))   # checkpoint removed when whole
+    for u in whole.params["cost"]:
+        for i in range(L):
+            for p in ("int8", "int4"):
+                assert resumed.params["cost"][u][i][p] == pytest.approx(
+                    whole.params["cost"][u][i][p], rel=1e-5), (u, i, p)
+    for t, c in whole.params["tables"].items():
+        assert resumed.params["tables"][t] == pytest.approx(c, rel=1e-6), t
+
+    # a log of other inputs is refused, never reused
+    with pytest.raises(LsaqError, match="other inputs"):
+        _scores(src, win, MeasurementLog(tmp_path / MEASUREMENTS, "key-2"), tmp_path / "ckpt")
+
+
+def test_killed_fisher_build_resumes_and_equals_an_unkilled_one(model, tmp_path, profile):
+    out = tmp_path / "killed"
+    p = subprocess.Popen(CLI + ["build", str(model), "-o", str(out), "--profile", str(profile)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    seen, steps = [], 0
+    for line in p.stderr:
+        seen.append(line)
+        steps += "scoring: backward: layer " in line
+        if steps >= 2:
+            os.killpg(p.pid, signal.SIGKILL)
+            break
+    p.wait()
+    assert steps >= 2, "".join(seen)
+    # progress a person can read: stage, layer, rate, ETA
+    step = next(x for x in seen if "scoring: backward: layer 1/4" in x)
+    assert "layers/min" in step and "left" in step
+    (work,) = tmp_path.glob(".killed.lsaq-tmp-*")
+    job = json.loads((work / JOB_DIR / "job.json").read_text())
+    assert "scoring" not in job["done"]
+    lines = (work / JOB_DIR / MEASUREMENTS).read_text().splitlines()
+    assert 2 + 4 <= len(lines) - 1 < 2 + 16, "the build was not killed mid-measurement"
+
+    r = _build(model, out, profile, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "reusing" in r.stderr and "backward: layer 1/4" not in r.stderr
+    assert "tables plans" not in r.stderr                 # the tables were not measured again
+    resumed = read_manifest(out)
+    r = _build(model, tmp_path / "fresh", profile)
+    assert r.returncode == 0, r.stderr
+    whole = read_manifest(tmp_path / "fresh")
+    assert [v["name"] for v in resumed["variants"]] == [v["name"] for v in whole["variants"]]
+    assert [v["precisions"] for v in resumed["variants"]] == \
+        [v["precisions"] for v in whole["variants"]]
+    assert resumed["scores"]["importance"] == pytest.approx(whole["scores"]["importance"],
+                                                            rel=1e-5)
+
+
+def test_cpu_measurement_and_cuda_cross_check(model):
+    """The CPU path always; on a machine with CUDA, the same estimate and whole-plan KLs in
+    float16 on the GPU agree with it (ranking and scale)."""
+    from scipy.stats import spearmanr
+
+    src = open_model(model)
+    win = np.random.default_rng(4).integers(3, 512, size=(4, 32))
+    cpu = E.estimate(src, win, SCHEMES, probes=4, seed=0, device="cpu")
+    plans = [(("int4",) * 4, {"embed_tokens": "int8"}), (("int8",) * 4, {"lm_head": "int4"})]
+    kl_cpu = E.plans_kl(src, win, SCHEMES, plans, device="cpu")
+    meter = sensitivity.KLMeter(src, win, SCHEMES)
+    np.testing.assert_allclose(kl_cpu, [meter.kl(p, t) for p, t in plans], rtol=1e-4)
+    if not CUDA:
+        pytest.skip("no CUDA here: the CPU path is checked, the GPU cross-check is skipped")
+    gpu = E.estimate(src, win, SCHEMES, probes=4, seed=0, device="cuda")
+    f = lambda e: np.array([c[u][i][p] for c in [e.cost()] for u in c  # noqa: E731
+                            for i in range(4) for p in ("int8", "int4")])
+    assert spearmanr(f(cpu), f(gpu))[0] > 0.98
+    assert np.median(np.abs(np.log(f(gpu) / f(cpu)))) < 0.05
+    kl_gpu = E.plans_kl(src, win, SCHEMES, plans, device="cuda")
+    np.testing.assert_allclose(kl_gpu, kl_cpu, rtol=0.05)
+    # the exact meter on the GPU (float32 there): the same KLs
+    on_gpu = sensitivity.KLMeter(src, win, SCHEMES, device="cuda")
+    np.testing.assert_allclose([on_gpu.kl(p, t) for p, t in plans], kl_cpu, rtol=1e-3)
+    # activation statistics in float16 on the GPU
+    from lsaq_compile.activations import activation_stats
+
+    a_cpu, a_gpu = activation_stats(src, win), activation_stats(src, win, device="cuda")
+    for k, v in a_cpu.items():
+        np.testing.assert_allclose(a_gpu[k], v, rtol=0.02, atol=1e-6)
+
+
+def test_a_measurement_that_cannot_fit_is_refused_before_it_starts(model, tmp_path, profile,
+                                                                   monkeypatch):
+    """The estimate of the measurement's memory against what the host has: refused in one
+    line with both numbers (and the streamed alternative) before any measurement."""
+    from lsaq_compile.model_source import open_model as om
+    from lsaq_compile.stages import scoring
+    from lsaq_runtime import probe
+
+    spec = om(model).spec
+    assert scoring.memory_need(spec, "fisher", 4, 128) > 0
+    # a 7B-shaped model: the exact meter needs tens of GiB, the streamed one a few
+    from types import SimpleNamespace
+
+    big = SimpleNamespace(num_layers=32, hidden_size=4096, vocab_size=32000)
+    monkeypatch.setattr("lsaq_compile.plan.part_params", lambda s: {
+        "qkv": 3 * 4096 * 4096, "o": 4096 * 4096, "gate_up": 2 * 4096 * 11008,
+        "down": 4096 * 11008})
+    assert scoring.memory_need(big, "exact", 4, 128, tied=False) > 60 * scoring.GiB
+    assert scoring.memory_need(big, "fisher", 4, 128, tied=False) < 6 * scoring.GiB
+    monkeypatch.undo()
+
+    host = probe.probe_host()
+    monkeypatch.setattr(probe, "probe_host", lambda: probe.simulated(host, 1 << 20))
+    started = []
+    monkeypatch.setattr(E, "estimate", lambda *a, **k: started.append(1))
+    with pytest.raises(LsaqError) as e:
+        build_bundle(model, tmp_path / "b", profile=str(profile), progress=Progress(quiet=True))
+    msg = str(e.value)
+    assert "GiB" in msg and "available" in msg and "\n" not in msg and not started
+    with pytest.raises(LsaqError, match="fisher"):
+        build_bundle(model, tmp_path / "b", profile=str(profile), measure="exact",
+                     progress=Progress(quiet=True))
+
+
+def test_a_checkpoint_ahead_of_the_log_restarts_the_sweep(model, tmp_path, monkeypatch):
+    """The gradient checkpoint says layers from L-2 up are done, but the log lost layer L-1's
+    costs: the sweep starts again from the top rather than leave a layer unmeasured."""
+    src = open_model(model)
+    win = np.random.default_rng(5).integers(3, 512, size=(2, 24))
+    whole = _scores(src, win, probes=2)
+    L = src.spec.num_layers
+    log = MeasurementLog(tmp_path / MEASUREMENTS, "key-1")
+    real = E.layer_costs
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(E, "layer_costs", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _scores(src, win, log, tmp_path / "ckpt", probes=2)
+    lines = log.path.read_text().splitlines()
+    log.path.write_text("\n".join(x for x in lines if f'"layer", {L - 1},' not in x) + "\n")
+    monkeypatch.setattr(E, "layer_costs", real)
+    grads = []
+    real_head = E._head_grad
+    monkeypatch.setattr(E, "_head_grad", lambda *a, **k: (grads.append(1), real_head(*a, **k))[1])
+    again = _scores(src, win, log, tmp_path / "ckpt", probes=2)
+    assert grads == [1]
+    assert again.importance == pytest.approx(whole.importance, rel=1e-6)

@@ -203,3 +203,21 @@ def test_ladder_kind_checked_in_one_place():
     p.build.ladder = "half"
     with pytest.raises(LsaqError, match="profile 'p': unknown ladder"):
         p.validate()
+
+
+def test_float16_check_not_run_where_the_model_cannot_fit(monkeypatch):
+    """A 7B model's float32 graph cannot run on a 24 GiB workstation: the check is skipped, said,
+    and the float16 graphs keep the float32 residual stream (never the unchecked float16 one)."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from lsaq_compile.stages import graph
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=24 << 30))
+    said = []
+    facts = graph.unchecked_if_too_large(SimpleNamespace(params=7_000_000_000), said.append)
+    assert facts == {"checked": False, "residual_dtype": "float32",
+                     "why": "the float32 graph needs about 39.1 GiB, 24.0 GiB is available"}
+    assert said and "float32 residual" in said[0]
+    assert graph.unchecked_if_too_large(SimpleNamespace(params=135_000_000), said.append) is None

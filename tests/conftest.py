@@ -14,8 +14,16 @@ from factories.models import make_tiny_family, make_tiny_model
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_verify_cache(tmp_path_factory):
-    """Verified-file stamps go to a folder of this test run, not the user's cache."""
+    """Verified-file stamps and kept measurements go to a folder of this test run, not the
+    user's cache (the session's fixtures are built with this one)."""
     os.environ["LSAQ_CACHE_DIR"] = str(tmp_path_factory.mktemp("lsaq-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _cache_of_this_test(tmp_path_factory, monkeypatch):
+    """Each test its own cache: a measurement kept by one test's build must not turn another
+    test's measurement (a kill mid-measurement, a refusal before measuring) into a reuse."""
+    monkeypatch.setenv("LSAQ_CACHE_DIR", str(tmp_path_factory.mktemp("lsaq-cache")))
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,7 @@ def smollm_bundle(tmp_path_factory) -> Path:
         return Path(os.environ["LSAQ_TEST_BUNDLE"])
     out = tmp_path_factory.mktemp("bundles") / "smollm2"
     prof = small_profile(samples=2, seq_len=96)
+    prof.scoring.measure = "fisher"   # the default profile's measurement, as a user builds it
     prof.build.rungs, prof.build.refine, prof.build.quality_samples = 4, 1, 4
     return build_bundle(None, out, profile=prof, progress=Progress(quiet=True))
 

@@ -115,6 +115,21 @@ def _scores(src, win, log=None, ckpt=None, probes=4):
                    probes=probes, checkpoint_dir=ckpt)
 
 
+
+def _die_at_layer_call(monkeypatch, n: int):
+    """The n-th layer of the backward sweep raises KeyboardInterrupt, as a kill there would.
+    Returns (the real layer_costs, the list of calls so far)."""
+    real, calls = E.layer_costs, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(E, "layer_costs", dying)
+    return real, calls
+
 def test_fisher_scoring_resumes_where_it_was_killed(model, tmp_path, monkeypatch):
     """Killed after two layers of the backward sweep: the rerun measures only the rest (from
     the saved gradient, not from the top) and gives what an unkilled run gives."""
@@ -124,16 +139,7 @@ def test_fisher_scoring_resumes_where_it_was_killed(model, tmp_path, monkeypatch
     L = src.spec.num_layers
 
     log = MeasurementLog(tmp_path / MEASUREMENTS, "key-1")
-    real = E.layer_costs
-    calls = []
-
-    def dying(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(E, "layer_costs", dying)
+    real, calls = _die_at_layer_call(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         _scores(src, win, log, tmp_path / "ckpt")
     known = log.read()
@@ -277,16 +283,7 @@ def test_a_checkpoint_ahead_of_the_log_restarts_the_sweep(model, tmp_path, monke
     whole = _scores(src, win, probes=2)
     L = src.spec.num_layers
     log = MeasurementLog(tmp_path / MEASUREMENTS, "key-1")
-    real = E.layer_costs
-    calls = []
-
-    def dying(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(E, "layer_costs", dying)
+    real, calls = _die_at_layer_call(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         _scores(src, win, log, tmp_path / "ckpt", probes=2)
     lines = log.path.read_text().splitlines()

@@ -48,10 +48,10 @@ def unchecked_if_too_large(ctx: BuildContext, log) -> dict | None:
     cannot fit the memory available now (a 7B model on a 24 GiB workstation), the float16
     graphs keep their residual stream in float32, which never overflows where the float16
     one would, and the manifest says the check did not run. None: run the check."""
-    import psutil
+    from lsaq_runtime.probe import probe_host
 
     need = 6 * ctx.params            # the store stage counted them
-    free = psutil.virtual_memory().available
+    free = probe_host().free_bytes   # the container's limit too, as the scoring stage checks
     if need <= 0.8 * free:
         return None
     why = (f"the float32 graph needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is "

@@ -210,11 +210,12 @@ def test_float16_check_not_run_where_the_model_cannot_fit(monkeypatch):
     and the float16 graphs keep the float32 residual stream (never the unchecked float16 one)."""
     from types import SimpleNamespace
 
-    import psutil
+    import lsaq_runtime.probe
 
     from lsaq_compile.stages import graph
 
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=24 << 30))
+    monkeypatch.setattr(lsaq_runtime.probe, "probe_host",
+                        lambda: SimpleNamespace(free_bytes=24 << 30))
     said = []
     facts = graph.unchecked_if_too_large(SimpleNamespace(params=7_000_000_000), said.append)
     assert facts == {"checked": False, "residual_dtype": "float32",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import platform
 import shutil
 import sys
@@ -67,12 +68,14 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "lsaq_compile.cli", "build", str(ckpt), "-o", str(out),
                        "--profile", prof, "--remeasure", *args.build_arg]
                 log(f"{name} x {layers} layers, profile {prof}")
-                c = measure(cmd, env=env, stop_above_gib=args.stop_above)
+                build_log = work / f"build-{name}-{layers}L-{Path(prof).stem}.log"
+                c = measure(cmd, env=env, stop_above_gib=args.stop_above, log_path=build_log)
                 status = c.stopped or ("ok" if c.rc == 0 else
                                        f"failed (exit {c.rc}): {c.stderr_tail.strip().splitlines()[-1:]}")
                 rows.append(dict(shape=name, layers=layers, profile=Path(prof).stem, wall=c.wall_s,
                                  cpu=c.cpu_s, anon=c.peak_anon_mib, gpu=c.peak_gpu_mib,
-                                 gib=bundle_gib(out), status=status))
+                                 gib=bundle_gib(out), status=status,
+                                 stages=stage_seconds(build_log.read_text())))
                 log(f"  {c.wall_s:.0f} s wall, {c.cpu_s:.0f} CPU s, peak anon {c.peak_anon_mib:,.0f} MiB: {status}")
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
@@ -97,10 +100,39 @@ def main() -> None:
                   "| shape | real layers | params | profile | wall min | CPU min | per layer: wall s / CPU s / anon MiB | peak anonymous GiB |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += ext
+    lines += stage_table(rows)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+
+
+PROGRESS = re.compile(r"^\[\s*([0-9.]+)s\] (?:([a-z0-9 -]+?)(?: \d+/\d+)?: )?")
+
+
+def stage_seconds(text: str) -> dict[str, float]:
+    """Wall seconds of each stage of one build, from its progress lines ("[  12.3s] stage: ..."):
+    a stage lasts from its first line to the next stage's first line. Repeated stages add up."""
+    marks = [(float(m[1]), m[2] or "other") for m in map(PROGRESS.match, text.splitlines()) if m]
+    out: dict[str, float] = {}
+    for (t, name), (t_next, _) in zip(marks, marks[1:] + marks[-1:]):
+        out[name] = out.get(name, 0.0) + t_next - t
+    return out
+
+
+def stage_table(rows: list[dict]) -> list[str]:
+    """Where each build's wall time went, by stage (the two depths' difference is the per-layer
+    cost of each stage)."""
+    names = list(dict.fromkeys(n for r in rows for n in r["stages"]))
+    if not names:
+        return []
+    out = ["", "Wall seconds by stage (from each build's progress lines):", "",
+           "| shape | layers | profile | " + " | ".join(names) + " |",
+           "|---|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [f"{r['stages'][n]:.0f}" if n in r["stages"] else "-" for n in names]
+        out.append(f"| {r['shape']} | {r['layers']} | {r['profile']} | " + " | ".join(cells) + " |")
+    return out
 
 
 def extrapolate(rows: list[dict]) -> list[str]:

@@ -160,17 +160,27 @@ def _gpu_used() -> float | None:
 
 
 def measure(cmd: list[str], env: dict | None = None, stop_above_gib: float | None = None,
-            every: float = 0.25) -> Cost:
+            every: float = 0.25, log_path: Path | None = None) -> Cost:
     """Run `cmd`, sampling the anonymous memory of its process tree (and GPU memory when NVML
-    is there); stop it (SIGKILL to its group) if that passes `stop_above_gib`."""
+    is there); stop it (SIGKILL to its group) if that passes `stop_above_gib`. `log_path`
+    keeps its whole stderr (the build's progress lines: bench_compile's stage table)."""
     gpu0 = _gpu_used()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          env=env, start_new_session=True)
     tail: list[str] = []
-    reader = threading.Thread(target=lambda: [tail.append(x) or tail.__delitem__(slice(0, -40))
-                                              for x in p.stderr], daemon=True)
+    keep = open(log_path, "w") if log_path else None
+
+    def read() -> None:
+        for x in p.stderr:
+            tail.append(x)
+            del tail[:-40]
+            if keep:
+                keep.write(x)
+                keep.flush()
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     peak_anon, peak_gpu, stopped = 0, None, ""
     while p.poll() is None:
@@ -184,6 +194,8 @@ def measure(cmd: list[str], env: dict | None = None, stop_above_gib: float | Non
             os.killpg(p.pid, 9)
         time.sleep(every)
     reader.join(timeout=5)
+    if keep:
+        keep.close()
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

@@ -10,6 +10,7 @@ import pytest
 
 from factories.bundles import exact_paper_profile, small_profile
 from factories.models import make_tiny_family, make_tiny_model
+from factories.once import built_once
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -43,7 +44,7 @@ def tiny_bundle(tiny_llama_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm_bundle(tmp_path_factory) -> Path:
+def smollm_bundle(pytestconfig, tmp_path_factory) -> Path:
     """The real default model through the default profile (measured sensitivity, a ladder by
     bytes, quality measured per variant); calibration and rungs kept small for speed."""
     from lsaq_compile.bundle import build_bundle
@@ -51,23 +52,31 @@ def smollm_bundle(tmp_path_factory) -> Path:
 
     if os.environ.get("LSAQ_TEST_BUNDLE"):  # reuse a bundle built by hand while developing
         return Path(os.environ["LSAQ_TEST_BUNDLE"])
-    out = tmp_path_factory.mktemp("bundles") / "smollm2"
     prof = small_profile(samples=2, seq_len=96)
     prof.scoring.measure = "fisher"   # the default profile's measurement, as a user builds it
     prof.build.rungs, prof.build.refine, prof.build.quality_samples = 4, 1, 4
-    return build_bundle(None, out, profile=prof, progress=Progress(quiet=True))
+    return built_once(pytestconfig, tmp_path_factory, "smollm2", lambda d: build_bundle(
+        None, d / "smollm2", profile=prof, progress=Progress(quiet=True)))
 
 
 @pytest.fixture(scope="session")
-def ladder_bundles(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+def ladder_bundles(tiny_llama_dir, pytestconfig, tmp_path_factory) -> dict[str, Path]:
     """Schema 6 bundles with the token tables on the ladder, built once for both exporters'
     tests (read only): the untied tiny Llama with the default profile's INT4 (group 32, zero
     points), and a tied tiny Qwen3 per channel whose fp16-table rung's CPU head is the INT8
     table (cpu_lm_head int8)."""
     from factories.bundles import ladder_build
 
-    tmp = tmp_path_factory.mktemp("ladder")
-    return {"untied": ladder_build(tiny_llama_dir, tmp / "untied"),
-            "tied": ladder_build(make_tiny_family(tmp / "hf-qwen3", "qwen3"), tmp / "tied",
-                                 scheme="channel", cpu_lm_head="int8")}
+    return built_once(pytestconfig, tmp_path_factory, "ladder", lambda tmp: {
+        "untied": ladder_build(tiny_llama_dir, tmp / "untied"),
+        "tied": ladder_build(make_tiny_family(tmp / "hf-qwen3", "qwen3"), tmp / "tied",
+                             scheme="channel", cpu_lm_head="int8")})
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist the longest tests (the real model's, marked slow, and the dependency
+    floors' sub-runs) go first, so the workers share them out at the start instead of one
+    worker finishing a five-minute test alone at the end. Serial runs keep the file order."""
+    if config.getoption("numprocesses", default=None):
+        items.sort(key=lambda it: not (it.get_closest_marker("slow") or "floors" in it.nodeid))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from factories.once import built_once
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(os.environ.get("LSAQ_FLOOR_CHECKS") != "1",
@@ -80,39 +81,61 @@ def test_runtime_floors(tiny_bundle, tmp_path):
     assert floor["chat"] == ours["chat"] and floor["dry_run_exit"] == 0
 
 
-def test_compile_floors(tmp_path):
+@pytest.fixture(scope="session")
+def compile_overlay(pytestconfig, tmp_path_factory) -> Path:
+    """The compile extra's floors installed once per run (shared by the chunks below, and by
+    pytest-xdist's workers): a folder to put first on PYTHONPATH."""
     extra = floors(project()["optional-dependencies"]["compile"])
     pins = [f"{n}=={v}" for n, v in extra.items() if n not in NOT_OVERLAID]
     for n in extra:
         pins += TRANSFORMERS_COMPANIONS.get(n, [])
-    overlay = tmp_path / "overlay"
-    pip(sys.executable, "--no-deps", "--target", str(overlay), *pins)
-    env = {**os.environ, "PYTHONPATH": str(overlay)}
+
+    def install(folder: Path) -> Path:
+        overlay = folder / "overlay"
+        pip(sys.executable, "--no-deps", "--target", str(overlay), *pins)
+        (folder / "pins.txt").write_text(" ".join(pins))
+        return overlay
+
+    return built_once(pytestconfig, tmp_path_factory, "compile-floors", install)
+
+
+# Every test of the compile side, in chunks that pytest-xdist's workers run side by side (the
+# whole list takes about 8 CPU-minutes). Not lm-eval's (adapter test deselected, the others
+# skip on LSAQ_SKIP_LM_EVAL): that is the eval extra, whose newer `datasets` wants a newer
+# huggingface-hub than transformers' floor pairs with.
+COMPILE_CHUNKS = {
+    "scoring": ["tests/compile/test_importance.py", "tests/compile/test_study.py",
+                "tests/compile/test_calibration.py", "tests/compile/test_profiles.py",
+                "tests/runtime/test_probe.py"],
+    "build": ["tests/compile/test_bundle.py", "tests/compile/test_plan.py",
+              "tests/compile/test_quantize.py", "tests/compile/test_store.py"],
+    "sources": ["tests/compile/test_source.py", "tests/compile/test_graph.py",
+                "tests/compile/test_families.py", "tests/contract/test_bad_inputs.py",
+                "tests/compile/test_evaluate.py"],
+}
+
+
+@pytest.mark.parametrize("chunk", list(COMPILE_CHUNKS))
+def test_compile_floors(compile_overlay, chunk, tmp_path):
+    extra = floors(project()["optional-dependencies"]["compile"])
+    env = {**os.environ, "PYTHONPATH": str(compile_overlay)}
     probe = subprocess.run([sys.executable, "-c", "import transformers, onnx, gguf, safetensors;"
                             "print(transformers.__version__, transformers.__file__)"],
                            env=env, capture_output=True, text=True)
-    assert probe.returncode == 0 and str(overlay) in probe.stdout, probe.stderr[-2000:]
+    assert probe.returncode == 0 and str(compile_overlay) in probe.stdout, probe.stderr[-2000:]
     from packaging.version import Version
 
     assert Version(probe.stdout.split()[0]) == Version(extra["transformers"])
-    # Every test of the compile side. Not lm-eval's (adapter test deselected, the others skip on
-    # LSAQ_SKIP_LM_EVAL): that is the eval extra, whose newer `datasets` wants a newer
-    # huggingface-hub than transformers' floor pairs with.
-    tests = ["tests/compile/test_importance.py", "tests/compile/test_source.py", "tests/compile/test_graph.py",
-             "tests/compile/test_families.py",
-             "tests/compile/test_calibration.py", "tests/compile/test_store.py", "tests/compile/test_study.py",
-             "tests/compile/test_bundle.py", "tests/contract/test_bad_inputs.py", "tests/compile/test_evaluate.py",
-             "tests/compile/test_plan.py", "tests/compile/test_quantize.py", "tests/compile/test_profiles.py",
-             "tests/runtime/test_probe.py"]
     # `-m "not slow"`: the real-model builds and the quick study exercise no API the tiny models
     # do not, and would double CI's time; the main run has them on the project's versions.
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        "-m", "not slow", "--basetemp", str(tmp_path / "pt"), *tests,
+                        "-m", "not slow", "--basetemp", str(tmp_path / "pt"), *COMPILE_CHUNKS[chunk],
                         "--deselect", "tests/compile/test_evaluate.py::test_lm_eval_adapter_with_a_local_task"],
                        cwd=REPO, env={**env, "LSAQ_FLOOR_CHECKS": "0", "LSAQ_SKIP_LM_EVAL": "1"},
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    print(f"compile floors {pins}: {r.stdout.strip().splitlines()[-1]}")
+    pins = (compile_overlay.parent / "pins.txt").read_text()
+    print(f"compile floors ({chunk}) {pins}: {r.stdout.strip().splitlines()[-1]}")
 
 
 def test_serve_floors(tmp_path):

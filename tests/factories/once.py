@@ -1,0 +1,33 @@
+"""Artifacts a whole test run shares, built once even under pytest-xdist."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+from pathlib import Path
+
+
+def built_once(config, tmp_path_factory, name: str, build):
+    """Build a read-only session artifact once for the whole run. Under pytest-xdist every
+    worker is its own session, so the first worker to ask builds it into the run's common
+    folder under a file lock and the others wait and reuse it (the recipe xdist documents):
+    the real SmolLM2 bundle costs about two minutes, and building it per worker would eat the
+    time the workers save. `build(folder)` returns what the fixture returns, a path inside
+    `folder` or a dict of them."""
+    # workerinput, not the PYTEST_XDIST_WORKER variable: a test's own pytest subprocess (the
+    # dependency floors) inherits the variable but is a session of its own.
+    if not hasattr(config, "workerinput"):
+        return build(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent      # shared by the workers of this run
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)   # a worker that failed mid-build
+            folder.mkdir()
+            result = build(folder)
+            done.write_text(json.dumps({k: str(v) for k, v in result.items()}
+                                       if isinstance(result, dict) else str(result)))
+        kept = json.loads(done.read_text())
+        return {k: Path(v) for k, v in kept.items()} if isinstance(kept, dict) else Path(kept)

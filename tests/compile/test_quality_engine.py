@@ -194,3 +194,36 @@ def test_profile_refuses_an_unknown_engine(tmp_path):
         load_profile(str(p))
     p.write_text("[build]\nquality_engine = 'streamed'\n")
     assert load_profile(str(p)).build.quality_engine == "streamed"
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma3", "qwen2"])
+def test_streamed_equals_the_graphs_in_every_family_shape(family, tmp_path):
+    """Fused checkpoints (Phi-3, longrope past 16 positions), a tied soft-capped head with a
+    scaled embedding and sliding windows (Gemma 3), q/k/v biases (Qwen2): on the exact kernels
+    the streamed numbers are the graphs' on the same windows."""
+    from factories.bundles import family_bundle
+
+    b = family_bundle(tmp_path, family)
+    m = json.loads((b / "manifest.json").read_text())
+    w = np.random.default_rng(0).integers(3, m["model"]["vocab_size"], (2, 24))
+    g = writer.measure_quality(b, m, w, lambda s: None)
+    s = streamed_quality(b, w, open_model(tmp_path / f"hf-{family}"), lambda s: None)
+    for name in g:
+        assert s[name]["perplexity"] == pytest.approx(g[name]["perplexity"], rel=2e-5), name
+        assert s[name]["kl_fp16"] == pytest.approx(g[name]["kl_fp16"], rel=2e-3, abs=2e-6), name
+
+
+def test_streamed_equals_the_graphs_with_tied_quantized_tables(ladder_bundles):
+    """A tied model with its one table on the ladder (the head computes with the embedding's
+    INT8/INT4 codes) and the fp16-table rung's CPU head on the INT8 table (cpu_lm_head int8)."""
+    b = ladder_bundles["tied"]
+    m = json.loads((b / "manifest.json").read_text())
+    assert {v["tables"]["embed_tokens"] for v in m["variants"]} >= {"int8", "int4"}
+    assert any(v["tables"]["lm_head"] == "fp16" and v["providers"]["cpu"]["lm_head"] == "int8"
+               for v in m["variants"])
+    w = np.random.default_rng(1).integers(3, m["model"]["vocab_size"], (2, 24))
+    g = writer.measure_quality(b, m, w, lambda s: None)
+    s = streamed_quality(b, w, open_model(b.parent / "hf-qwen3"), lambda s: None)
+    for name in g:
+        assert s[name]["perplexity"] == pytest.approx(g[name]["perplexity"], rel=2e-5), name
+        assert s[name]["kl_fp16"] == pytest.approx(g[name]["kl_fp16"], rel=2e-3, abs=2e-6), name

@@ -227,3 +227,24 @@ def test_streamed_equals_the_graphs_with_tied_quantized_tables(ladder_bundles):
     for name in g:
         assert s[name]["perplexity"] == pytest.approx(g[name]["perplexity"], rel=2e-5), name
         assert s[name]["kl_fp16"] == pytest.approx(g[name]["kl_fp16"], rel=2e-3, abs=2e-6), name
+
+
+def test_cli_sets_the_engine(capsys, monkeypatch, tmp_path):
+    """build --quality-engine overrides the profile's setting; an unknown engine is refused."""
+    from factories.cli import run_cli
+
+    import lsaq_compile.bundle
+
+    seen = {}
+
+    def fake_build(model, out, profile, **kw):
+        seen["engine"] = profile.build.quality_engine
+        raise LsaqError("stop here")
+
+    monkeypatch.setattr(lsaq_compile.bundle, "build_bundle", fake_build)
+    code, _, err = run_cli(capsys, "compile", ["build", "-o", tmp_path / "b",
+                                               "--quality-engine", "streamed"])
+    assert seen == {"engine": "streamed"} and code != 0 and "stop here" in err
+    code, _, err = run_cli(capsys, "compile", ["build", "-o", tmp_path / "b",
+                                               "--quality-engine", "fast"])
+    assert code == 2 and "fast" in err

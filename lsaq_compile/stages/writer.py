@@ -138,9 +138,11 @@ ENGINE_NAMES = {"graphs": "onnxruntime-cpu-graphs", "streamed": "torch-streamed"
 ENGINE_WHAT = {
     "graphs": "each variant's CPU graph on held-out calibration windows: KL from the FP16 "
               "variant's CPU graph (ranks the variants) and perplexity",
-    "streamed": "each variant's stored weights (dequantized, as its CPU graph reads them) in a "
-                "float32 torch pass, one decoder layer at a time, on held-out calibration "
-                "windows: KL from the FP16 variant (ranks the variants) and perplexity",
+    "streamed": "each variant's stored weights, dequantized (those its CPU graph reads, the "
+                "head included), in a float32 torch pass one decoder layer at a time (float "
+                "activations, where the CPU kernels at accuracy level 4 quantize them to int8) "
+                "on held-out calibration windows: KL from the FP16 variant (ranks the "
+                "variants) and perplexity",
 }
 
 

@@ -242,11 +242,7 @@ class BundleReader:
         `lm_head.int8.*` before). A tied model whose head reads its embedding table at the
         table's precision gets no separate lm_head entry (the head is the embedding)."""
         mo = self.model
-        h, i_size = mo["hidden_size"], mo["intermediate_size"]
-        q_dim = mo["num_attention_heads"] * mo["head_dim"]
-        kv_dim = mo["num_key_value_heads"] * mo["head_dim"]
-        dims = {"self_attn.qkv_proj": (q_dim + 2 * kv_dim, h), "self_attn.o_proj": (h, q_dim),
-                "mlp.gate_up_proj": (2 * i_size, h), "mlp.down_proj": (h, i_size)}
+        h, dims = mo["hidden_size"], linear_dims(mo)
         out = []
         for i, p in enumerate(variant["precisions"]):
             try:
@@ -362,6 +358,15 @@ class BundleReader:
 
     def tokenizer_dir(self) -> Path:
         return self.root / self.manifest["tokenizer"]["dir"]
+
+
+def linear_dims(model: dict) -> dict[str, tuple[int, int]]:
+    """[N, K] of each stored (fused) decoder linear, from the manifest's model facts."""
+    h, i_size = model["hidden_size"], model["intermediate_size"]
+    q_dim = model["num_attention_heads"] * model["head_dim"]
+    kv_dim = model["num_key_value_heads"] * model["head_dim"]
+    return {"self_attn.qkv_proj": (q_dim + 2 * kv_dim, h), "self_attn.o_proj": (h, q_dim),
+            "mlp.gate_up_proj": (2 * i_size, h), "mlp.down_proj": (h, i_size)}
 
 
 def table_precisions(variant: dict, head: str = "fp16") -> tuple[str, str]:

@@ -13,7 +13,7 @@ from lsaq_runtime.errors import LsaqRuntimeError, first_line, printable
 from lsaq_runtime.format import METRICS
 
 from .errors import LsaqError
-from .profiles import MEASURES
+from .profiles import MEASURES, QUALITY_ENGINES
 from .progress import Progress
 
 
@@ -139,9 +139,12 @@ def _score_sensitivity(source, profile, calibration, samples, seq_len, progress)
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="cpu",
               show_default=True, help="where the torch measurement runs (auto: cuda when "
               "torch sees one)")
+@click.option("--quality-engine", "quality_engine", type=click.Choice(QUALITY_ENGINES),
+              help="override the profile's build.quality_engine: graphs (each variant's CPU "
+              "graph), streamed (torch, one layer at a time) or auto (graphs where they fit)")
 @click.option("-q", "--quiet", is_flag=True)
 def build(model, out, profile, scores, metric, calibration, chat_template, force, resume,
-          remeasure, measure, device, quiet):
+          remeasure, measure, device, quality_engine, quiet):
     """Score (unless --scores), quantize, export every variant and write the bundle."""
     from .bundle import build_bundle, read_manifest
     from .profiles import load_profile
@@ -149,6 +152,8 @@ def build(model, out, profile, scores, metric, calibration, chat_template, force
     prof = load_profile(profile)
     if calibration:
         prof.scoring.calibration = calibration
+    if quality_engine:
+        prof.build.quality_engine = quality_engine
     template = _read_template(chat_template) if chat_template else None
     path = build_bundle(model, out, profile=prof, scores=scores, metric=metric, force=force,
                         progress=Progress(quiet), chat_template=template, resume=resume,

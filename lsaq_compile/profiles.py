@@ -16,6 +16,7 @@ from .plan import check_ladder
 
 PROFILES_DIR = Path(__file__).resolve().parent / "data" / "profiles"
 MEASURES = ("exact", "fisher")   # scoring.measure
+QUALITY_ENGINES = ("auto", "graphs", "streamed")   # build.quality_engine
 
 
 def parse_size(text: str | int) -> int:
@@ -33,6 +34,10 @@ class BuildSection:
     rungs: int = 8             # ladder "bytes": steps from all-INT4 to all-INT8 bytes
     refine: int = 1            # ladder "bytes"/"paper" with sensitivity: greedy swap rounds
     quality_samples: int = 16  # held-out calibration windows each variant's graph is measured on
+    # how: graphs (each variant's CPU graph in ONNX Runtime: float32, 4 bytes a parameter),
+    # streamed (torch, one decoder layer at a time, from the same stored weights) or auto
+    # (graphs where they fit the memory available, as the float16 check decides)
+    quality_engine: str = "auto"
     # ladder "bytes": extra variants at these average bits per quantized weight (decoder
     # linears, and the token tables when they are on the ladder; scales included), e.g. a target
     # device's budget or a peer's file size to compare at equal bytes
@@ -104,6 +109,9 @@ class Profile:
         if self.build.quality_samples and "cpu" not in self.build.providers:
             raise LsaqError(f"{where}: build.quality_samples measures each variant's CPU graph; "
                             "add 'cpu' to build.providers or set quality_samples = 0")
+        if self.build.quality_engine not in QUALITY_ENGINES:
+            raise LsaqError(f"{where}: build.quality_engine must be 'auto', 'graphs' or "
+                            f"'streamed', not {self.build.quality_engine!r}")
         bad = set(self.build.providers) - {"cpu", "cuda"}
         if bad or not self.build.providers:
             raise LsaqError(f"{where}: build.providers must name 'cpu' and/or 'cuda' (got {self.build.providers})")

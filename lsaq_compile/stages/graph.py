@@ -48,17 +48,25 @@ def unchecked_if_too_large(ctx: BuildContext, log) -> dict | None:
     cannot fit the memory available now (a 7B model on a 24 GiB workstation), the float16
     graphs keep their residual stream in float32, which never overflows where the float16
     one would, and the manifest says the check did not run. None: run the check."""
-    from lsaq_runtime.probe import probe_host
-
-    need = 6 * ctx.params            # the store stage counted them
-    free = probe_host().free_bytes   # the container's limit too, as the scoring stage checks
-    if need <= 0.8 * free:
+    fits, why = float32_graph_fits(ctx.params)
+    if fits:
         return None
-    why = (f"the float32 graph needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is "
-           "available")
     log(f"not run: {why}; the float16 graphs keep a float32 residual stream (safe, a little "
         "slower)")
     return {"checked": False, "why": why, "residual_dtype": "float32"}
+
+
+def float32_graph_fits(params: int) -> tuple[bool, str]:
+    """Whether a float32 graph of the whole model (4 bytes a parameter, and the float16
+    initializers while the session is made: about 6 bytes a parameter) fits 80% of the memory
+    available now, and the numbers that say so. The float16 check and the quality measurement
+    run such graphs."""
+    from lsaq_runtime.probe import probe_host
+
+    need = 6 * params
+    free = probe_host().free_bytes   # the container's limit too, as the scoring stage checks
+    return need <= 0.8 * free, (f"the float32 graph needs about {need / 2**30:.1f} GiB, "
+                                f"{free / 2**30:.1f} GiB is available")
 
 
 def max_context(ctx: BuildContext) -> int:

@@ -1,7 +1,8 @@
 """Stage: the bundle writer. The manifest is a pure function of what the stages produced
 (`manifest`, `with_quality`: no I/O, tested as such); `run` hashes the files, measures each
-variant's quality on held-out windows through the runtime, checks the result against the
-runtime's schema and writes manifest.json last: a folder with a manifest is complete."""
+variant's quality on held-out windows (its CPU graph through the runtime, or its stored
+weights streamed through torch: stream_quality.py), checks the result against the runtime's
+schema and writes manifest.json last: a folder with a manifest is complete."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lsaq_runtime.integrity import sha256_file
 
 from ..errors import LsaqError
 from ..job import JOB_DIR, BuildContext, Job
-from ..profiles import parse_size
+from ..profiles import QUALITY_ENGINES, parse_size
 
 NAME = "writer"
 
@@ -40,10 +41,18 @@ def run(job: Job, ctx: BuildContext) -> Job:
     m["files"] = file_entries(root)
     _write(root, m)
     if ctx.held_out is not None:
-        # Each variant's graph on held-out calibration windows, through the runtime (the
-        # bundle is complete but still in its working folder); then rank by it.
-        quality = measure_quality(root, m, ctx.held_out, ctx.progress.stage("quality"))
-        m = with_quality(m, quality, ctx.plan_kl, ctx.calib, ctx.held_out.shape)
+        # Each variant on held-out calibration windows (the bundle is complete but still in
+        # its working folder): its CPU graph through the runtime, or streamed through torch
+        # from the same stored weights where the graphs cannot fit; then rank by it.
+        log = ctx.progress.stage("quality")
+        engine = quality_engine(ctx.profile.build.quality_engine, ctx.params, log)
+        if engine == "graphs":
+            quality = measure_quality(root, m, ctx.held_out, log)
+        else:
+            from ..stream_quality import streamed_quality
+
+            quality = streamed_quality(root, ctx.held_out, source, log, device=ctx.device)
+        m = with_quality(m, quality, ctx.plan_kl, ctx.calib, ctx.held_out.shape, engine)
         _write(root, m)
     ctx.manifest = m
     return job.finish(NAME, {"manifest": MANIFEST})
@@ -124,8 +133,39 @@ def file_entries(root: Path) -> list[dict]:
     return out
 
 
+# deployment.quality.engine, and what each measured
+ENGINE_NAMES = {"graphs": "onnxruntime-cpu-graphs", "streamed": "torch-streamed"}
+ENGINE_WHAT = {
+    "graphs": "each variant's CPU graph on held-out calibration windows: KL from the FP16 "
+              "variant's CPU graph (ranks the variants) and perplexity",
+    "streamed": "each variant's stored weights, dequantized (those its CPU graph reads, the "
+                "head included), in a float32 torch pass one decoder layer at a time (float "
+                "activations, where the CPU kernels at accuracy level 4 quantize them to int8) "
+                "on held-out calibration windows: KL from the FP16 variant (ranks the "
+                "variants) and perplexity",
+}
+
+
+def quality_engine(setting: str, params: int, log) -> str:
+    """graphs or streamed, from the profile's build.quality_engine: auto runs the graphs where
+    the FP16 variant's float32 graph fits the memory available (the float16 check's bound),
+    else streams; the build log says which and why."""
+    from .graph import float32_graph_fits
+
+    if setting not in QUALITY_ENGINES:
+        raise LsaqError(f"build.quality_engine {setting!r}: use {', '.join(QUALITY_ENGINES)}")
+    if setting != "auto":
+        log(f"engine {setting} (build.quality_engine)")
+        return setting
+    fits, why = float32_graph_fits(params)
+    engine = "graphs" if fits else "streamed"
+    log(f"engine {engine}: {why}" + ("" if fits else "; streamed through torch one decoder "
+                                     "layer at a time from the stored weights"))
+    return engine
+
+
 def with_quality(m: dict, quality: dict[str, dict], plan_kl: dict[str, float], calib,
-                 shape: tuple[int, int]) -> dict:
+                 shape: tuple[int, int], engine: str = "graphs") -> dict:
     """The manifest with each variant's measured quality (and the torch KL of its plan on the
     calibration windows), ranked by KL from FP16 (deployment.rank_by = kl_fp16): paired
     against the same reference it is far less noisy than a perplexity difference, and unlike
@@ -143,8 +183,7 @@ def with_quality(m: dict, quality: dict[str, dict], plan_kl: dict[str, float], c
         variants.append({**v, "quality": q})
     variants = [{**v, "rank": rank} for rank, v in enumerate(quality_order(variants, "kl_fp16"))]
     deployment = {**m["deployment"], "rank_by": "kl_fp16", "quality": {
-        "what": "each variant's CPU graph on held-out calibration windows: KL from the FP16 "
-                "variant's CPU graph (ranks the variants) and perplexity",
+        "what": ENGINE_WHAT[engine], "engine": ENGINE_NAMES[engine],
         "source": calib.source, "windows": int(n), "seq_len": int(seq),
         "prefix": list(calib.prefix)}}
     return {**m, "deployment": deployment, "variants": variants}

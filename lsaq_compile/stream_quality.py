@@ -1,0 +1,250 @@
+"""Build-time quality without the graphs: every variant's perplexity and KL from FP16 on the
+held-out windows, computed by torch with one decoder layer in memory at a time.
+
+The graph engine (stages/writer.measure_quality) runs each variant's CPU graph, a float32 graph
+of 4 bytes a parameter: a 7B model's does not fit a 24 GiB machine. Here the same numbers come
+from a streamed pass in the style of estimate.plans_kl: the FP16 state and each variant's are
+carried layer by layer (variants alike up to a layer share one state up to there: at most
+1 + variants forward passes), and the head is applied by vocabulary row chunks.
+
+Every matrix a variant computes with is read from the bundle's weight store, dequantized: the
+decoder linears (stored fused, qkv and gate_up, split back into transformers' modules by rows),
+the embedding rows of the windows and the LM head at the precision the variant's CPU graph reads
+(its `providers.cpu.lm_head`). The quality numbers are those of the shipped weights, never of a
+quantization made again from the source. The source gives what the store holds as the model
+holds it anyway: the layer's norms, biases and RoPE (through transformers' layer classes).
+Compute is float32, as the CPU graphs'; their MatMulNBits kernels quantize activations to int8
+(accuracy level 4), so quantized variants differ from the graphs' numbers by that much.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from lsaq_runtime.format import MEMBERS, STORED_LINEARS, layer_key, linear_base, split_precision
+
+from .bundle_reader import BundleReader, Quantized, StoredWeight, linear_dims
+from .devices import _device
+from .errors import LsaqError
+from .estimate import HEAD_CHUNK, _Clock, _scale_embedded, _Stack
+from .layerwise import final_norm
+
+TOKEN_BLOCK = 2048     # predicted positions projected on the vocabulary at once
+
+
+def streamed_quality(root: Path, windows: np.ndarray, source, log, *, device: str = "cpu",
+                     batch_size: int = 4) -> dict[str, dict]:
+    """{variant: {"perplexity", "tokens", "kl_fp16"}} of every variant of the bundle at `root`
+    (manifest.json written, quality not yet), as measure_quality returns them: windows[w, 1:]
+    predicted from positions [:-1], KL(FP16 || variant) per predicted token."""
+    # The manifest was written by this build from the files it just hashed: verifying would
+    # hash the whole store again (minutes at 7B) to learn nothing.
+    reader = BundleReader.open(root, verify=False)
+    variants = sorted(reader.manifest["variants"], key=lambda v: v["name"] != "fp16")
+    if variants[0]["name"] != "fp16":
+        raise LsaqError("quality ranking needs the fp16 variant as the reference")
+    st = _Stack(source, windows, _device(device), torch.float32)
+    items = [_item(reader, v) for v in variants]
+    t0 = time.perf_counter()
+    states = _forward(reader, st, items, batch_size, log)
+    log(f"layers done in {time.perf_counter() - t0:.0f}s; the head over "
+        f"{st.vocab} vocabulary rows, {len({i['head'].base for i in items})} head tables")
+    got = _at_head(reader, st, states, items)
+    out = {}
+    for it, (nll, kl) in zip(items, got):
+        out[it["name"]] = {"perplexity": round(math.exp(nll / st.tokens), 4),
+                           "tokens": st.tokens, "kl_fp16": round(kl / st.tokens, 6)}
+        log(f"{it['name']}: KL from FP16 {kl / st.tokens:.5f}, perplexity "
+            f"{math.exp(nll / st.tokens):.3f} on {st.n} held-out windows "
+            f"({time.perf_counter() - t0:.0f}s)")
+    return out
+
+
+def _item(reader: BundleReader, v: dict) -> dict:
+    """What one variant computes with: its layer precisions and its stored token tables (the
+    head its CPU graph reads; a tied head at the table's precision is the embedding itself)."""
+    cpu = (v.get("providers") or {}).get("cpu")
+    if cpu is None:
+        raise LsaqError(f"variant {v['name']} has no CPU graph: build quality is measured on "
+                        "the CPU graphs' weights")
+    ws = reader.variant_weights(v, head=cpu.get("lm_head", "fp16"))
+    emb = next(w for w in ws if w.role == "embedding")
+    head = next((w for w in ws if w.role == "lm_head"), emb)
+    return {"name": v["name"], "precisions": tuple(v["precisions"]), "embed": emb, "head": head}
+
+
+# ---------------------------------------------------------------------------- the layers
+def _forward(reader: BundleReader, st: _Stack, items: list[dict], batch_size: int, log) -> dict:
+    """The state leaving the last layer of every distinct variant prefix, keyed
+    (embedding base, precisions): float32 [n, seq, hidden]."""
+    L = st.spec.num_layers
+    batches = [slice(b, min(st.n, b + batch_size)) for b in range(0, st.n, batch_size)]
+    embs = {it["embed"].base: it["embed"] for it in items}
+    states = {(b, ()): _embedded(reader, st, w).to(st.device) for b, w in embs.items()}
+    rows = _member_rows(reader.model)
+    clock = _Clock(L, 0, lambda step: log(str(step)))
+    t0 = time.perf_counter()
+    for i in range(L):
+        layer = st.layer(i)
+        st._linears = (None, {})      # the source's linears: the store's replace them
+        need = sorted({(it["embed"].base, it["precisions"][:i + 1]) for it in items},
+                      key=lambda k: k[1][-1])         # alike precisions together
+        new, cache = {}, {}
+        with torch.no_grad():
+            for key in need:
+                parts = split_precision(key[1][-1])
+                _set_weights(reader, st, layer, i, parts, rows, cache)
+                h = states[(key[0], key[1][:-1])]
+                new[key] = torch.cat([st.run(layer, i, h[sl]) for sl in batches])
+        states = new
+        del layer, cache
+        clock.tick("streamed", i + 1, time.perf_counter() - t0)
+    return states
+
+
+def _member_rows(model: dict) -> dict[str, tuple[str, int, int]]:
+    """HF linear (q_proj, ...) -> (the stored linear holding it, its rows [a, b) there)."""
+    h = model["head_dim"]
+    size = {"self_attn.q_proj": model["num_attention_heads"] * h,
+            "self_attn.k_proj": model["num_key_value_heads"] * h,
+            "self_attn.v_proj": model["num_key_value_heads"] * h,
+            "self_attn.o_proj": model["hidden_size"],
+            "mlp.gate_proj": model["intermediate_size"], "mlp.up_proj": model["intermediate_size"],
+            "mlp.down_proj": model["hidden_size"]}
+    out = {}
+    for lin, members in MEMBERS.items():
+        a = 0
+        for m in members:
+            out[m] = (lin, a, a + size[m])
+            a += size[m]
+    return out
+
+
+def _set_weights(reader: BundleReader, st: _Stack, layer, i: int, parts: dict[str, str],
+                 rows: dict, cache: dict) -> None:
+    """Give each linear module of `layer` its stored weight at the part's precision. The
+    cache keeps the current precision's dequantized stored linears (one layer's worth)."""
+    from lsaq_runtime.format import LINEAR_PART
+
+    want = {(lin, parts[LINEAR_PART[lin]]) for lin in STORED_LINEARS}
+    for k in set(cache) - want:
+        del cache[k]
+    for k in want - set(cache):
+        cache[k] = _stored_linear(reader, i, *k)
+    for mod, members in st.modules.items():
+        w = []
+        for m in members:
+            lin, a, b = rows[m]
+            w.append(cache[(lin, parts[LINEAR_PART[lin]])][a:b])
+        layer.get_submodule(mod).weight.data = st._t(w[0] if len(w) == 1 else np.concatenate(w))
+
+
+def _stored_linear(reader: BundleReader, i: int, lin: str, precision: str) -> np.ndarray:
+    """float32 [N, K]: stored linear `lin` of layer i at `precision`, as the kernels read it."""
+    w = StoredWeight(layer_key(i, f"{lin}.weight"), linear_base(i, lin, precision), precision,
+                     linear_dims(reader.model)[lin])
+    if precision in ("fp16", "fp32"):
+        return reader.float_weight(w).astype(np.float32)
+    return reader.quantized(w).dequantize()
+
+
+# ---------------------------------------------------------------------------- the tables
+def _table(reader: BundleReader, w: StoredWeight):
+    """A stored token table, held as stored (float16, or codes and scales)."""
+    return reader.float_weight(w) if w.precision in ("fp16", "fp32") else reader.quantized(w)
+
+
+def _table_rows(t, a: int, b: int) -> np.ndarray:
+    """float32 rows [a, b) of a stored table, dequantized alone (tables are quantized per row)."""
+    if isinstance(t, Quantized):
+        return Quantized(t.scheme, b - a, t.k, t.codes[a:b], t.scales[a:b],
+                         t.zero_points[a:b]).dequantize()
+    return t[a:b].astype(np.float32)
+
+
+def _embedded(reader: BundleReader, st: _Stack, w: StoredWeight) -> torch.Tensor:
+    """float32 [n, seq, hidden]: the stored embedding rows of the windows' tokens."""
+    t = _table(reader, w)
+    ids = st.ids.reshape(-1)
+    if int(ids.max()) >= w.shape[0]:
+        raise LsaqError(f"held-out token id {int(ids.max())} is outside the model's "
+                        f"{w.shape[0]}-row embedding")
+    uniq, inv = np.unique(ids, return_inverse=True)
+    if isinstance(t, Quantized):
+        sub = Quantized(t.scheme, len(uniq), t.k, t.codes[uniq], t.scales[uniq],
+                        t.zero_points[uniq]).dequantize()
+    else:
+        sub = t[uniq].astype(np.float32)
+    rows = torch.from_numpy(np.ascontiguousarray(sub[inv]).reshape(*st.ids.shape, -1))
+    return _scale_embedded(st.spec, rows)
+
+
+# ---------------------------------------------------------------------------- the head
+def _at_head(reader: BundleReader, st: _Stack, states: dict, items: list[dict]
+             ) -> list[tuple[float, float]]:
+    """(summed NLL of the targets, summed KL from items[0]) of every item, by blocks of
+    predicted positions and vocabulary row chunks of each distinct head table. Variants with
+    one final state and one head (a pair) are computed once."""
+    T = st.seq_len - 1
+    pairs = [((it["embed"].base, it["precisions"]), it["head"].base) for it in items]
+    distinct = list(dict.fromkeys(pairs))
+    normed = {k: final_norm(st.spec, states[k][:, :-1].float(), st.norm.float())
+              .reshape(-1, st.spec.hidden_size) for k in {k for k, _ in distinct}}
+    targets = torch.from_numpy(st.ids[:, 1:].reshape(-1)).to(st.device)
+    tables = {it["head"].base: _table(reader, it["head"]) for it in items}
+    nll, kl = dict.fromkeys(distinct, 0.0), dict.fromkeys(distinct, 0.0)
+    for a in range(0, st.n * T, TOKEN_BLOCK):
+        blk = slice(a, min(st.n * T, a + TOKEN_BLOCK))
+        x = {k: v[blk] for k, v in normed.items()}
+        lse, zt = _normalisers(st, x, distinct, tables, targets[blk])
+        for pr in distinct:
+            nll[pr] += float((lse[pr] - zt[pr]).sum())
+        for pr, v in _kl_sums(st, x, distinct, tables, lse, pairs[0]).items():
+            kl[pr] += v
+    return [(nll[pr], kl[pr]) for pr in pairs]
+
+
+def _chunks(st: _Stack, t):
+    for a in range(0, st.vocab, HEAD_CHUNK):
+        b = min(st.vocab, a + HEAD_CHUNK)
+        yield a, torch.from_numpy(_table_rows(t, a, b)).to(st.device)
+
+
+def _logits(st: _Stack, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return st.logits_of(x, rows).double()   # float64 past the matmul: KLs of 1e-4 sum exactly
+
+
+def _normalisers(st: _Stack, x: dict, pairs: list, tables: dict, tgt: torch.Tensor):
+    """Per pair, the log-normaliser and the target's logit at each position of the block."""
+    N = tgt.shape[0]
+    lse = {pr: torch.full((N,), -math.inf, dtype=torch.float64, device=st.device)
+           for pr in pairs}
+    zt = {pr: torch.zeros(N, dtype=torch.float64, device=st.device) for pr in pairs}
+    for base, t in tables.items():
+        for a, rows in _chunks(st, t):
+            hit = (tgt >= a) & (tgt < a + rows.shape[0])
+            for pr in pairs:
+                if pr[1] == base:
+                    z = _logits(st, x[pr[0]], rows)
+                    lse[pr] = torch.logaddexp(lse[pr], torch.logsumexp(z, -1))
+                    zt[pr][hit] = z[hit, tgt[hit] - a]
+    return lse, zt
+
+
+def _kl_sums(st: _Stack, x: dict, pairs: list, tables: dict, lse: dict, ref) -> dict:
+    """Summed KL(ref || pair) over the block, the head tables walked chunk by chunk together."""
+    walks = {b: _chunks(st, t) for b, t in tables.items()}
+    out = dict.fromkeys(pairs, 0.0)
+    for _ in range(0, st.vocab, HEAD_CHUNK):
+        rows = {b: next(w)[1] for b, w in walks.items()}
+        lp = _logits(st, x[ref[0]], rows[ref[1]]) - lse[ref][:, None]
+        p = lp.exp()
+        for pr in pairs:
+            if pr != ref:
+                lq = _logits(st, x[pr[0]], rows[pr[1]]) - lse[pr][:, None]
+                out[pr] += float((p * (lp - lq)).sum())
+    return out

@@ -13,7 +13,7 @@ from lsaq_runtime.errors import LsaqRuntimeError, first_line, printable
 from lsaq_runtime.format import METRICS
 
 from .errors import LsaqError
-from .profiles import MEASURES, QUALITY_ENGINES
+from .profiles import MEASURES, QUALITY_ENGINES, SCORING_DTYPES
 from .progress import Progress
 
 
@@ -142,9 +142,12 @@ def _score_sensitivity(source, profile, calibration, samples, seq_len, progress)
 @click.option("--quality-engine", "quality_engine", type=click.Choice(QUALITY_ENGINES),
               help="override the profile's build.quality_engine: graphs (each variant's CPU "
               "graph), streamed (torch, one layer at a time) or auto (graphs where they fit)")
+@click.option("--fisher-dtype", "fisher_dtype", type=click.Choice(SCORING_DTYPES),
+              help="override the profile's scoring.dtype: the fisher estimate's compute dtype "
+              "(bfloat16: about 2.3x faster on CPUs with bfloat16 instructions)")
 @click.option("-q", "--quiet", is_flag=True)
 def build(model, out, profile, scores, metric, calibration, chat_template, force, resume,
-          remeasure, measure, device, quality_engine, quiet):
+          remeasure, measure, device, quality_engine, fisher_dtype, quiet):
     """Score (unless --scores), quantize, export every variant and write the bundle."""
     from .bundle import build_bundle, read_manifest
     from .profiles import load_profile
@@ -154,6 +157,8 @@ def build(model, out, profile, scores, metric, calibration, chat_template, force
         prof.scoring.calibration = calibration
     if quality_engine:
         prof.build.quality_engine = quality_engine
+    if fisher_dtype:
+        prof.scoring.dtype = fisher_dtype
     template = _read_template(chat_template) if chat_template else None
     path = build_bundle(model, out, profile=prof, scores=scores, metric=metric, force=force,
                         progress=Progress(quiet), chat_template=template, resume=resume,

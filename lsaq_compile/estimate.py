@@ -272,30 +272,18 @@ class _Stack:
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def _quantized_linear(self, i: int, name: str, w: np.ndarray, precision: str, act):
-        from .quantize import QuantizedTensor, quantize
+        from .quantize import candidate_path, load_candidate, quantize, save_candidate
 
         scheme = self.schemes[precision]
         path = None
         if self.candidates is not None:
-            path = self.candidates / f"{i}.{name}.{precision}.npz"
-            if path.is_file():
-                try:
-                    with np.load(path) as z:
-                        if str(z["scheme"]) == scheme.name:
-                            return QuantizedTensor(scheme, int(z["n"]), int(z["k"]),
-                                                   int(z["block_size"]), z["packed"], z["scales"],
-                                                   z["zero_points"] if z["has_zp"] else None)
-                except (OSError, ValueError, KeyError):
-                    pass    # cut short by a kill: quantized again
+            path = candidate_path(self.candidates, i, name, precision)
+            kept = load_candidate(path, scheme)   # None if cut short by a kill: made again
+            if kept is not None:
+                return kept
         qt = quantize(w, scheme, **({"act": act} if act is not None else {}))
         if path is not None:
-            part = path.with_name(f".{path.name}.part")
-            with open(part, "wb") as f:
-                np.savez(f, scheme=scheme.name, n=qt.n, k=qt.k, block_size=qt.block_size,
-                         packed=qt.packed, scales=qt.scales, has_zp=qt.zero_points is not None,
-                         zero_points=qt.zero_points if qt.zero_points is not None
-                         else np.zeros(0, np.uint8))
-            os.replace(part, path)
+            save_candidate(path, qt)
         return qt
 
     def head_chunks(self, dtype=None, precision: str = "fp16"):
@@ -781,7 +769,8 @@ def table_costs(source: ModelSource, windows: np.ndarray, schemes: dict[str, Qua
 def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[str, QuantScheme],
           act_stats: dict | None = None, progress: Callable[[str], None] | None = None,
           granularity: str = "linear", tables: bool = False, log=None, probes: int = 16,
-          seed: int = 0, device: str = "cpu", dtype=None, checkpoint_dir=None, **kw):
+          seed: int = 0, device: str = "cpu", dtype=None, checkpoint_dir=None,
+          probe_dtype=None, **kw):
     """Scores (metric "sensitivity", params.measure "fisher") as sensitivity.score returns
     them, so build_bundle(scores=...) and sensitivity.from_scores take them unchanged; with
     `tables` the token tables' costs too (measured exactly: a few streamed passes).
@@ -789,7 +778,8 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
     log: a job.MeasurementLog to continue and append to (each layer's unit costs once its
     backward step is done, each table's once measured); checkpoint_dir: where the hidden
     states and the probes' gradient are kept so that a killed build resumes the sweep (both
-    keyed by the log's fingerprint)."""
+    keyed by the log's fingerprint); probe_dtype: the estimate's compute dtype where it
+    differs from `dtype` (the tables' exact KLs keep `dtype`)."""
     from .importance import Scores
 
     if granularity not in GRANULARITY:
@@ -849,7 +839,7 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
             if isinstance(top, int) and not all(have(j) for j in range(top, L)):
                 ckpt.drop_gradient()   # a layer above it lacks its logged costs: from the top
         est = estimate(source, windows, schemes, act_stats, probes=probes, seed=seed,
-                       device=device, dtype=dtype, on_layer=on_layer, checkpoint=ckpt,
+                       device=device, dtype=probe_dtype or dtype, on_layer=on_layer, checkpoint=ckpt,
                        candidates=Path(checkpoint_dir) / "candidates" if checkpoint_dir else None,
                        progress=lambda step: say(str(step)), **kw)
         # a resumed sweep starts below the layers the log holds: they must all be there
@@ -870,7 +860,8 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
     calib = {"source": calibration.source, "sha256": calibration.sha256,
              "samples": int(len(windows)), "seq_len": int(np.asarray(windows).shape[1])}
     params = {"int8": schemes["int8"].name, "int4": schemes["int4"].name, **sens.to_json(),
-              "measure": "fisher", "probes": probes, "seed": seed}
+              "measure": "fisher", "probes": probes, "seed": seed,
+              "dtype": str(_dtype(_device(device), probe_dtype or dtype)).removeprefix("torch.")}
     return Scores(metric="sensitivity", params=params, calibration=calib, model=model,
                   importance=sens.layer_importance())
 

@@ -136,7 +136,29 @@ def _linear_arrays(w: np.ndarray, precision: str, scheme: QuantScheme | None,
         return {"weight": np.ascontiguousarray(w.T, dtype=np.float32)}
     if precision == "fp16":
         return {"weight": np.ascontiguousarray(w.T.astype(np.float16))}
-    q = quantize(w, scheme, act=act)
+    return _quantized_arrays(quantize(w, scheme, act=act))
+
+
+def _kept(folder: Path | None, layer: int, members, precision: str, scheme: QuantScheme | None):
+    """A fused linear's quantization from the members' kept candidates (their rows stacked,
+    as the fused weight stacks them), or None unless every member has one."""
+    from .quantize import QuantizedTensor, candidate_path, load_candidate
+
+    if folder is None or precision not in ("int8", "int4"):
+        return None
+    parts = [load_candidate(candidate_path(folder, layer, m, precision), scheme) for m in members]
+    if any(q is None for q in parts) or len({(q.k, q.block_size) for q in parts}) != 1:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    zp = [q.zero_points for q in parts]
+    return QuantizedTensor(scheme, sum(q.n for q in parts), parts[0].k, parts[0].block_size,
+                           np.concatenate([q.packed for q in parts]),
+                           np.concatenate([q.scales for q in parts]),
+                           None if zp[0] is None else np.concatenate(zp))
+
+
+def _quantized_arrays(q) -> dict[str, np.ndarray]:
     # MatMulNBits wants scales in the activation dtype, as initializers (a Cast node feeding
     # them triggers an ORT bug): keep an exact float32 copy for the CPU graph.
     out = {"qweight": q.packed, "scales": q.scales, "scales_f32": q.scales.astype(np.float32)}
@@ -334,15 +356,18 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
                        progress: Callable[[str], None] | None = None,
                        head_int8: bool = False,
                        act_stats: dict[str, np.ndarray] | None = None,
-                       table_precisions: dict[str, set[str]] | None = None
-                       ) -> dict[str, TensorRef]:
+                       table_precisions: dict[str, set[str]] | None = None,
+                       candidates: Path | None = None) -> dict[str, TensorRef]:
     """Write weights/{float,int8,int4}.safetensors (only those that get tensors); return the
     index of every stored tensor. Works one decoder layer at a time. head_int8: also store the
     LM head quantized with the INT8 scheme, for CPU graphs whose head is otherwise fp16.
     act_stats: activation statistics by act_key (activations.activation_stats), needed by
     schemes with clip 'mse-act'. table_precisions: the quantized precisions each token table
     ("embed_tokens", "lm_head") is needed at (a tied model's one table is "embed_tokens"); the
-    fp16 tables are always stored (the FP16 variant reads them)."""
+    fp16 tables are always stored (the FP16 variant reads them). candidates: the folder where
+    the fisher estimate kept every linear it quantized (quantize.candidate_path): those are
+    read instead of quantized again (the clipping search is most of this stage's time), the
+    same bytes, since every row is quantized alone and a fused linear is its members' rows."""
     spec = source.spec
     check_supported(source)
     bundle_dir = Path(bundle_dir)
@@ -424,7 +449,9 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
                 for p in lin_precisions(layer_precisions[i], lin):
                     keys = linear_keys(i, lin, p, schemes.get(p))
                     act = (act_stats or {}).get(act_key(i, lin))
-                    for role, arr in _linear_arrays(w, p, schemes.get(p), act).items():
+                    kept = _kept(candidates, i, FUSED[lin], p, schemes.get(p))
+                    for role, arr in (_quantized_arrays(kept) if kept is not None else
+                                      _linear_arrays(w, p, schemes.get(p), act)).items():
                         put(keys[role], arr)
             if progress:
                 progress(f"stored layer {i + 1}/{spec.num_layers}")

@@ -16,6 +16,7 @@ from .plan import check_ladder
 
 PROFILES_DIR = Path(__file__).resolve().parent / "data" / "profiles"
 MEASURES = ("exact", "fisher")   # scoring.measure
+SCORING_DTYPES = ("auto", "float32", "bfloat16", "float16")   # scoring.dtype (fisher)
 QUALITY_ENGINES = ("auto", "graphs", "streamed")   # build.quality_engine
 
 
@@ -59,6 +60,11 @@ class ScoringSection:
     # number of passes, one layer in memory; estimate.py), the token tables measured exactly
     measure: str = "fisher"
     probes: int = 16
+    # fisher: the compute dtype of the estimate's forward and probe passes. auto: float32 on
+    # the CPU, float16 on CUDA. bfloat16 runs about 2.3x faster on CPUs with bfloat16
+    # instructions (AVX512-BF16, AMX) and was gated on SmolLM2 (docs/results/measurement.md);
+    # the token tables and whole-plan checks always run at the device's exact dtype.
+    dtype: str = "auto"
 
 
 @dataclass
@@ -124,6 +130,9 @@ class Profile:
             raise LsaqError(f"{where}: scoring.measure must be 'exact' (each unit's KL measured "
                             "alone) or 'fisher' (the streamed estimate), not "
                             f"{self.scoring.measure!r}")
+        if self.scoring.dtype not in SCORING_DTYPES:
+            raise LsaqError(f"{where}: scoring.dtype must be one of {', '.join(SCORING_DTYPES)}, "
+                            f"not {self.scoring.dtype!r}")
         if self.quantization.scheme not in ("channel", "group"):
             raise LsaqError(f"{where}: quantization.scheme must be 'channel' or 'group'")
         if self.quantization.group_size not in (32, 64, 128):

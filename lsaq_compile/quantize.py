@@ -18,7 +18,9 @@ No gradients, no calibration of the weights themselves: one grid search per row 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -347,3 +349,34 @@ def stored_bytes(n: int, k: int, scheme: QuantScheme) -> int:
     if scheme.kind == "group" and not scheme.symmetric:
         total += n * -(-nb * scheme.bits // 8)
     return total
+
+
+# ---------------------------------------------------------------- kept quantizations
+def candidate_path(folder: Path, layer: int, name: str, precision: str) -> Path:
+    """Where a build keeps decoder layer `layer`'s HF linear `name` quantized at `precision`
+    (the fisher estimate makes each once; plan checks, the store and a resumed build read it)."""
+    return Path(folder) / f"{layer}.{name}.{precision}.npz"
+
+
+def save_candidate(path: Path, qt: QuantizedTensor) -> None:
+    part = path.with_name(f".{path.name}.part")
+    with open(part, "wb") as f:
+        np.savez(f, scheme=qt.scheme.name, n=qt.n, k=qt.k, block_size=qt.block_size,
+                 packed=qt.packed, scales=qt.scales, has_zp=qt.zero_points is not None,
+                 zero_points=qt.zero_points if qt.zero_points is not None
+                 else np.zeros(0, np.uint8))
+    os.replace(part, path)   # a kill mid-write leaves no half candidate
+
+
+def load_candidate(path: Path, scheme: QuantScheme) -> QuantizedTensor | None:
+    """The kept quantization at `path` if it is whole and of `scheme`; None otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            if str(z["scheme"]) != scheme.name:
+                return None
+            return QuantizedTensor(scheme, int(z["n"]), int(z["k"]), int(z["block_size"]),
+                                   z["packed"], z["scales"], z["zero_points"] if z["has_zp"] else None)
+    except (OSError, ValueError, KeyError):
+        return None

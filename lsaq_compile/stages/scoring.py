@@ -66,6 +66,8 @@ def _log(job: Job, ctx: BuildContext) -> MeasurementLog | None:
     facts = [job.key, job.outputs.get("calibration", {}).get("windows_sha256")]
     if ctx.profile.scoring.measure == "fisher":   # float16 on a GPU differs from float32
         facts.append(resolve_device(ctx.device))
+        if ctx.profile.scoring.dtype != "auto":
+            facts.append(ctx.profile.scoring.dtype)
     return MeasurementLog(job.path(MEASUREMENTS), fingerprint(facts))
 
 
@@ -93,7 +95,8 @@ def measure(ctx: BuildContext, log: MeasurementLog | None = None, folder=None):
         return estimate.score(ctx.source, ctx.calib, ctx.calib.windows, ctx.schemes,
                               ctx.act_stats, say, granularity=sc.granularity,
                               tables=ctx.profile.tables_on_ladder, log=log, probes=sc.probes,
-                              device=ctx.device, checkpoint_dir=folder), None
+                              device=ctx.device, checkpoint_dir=folder,
+                              probe_dtype=None if sc.dtype == "auto" else sc.dtype), None
     if ctx.metric == "sensitivity":
         return sensitivity.score(ctx.source, ctx.calib, ctx.calib.windows, ctx.schemes,
                                  ctx.act_stats, say, granularity=sc.granularity,

@@ -27,7 +27,8 @@ def run(job: Job, ctx: BuildContext) -> Job:
         ctx.index = write_weight_store(ctx.source, ctx.bundle_dir, ctx.needed, ctx.schemes,
                                        progress=ctx.progress.stage("quantizing"),
                                        head_int8=ctx.head_int8, act_stats=ctx.act_stats,
-                                       table_precisions=ctx.table_needed)
+                                       table_precisions=ctx.table_needed,
+                                       candidates=_candidates(job))
         if job.folder is not None:
             write_json_atomic(job.path(INDEX), {k: {"file": r.file, "offset": r.offset,
                                                     "length": r.length, "dtype": r.dtype,
@@ -36,6 +37,12 @@ def run(job: Job, ctx: BuildContext) -> Job:
     ctx.params = parameter_count(ctx.source.spec, ctx.tied,
                                  any(k.endswith(QKV_BIAS_KEY) for k in ctx.index))
     return job.finish(NAME, {"index": INDEX, "num_parameters": ctx.params})
+
+
+def _candidates(job: Job):
+    """The folder where this build's fisher estimate kept its quantized linears, if any."""
+    folder = job.path("candidates") if job.folder is not None else None
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def _shape(spec) -> dict[str, int]:

@@ -107,16 +107,19 @@ def main() -> None:
         Path(args.out).write_text(text)
 
 
-PROGRESS = re.compile(r"^\[\s*([0-9.]+)s\] (?:([a-z0-9 -]+?)(?: \d+/\d+)?: )?")
+# "[  12.3s] stage: ..." or, for a stage's layer sweeps, "[  12.3s] stage: sweep: layer 3/32 ..."
+PROGRESS = re.compile(r"^\[\s*([0-9.]+)s\] (?:([a-z0-9 -]+?)(?: \d+/\d+)?: (?:([a-z ]+): layer )?)?")
 
 
 def stage_seconds(text: str) -> dict[str, float]:
     """Wall seconds of each stage of one build, from its progress lines ("[  12.3s] stage: ..."):
-    a stage lasts from its first line to the next stage's first line. Repeated stages add up."""
-    marks = [(float(m[1]), m[2] or "other") for m in map(PROGRESS.match, text.splitlines()) if m]
+    most lines report work just finished ("layer 3/32 (6.7s)"), so the time since the previous
+    line is counted to the stage of the line that ends it. Repeated stages add up."""
+    marks = [(float(m[1]), "/".join(filter(None, (m[2] or "other", m[3]))))
+             for m in map(PROGRESS.match, text.splitlines()) if m]
     out: dict[str, float] = {}
-    for (t, name), (t_next, _) in zip(marks, marks[1:] + marks[-1:]):
-        out[name] = out.get(name, 0.0) + t_next - t
+    for (t_prev, _), (t, name) in zip([(0.0, "")] + marks, marks):
+        out[name] = out.get(name, 0.0) + t - t_prev
     return out
 
 

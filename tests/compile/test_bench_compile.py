@@ -8,7 +8,7 @@ import sys
 from factories.data import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_compile import extrapolate  # noqa: E402
+from bench_compile import extrapolate, stage_seconds  # noqa: E402
 from checkpoints import SHAPES, layer_params, measure, table_params  # noqa: E402
 
 # A child that holds 300 MiB of anonymous memory in a grandchild for a moment, burning CPU.
@@ -49,3 +49,24 @@ def test_extrapolation_is_fixed_plus_per_layer():
     # 100 + 30 s x 30 more layers = 1000 s = 17 min; CPU 150 + 50 x 30 = 1650 s = 28 min
     assert cells[:6] == ["llama-2-7b", "32", "6.7B", "paper", "17", "28"]
     assert cells[6] == "30.0 / 50.0 / 0" and cells[7] == "1.0"
+
+
+def test_stage_seconds_count_each_interval_to_the_line_that_ends_it(tmp_path):
+    """A build's progress lines report work just finished, so the time since the previous line
+    is that line's stage's; a stage's layer sweeps are told apart; a log kept by measure()."""
+    log = """[    3.0s] model: tiny from /x
+[   10.0s] activations: layer 1/2 (7.0s)
+[   12.0s] scoring: token tables embed_tokens: exact KL
+[   20.0s] scoring: forward: layer 1/2, 4 layers/min
+[   50.0s] scoring: backward: layer 1/2, 2 layers/min
+[   80.0s] scoring: backward: layer 2/2, 2 layers/min
+[   90.0s] quantizing 3/4: stored layer 1/2
+[  100.0s] bundle written to /x in 99.9s
+"""
+    assert stage_seconds(log) == {"model": 3.0, "activations": 7.0, "scoring": 2.0,
+                                  "scoring/forward": 8.0, "scoring/backward": 60.0,
+                                  "quantizing": 10.0, "other": 10.0}
+    kept = tmp_path / "build.log"
+    c = measure([sys.executable, "-c", "import sys; print('[    1.5s] model: x', file=sys.stderr)"],
+                every=0.05, log_path=kept)
+    assert c.rc == 0 and stage_seconds(kept.read_text()) == {"model": 1.5}

@@ -59,6 +59,23 @@ def smollm_bundle(pytestconfig, tmp_path_factory) -> Path:
         None, d / "smollm2", profile=prof, progress=Progress(quiet=True)))
 
 
+def _uses_real_bundle(item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {}).values()
+    return "smollm_bundle" in getattr(item, "fixturenames", ()) or "smollm_bundle" in params
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _first_worker_builds_the_real_bundle(request):
+    """Under pytest-xdist the first worker builds the real SmolLM2 bundle before its first
+    test, while the others start on theirs: when two workers' first tests both needed it,
+    one waited idle for the whole build. (xdist's --dist loadgroup would keep these tests on
+    one worker, but with pytest 9.2 it does not group them: the suffixed node id it sets is
+    not the one reported.)"""
+    wid = getattr(request.config, "workerinput", {}).get("workerid")
+    if wid == "gw0" and any(map(_uses_real_bundle, request.session.items)):
+        request.getfixturevalue("smollm_bundle")
+
+
 @pytest.fixture(scope="session")
 def ladder_bundles(tiny_llama_dir, pytestconfig, tmp_path_factory) -> dict[str, Path]:
     """Schema 6 bundles with the token tables on the ladder, built once for both exporters'
@@ -73,10 +90,9 @@ def ladder_bundles(tiny_llama_dir, pytestconfig, tmp_path_factory) -> dict[str, 
                              scheme="channel", cpu_lm_head="int8")})
 
 
-
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist the longest tests (the real model's, marked slow, and the dependency
-    floors' sub-runs) go first, so the workers share them out at the start instead of one
-    worker finishing a five-minute test alone at the end. Serial runs keep the file order."""
-    if config.getoption("numprocesses", default=None):
+    """Under pytest-xdist the longest tests (slow-marked, the dependency floors' sub-runs) go
+    first, so the workers share them out at the start instead of one finishing a five-minute
+    test alone at the end. Serial runs keep the file order."""
+    if hasattr(config, "workerinput"):   # the workers collect; the controller schedules
         items.sort(key=lambda it: not (it.get_closest_marker("slow") or "floors" in it.nodeid))

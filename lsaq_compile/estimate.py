@@ -829,7 +829,7 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
 
     seconds = 0.0
     if not all(have(i) for i in range(L)):
-        from .job import fingerprint
+        from .job import CANDIDATES, fingerprint
 
         ckpt = None
         if checkpoint_dir is not None:
@@ -840,7 +840,7 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
                 ckpt.drop_gradient()   # a layer above it lacks its logged costs: from the top
         est = estimate(source, windows, schemes, act_stats, probes=probes, seed=seed,
                        device=device, dtype=probe_dtype or dtype, on_layer=on_layer, checkpoint=ckpt,
-                       candidates=Path(checkpoint_dir) / "candidates" if checkpoint_dir else None,
+                       candidates=Path(checkpoint_dir) / CANDIDATES if checkpoint_dir else None,
                        progress=lambda step: say(str(step)), **kw)
         # a resumed sweep starts below the layers the log holds: they must all be there
         missing = [i for i in range(L) if not cost[units[0]][i]]

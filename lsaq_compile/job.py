@@ -27,6 +27,7 @@ from .errors import LsaqError
 JOB_DIR = ".lsaq-job"       # inside the build's working folder (the bundle being assembled)
 JOB_FILE = "job.json"
 MEASUREMENTS = "measurements.jsonl"
+CANDIDATES = "candidates"     # every quantized linear, made once: estimate, plan checks, store
 JOB_FORMAT = "lsaq-build-job"
 JOB_VERSION = 1
 

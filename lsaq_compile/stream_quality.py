@@ -158,12 +158,14 @@ def _table(reader: BundleReader, w: StoredWeight):
     return reader.float_weight(w) if w.precision in ("fp16", "fp32") else reader.quantized(w)
 
 
-def _table_rows(t, a: int, b: int) -> np.ndarray:
-    """float32 rows [a, b) of a stored table, dequantized alone (tables are quantized per row)."""
+def _table_rows(t, rows) -> np.ndarray:
+    """float32 rows (a slice or an index array) of a stored table, dequantized alone (tables
+    are quantized per row)."""
     if isinstance(t, Quantized):
-        return Quantized(t.scheme, b - a, t.k, t.codes[a:b], t.scales[a:b],
-                         t.zero_points[a:b]).dequantize()
-    return t[a:b].astype(np.float32)
+        codes = t.codes[rows]
+        return Quantized(t.scheme, len(codes), t.k, codes, t.scales[rows],
+                         t.zero_points[rows]).dequantize()
+    return t[rows].astype(np.float32)
 
 
 def _embedded(reader: BundleReader, st: _Stack, w: StoredWeight) -> torch.Tensor:
@@ -174,11 +176,7 @@ def _embedded(reader: BundleReader, st: _Stack, w: StoredWeight) -> torch.Tensor
         raise LsaqError(f"held-out token id {int(ids.max())} is outside the model's "
                         f"{w.shape[0]}-row embedding")
     uniq, inv = np.unique(ids, return_inverse=True)
-    if isinstance(t, Quantized):
-        sub = Quantized(t.scheme, len(uniq), t.k, t.codes[uniq], t.scales[uniq],
-                        t.zero_points[uniq]).dequantize()
-    else:
-        sub = t[uniq].astype(np.float32)
+    sub = _table_rows(t, uniq)
     rows = torch.from_numpy(np.ascontiguousarray(sub[inv]).reshape(*st.ids.shape, -1))
     return _scale_embedded(st.spec, rows)
 
@@ -211,7 +209,7 @@ def _at_head(reader: BundleReader, st: _Stack, states: dict, items: list[dict]
 def _chunks(st: _Stack, t):
     for a in range(0, st.vocab, HEAD_CHUNK):
         b = min(st.vocab, a + HEAD_CHUNK)
-        yield a, torch.from_numpy(_table_rows(t, a, b)).to(st.device)
+        yield a, torch.from_numpy(_table_rows(t, slice(a, b))).to(st.device)
 
 
 def _logits(st: _Stack, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ the profile (plan.check_ladder); here only against the metric of the scores actu
 from __future__ import annotations
 
 from ..errors import LsaqError
-from ..job import BuildContext, Job, write_json_atomic
+from ..job import CANDIDATES, BuildContext, Job, write_json_atomic
 from ..plan import Plan, check_ladder, ladder
 
 NAME = "plan"
@@ -53,7 +53,7 @@ def plans(ctx: BuildContext, job: Job | None = None) -> tuple[list[Plan], dict[s
         meter = StreamMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,
                             device=ctx.device, progress=lambda step: say(str(step))
                             if step.done in (1, step.total) else None,
-                            candidates=job.path("candidates") if job and job.folder else None)
+                            candidates=job.path(CANDIDATES) if job and job.folder else None)
     elif meter is None:  # reused scores: the plans are still validated on this build's windows
         meter = sensitivity.KLMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,
                                     device=ctx.device)

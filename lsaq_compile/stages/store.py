@@ -8,7 +8,7 @@ import json
 from lsaq_runtime.format import layer_linear_params
 from lsaq_runtime.format import parameter_count as _parameter_count
 
-from ..job import BuildContext, Job, write_json_atomic
+from ..job import CANDIDATES, BuildContext, Job, write_json_atomic
 from ..store import TensorRef
 
 NAME = "store"
@@ -41,7 +41,7 @@ def run(job: Job, ctx: BuildContext) -> Job:
 
 def _candidates(job: Job):
     """The folder where this build's fisher estimate kept its quantized linears, if any."""
-    folder = job.path("candidates") if job.folder is not None else None
+    folder = job.path(CANDIDATES) if job.folder is not None else None
     return folder if folder is not None and folder.is_dir() else None
 
 

@@ -37,7 +37,9 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
     device: where the torch stages run (auto | cpu | cuda); measure: override the profile's
     scoring.measure (exact | fisher)."""
     progress = progress or Progress()
-    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    # A Profile object from the API is checked like a TOML file: a bad setting is refused
+    # here, before any work, not by the stage that first reads it.
+    prof = profile.validate() if isinstance(profile, Profile) else load_profile(profile)
     if measure is not None:
         prof = with_measure(prof, measure)
     check_device(device)

@@ -135,7 +135,7 @@ class Profile:
                             f"not {self.scoring.dtype!r}")
         if self.quantization.scheme not in ("channel", "group"):
             raise LsaqError(f"{where}: quantization.scheme must be 'channel' or 'group'")
-        if self.quantization.group_size not in (32, 64, 128):
+        if self.quantization.scheme == "group" and self.quantization.group_size not in (32, 64, 128):
             raise LsaqError(f"{where}: quantization.group_size must be 32, 64 or 128")
         if self.quantization.block_size not in (0, 16, 32, 64, 128, 256):
             raise LsaqError(f"{where}: quantization.block_size must be 16, 32, 64, 128, 256 or "

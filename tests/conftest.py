@@ -4,13 +4,14 @@ bundle (built once per session; the real model must be exercised by the suite)."
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from factories.bundles import exact_paper_profile, small_profile
 from factories.models import make_tiny_family, make_tiny_model
-from factories.once import built_once
+from factories.once import built_once, listing, unchanged
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -33,30 +34,37 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_llama_dir, tmp_path_factory) -> Path:
+def tiny_bundle(tiny_llama_dir, tmp_path_factory):
     from lsaq_compile.bundle import build_bundle
     from lsaq_compile.progress import Progress
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     # Every INT4 count (ladder "full"); smollm_bundle keeps the fast defaults.
     prof = exact_paper_profile(samples=8, seq_len=64, ladder="full")
-    return build_bundle(tiny_llama_dir, out, profile=prof, progress=Progress(quiet=True))
+    build_bundle(tiny_llama_dir, out, profile=prof, progress=Progress(quiet=True))
+    before = listing(out)
+    yield out
+    unchanged(out, before)     # shared by every test: none may write into it
 
 
 @pytest.fixture(scope="session")
-def smollm_bundle(pytestconfig, tmp_path_factory) -> Path:
+def smollm_bundle(pytestconfig, tmp_path_factory):
     """The real default model through the default profile (measured sensitivity, a ladder by
     bytes, quality measured per variant); calibration and rungs kept small for speed."""
     from lsaq_compile.bundle import build_bundle
     from lsaq_compile.progress import Progress
 
     if os.environ.get("LSAQ_TEST_BUNDLE"):  # reuse a bundle built by hand while developing
-        return Path(os.environ["LSAQ_TEST_BUNDLE"])
+        yield Path(os.environ["LSAQ_TEST_BUNDLE"])
+        return
     prof = small_profile(samples=2, seq_len=96)
     prof.scoring.measure = "fisher"   # the default profile's measurement, as a user builds it
     prof.build.rungs, prof.build.refine, prof.build.quality_samples = 4, 1, 4
-    return built_once(pytestconfig, tmp_path_factory, "smollm2", lambda d: build_bundle(
+    out = built_once(pytestconfig, tmp_path_factory, "smollm2", lambda d: build_bundle(
         None, d / "smollm2", profile=prof, progress=Progress(quiet=True)))
+    before = listing(out)
+    yield out
+    unchanged(out, before)
 
 
 def _uses_real_bundle(item) -> bool:
@@ -96,3 +104,17 @@ def pytest_collection_modifyitems(config, items):
     test alone at the end. Serial runs keep the file order."""
     if hasattr(config, "workerinput"):   # the workers collect; the controller schedules
         items.sort(key=lambda it: not (it.get_closest_marker("slow") or "floors" in it.nodeid))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """LSAQ_TEST_TIMELINE=FOLDER: each worker appends "start end worker nodeid" per test to
+    FOLDER/<worker>.tsv, to see where a parallel run's workers sat idle (durations alone do
+    not say when a test ran)."""
+    folder = os.environ.get("LSAQ_TEST_TIMELINE")
+    t0 = time.time()
+    yield
+    if folder:
+        wid = getattr(item.config, "workerinput", {}).get("workerid", "main")
+        with open(Path(folder) / f"{wid}.tsv", "a") as f:
+            f.write(f"{t0:.2f}\t{time.time():.2f}\t{wid}\t{item.nodeid}\n")

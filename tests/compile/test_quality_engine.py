@@ -149,8 +149,18 @@ def test_auto_streams_where_the_graphs_do_not_fit(monkeypatch):
     assert "39.1 GiB" in said[-1] and "24.0 GiB is available" in said[-1]
     assert writer.quality_engine("auto", 135_000_000, said.append) == "graphs"
     assert writer.quality_engine("graphs", 7_000_000_000, said.append) == "graphs"
-    with pytest.raises(LsaqError, match="quality_engine"):
-        writer.quality_engine("fast", 1, said.append)
+
+
+def test_build_bundle_refuses_a_bad_profile_object_before_any_work(tmp_path):
+    """A Profile passed to the API is validated like a TOML file, at build_bundle's entry:
+    nothing is created."""
+    from lsaq_compile.bundle import build_bundle
+
+    prof = small_profile()
+    prof.build.quality_engine = "fast"
+    with pytest.raises(LsaqError, match="quality_engine must be 'auto', 'graphs' or 'streamed'"):
+        build_bundle(tmp_path / "no-such-model", tmp_path / "out", profile=prof)
+    assert not (tmp_path / "out").exists()
 
 
 def test_auto_build_on_too_little_memory_says_streamed(tiny_llama_dir, tmp_path, monkeypatch,

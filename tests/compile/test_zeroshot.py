@@ -128,14 +128,19 @@ def test_each_task_through_our_scorer_and_lm_eval(smollm_bundle, tmp_path):
 
 @needs_lm_eval
 def test_eval_cli_tasks_and_cross_check(tiny_bundle, tmp_path):
+    import shutil
+
+    # eval records results beside the manifest: on a copy, never on the session's shared bundle
+    # (other tests read that bundle's file list and recorded evaluations)
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
     root = write_tasks(tmp_path / "z")
-    r = subprocess.run(CLI + ["eval", str(tiny_bundle), "--tasks", "piqa,winogrande", "--data", str(root),
+    r = subprocess.run(CLI + ["eval", str(bundle), "--tasks", "piqa,winogrande", "--data", str(root),
                               "--variants", "fp16,int4", "--cross-check", "-q"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count(": identical") == 4, r.stdout
-    rec = ev.read_evaluations(tiny_bundle)
+    rec = ev.read_evaluations(bundle)
     assert {(e["variant"], e["task"]) for e in rec if e["kind"] == "multiple_choice" and "task" in e} >= \
         {("fp16", "piqa"), ("int4", "winogrande")}
-    r = subprocess.run(CLI + ["eval", str(tiny_bundle), "--tasks", "piqa"], capture_output=True, text=True)
+    r = subprocess.run(CLI + ["eval", str(bundle), "--tasks", "piqa"], capture_output=True, text=True)
     assert r.returncode == 2 and "need --data DIR" in r.stderr and "Traceback" not in r.stderr

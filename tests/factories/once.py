@@ -31,3 +31,21 @@ def built_once(config, tmp_path_factory, name: str, build):
                                        if isinstance(result, dict) else str(result)))
         kept = json.loads(done.read_text())
         return {k: Path(v) for k, v in kept.items()} if isinstance(kept, dict) else Path(kept)
+
+
+def listing(folder: Path) -> list[tuple[str, int, int]]:
+    """Every file under `folder` with its size and modification time: what a test that wrote
+    into a shared artifact would change."""
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in Path(folder).rglob("*") if p.is_file())
+
+
+def unchanged(folder: Path, before: list) -> None:
+    """Fail the run (at the fixture's teardown) when a test wrote into a shared artifact: the
+    tests that read it after would see another artifact depending on the order they ran in,
+    which a parallel run changes."""
+    after = listing(folder)
+    if after != before:
+        changed = sorted(set(map(str, after)) ^ set(map(str, before)))[:4]
+        raise AssertionError(f"{folder}: a test changed this shared artifact ({changed}); "
+                             "tests must copy it before writing")

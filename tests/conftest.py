@@ -85,17 +85,21 @@ def _first_worker_builds_the_real_bundle(request):
 
 
 @pytest.fixture(scope="session")
-def ladder_bundles(tiny_llama_dir, pytestconfig, tmp_path_factory) -> dict[str, Path]:
+def ladder_bundles(tiny_llama_dir, pytestconfig, tmp_path_factory):
     """Schema 6 bundles with the token tables on the ladder, built once for both exporters'
     tests (read only): the untied tiny Llama with the default profile's INT4 (group 32, zero
     points), and a tied tiny Qwen3 per channel whose fp16-table rung's CPU head is the INT8
     table (cpu_lm_head int8)."""
     from factories.bundles import ladder_build
 
-    return built_once(pytestconfig, tmp_path_factory, "ladder", lambda tmp: {
+    out = built_once(pytestconfig, tmp_path_factory, "ladder", lambda tmp: {
         "untied": ladder_build(tiny_llama_dir, tmp / "untied"),
         "tied": ladder_build(make_tiny_family(tmp / "hf-qwen3", "qwen3"), tmp / "tied",
                              scheme="channel", cpu_lm_head="int8")})
+    before = {k: listing(p) for k, p in out.items()}
+    yield out
+    for k, p in out.items():
+        unchanged(p, before[k])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,25 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from factories.once import built_once, listing, unchanged, worker_cpus
 
-def _pin_this_worker() -> None:
-    """Under pytest-xdist each worker runs on its own share of the CPUs, pinned before torch or
-    ONNX Runtime size their thread pools (both follow the affinity mask): two workers each
-    running two threads on two cores spent ~12% more CPU time on the same work (the quick study:
-    198 CPU-s unpinned against 175 pinned). The floors' own pytest runs inherit the variables
-    but then see one CPU: nothing to split."""
-    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    wid = os.environ.get("PYTEST_XDIST_WORKER", "")
-    cpus = sorted(os.sched_getaffinity(0))
-    if n > 1 and wid.startswith("gw") and len(cpus) >= n:
-        os.sched_setaffinity(0, cpus[int(wid[2:]) % n::n])
+# Under pytest-xdist each worker runs on its own share of the CPUs, pinned before torch or ONNX
+# Runtime size their thread pools (both follow the affinity mask): two workers of two threads
+# each on two cores spent 20% more CPU time on the same suite.
+_mine = worker_cpus(os.environ, sorted(os.sched_getaffinity(0)))
+if _mine:
+    os.sched_setaffinity(0, _mine)
 
-
-_pin_this_worker()
-
-from factories.bundles import exact_paper_profile, small_profile
-from factories.models import make_tiny_family, make_tiny_model
-from factories.once import built_once, listing, unchanged
+from factories.bundles import exact_paper_profile, small_profile  # noqa: E402  (after pinning)
+from factories.models import make_tiny_family, make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

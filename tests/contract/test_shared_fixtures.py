@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from factories.once import listing, unchanged
+from factories.once import listing, unchanged, worker_cpus
 
 
 def test_a_write_into_a_shared_artifact_is_caught(tmp_path):
@@ -23,3 +23,13 @@ def test_a_write_into_a_shared_artifact_is_caught(tmp_path):
     os.utime(tmp_path / "manifest.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(AssertionError, match="copy it before writing"):
         unchanged(tmp_path, before)                   # rewritten in place
+
+
+def test_xdist_workers_split_the_cpus():
+    env = {"PYTEST_XDIST_WORKER_COUNT": "2"}
+    assert worker_cpus({**env, "PYTEST_XDIST_WORKER": "gw0"}, [0, 1]) == [0]
+    assert worker_cpus({**env, "PYTEST_XDIST_WORKER": "gw1"}, [0, 1]) == [1]
+    assert worker_cpus({"PYTEST_XDIST_WORKER_COUNT": "3", "PYTEST_XDIST_WORKER": "gw0"},
+                       [0, 1, 2, 3]) == [0, 3]
+    assert worker_cpus({**env, "PYTEST_XDIST_WORKER": "gw1"}, [1]) is None   # a floors sub-run
+    assert worker_cpus({}, [0, 1]) is None                                     # not under xdist

@@ -49,3 +49,14 @@ def unchanged(folder: Path, before: list) -> None:
         changed = sorted(set(map(str, after)) ^ set(map(str, before)))[:4]
         raise AssertionError(f"{folder}: a test changed this shared artifact ({changed}); "
                              "tests must copy it before writing")
+
+
+def worker_cpus(env, cpus: list[int]) -> list[int] | None:
+    """The CPUs a pytest-xdist worker keeps: worker i of n takes every n-th CPU from the i-th,
+    so the workers never share one. None outside a worker, or where there are fewer CPUs than
+    workers (the floors' own pytest run inherits the variables but sees one CPU)."""
+    n = int(env.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    wid = env.get("PYTEST_XDIST_WORKER", "")
+    if n > 1 and wid.startswith("gw") and len(cpus) >= n:
+        return cpus[int(wid[2:]) % n::n]
+    return None

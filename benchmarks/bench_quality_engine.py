@@ -3,13 +3,15 @@ ONNX Runtime) against the streamed engine (stream_quality.py: the stored weights
 torch pass, one layer at a time), on the same held-out windows.
 
     python benchmarks/bench_quality_engine.py OUT_DIR [--model PATH] [--profile default]
-        [--acc0 int8,int4]
+        [--acc0 int8,int4] [--few 4]
 
 Builds MODEL (default: the embedded SmolLM2-135M) into OUT_DIR/bundle with the profile, its
 quality measured by the graphs (the held-out windows kept in OUT_DIR/held_out.npy; a bundle
 already there is reused), then measures the same bundle streamed and prints a markdown table
 with each engine's wall time. --acc0: those variants' CPU graphs again with every MatMulNBits at
-accuracy level 0 (float activations), which the streamed pass should equal.
+accuracy level 0 (float activations), which the streamed pass should equal. --few N: the
+streamed pass again on the first N windows only (what build.streamed_quality_samples does), its
+KLs and ranking against all windows'.
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ def main() -> None:
     ap.add_argument("--model")
     ap.add_argument("--profile", default="default")
     ap.add_argument("--acc0", default="", help="variants to run again at accuracy level 0")
+    ap.add_argument("--few", type=int, default=0,
+                    help="also stream on only the first N windows (build.streamed_quality_samples)"
+                         " and compare its ranking by KL with all windows'")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     root = args.out / "bundle"
@@ -122,6 +127,22 @@ def main() -> None:
         print(f"| {v['name']} | {v['bits_per_weight']:.2f} | {g['perplexity']:.4f} | "
               f"{s['perplexity']:.4f} | {g['kl_fp16']:.6f} | {s['kl_fp16']:.6f} | "
               f"{f'{a[0]:.4f}, {a[1]:.6f}' if a else ''} |")
+    if args.few:
+        t = time.perf_counter()
+        few = streamed_quality(root, windows[:args.few], open_model(args.model), print)
+        dt = time.perf_counter() - t
+        names = [v["name"] for v in m["variants"]]
+        print(f"\nstreamed on the first {args.few} windows ({dt:.0f}s) against all "
+              f"{len(windows)} ({times['streamed_s']:.0f}s)\n")
+        print(f"| variant | KL, {len(windows)} windows | KL, {args.few} windows | change |")
+        print("|---|---|---|---|")
+        for n in names:
+            a, b = got[n]["kl_fp16"], few[n]["kl_fp16"]
+            print(f"| {n} | {a:.5f} | {b:.5f} | {f'{b / a - 1:+.1%}' if a else ''} |")
+        same = sorted(names, key=lambda n: got[n]["kl_fp16"]) == \
+            sorted(names, key=lambda n: few[n]["kl_fp16"])
+        print(f"\nranking by KL from FP16 {'the same' if same else 'DIFFERENT'} on "
+              f"{args.few} windows")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ class BuildSection:
     # streamed (torch, one decoder layer at a time, from the same stored weights) or auto
     # (graphs where they fit the memory available, as the float16 check decides)
     quality_engine: str = "auto"
+    # held-out windows when quality streams (models whose graphs do not fit: 7B and up), where
+    # each window costs every variant a pass of the whole model; 0: all quality_samples. The
+    # ranking is by KL from FP16, paired on the same tokens: on SmolLM2, 4 windows rank the 11
+    # variants as 16 do (docs/results/measurement.md)
+    streamed_quality_samples: int = 4
     # ladder "bytes": extra variants at these average bits per quantized weight (decoder
     # linears, and the token tables when they are on the ladder; scales included), e.g. a target
     # device's budget or a peer's file size to compare at equal bytes
@@ -159,6 +164,8 @@ class Profile:
                                 ("build.rungs", self.build.rungs, 1),
                                 ("build.refine", self.build.refine, 0),
                                 ("build.quality_samples", self.build.quality_samples, 0),
+                                ("build.streamed_quality_samples",
+                                 self.build.streamed_quality_samples, 0),
                                 ("scoring.k", self.scoring.k, 1),
                                 ("scoring.probes", self.scoring.probes, 1),
                                 ("scoring.samples", self.scoring.samples, 1),

@@ -47,12 +47,14 @@ def run(job: Job, ctx: BuildContext) -> Job:
         log = ctx.progress.stage("quality")
         engine = quality_engine(ctx.profile.build.quality_engine, ctx.params, log)
         if engine == "graphs":
-            quality = measure_quality(root, m, ctx.held_out, log)
+            held = ctx.held_out
+            quality = measure_quality(root, m, held, log)
         else:
             from ..stream_quality import streamed_quality
 
-            quality = streamed_quality(root, ctx.held_out, source, log, device=ctx.device)
-        m = with_quality(m, quality, ctx.plan_kl, ctx.calib, ctx.held_out.shape, engine)
+            held = streamed_windows(ctx.held_out, ctx.profile.build.streamed_quality_samples, log)
+            quality = streamed_quality(root, held, source, log, device=ctx.device)
+        m = with_quality(m, quality, ctx.plan_kl, ctx.calib, held.shape, engine)
         _write(root, m)
     ctx.manifest = m
     return job.finish(NAME, {"manifest": MANIFEST})
@@ -160,6 +162,16 @@ def quality_engine(setting: str, params: int, log) -> str:
     log(f"engine {engine}: {why}" + ("" if fits else "; streamed through torch one decoder "
                                      "layer at a time from the stored weights"))
     return engine
+
+
+def streamed_windows(held_out, n: int, log):
+    """The first `n` held-out windows (0: all) for the streamed engine, where every window costs
+    each variant a pass of the whole model; the log says how many of how many."""
+    if not n or n >= len(held_out):
+        return held_out
+    log(f"{n} of the {len(held_out)} held-out windows (build.streamed_quality_samples): each "
+        "costs every variant a pass of the whole model")
+    return held_out[:n]
 
 
 def with_quality(m: dict, quality: dict[str, dict], plan_kl: dict[str, float], calib,

@@ -18,7 +18,8 @@ from lsaq_compile.stages import writer
 from lsaq_compile.stream_quality import streamed_quality
 
 
-def _build(hf: Path, out: Path, accuracy: int, engine: str = "graphs", monkeypatch=None):
+def _build(hf: Path, out: Path, accuracy: int, engine: str = "graphs", monkeypatch=None,
+           streamed_samples: int = 4):
     """A tiny ladder bundle (tables on the ladder: INT8/INT4 embedding and head on most
     rungs), its quality measured by `engine`; returns (bundle, the held-out windows)."""
     from lsaq_compile.bundle import build_bundle
@@ -34,6 +35,7 @@ def _build(hf: Path, out: Path, accuracy: int, engine: str = "graphs", monkeypat
     prof = small_profile(samples=3, seq_len=48)
     prof.build.rungs, prof.build.refine, prof.build.quality_samples = 3, 1, 4
     prof.build.quality_engine = engine
+    prof.build.streamed_quality_samples = streamed_samples
     prof.quantization.cpu_accuracy_level = accuracy
     writer.measure_quality = spy
     try:
@@ -193,6 +195,22 @@ def test_auto_build_on_too_little_memory_says_streamed(tiny_llama_dir, tmp_path,
     from lsaq_runtime.manifest import load_manifest
 
     load_manifest(b)                                      # the runtime reads it
+
+
+def test_streamed_builds_measure_on_fewer_windows(tiny_llama_dir, tmp_path, graph_bundles):
+    """build.streamed_quality_samples: a streamed build measures on the first N held-out
+    windows (each costs every variant a pass of the whole model at 7B), the manifest's token
+    counts say so, and the numbers are the streamed pass's on exactly those windows."""
+    b, _ = _build(tiny_llama_dir, tmp_path / "b", 0, engine="streamed", streamed_samples=2)
+    windows = graph_bundles[0][1]                 # the same model and profile: the same windows
+    assert len(windows) == 4
+    m = json.loads((b / "manifest.json").read_text())
+    got = streamed_quality(b, windows[:2], open_model(tiny_llama_dir), lambda s: None)
+    for v in m["variants"]:
+        q = v["quality"]
+        assert q["tokens"] == 2 * (windows.shape[1] - 1), v["name"]
+        assert q["perplexity"] == pytest.approx(got[v["name"]]["perplexity"], rel=1e-6)
+        assert q["kl_fp16"] == pytest.approx(got[v["name"]]["kl_fp16"], rel=1e-6, abs=1e-9)
 
 
 def test_profile_refuses_an_unknown_engine(tmp_path):

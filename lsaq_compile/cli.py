@@ -131,7 +131,8 @@ def _score_sensitivity(source, profile, calibration, samples, seq_len, progress)
               help="a Jinja chat template file, for sources that carry none (or to replace theirs)")
 @click.option("--force", is_flag=True, help="replace an existing bundle folder")
 @click.option("--resume", is_flag=True, help="continue the interrupted build of -o (same "
-              "arguments): finished stages and measurements are reused")
+              "arguments; the quality engine may change): finished stages and measurements "
+              "are reused")
 @click.option("--remeasure", is_flag=True, help="measure again even when an earlier build of "
               "this model kept a measurement of the same calibration and quantizers")
 @click.option("--measure", type=click.Choice(MEASURES), help="override the profile's "

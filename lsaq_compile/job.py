@@ -98,12 +98,13 @@ class Job:
                             "to start over") from None
         return job
 
-    def check_inputs(self, inputs: dict) -> None:
-        """Refuse to continue a record made from other inputs, naming what differs."""
-        if self.inputs == inputs:
+    def check_inputs(self, inputs: dict, comparable=lambda d: d) -> None:
+        """Refuse to continue a record made from other inputs, naming what differs; both
+        sides are compared through `comparable` (what may change across a resume dropped)."""
+        old, new = comparable(self.inputs), comparable(inputs)
+        if old == new:
             return
-        differ = sorted(k for k in set(self.inputs) | set(inputs)
-                        if self.inputs.get(k) != inputs.get(k))
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise LsaqError(f"{self.folder}: the interrupted build compiled other inputs "
                         f"({', '.join(differ)} differ); build without --resume to start over")
 

@@ -24,8 +24,10 @@ def run(job: Job, ctx: BuildContext) -> Job:
         return job.finish(NAME)
     inputs = job_inputs(ctx)
     if job.done:
-        job.check_inputs(inputs)
-    job.inputs = inputs
+        # A resumed job keeps its record's inputs: its key names its measurements so far.
+        job.check_inputs(inputs, without_writer_settings)
+    else:
+        job.inputs = inputs
     if ctx.bundle_dir is not None:   # cheap, so written again by a resumed build
         ctx.tokenizer = ctx.source.save_tokenizer(ctx.bundle_dir / "tokenizer")
         if ctx.chat_template is not None:
@@ -42,6 +44,20 @@ def job_inputs(ctx: BuildContext) -> dict:
             "scores": _scores_fingerprint(ctx.scores_given),
             "chat_template": (hashlib.sha256(ctx.chat_template.encode()).hexdigest()
                               if ctx.chat_template is not None else None)}
+
+
+# Profile settings only the writer stage reads. The writer runs anew on every resume, so a
+# resumed build may change them: say --quality-engine streamed after the graphs ran out of
+# memory at the quality stage, hours into a build.
+WRITER_SETTINGS = ("quality_engine", "streamed_quality_samples")
+
+
+def without_writer_settings(inputs: dict) -> dict:
+    out = json.loads(json.dumps(inputs, default=str))
+    build = out.get("profile", {}).get("build", {})
+    for k in WRITER_SETTINGS:
+        build.pop(k, None)
+    return out
 
 
 def _scores_fingerprint(scores) -> str | None:

@@ -124,7 +124,9 @@ def test_killed_build_resumes_and_equals_an_unkilled_one(model, tmp_path):
 
 
 def test_resume_reuses_finished_stages(model, tmp_path):
-    """Killed after measuring: the resumed build measures nothing again."""
+    """Killed after measuring: the resumed build measures nothing again. It may change what
+    only the writer reads (it runs anew on every resume): here the quality engine, as after
+    the graphs ran out of memory at the quality stage."""
     profile = tmp_path / "p.toml"
     profile.write_text(PROFILE)
     out = tmp_path / "b"
@@ -139,11 +141,12 @@ def test_resume_reuses_finished_stages(model, tmp_path):
     (work,) = tmp_path.glob(".b.lsaq-tmp-*")
     done = json.loads((work / JOB_DIR / "job.json").read_text())["done"]
     assert {"scoring", "plan"} <= set(done)
-    r = _build(model, out, profile, "--resume")
+    r = _build(model, out, profile, "--resume", "--quality-engine", "streamed")
     assert r.returncode == 0, r.stderr
     assert "reusing the finished sensitivity scores" in r.stderr
     assert "scoring: layer" not in r.stderr and "allocating:" not in r.stderr
-    assert read_manifest(out)["variants"]
+    m = read_manifest(out)
+    assert m["variants"] and m["deployment"]["quality"]["engine"] == "torch-streamed"
 
 
 def test_a_measurement_is_reused_by_every_later_build_of_the_same_inputs(model, tmp_path):

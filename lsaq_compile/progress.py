@@ -21,5 +21,19 @@ class Progress:
         return lambda msg: self(f"{name}: {msg}")
 
 
+def throttled(say, seconds: float = 30.0, clock=time.monotonic):
+    """A printer of a sweep's steps (anything with .done and .total) that keeps a short job's log
+    short and a long one's alive: the first and last step always, between them one line at
+    most every `seconds` (a 7B build's whole-plan pass is half an hour of layers)."""
+    last = [None]
+
+    def show(step) -> None:
+        now = clock()
+        if step.done in (1, step.total) or last[0] is None or now - last[0] >= seconds:
+            last[0] = now
+            say(str(step))
+    return show
+
+
 def silent(msg: str) -> None:
     pass

@@ -48,11 +48,11 @@ def plans(ctx: BuildContext, job: Job | None = None) -> tuple[list[Plan], dict[s
     if meter is None and prof.scoring.measure == "fisher":
         # whole plans measured exactly, streamed: every plan of a refinement round in one pass
         from ..estimate import StreamMeter
+        from ..progress import throttled
 
         say = ctx.progress.stage("allocating")
         meter = StreamMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,
-                            device=ctx.device, progress=lambda step: say(str(step))
-                            if step.done in (1, step.total) else None,
+                            device=ctx.device, progress=throttled(say),
                             candidates=job.path(CANDIDATES) if job and job.folder else None)
     elif meter is None:  # reused scores: the plans are still validated on this build's windows
         meter = sensitivity.KLMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import shutil
+import stat
 from pathlib import Path
 
 
@@ -36,8 +37,12 @@ def built_once(config, tmp_path_factory, name: str, build):
 def listing(folder: Path) -> list[tuple[str, int, int]]:
     """Every file under `folder` with its size and modification time: what a test that wrote
     into a shared artifact would change."""
-    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in Path(folder).rglob("*") if p.is_file())
+    out = []
+    for p in Path(folder).rglob("*"):
+        st = p.stat()
+        if stat.S_ISREG(st.st_mode):     # one stat a file, not three
+            out.append((str(p.relative_to(folder)), st.st_size, st.st_mtime_ns))
+    return sorted(out)
 
 
 def unchanged(folder: Path, before: list) -> None:

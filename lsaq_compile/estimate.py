@@ -46,6 +46,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -61,7 +62,7 @@ from .layerwise import (_classes, final_norm, module_state, position_embeddings,
                         run_layer, torch_linears)
 from .model_source import LINEAR_NAMES, ModelSource
 from .plan import UNITS
-from .quantize import QuantScheme
+from .quantize import QuantizedTensor, QuantScheme
 from . import sensitivity
 from .sensitivity import GRANULARITY, QUANTIZED, Sensitivity, _stats_key
 
@@ -124,6 +125,38 @@ class _Clock:
 def _f16(a) -> np.ndarray:
     """float32 copy of the FP16 model's value (what the FP16 variant computes with)."""
     return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
+
+
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    """A float32 CPU tensor over `a` without a copy where numpy allows; a read-only array (a
+    memory map) is only ever read through it, so torch's warning about it does not apply."""
+    a = np.asarray(a, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+def _f16_t(a) -> torch.Tensor:
+    """_f16 in torch: the same IEEE rounding (bit-identical), on all cores, not numpy's one."""
+    return _as_tensor(a).to(torch.float16).to(torch.float32)
+
+
+def _dequantized(qt: QuantizedTensor) -> torch.Tensor:
+    """float32 [n, k]: QuantizedTensor.dequantize in torch, bit-identical ((code - zero point)
+    is an exact small integer, times the fp16 scale one rounding) but multi-threaded; at 7B
+    this was half of a whole-plan pass in single-threaded numpy."""
+    p = torch.from_numpy(qt.packed)
+    c = p if qt.bits == 8 else torch.stack([p & 0x0F, p >> 4], dim=-1)
+    c = c.reshape(qt.n, qt.n_blocks, qt.block_size).to(torch.float32)
+    if qt.zero_points is None:
+        c.sub_(2 ** (qt.bits - 1))
+    else:
+        z = torch.from_numpy(qt.zero_points)
+        if qt.bits == 4:
+            z = torch.stack([z & 0x0F, z >> 4], dim=-1).reshape(qt.n, -1)
+        c.sub_(z[:, :qt.n_blocks].to(torch.float32)[..., None])
+    c.mul_(torch.from_numpy(qt.scales).to(torch.float32)[..., None])
+    return c.reshape(qt.n, -1)[:, :qt.k]
 
 
 class _Stack:
@@ -241,7 +274,9 @@ class _Stack:
         state = {}
         for k in list(tensors):
             v = tensors.pop(k)
-            state[k] = self._t(_f16(v) if k in linear else np.asarray(v, np.float32))
+            # a new tensor either way: never a view of the source's (perhaps mapped) array
+            state[k] = (_f16_t(v).to(self.device, self.dtype) if k in linear else
+                        _as_tensor(v).to(self.device, self.dtype, copy=True))
             del v
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
@@ -258,18 +293,25 @@ class _Stack:
         return self.source.tensor(layer_key(i, f"{name}.weight"))
 
     def delta(self, i: int, members: Sequence[str], act_stats: dict, precision: str
-              ) -> np.ndarray:
-        """float32 [N, K]: Q(W) - W of one transformers module (its HF members stacked by rows),
-        exactly the weight change a graph at `precision` computes with (as KLMeter quantizes).
-        With a candidate folder each quantization is made once per build and read back after
-        (the clipping search costs more than the layer's forward)."""
-        out = []
-        for n in members:
-            w = self.weight(i, n)
-            act = act_stats.get(_stats_key(i, n))
-            q = self._quantized_linear(i, n, w, precision, act).dequantize()
-            out.append(q - _f16(w))
-        return np.concatenate(out) if len(out) > 1 else out[0]
+              ) -> torch.Tensor:
+        """float32 [N, K] on the CPU: Q(W) - W of one transformers module (its HF members
+        stacked by rows), exactly the weight change a graph at `precision` computes with (as
+        KLMeter quantizes). With a candidate folder each quantization is made once per build
+        and read back after (the clipping search costs more than the layer's forward)."""
+        out = [self._dequantized(i, n, act_stats, precision).sub_(_f16_t(self.weight(i, n)))
+               for n in members]
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def quantized(self, i: int, members: Sequence[str], act_stats: dict, precision: str
+                  ) -> torch.Tensor:
+        """Q(W) of one transformers module in the compute dtype on the device: the weight a
+        graph at `precision` computes with (a whole-plan pass needs the weight, not the change)."""
+        out = [self._dequantized(i, n, act_stats, precision) for n in members]
+        return (torch.cat(out) if len(out) > 1 else out[0]).to(self.device, self.dtype)
+
+    def _dequantized(self, i: int, name: str, act_stats: dict, precision: str) -> torch.Tensor:
+        act = act_stats.get(_stats_key(i, name))
+        return _dequantized(self._quantized_linear(i, name, self.weight(i, name), precision, act))
 
     def _quantized_linear(self, i: int, name: str, w: np.ndarray, precision: str, act):
         from .quantize import candidate_path, load_candidate, quantize, save_candidate
@@ -456,7 +498,7 @@ def estimate(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
             j = PARTS.index(_part_of(m))
             out_sq[:, i, j] += o.float().square().sum(dim=(1, 2)).cpu().numpy()
             for k, p in enumerate(QUANTIZED):
-                dW = st._t(st.delta(i, st.modules[m], act_stats, p))
+                dW = st.delta(i, st.modules[m], act_stats, p).to(st.device, st.dtype)
                 d = dO[m, p] = x @ dW.T
                 del dW
                 local[:, i, j, k] += d.float().square().sum(dim=(1, 2)).cpu().numpy()
@@ -912,8 +954,7 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
             if prec == "fp16":
                 return fp16[m]
             if (m, prec) not in cache:
-                d = st.delta(i, st.modules[m], act_stats, prec)
-                cache[m, prec] = fp16[m] + st._t(d)
+                cache[m, prec] = st.quantized(i, st.modules[m], act_stats, prec)
             return cache[m, prec]
 
         new = {}

@@ -247,3 +247,20 @@ def test_tied_table_cost_is_the_exact_one(tmp_path):
 
 
 SCHEMES_MSE = schemes_for("group", 32, False, 32, "mse")
+
+
+@pytest.mark.parametrize("kind,symmetric", [("group", False), ("group", True), ("channel", True)])
+def test_torch_dequantize_is_bit_identical_to_numpy(kind, symmetric):
+    """The whole-plan pass dequantizes in torch (multi-threaded); it must compute exactly the
+    weights the numpy reference (and so the graphs) compute with, padding and zero points too."""
+    from lsaq_compile.quantize import quantize
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((24, 200)) * rng.uniform(0.01, 3, (24, 1))).astype(np.float32)
+    schemes = schemes_for(kind, 32 if kind == "group" else None, symmetric, 32, "none")
+    for prec in ("int8", "int4"):
+        qt = quantize(w, schemes[prec])
+        want = qt.dequantize()
+        got = E._dequantized(qt).numpy()
+        assert got.shape == want.shape == w.shape
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    np.testing.assert_array_equal(E._f16_t(w).numpy().view(np.uint32), E._f16(w).view(np.uint32))

@@ -108,7 +108,7 @@ def main() -> None:
 
 
 # "[  12.3s] stage: ..." or, for a stage's layer sweeps, "[  12.3s] stage: sweep: layer 3/32 ..."
-PROGRESS = re.compile(r"^\[\s*([0-9.]+)s\] (?:([a-z0-9 -]+?)(?: \d+/\d+)?: (?:([a-z ]+): layer )?)?")
+PROGRESS = re.compile(r"^\[\s*([0-9.]+)s\] (?:([a-z0-9 -]+?)(?: \d+/\d+)?: (?:([a-z0-9 ]+): layer )?)?")
 
 
 def stage_seconds(text: str) -> dict[str, float]:

@@ -307,7 +307,8 @@ class _Stack:
         """Q(W) of one transformers module in the compute dtype on the device: the weight a
         graph at `precision` computes with (a whole-plan pass needs the weight, not the change)."""
         out = [self._dequantized(i, n, act_stats, precision) for n in members]
-        return (torch.cat(out) if len(out) > 1 else out[0]).to(self.device, self.dtype)
+        q = torch.cat(out) if len(out) > 1 else out[0]
+        return q.to(self.device, self.dtype).contiguous()   # a padded K leaves a strided view
 
     def _dequantized(self, i: int, name: str, act_stats: dict, precision: str) -> torch.Tensor:
         act = act_stats.get(_stats_key(i, name))
@@ -925,7 +926,8 @@ def _plan_of(plan, L: int, tied: bool) -> tuple[tuple[str, ...], str, str]:
 def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantScheme],
              plans: Sequence, act_stats: dict | None = None, *,
              device: str = "cpu", dtype=None, batch_size: int = 4,
-             progress: ProgressFn | None = None, stack: "_Stack | None" = None) -> list[float]:
+             progress: ProgressFn | None = None, stack: "_Stack | None" = None,
+             label: str = "plans") -> list[float]:
     """Mean KL(FP16 || plan) per predicted token of every plan (layer precisions, as
     KLMeter.kl takes them, or (layer precisions, {table: precision}) as KLMeter.kl(p, tables)),
     all in one streamed pass: the FP16 state and each plan's state are carried layer by layer
@@ -966,7 +968,7 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
                 new[(e, key)] = torch.cat([st.run(layer, i, h[sl]) for sl in batches])
         states = new
         del layer, cache, fp16
-        clock.tick("plans", i + 1, time.perf_counter() - t0)
+        clock.tick(label, i + 1, time.perf_counter() - t0)
     return _kl_at_head(st, states, [((e, prec), hp) for prec, e, hp in items])
 
 
@@ -1017,8 +1019,10 @@ class StreamMeter:
     def kl_many(self, plans: Sequence) -> list[float]:
         if not plans:
             return []
+        # the count tells a reader of an hour-long log which pass this is (the first measures
+        # every rung; refinement passes their candidate swaps)
         return plans_kl(self.source, self.windows, self.schemes, plans, self.act_stats,
-                        stack=self.stack, progress=self.progress)
+                        stack=self.stack, progress=self.progress, label=f"{len(plans)} plans")
 
     def kl(self, precisions, tables: dict[str, str] | None = None) -> float:
         return self.kl_many([(tuple(precisions), tables or {})])[0]

@@ -60,12 +60,13 @@ def test_stage_seconds_count_each_interval_to_the_line_that_ends_it(tmp_path):
 [   20.0s] scoring: forward: layer 1/2, 4 layers/min
 [   50.0s] scoring: backward: layer 1/2, 2 layers/min
 [   80.0s] scoring: backward: layer 2/2, 2 layers/min
+[   85.0s] allocating: 10 plans: layer 2/2, 3 layers/min
 [   90.0s] quantizing 3/4: stored layer 1/2
 [  100.0s] bundle written to /x in 99.9s
 """
     assert stage_seconds(log) == {"model": 3.0, "activations": 7.0, "scoring": 2.0,
                                   "scoring/forward": 8.0, "scoring/backward": 60.0,
-                                  "quantizing": 10.0, "other": 10.0}
+                                  "allocating/10 plans": 5.0, "quantizing": 5.0, "other": 10.0}
     kept = tmp_path / "build.log"
     c = measure([sys.executable, "-c", "import sys; print('[    1.5s] model: x', file=sys.stderr)"],
                 every=0.05, log_path=kept)

@@ -128,6 +128,12 @@ def test_progress_reports_stage_layer_rate_and_eta(tiny):
         [("forward", i) for i in range(1, L + 1)] + [("backward", i) for i in range(1, L + 1)]
     assert all(s.rate > 0 and s.eta >= 0 and s.total == L for s in steps)
     assert steps[-1].eta == 0 and "layer 4/4" in str(steps[-1])
+    # a whole-plan pass says how many plans it measures: the first pass of a ladder (its rungs)
+    # and each refinement pass (their swaps) are otherwise the same lines in an hour-long log
+    passes = []
+    meter = E.StreamMeter(src, win, SCHEMES, act, progress=passes.append)
+    meter.kl_many([("int4",) * L, ("int8",) * L])
+    assert {s.stage for s in passes} == {"2 plans"} and passes[-1].done == L
 
 
 def test_plans_kl_is_the_exact_whole_plan_kl_in_one_pass(tiny):

@@ -254,13 +254,17 @@ class _Stack:
         if int(self.ids.max()) >= rows_n:
             raise LsaqError(f"calibration token id {int(self.ids.max())} is outside the model's "
                             f"{rows_n}-row embedding")
-        flat = self.ids.reshape(-1)
-        out = np.empty((flat.size, self.spec.hidden_size), np.float32)
+        uniq, inv = np.unique(self.ids.reshape(-1), return_inverse=True)
+        out = np.empty((uniq.size, self.spec.hidden_size), np.float32)
         for a in range(0, rows_n, HEAD_CHUNK):      # the rows of the ids, a chunk at a time
-            hit = (flat >= a) & (flat < a + HEAD_CHUNK)
+            hit = (uniq >= a) & (uniq < a + HEAD_CHUNK)
             if hit.any():
-                out[hit] = self._rows(EMBED, a, min(rows_n, a + HEAD_CHUNK), precision)[flat[hit] - a]
-        rows = torch.from_numpy(out.reshape(*self.ids.shape, -1))
+                out[hit] = self._rows(EMBED, a, min(rows_n, a + HEAD_CHUNK))[uniq[hit] - a]
+        if precision != "fp16":
+            # a table is quantized row by row, so the windows' rows quantized alone are the
+            # graph's: a few hundred rows, not the whole table (128k rows at Llama 3)
+            out = table_weight(out, precision, self.schemes)
+        rows = torch.from_numpy(np.ascontiguousarray(out[inv.reshape(-1)]).reshape(*self.ids.shape, -1))
         return _scale_embedded(self.spec, rows)
 
     def layer(self, i: int) -> torch.nn.Module:
@@ -974,32 +978,57 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
 
 def _kl_at_head(st: _Stack, states: dict, items: list[tuple]) -> list[float]:
     """Mean KL of items[0]'s next-token distributions to each later item's, an item being
-    (state key, head precision); the head taken by row chunks (two passes: the normalisers,
-    then the KL sums), each head precision quantized by chunk."""
-    normed = {k: final_norm(st.spec, h[:, :-1].float(), st.norm.float()).to(st.dtype)
+    (state key, head precision); one walk over the head by row chunks (head_sums), each head
+    precision quantized by chunk."""
+    H = st.spec.hidden_size
+    normed = {k: final_norm(st.spec, h[:, :-1].float(), st.norm.float()).to(st.dtype).reshape(-1, H)
               for k, h in states.items() if k in {key for key, _ in items}}
     pairs = sorted(set(items), key=str)
     heads = sorted({hp for _, hp in pairs})
-    lse = {pr: torch.full(normed[pr[0]].shape[:2], -math.inf, device=st.device) for pr in pairs}
-    for hp in heads:
-        for _, rows in st.head_chunks(precision=hp):
-            for pr in pairs:
-                if pr[1] == hp:
-                    z = st.logits_of(normed[pr[0]], rows).float()
-                    lse[pr] = torch.logaddexp(lse[pr], torch.logsumexp(z, -1))
-    ref = items[0]
-    kl = {pr: 0.0 for pr in pairs}
-    others = {hp: st.head_chunks(precision=hp) for hp in heads if hp != "fp16"}
-    for _, rows0 in st.head_chunks():       # the reference's head is the FP16 one
-        lp = st.logits_of(normed[ref[0]], rows0).float() - lse[ref][..., None]
-        p = lp.exp()
-        for hp in heads:
-            rows = rows0 if hp == "fp16" else next(others[hp])[1]
-            for pr in pairs:
-                if pr[1] == hp and pr != ref:
-                    lq = st.logits_of(normed[pr[0]], rows).float() - lse[pr][..., None]
-                    kl[pr] += float((p * (lp - lq)).sum())
+
+    def walk():
+        for chunks in zip(*(st.head_chunks(precision=hp) for hp in heads)):
+            yield chunks[0][0], {hp: rows for hp, (_, rows) in zip(heads, chunks)}
+
+    _, kl, _ = head_sums(st, normed, pairs, items[0], walk())
     return [kl[pr] / st.tokens for pr in items[1:]]
+
+
+def head_sums(st: _Stack, x: dict, pairs: Sequence, ref, walk, targets: torch.Tensor | None = None
+              ) -> tuple[dict, dict, dict | None]:
+    """One walk over the vocabulary (walk: (first row, {head: rows}) per row chunk) for pairs
+    (state key, head) of final-normed states x[key] [N, hidden]: per pair the log-normaliser
+    at every position, the KL(ref || pair) summed over positions and, given targets [N], the
+    targets' logits. float64 past the matmul: KLs of 1e-5 a token must sum exactly.
+
+    KL = sum_v p_v (z_ref - z)_v - lse_ref + lse, with the sum kept relative to the running
+    lse_ref (rescaled as that grows, as online softmax does), so every chunk's logits are
+    computed once: a normalisers walk then a KL walk did them twice, which at a 128k
+    vocabulary was most of a whole-plan pass's head."""
+    N = next(iter(x.values())).shape[0]
+    f64 = dict(dtype=torch.float64, device=st.device)
+    lse = {pr: torch.full((N,), -math.inf, **f64) for pr in pairs}
+    acc = {pr: torch.zeros(N, **f64) for pr in pairs if pr != ref}
+    zt = {pr: torch.zeros(N, **f64) for pr in pairs} if targets is not None else None
+    for a, rows in walk:
+        z_ref = st.logits_of(x[ref[0]], rows[ref[1]]).double()
+        grown = torch.logaddexp(lse[ref], torch.logsumexp(z_ref, -1))
+        w = torch.exp(z_ref - grown[:, None])          # p_v, relative to the lse so far
+        keep = torch.exp(lse[ref] - grown)              # 0 at the first chunk
+        lse[ref] = grown
+        hit = None
+        if targets is not None:
+            hit = (targets >= a) & (targets < a + z_ref.shape[1])
+        for pr in pairs:
+            z = z_ref if pr == ref else st.logits_of(x[pr[0]], rows[pr[1]]).double()
+            if pr != ref:
+                lse[pr] = torch.logaddexp(lse[pr], torch.logsumexp(z, -1))
+                acc[pr] = acc[pr] * keep + (w * (z_ref - z)).sum(-1)
+            if hit is not None:
+                zt[pr][hit] = z[hit, targets[hit] - a]
+    kl = {pr: float((acc[pr] - lse[ref] + lse[pr]).sum()) for pr in acc}
+    kl[ref] = 0.0
+    return lse, kl, zt
 
 
 class StreamMeter:

@@ -30,7 +30,7 @@ from lsaq_runtime.format import MEMBERS, STORED_LINEARS, layer_key, linear_base,
 from .bundle_reader import BundleReader, Quantized, StoredWeight, linear_dims
 from .devices import _device
 from .errors import LsaqError
-from .estimate import HEAD_CHUNK, _Clock, _scale_embedded, _Stack
+from .estimate import HEAD_CHUNK, _Clock, _scale_embedded, _Stack, head_sums
 from .layerwise import final_norm
 
 TOKEN_BLOCK = 2048     # predicted positions projected on the vocabulary at once
@@ -198,51 +198,17 @@ def _at_head(reader: BundleReader, st: _Stack, states: dict, items: list[dict]
     for a in range(0, st.n * T, TOKEN_BLOCK):
         blk = slice(a, min(st.n * T, a + TOKEN_BLOCK))
         x = {k: v[blk] for k, v in normed.items()}
-        lse, zt = _normalisers(st, x, distinct, tables, targets[blk])
+        walk = _walk(st, tables)
+        lse, kls, zt = head_sums(st, x, distinct, pairs[0], walk, targets[blk])
         for pr in distinct:
             nll[pr] += float((lse[pr] - zt[pr]).sum())
-        for pr, v in _kl_sums(st, x, distinct, tables, lse, pairs[0]).items():
-            kl[pr] += v
+            kl[pr] += kls[pr]
     return [(nll[pr], kl[pr]) for pr in pairs]
 
 
-def _chunks(st: _Stack, t):
+def _walk(st: _Stack, tables: dict):
+    """(first row, {head: float32 rows}) per vocabulary chunk, every head table at once."""
     for a in range(0, st.vocab, HEAD_CHUNK):
         b = min(st.vocab, a + HEAD_CHUNK)
-        yield a, torch.from_numpy(_table_rows(t, slice(a, b))).to(st.device)
-
-
-def _logits(st: _Stack, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return st.logits_of(x, rows).double()   # float64 past the matmul: KLs of 1e-4 sum exactly
-
-
-def _normalisers(st: _Stack, x: dict, pairs: list, tables: dict, tgt: torch.Tensor):
-    """Per pair, the log-normaliser and the target's logit at each position of the block."""
-    N = tgt.shape[0]
-    lse = {pr: torch.full((N,), -math.inf, dtype=torch.float64, device=st.device)
-           for pr in pairs}
-    zt = {pr: torch.zeros(N, dtype=torch.float64, device=st.device) for pr in pairs}
-    for base, t in tables.items():
-        for a, rows in _chunks(st, t):
-            hit = (tgt >= a) & (tgt < a + rows.shape[0])
-            for pr in pairs:
-                if pr[1] == base:
-                    z = _logits(st, x[pr[0]], rows)
-                    lse[pr] = torch.logaddexp(lse[pr], torch.logsumexp(z, -1))
-                    zt[pr][hit] = z[hit, tgt[hit] - a]
-    return lse, zt
-
-
-def _kl_sums(st: _Stack, x: dict, pairs: list, tables: dict, lse: dict, ref) -> dict:
-    """Summed KL(ref || pair) over the block, the head tables walked chunk by chunk together."""
-    walks = {b: _chunks(st, t) for b, t in tables.items()}
-    out = dict.fromkeys(pairs, 0.0)
-    for _ in range(0, st.vocab, HEAD_CHUNK):
-        rows = {b: next(w)[1] for b, w in walks.items()}
-        lp = _logits(st, x[ref[0]], rows[ref[1]]) - lse[ref][:, None]
-        p = lp.exp()
-        for pr in pairs:
-            if pr != ref:
-                lq = _logits(st, x[pr[0]], rows[pr[1]]) - lse[pr][:, None]
-                out[pr] += float((p * (lp - lq)).sum())
-    return out
+        yield a, {base: torch.from_numpy(_table_rows(t, slice(a, b))).to(st.device)
+                  for base, t in tables.items()}

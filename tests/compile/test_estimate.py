@@ -270,3 +270,16 @@ def test_torch_dequantize_is_bit_identical_to_numpy(kind, symmetric):
         assert got.shape == want.shape == w.shape
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     np.testing.assert_array_equal(E._f16_t(w).numpy().view(np.uint32), E._f16(w).view(np.uint32))
+
+
+def test_embedded_rows_quantized_alone_are_the_whole_tables_rows(tiny):
+    """embedded() quantizes only the windows' rows of a token table: a table is quantized by
+    rows, so they must equal the rows of the whole quantized table (what the graph holds)."""
+    from lsaq_compile.export_onnx import EMBED, table_weight
+    src, win, _, _, _ = tiny
+    st = E._Stack(src, win, E._device("cpu"), E._dtype(E._device("cpu"), None), SCHEMES)
+    whole = np.asarray(src.tensor(EMBED), np.float32)
+    for prec in ("int8", "int4"):
+        want = table_weight(whole, prec, SCHEMES)[win]
+        np.testing.assert_array_equal(st.embedded(prec).numpy(), E._scale_embedded(
+            src.spec, E.torch.from_numpy(want)).numpy())

@@ -272,9 +272,12 @@ class _Stack:
         dropped as each is converted, so one copy of the layer is held."""
         linear = {f"{n}.weight" for n in LINEAR_NAMES}
         tensors = self.source.layer_tensors(i)
-        # the source's linears stay until the next layer is read: their quantized candidates
-        # are made from them (one read of the layer, whatever the number of candidates)
-        self._linears = (i, {k[:-len(".weight")]: tensors[k] for k in linear})
+        # the source's linears stay until the next layer is read when their quantized
+        # candidates are still to be made (one read of the layer, whatever the number of
+        # candidates); once all are kept on disk (whole-plan passes, the store) they would be
+        # a fourth float32 copy of the layer: 0.9 GB at 8B, past the 6 GiB a build may hold
+        self._linears = (i, {k[:-len(".weight")]: tensors[k] for k in linear}
+                         if not self._candidates_kept(i) else {})
         state = {}
         for k in list(tensors):
             v = tensors.pop(k)
@@ -291,10 +294,19 @@ class _Stack:
         return run_layer(layer, h, self.mask(i), self.positions, self.rotary[i])
 
     def weight(self, i: int, name: str) -> np.ndarray:
-        """The source's float32 weight of HF linear `name` of layer i (the layer last read)."""
-        if getattr(self, "_linears", (None,))[0] == i:
-            return self._linears[1][name]
+        """The source's float32 weight of HF linear `name` of layer i (held if layer i was the
+        last read and its candidates were still to be made; read again otherwise)."""
+        held = getattr(self, "_linears", (None, {}))
+        if held[0] == i and name in held[1]:
+            return held[1][name]
         return self.source.tensor(layer_key(i, f"{name}.weight"))
+
+    def _candidates_kept(self, i: int) -> bool:
+        from .quantize import candidate_path
+
+        return self.candidates is not None and all(
+            candidate_path(self.candidates, i, n, p).is_file()
+            for n in LINEAR_NAMES for p in QUANTIZED if p in self.schemes)
 
     def delta(self, i: int, members: Sequence[str], act_stats: dict, precision: str
               ) -> torch.Tensor:
@@ -316,9 +328,9 @@ class _Stack:
 
     def _dequantized(self, i: int, name: str, act_stats: dict, precision: str) -> torch.Tensor:
         act = act_stats.get(_stats_key(i, name))
-        return _dequantized(self._quantized_linear(i, name, self.weight(i, name), precision, act))
+        return _dequantized(self._quantized_linear(i, name, precision, act))
 
-    def _quantized_linear(self, i: int, name: str, w: np.ndarray, precision: str, act):
+    def _quantized_linear(self, i: int, name: str, precision: str, act):
         from .quantize import candidate_path, load_candidate, quantize, save_candidate
 
         scheme = self.schemes[precision]
@@ -328,7 +340,7 @@ class _Stack:
             kept = load_candidate(path, scheme)   # None if cut short by a kill: made again
             if kept is not None:
                 return kept
-        qt = quantize(w, scheme, **({"act": act} if act is not None else {}))
+        qt = quantize(self.weight(i, name), scheme, **({"act": act} if act is not None else {}))
         if path is not None:
             save_candidate(path, qt)
         return qt

@@ -283,3 +283,19 @@ def test_embedded_rows_quantized_alone_are_the_whole_tables_rows(tiny):
         want = table_weight(whole, prec, SCHEMES)[win]
         np.testing.assert_array_equal(st.embedded(prec).numpy(), E._scale_embedded(
             src.spec, E.torch.from_numpy(want)).numpy())
+
+
+def test_a_pass_over_kept_candidates_holds_no_source_linears(tiny, tmp_path, monkeypatch):
+    """Once a layer's candidates are kept on disk, a whole-plan pass does not hold the source's
+    float32 linears beside the layer (a fourth copy of it: 0.9 GB at 8B) nor read them again;
+    the KLs are the same as the pass that made the candidates."""
+    src, win, act, _, _ = tiny
+    L = src.spec.num_layers
+    plans = [("int4",) * L, ("int8",) * L]
+    m = E.StreamMeter(src, win, SCHEMES, act, candidates=tmp_path / "cand")
+    first = m.kl_many(plans)
+    assert m.stack._linears[1]                      # making candidates: the layer's linears held
+    monkeypatch.setattr(m.stack, "weight", lambda *a: pytest.fail(f"source linear read: {a}"))
+    again = m.kl_many(plans)
+    assert m.stack._linears == (L - 1, {})
+    np.testing.assert_array_equal(again, first)

@@ -62,3 +62,24 @@ def test_unplanned_or_repeated_tensor_is_refused(tmp_path):
     with pytest.raises(ValueError):
         with SafetensorsWriter(tmp_path, "w.safetensors", ["a"]) as w:
             w.add("a", np.zeros(2, np.float64))
+
+
+def test_token_tables_quantized_by_row_chunks_are_the_whole_tables_arrays(monkeypatch):
+    """The store quantizes a token table a chunk of rows at a time (a 128k-row table's float32
+    copy and quantizer temporaries were a 8.8 GiB peak); the arrays must be the whole table's,
+    a last chunk shorter than the others included."""
+    from lsaq_compile import export_onnx as X
+    from lsaq_compile.quantize import schemes_for
+    rng = np.random.default_rng(5)
+    table = (rng.standard_normal((53, 96)) * rng.uniform(0.01, 1, (53, 1))).astype(np.float16)
+    for kind in ("group", "channel"):
+        schemes = schemes_for(kind, 32 if kind == "group" else None, kind == "channel", 32, "mse")
+        for prec in ("int8", "int4"):
+            sch = X.table_scheme(schemes, prec)
+            whole = X._linear_arrays(table.astype(np.float32), prec, sch)
+            monkeypatch.setattr(X, "TABLE_ROWS", 8)
+            got = X._table_arrays(table, prec, sch)
+            monkeypatch.undo()
+            assert got.keys() == whole.keys()
+            for role in whole:
+                np.testing.assert_array_equal(got[role], whole[role], err_msg=f"{kind} {prec} {role}")

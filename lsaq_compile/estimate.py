@@ -281,9 +281,8 @@ class _Stack:
         state = {}
         for k in list(tensors):
             v = tensors.pop(k)
-            # a new tensor either way: never a view of the source's (perhaps mapped) array
             state[k] = (_f16_t(v).to(self.device, self.dtype) if k in linear else
-                        _as_tensor(v).to(self.device, self.dtype, copy=True))
+                        self._t(np.asarray(v, np.float32)))
             del v
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)

@@ -293,12 +293,15 @@ class _Stack:
         return run_layer(layer, h, self.mask(i), self.positions, self.rotary[i])
 
     def weight(self, i: int, name: str) -> np.ndarray:
-        """The source's float32 weight of HF linear `name` of layer i (held if layer i was the
-        last read and its candidates were still to be made; read again otherwise)."""
+        """The source's float32 weight of HF linear `name` of layer i. For the layer last read it
+        is held once read (the estimate's Q(W) - W asks for each linear at every precision),
+        read on first use where layer() did not keep it (its candidates were kept)."""
         held = getattr(self, "_linears", (None, {}))
-        if held[0] == i and name in held[1]:
-            return held[1][name]
-        return self.source.tensor(layer_key(i, f"{name}.weight"))
+        if held[0] != i:
+            return self.source.tensor(layer_key(i, f"{name}.weight"))
+        if name not in held[1]:
+            held[1][name] = self.source.tensor(layer_key(i, f"{name}.weight"))
+        return held[1][name]
 
     def _candidates_kept(self, i: int) -> bool:
         from .quantize import candidate_path

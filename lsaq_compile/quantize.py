@@ -19,6 +19,7 @@ No gradients, no calibration of the weights themselves: one grid search per row 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,13 @@ CLIPS = ("none", "mse", "mse-act")
 # Range ratios the clipping search tries, 1.0 first: r = 1 is round to nearest itself and ties
 # keep the first, so the search never ends with a larger (weighted) error than RTN.
 CLIP_RATIOS = np.round(np.arange(1.0, 0.495, -0.02), 2).astype(np.float32)   # 1.00 ... 0.50
-_CHUNK = 1 << 15   # elements per search step: keeps each step's temporaries in cache
+# elements per search step: numpy holds the GIL between its calls, so steps must be long enough
+# for threads quantizing other rows to run beside it (2^15: 2 threads 1.2x faster than one;
+# 2^19: 2.5x, and one thread is faster too: benchmarks/bench_quantize.py)
+_CHUNK = 1 << 19
+# a weight of at least this many elements is quantized by row ranges on every usable CPU (rows
+# are independent: the same bytes as one range); below it a thread pool costs more than it saves
+_PARALLEL_MIN = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -285,8 +292,41 @@ def quantize_group(w: np.ndarray, bits: int, group_size: int, symmetric: bool = 
 
 
 def quantize(w: np.ndarray, scheme: QuantScheme, block: int | None = None,
-             act: np.ndarray | None = None) -> QuantizedTensor:
-    """act: float32 [K], mean x^2 per input feature of this linear's input (clip 'mse-act')."""
+             act: np.ndarray | None = None, workers: int | None = None) -> QuantizedTensor:
+    """act: float32 [K], mean x^2 per input feature of this linear's input (clip 'mse-act').
+    workers: threads quantizing row ranges (default: the usable CPUs for a large weight; every
+    row is quantized alone, so the result is the same bytes whatever the number)."""
+    n = int(np.shape(w)[0]) if np.ndim(w) == 2 else 0
+    if workers is None:
+        workers = _workers() if n * int(np.shape(w)[-1]) >= _PARALLEL_MIN else 1
+    workers = max(1, min(workers, n))
+    if workers == 1:
+        return _quantize(w, scheme, block, act)
+    cuts = np.linspace(0, n, workers + 1).astype(int)
+    with ThreadPoolExecutor(workers, thread_name_prefix="lsaq-quantize") as ex:
+        parts = list(ex.map(lambda ab: _quantize(w[ab[0]:ab[1]], scheme, block, act),
+                            zip(cuts[:-1], cuts[1:])))
+    return _rows_joined(parts)
+
+
+def _workers() -> int:
+    from lsaq_runtime.probe import usable_cpus
+
+    return usable_cpus()
+
+
+def _rows_joined(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """One QuantizedTensor of row ranges quantized alone, in order."""
+    a = parts[0]
+    zp = (None if a.zero_points is None
+          else np.concatenate([p.zero_points for p in parts]))
+    return QuantizedTensor(a.scheme, sum(p.n for p in parts), a.k, a.block_size,
+                           np.concatenate([p.packed for p in parts]),
+                           np.concatenate([p.scales for p in parts]), zp)
+
+
+def _quantize(w: np.ndarray, scheme: QuantScheme, block: int | None,
+              act: np.ndarray | None) -> QuantizedTensor:
     if scheme.kind == "channel":
         return quantize_channel(w, scheme.bits, block if block is not None else scheme.block_size,
                                 scheme.clip, act)

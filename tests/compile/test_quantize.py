@@ -257,3 +257,43 @@ def test_clip_errors():
     # clip 'mse' takes no statistics (and ignores any given); 'none' is round to nearest
     np.testing.assert_array_equal(quantize(w, QuantScheme(4, clip="mse"), act=np.ones(64)).packed,
                                   quantize(w, QuantScheme(4, clip="mse")).packed)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES + [QuantScheme(4, "group", 32, False, clip="mse-act"),
+                                             QuantScheme(4, clip="mse")], ids=lambda s: s.name)
+def test_row_ranges_on_threads_store_the_same_bytes(scheme, monkeypatch):
+    """A large weight is quantized by row ranges on several threads (and the clipping search
+    walks long steps, so threads run beside each other): the bytes must be one range's."""
+    import lsaq_compile.quantize as Q
+
+    w = _weight(61, 200)   # odd rows: ranges of unequal length; K = 200 pads the last group
+    act = RNG.random(200).astype(np.float32) if scheme.clip == "mse-act" else None
+    one = quantize(w, scheme, act=act, workers=1)
+    for workers in (2, 3, 61, 100):
+        many = quantize(w, scheme, act=act, workers=workers)
+        assert many.n == one.n and many.k == one.k and many.block_size == one.block_size
+        for a, b in ((many.packed, one.packed), (many.scales, one.scales),
+                     (many.zero_points, one.zero_points)):
+            assert (a is None) == (b is None)
+            assert a is None or (a.dtype == b.dtype and np.array_equal(a, b)), workers
+    # the search's step length (rows a step) does not change a row's result either
+    monkeypatch.setattr(Q, "_CHUNK", 1 << 9)
+    assert np.array_equal(quantize(w, scheme, act=act, workers=1).packed, one.packed)
+    # the default splits a weight past the threshold over the usable CPUs
+    monkeypatch.setattr(Q, "_PARALLEL_MIN", 1000)
+    monkeypatch.setattr(Q, "_workers", lambda: 4)
+    seen = []
+    real = Q._quantize
+    monkeypatch.setattr(Q, "_quantize", lambda w, *a: seen.append(len(w)) or real(w, *a))
+    auto = quantize(w, scheme, act=act)
+    assert sorted(seen) == [15, 15, 15, 16] and np.array_equal(auto.packed, one.packed)
+    seen.clear()
+    quantize(w[:4, :200], scheme, act=act)   # 800 elements: below the threshold, one range
+    assert seen == [4]
+
+
+def test_an_error_on_a_thread_is_the_callers_one_line():
+    w = _weight(64, 128)
+    with pytest.raises(LsaqError, match="activation statistics must be 128"):
+        quantize(w, QuantScheme(4, "group", 32, False, clip="mse-act"),
+                 act=np.ones(7, np.float32), workers=2)

@@ -1,0 +1,88 @@
+"""How long the quantizers take on one decoder layer of a real model's shape (a benchmark, not a
+test): the build makes every linear's INT8 and INT4 candidate once, and at 7B width that
+clipping search was the largest part of the probes' stage.
+
+    python benchmarks/bench_quantize.py [--shape llama-2-7b] [--repeats 3]
+
+Random weights with the layer's shapes (benchmarks/checkpoints.py); activation statistics
+random too (the search's cost does not depend on them). Each setting quantizes the whole layer
+at the default profile's INT4 (group 32, asymmetric, clip mse-act) and INT8 (per channel, round
+to nearest), medians of `repeats`, wall and CPU seconds side by side in one run:
+  - `one thread, 2^15 steps`: the search as it was (one range of rows, short steps);
+  - `one thread`: today's step length on one thread;
+  - `N threads`: today's default (row ranges on every usable CPU).
+Every setting's bytes are checked equal to the first's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "runtime")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lsaq_compile.quantize as Q  # noqa: E402
+from checkpoints import SHAPES  # noqa: E402
+
+
+def layer_shapes(name: str) -> list[tuple[str, int, int]]:
+    s = SHAPES[name]
+    h, inter = s["hidden_size"], s["intermediate_size"]
+    d = s.get("head_dim") or h // s["num_attention_heads"]
+    kv = s.get("num_key_value_heads", s["num_attention_heads"]) * d
+    q = s["num_attention_heads"] * d
+    return [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q),
+            ("gate_proj", inter, h), ("up_proj", inter, h), ("down_proj", h, inter)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-2-7b", help="one of: " + ", ".join(SHAPES))
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    layer = [(m, rng.standard_normal((n, k), dtype=np.float32) * 0.02,
+              rng.random(k, dtype=np.float32)) for m, n, k in layer_shapes(args.shape)]
+    params = sum(w.size for _, w, _ in layer)
+    schemes = Q.schemes_for("group", 32, symmetric=False, clip="mse-act")
+    cpus = Q._workers()
+    settings = [("one thread, 2^15 steps", 1 << 15, 1), ("one thread", Q._CHUNK, 1),
+                (f"{cpus} threads (default)", Q._CHUNK, None)]
+    print(f"{args.shape}: one decoder layer, {params / 1e6:.0f}M weights, {cpus} usable CPUs, "
+          f"medians of {args.repeats}")
+    rows, first = [], {}
+    chunk0 = Q._CHUNK
+    for label, chunk, workers in settings:
+        Q._CHUNK = chunk
+        for prec in ("int4", "int8"):
+            walls, cpus_s = [], []
+            for _ in range(args.repeats):
+                t, c = time.perf_counter(), time.process_time()
+                out = [Q.quantize(w, schemes[prec], act=a if prec == "int4" else None,
+                                  workers=workers) for _, w, a in layer]
+                walls.append(time.perf_counter() - t)
+                cpus_s.append(time.process_time() - c)
+            key = prec
+            if key not in first:
+                first[key] = out
+            same = all(np.array_equal(x.packed, y.packed) and np.array_equal(x.scales, y.scales)
+                       for x, y in zip(out, first[key]))
+            rows.append((label, prec, statistics.median(walls), statistics.median(cpus_s), same))
+    Q._CHUNK = chunk0
+    base = {p: w for label, p, w, _, _ in rows if label == settings[0][0]}
+    print("\n| setting | precision | wall s | CPU s | speed-up | same bytes |")
+    print("|---|---|---|---|---|---|")
+    for label, prec, wall, cpu, same in rows:
+        print(f"| {label} | {prec} | {wall:.2f} | {cpu:.2f} | {base[prec] / wall:.2f}x | "
+              f"{'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -928,6 +928,60 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
 
 
 # ---------------------------------------------------------------------------- whole plans
+class PlanStates:
+    """Whole-plan hidden states kept in a folder between passes: the state leaving layer i of
+    a plan depends only on the plan's first i + 1 precisions (and its embedding's), so a
+    refinement round's swap candidates, which are their rung's plan with two parts swapped,
+    start from the rung's state below the first part swapped, and no pass runs the FP16
+    reference again. A resumed build's first pass finds them too. One file a state (.part then
+    rename: a kill leaves no half state); the key holds the device and dtype computed in.
+    At Llama-2-7B shapes and 4 x 128 tokens a state is 8 MiB: the first pass's 11 plans keep
+    2.8 GB."""
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self._tmp = None
+        if folder is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="lsaq-plan-states-")
+            folder = self._tmp.name
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.keep = True
+        self._have = {p.name for p in self.folder.glob("*.pt")}
+
+    def _name(self, st: "_Stack", e: str, prefix: tuple) -> str:
+        import hashlib
+
+        key = repr((st.device.type, str(st.dtype), st.n, st.seq_len, e, tuple(prefix)))
+        return f"{len(prefix) - 1:03d}.{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt"
+
+    def has(self, st: "_Stack", e: str, prefix: tuple) -> bool:
+        return self._name(st, e, prefix) in self._have
+
+    def get(self, st: "_Stack", e: str, prefix: tuple) -> torch.Tensor:
+        return torch.load(self.folder / self._name(st, e, prefix), map_location=st.device)
+
+    def put(self, st: "_Stack", e: str, prefix: tuple, h: torch.Tensor) -> None:
+        if not self.keep:
+            return
+        name = self._name(st, e, prefix)
+        if name in self._have:
+            return
+        part = self.folder / f".{name}.part"
+        torch.save(h.detach().cpu().clone(), part)
+        os.replace(part, self.folder / name)
+        self._have.add(name)
+
+    def close(self) -> None:
+        import shutil
+
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        else:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self._have = set()
+
+
 def _plan_of(plan, L: int, tied: bool) -> tuple[tuple[str, ...], str, str]:
     """(layer precisions, embedding precision, head precision) of a plan given as layer
     precisions or as (layer precisions, {table: precision}); a tied head follows the table."""
@@ -945,13 +999,15 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
              plans: Sequence, act_stats: dict | None = None, *,
              device: str = "cpu", dtype=None, batch_size: int = 4,
              progress: ProgressFn | None = None, stack: "_Stack | None" = None,
-             label: str = "plans") -> list[float]:
+             label: str = "plans", kept: PlanStates | None = None) -> list[float]:
     """Mean KL(FP16 || plan) per predicted token of every plan (layer precisions, as
     KLMeter.kl takes them, or (layer precisions, {table: precision}) as KLMeter.kl(p, tables)),
     all in one streamed pass: the FP16 state and each plan's state are carried layer by layer
     (plans alike up to a layer share one state up to there), every layer read and each of its
     quantized candidates made once. Compute: at most 1 + plans forward passes; memory: one
-    layer, its candidates, the distinct states."""
+    layer, its candidates, the distinct states. kept: states of earlier passes (PlanStates);
+    a plan starts above the deepest layer whose state is kept, and this pass's states are
+    kept in turn while kept.keep is set."""
     dev = _device(device)
     dt = _dtype(dev, dtype)
     act_stats = act_stats or {}
@@ -961,11 +1017,25 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
     ref = ("fp16",) * L
     items = [(ref, "fp16", "fp16")] + [_plan_of(p, L, tied) for p in plans]
     batches = [slice(b, min(st.n, b + batch_size)) for b in range(0, st.n, batch_size)]
-    states = {(e, ()): st.embedded(e).to(st.device, st.dtype) for e in {e for _, e, _ in items}}
+    # the layer each item's state is kept after (-1: none; it starts from the embedding)
+    start = {(prec, e): next((j for j in reversed(range(L))
+                              if kept is not None and kept.has(st, e, prec[:j + 1])), -1)
+             for prec, e, _ in items}
+    states = {(e, ()): st.embedded(e).to(st.device, st.dtype)
+              for e in {e for (_, e), s in start.items() if s < 0}}
     clock = _Clock(L, 0, progress)
     t0 = time.perf_counter()
+    for (prec, e), s in start.items():
+        if s == L - 1:
+            states[(e, prec)] = kept.get(st, e, prec).to(st.device, st.dtype)
     for i in range(L):
-        need = {(e, prec[:i + 1]) for prec, e, _ in items}
+        for (prec, e), s in start.items():
+            if s == i - 1 and i > 0 and (e, prec[:i]) not in states:
+                states[(e, prec[:i])] = kept.get(st, e, prec[:i]).to(st.device, st.dtype)
+        need = {(e, prec[:i + 1]) for (prec, e), s in start.items() if s < i}
+        if not need:   # every plan's state is kept above this layer: not even read
+            clock.tick(label, i + 1, time.perf_counter() - t0)
+            continue
         layer = st.layer(i)
         fp16 = {m: layer.get_submodule(m).weight.data for m in st.modules}
         cache: dict = {}
@@ -984,7 +1054,10 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
                     layer.get_submodule(m).weight.data = weight(m, part_precision(key[-1], m))
                 h = states[(e, key[:-1])]
                 new[(e, key)] = torch.cat([st.run(layer, i, h[sl]) for sl in batches])
-        states = new
+                if kept is not None:
+                    kept.put(st, e, key, new[(e, key)])
+        # states carried on: this layer's, and the whole plans kept (loaded above)
+        states = {**{k: v for k, v in states.items() if len(k[1]) == L}, **new}
         del layer, cache, fp16
         clock.tick(label, i + 1, time.perf_counter() - t0)
     return _kl_at_head(st, states, [((e, prec), hp) for prec, e, hp in items])
@@ -1052,20 +1125,33 @@ class StreamMeter:
 
     def __init__(self, source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantScheme],
                  act_stats: dict | None = None, *, device: str = "cpu", dtype=None,
-                 progress: ProgressFn | None = None, candidates=None):
+                 progress: ProgressFn | None = None, candidates=None,
+                 states: str | os.PathLike | None = None):
         self.source, self.spec = source, source.spec
         self.windows, self.schemes, self.act_stats = windows, schemes, act_stats or {}
         dev = _device(device)
         self.stack = _Stack(source, windows, dev, _dtype(dev, dtype), schemes, candidates)
         self.tokens, self.progress = self.stack.tokens, progress
+        # the first pass's states (every rung's plan and the FP16 reference) are what later
+        # rounds start from; a round's own states are not kept (refinement candidates are
+        # their rung's plan with one swap: a 70B's would be tens of GB)
+        self.states = PlanStates(states)
 
     def kl_many(self, plans: Sequence) -> list[float]:
         if not plans:
             return []
         # the count tells a reader of an hour-long log which pass this is (the first measures
         # every rung; refinement passes their candidate swaps)
-        return plans_kl(self.source, self.windows, self.schemes, plans, self.act_stats,
-                        stack=self.stack, progress=self.progress, label=f"{len(plans)} plans")
+        try:
+            return plans_kl(self.source, self.windows, self.schemes, plans, self.act_stats,
+                            stack=self.stack, progress=self.progress,
+                            label=f"{len(plans)} plans", kept=self.states)
+        finally:
+            self.states.keep = False
+
+    def close(self) -> None:
+        """Removes the kept states (the plans are chosen)."""
+        self.states.close()
 
     def kl(self, precisions, tables: dict[str, str] | None = None) -> float:
         return self.kl_many([(tuple(precisions), tables or {})])[0]

@@ -13,6 +13,7 @@ from ..plan import Plan, check_ladder, ladder
 
 NAME = "plan"
 PLANS = "plans.json"
+PLAN_STATES = "plan-states"   # the first whole-plan pass's hidden states, for the later rounds
 
 
 def run(job: Job, ctx: BuildContext) -> Job:
@@ -51,12 +52,24 @@ def plans(ctx: BuildContext, job: Job | None = None) -> tuple[list[Plan], dict[s
         from ..progress import throttled
 
         say = ctx.progress.stage("allocating")
+        kept = job is not None and job.folder is not None
         meter = StreamMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,
                             device=ctx.device, progress=throttled(say),
-                            candidates=job.path(CANDIDATES) if job and job.folder else None)
+                            candidates=job.path(CANDIDATES) if kept else None,
+                            states=job.path(PLAN_STATES) if kept else None)
+        found = _ladder(ctx, meter, sens, kind)
+        meter.close()   # its kept states: not needed past planning (a killed build keeps them)
+        return found
     elif meter is None:  # reused scores: the plans are still validated on this build's windows
         meter = sensitivity.KLMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,
                                     device=ctx.device)
+    return _ladder(ctx, meter, sens, kind)
+
+
+def _ladder(ctx: BuildContext, meter, sens, kind: str):
+    from .. import sensitivity
+
+    prof = ctx.profile
     return sensitivity.ladder_plans(meter, sens, ctx.schemes, kind, prof.build.rungs,
                                     prof.build.refine, ctx.progress.stage("allocating"),
                                     prof.build.rung_bits, tables=prof.tables_on_ladder)

@@ -295,7 +295,48 @@ def test_a_pass_over_kept_candidates_holds_no_source_linears(tiny, tmp_path, mon
     m = E.StreamMeter(src, win, SCHEMES, act, candidates=tmp_path / "cand")
     first = m.kl_many(plans)
     assert m.stack._linears[1]                      # making candidates: the layer's linears held
+    # a second meter over the same kept candidates (the first one would start from its kept
+    # states and read no layer at all)
+    m = E.StreamMeter(src, win, SCHEMES, act, candidates=tmp_path / "cand")
     monkeypatch.setattr(m.stack, "weight", lambda *a: pytest.fail(f"source linear read: {a}"))
     again = m.kl_many(plans)
     assert m.stack._linears == (L - 1, {})
     np.testing.assert_array_equal(again, first)
+
+
+def test_later_passes_start_from_the_first_passs_kept_states(tiny, tmp_path, monkeypatch):
+    """A refinement round's plans are a rung's plan with two parts swapped: they start from
+    the rung's state kept by the first pass below the first part swapped, and the FP16
+    reference is not run again. The KLs are the very ones of a pass that keeps nothing, and
+    only the first pass's states are kept (a 70B's every round would be tens of GB)."""
+    src, win, act, _, _ = tiny
+    L = src.spec.num_layers
+    rungs = [(("int8",) * L, {}), (("int4", "int8", "int8", "int4"), {"lm_head": "int8"}),
+             (("int4",) * L, {"embed_tokens": "int4"})]
+    swaps = [(("int8", "int8", "int8/int4/int8/int8", "int8"), {}),        # from layer 2
+             (("int4", "int8", "int4", "int8"), {"lm_head": "int8"}),       # from layer 2
+             (("int4", "int4", "int4", "int8/int4/int4/int4"), {"embed_tokens": "int4"})]
+    plain = E.plans_kl(src, win, SCHEMES, rungs + swaps, act)
+    m = E.StreamMeter(src, win, SCHEMES, act, states=tmp_path / "states")
+    np.testing.assert_array_equal(m.kl_many(rungs), plain[:3])
+    kept = sorted(p.name for p in (tmp_path / "states").glob("*.pt"))
+    assert len(kept) == 4 * L                # the reference and 3 rungs, every layer
+    read, run = [], []
+    layer, run_layer = m.stack.layer, m.stack.run
+    monkeypatch.setattr(m.stack, "layer", lambda i: read.append(i) or layer(i))
+    monkeypatch.setattr(m.stack, "run", lambda lay, i, h: run.append(i) or run_layer(lay, i, h))
+    np.testing.assert_array_equal(m.kl_many(swaps), plain[3:])
+    assert read == [2, 3]                    # layers 0-1 of every swap are its rung's
+    assert sorted(run) == [2, 2, 3, 3, 3]    # no reference; swaps 1-2 share nothing past 1
+    assert sorted(p.name for p in (tmp_path / "states").glob("*.pt")) == kept
+    # every state kept: the first pass of a resumed build reads no layer, the same KLs
+    read.clear()
+    again = E.StreamMeter(src, win, SCHEMES, act, states=tmp_path / "states")
+    monkeypatch.setattr(again.stack, "layer", lambda i: pytest.fail(f"layer {i} read"))
+    np.testing.assert_array_equal(again.kl_many(rungs), plain[:3])
+    again.close()
+    assert not (tmp_path / "states").exists()
+    # a state cut short by a kill (its .part file) is not a state
+    m2 = E.StreamMeter(src, win, SCHEMES, act, states=tmp_path / "s2")
+    (tmp_path / "s2" / ".000.0123.pt.part").write_bytes(b"cut")
+    np.testing.assert_array_equal(m2.kl_many(rungs[:1]), plain[:1])

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 import pytest
 
 from factories.bundles import small_profile
@@ -276,3 +277,21 @@ def test_cli_sets_the_engine(capsys, monkeypatch, tmp_path):
     code, _, err = run_cli(capsys, "compile", ["build", "-o", tmp_path / "b",
                                                "--quality-engine", "fast"])
     assert code == 2 and "fast" in err
+
+
+@pytest.mark.parametrize("bits,k", [(4, 96), (4, 100), (8, 96), (8, 72)])
+def test_stored_weights_dequantize_in_torch_bit_identical(bits, k):
+    """The streamed pass dequantizes the stored codes in torch (numpy's single thread was most
+    of a 7B variant's time): the very floats Quantized.dequantize gives, padded K included."""
+    from lsaq_compile.bundle_reader import Quantized
+    from lsaq_compile.stream_quality import _dequantized
+
+    rng = np.random.default_rng(bits + k)
+    n, block = 6, 32
+    nb = -(-k // block)
+    q = Quantized(None, n, k, rng.integers(0, 2 ** bits, (n, nb * block), dtype=np.uint8),
+                  (rng.random((n, nb)) * 0.01 + 1e-4).astype(np.float16),
+                  rng.integers(0, 2 ** bits, (n, nb), dtype=np.uint8))
+    got = _dequantized(q)
+    assert got.is_contiguous() and got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), q.dequantize())

@@ -863,8 +863,14 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
     if todo:
         say(f"token tables {', '.join(todo)}: exact KL at {'/'.join(QUANTIZED)} in one "
             "streamed pass")
+        kept = None
+        if checkpoint_dir is not None:   # the FP16 reference's states: the plans' first pass
+            from .job import PLAN_STATES     # starts from them instead of running it again
+            kept = PlanStates(Path(checkpoint_dir) / PLAN_STATES,
+                              keep=lambda e, prefix: e == "fp16")
         got = table_costs(source, windows, schemes, todo, act_stats=act_stats, device=device,
-                          dtype=dtype, progress=lambda step: say(f"tables {step}"), **kw)
+                          dtype=dtype, progress=lambda step: say(f"tables {step}"), kept=kept,
+                          **kw)
         for t, c in got.items():
             tcost[t] = c
             if log is not None:
@@ -938,14 +944,15 @@ class PlanStates:
     At Llama-2-7B shapes and 4 x 128 tokens a state is 8 MiB: the first pass's 11 plans keep
     2.8 GB."""
 
-    def __init__(self, folder: str | os.PathLike | None = None):
+    def __init__(self, folder: str | os.PathLike | None = None,
+                 keep: bool | Callable[[str, tuple], bool] = True):
         self._tmp = None
         if folder is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="lsaq-plan-states-")
             folder = self._tmp.name
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.keep = True
+        self.keep = keep   # which states a pass keeps: all, none, or keep(embedding, precisions)
         self._have = {p.name for p in self.folder.glob("*.pt")}
 
     def _name(self, st: "_Stack", e: str, prefix: tuple) -> str:
@@ -961,7 +968,7 @@ class PlanStates:
         return torch.load(self.folder / self._name(st, e, prefix), map_location=st.device)
 
     def put(self, st: "_Stack", e: str, prefix: tuple, h: torch.Tensor) -> None:
-        if not self.keep:
+        if not (self.keep(e, prefix) if callable(self.keep) else self.keep):
             return
         name = self._name(st, e, prefix)
         if name in self._have:

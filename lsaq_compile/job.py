@@ -28,6 +28,7 @@ JOB_DIR = ".lsaq-job"       # inside the build's working folder (the bundle bein
 JOB_FILE = "job.json"
 MEASUREMENTS = "measurements.jsonl"
 CANDIDATES = "candidates"     # every quantized linear, made once: estimate, plan checks, store
+PLAN_STATES = "plan-states"   # whole-plan hidden states: the FP16 reference and the rungs, for later passes
 JOB_FORMAT = "lsaq-build-job"
 JOB_VERSION = 1
 

@@ -8,12 +8,11 @@ the profile (plan.check_ladder); here only against the metric of the scores actu
 from __future__ import annotations
 
 from ..errors import LsaqError
-from ..job import CANDIDATES, BuildContext, Job, write_json_atomic
+from ..job import CANDIDATES, PLAN_STATES, BuildContext, Job, write_json_atomic
 from ..plan import Plan, check_ladder, ladder
 
 NAME = "plan"
 PLANS = "plans.json"
-PLAN_STATES = "plan-states"   # the first whole-plan pass's hidden states, for the later rounds
 
 
 def run(job: Job, ctx: BuildContext) -> Job:

@@ -340,3 +340,49 @@ def test_later_passes_start_from_the_first_passs_kept_states(tiny, tmp_path, mon
     m2 = E.StreamMeter(src, win, SCHEMES, act, states=tmp_path / "s2")
     (tmp_path / "s2" / ".000.0123.pt.part").write_bytes(b"cut")
     np.testing.assert_array_equal(m2.kl_many(rungs[:1]), plain[:1])
+
+
+def test_the_token_tables_pass_keeps_the_reference_for_the_plans(tiny, tmp_path, monkeypatch):
+    """The scoring stage's token-table pass carries the FP16 reference through every layer;
+    it keeps those states (and only those: its quantized-embedding states are no rung's), so
+    the plans' first pass does not run the reference again. Same KLs."""
+    src, win, act, _, _ = tiny
+    L = src.spec.num_layers
+    rungs = [("int8",) * L, ("int4", "int8", "int8", "int4")]
+    plain = E.plans_kl(src, win, SCHEMES, rungs, act)
+    folder = tmp_path / "states"
+    E.table_costs(src, win, SCHEMES, ["embed_tokens"], act_stats=act,
+                  kept=E.PlanStates(folder, keep=lambda e, prefix: e == "fp16"))
+    assert len(list(folder.glob("*.pt"))) == L
+    m = E.StreamMeter(src, win, SCHEMES, act, states=folder)
+    run, run_layer = [], m.stack.run
+    monkeypatch.setattr(m.stack, "run", lambda lay, i, h: run.append(i) or run_layer(lay, i, h))
+    np.testing.assert_array_equal(m.kl_many(rungs), plain)
+    assert len(run) == 2 * L                 # the two rungs, every layer; no reference (3 * L)
+
+
+def test_a_fisher_build_keeps_plan_states_only_while_planning(tiny_llama_dir, tmp_path,
+                                                               monkeypatch):
+    """The job folder's plan-states are written by the scoring and plan stages and removed once
+    the plans are chosen (a killed build keeps them for --resume)."""
+    from factories.bundles import small_profile
+    from lsaq_compile.bundle import build_bundle
+    from lsaq_compile.stages import plan as plan_stage
+
+    seen = {}
+    real = plan_stage._ladder
+
+    def spy(ctx, meter, sens, kind):
+        seen["during"] = sorted(p.name for p in meter.states.folder.glob("*.pt"))
+        seen["folder"] = meter.states.folder
+        return real(ctx, meter, sens, kind)
+
+    monkeypatch.setattr(plan_stage, "_ladder", spy)
+    from lsaq_compile.progress import Progress
+
+    prof = small_profile(samples=2, seq_len=32, measure="fisher", probes=2)
+    prof.build.providers, prof.build.quality_samples, prof.build.rungs = ["cpu"], 0, 2
+    build_bundle(tiny_llama_dir, tmp_path / "b", profile=prof, progress=Progress(quiet=True))
+    L = open_model(tiny_llama_dir).spec.num_layers
+    assert len(seen["during"]) >= L          # at least the reference, kept by the tables pass
+    assert seen["folder"].name == "plan-states" and not seen["folder"].exists()

@@ -940,7 +940,7 @@ class PlanStates:
     refinement round's swap candidates, which are their rung's plan with two parts swapped,
     start from the rung's state below the first part swapped, and no pass runs the FP16
     reference again. A resumed build's first pass finds them too. One file a state (.part then
-    rename: a kill leaves no half state); the key holds the device and dtype computed in.
+    rename: a kill leaves no half state); the key holds the windows, the device and the dtype.
     At Llama-2-7B shapes and 4 x 128 tokens a state is 8 MiB: the first pass's 11 plans keep
     2.8 GB."""
 
@@ -958,7 +958,9 @@ class PlanStates:
     def _name(self, st: "_Stack", e: str, prefix: tuple) -> str:
         import hashlib
 
-        key = repr((st.device.type, str(st.dtype), st.n, st.seq_len, e, tuple(prefix)))
+        if getattr(st, "_ids_digest", None) is None:
+            st._ids_digest = _digest(st.ids)
+        key = repr((st.device.type, str(st.dtype), st._ids_digest, e, tuple(prefix)))
         return f"{len(prefix) - 1:03d}.{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt"
 
     def has(self, st: "_Stack", e: str, prefix: tuple) -> bool:
@@ -974,7 +976,7 @@ class PlanStates:
         if name in self._have:
             return
         part = self.folder / f".{name}.part"
-        torch.save(h.detach().cpu().clone(), part)
+        torch.save(h.detach().cpu(), part)
         os.replace(part, self.folder / name)
         self._have.add(name)
 

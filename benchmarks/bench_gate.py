@@ -12,6 +12,13 @@ that value. Nothing is written into the bundles.
     python benchmarks/bench_gate.py --bundle exact=/tmp/t20/smollm2 \\
         --bundle fisher=/tmp/t22b/smollm2-fisher [--windows 16] [--seq-len 1024] [--out F.json]
         [--reuse-recorded --check mix6.08]
+
+One new bundle against a gate already recorded (its rungs' plans and perplexities, e.g.
+docs/results/measurement_gate.json): the recorded first bundle is the reference, and a rung
+whose plan is one the record measured takes that value; the others are measured.
+
+    python benchmarks/bench_gate.py --recorded docs/results/measurement_gate.json \
+        --bundle probes8=/tmp/smollm2-probes8
 """
 
 from __future__ import annotations
@@ -69,7 +76,10 @@ def measure(bundle: Path, seq_len: int, windows: int, log, recorded_ok: bool = F
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bundle", action="append", required=True, help="LABEL=PATH (two)")
+    ap.add_argument("--bundle", action="append", required=True,
+                    help="LABEL=PATH (two; one with --recorded)")
+    ap.add_argument("--recorded", type=Path, help="a gate's JSON (--out) whose first bundle is "
+                    "the reference: its rungs' plans and perplexities, not measured again")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--out", type=Path)
@@ -80,16 +90,26 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     labels = [spec.partition("=") for spec in args.bundle]
-    (a, _, pa), (b, _, pb) = labels[:2]
-    check = tuple(x for x in args.check.split(",") if x)
-    ra = measure(Path(pa), args.seq_len, args.windows, log, recorded_ok=args.reuse_recorded,
-                 check=check)
     from lsaq_compile.bundle import read_manifest
 
+    if args.recorded:
+        rec = json.loads(args.recorded.read_text(encoding="utf-8"))
+        args.windows, args.seq_len = rec["windows"], rec["seq_len"]   # the record's windows
+        a, (b, _, pb) = next(iter(rec["variants"])), labels[0]
+        ra = [{**r[a], "source": f"recorded in {args.recorded.name}"} for r in rec["rungs"]]
+        known = [(r[x], x) for r in rec["rungs"] for x in rec["variants"]]
+    else:
+        (a, _, pa), (b, _, pb) = labels[:2]
+        check = tuple(x for x in args.check.split(",") if x)
+        ra = measure(Path(pa), args.seq_len, args.windows, log, recorded_ok=args.reuse_recorded,
+                     check=check)
+        known = [(x, a) for x in ra]
     same = {}
-    for x, v in zip(ra, read_manifest(Path(pb))["variants"]):
-        if (x["precisions"], x["tables"]) == (v["precisions"], v.get("tables")):
-            same[v["name"]] = (x["ppl"], f"same plan as {a} {x['name']}")
+    for v in read_manifest(Path(pb))["variants"]:
+        for x, label in known:
+            if (x["precisions"], x["tables"]) == (v["precisions"], v.get("tables")):
+                same[v["name"]] = (x["ppl"], f"same plan as {label} {x['name']}")
+                break
     rb = measure(Path(pb), args.seq_len, args.windows, log, skip=same)
     rows = []
     for x, y in zip(ra, rb):

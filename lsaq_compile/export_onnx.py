@@ -139,22 +139,6 @@ def _linear_arrays(w: np.ndarray, precision: str, scheme: QuantScheme | None,
     return _quantized_arrays(quantize(w, scheme, act=act))
 
 
-TABLE_ROWS = 8192   # token-table rows quantized at once: bounds the quantizer's temporaries
-
-
-def _table_arrays(table: np.ndarray, precision: str, scheme: QuantScheme) -> dict[str, np.ndarray]:
-    """_linear_arrays of a token table [vocab, hidden] (the fp16-rounded table) at a quantized
-    precision, by row chunks: a table is quantized row by row, so the stacked chunks are the
-    whole table's arrays (as _kept stacks a fused linear's members), without a float32 copy of
-    the table and the quantizer's full-size temporaries (a 8.8 GiB peak at Llama 3's 128k
-    vocabulary, against 6 GiB for the rest of a 8B build)."""
-    if precision not in ("int8", "int4"):     # a float layout is transposed: not by rows
-        return _linear_arrays(table.astype(np.float32), precision, scheme)
-    parts = [_linear_arrays(table[a:a + TABLE_ROWS].astype(np.float32), precision, scheme)
-             for a in range(0, len(table), TABLE_ROWS)]
-    return {role: np.concatenate([q[role] for q in parts]) for role in parts[0]}
-
-
 def _kept(folder: Path | None, layer: int, members, precision: str, scheme: QuantScheme | None):
     """A fused linear's quantization from the members' kept candidates (their rows stacked,
     as the fused weight stacks them), or None unless every member has one."""
@@ -440,7 +424,7 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
                 # own error.
                 sch = table_scheme(schemes, p)
                 keys = table_keys(t, p, sch)
-                for role, arr in _table_arrays(table, p, sch).items():
+                for role, arr in _linear_arrays(table, p, sch).items():   # by row ranges
                     put(keys[role], arr)
                 if progress:
                     progress(f"stored the {t} table at {p}")

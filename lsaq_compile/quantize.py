@@ -39,6 +39,9 @@ _CHUNK = 1 << 19
 # a weight of at least this many elements is quantized by row ranges on every usable CPU (rows
 # are independent: the same bytes as one range); below it a thread pool costs more than it saves
 _PARALLEL_MIN = 1 << 21
+# and no range is longer than this many elements: each is made float32 alone, so a 128k-row
+# token table (8.8 GiB of float32 copy and temporaries at Llama 3's vocabulary) never is whole
+_RANGE_MAX = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -295,15 +298,17 @@ def quantize(w: np.ndarray, scheme: QuantScheme, block: int | None = None,
              act: np.ndarray | None = None, workers: int | None = None) -> QuantizedTensor:
     """act: float32 [K], mean x^2 per input feature of this linear's input (clip 'mse-act').
     workers: threads quantizing row ranges (default: the usable CPUs for a large weight; every
-    row is quantized alone, so the result is the same bytes whatever the number)."""
-    n = int(np.shape(w)[0]) if np.ndim(w) == 2 else 0
+    row is quantized alone, so the result is the same bytes whatever the number). w may be
+    float16 (a token table): each range is made float32 alone, at most _RANGE_MAX elements."""
+    n, k = np.shape(w) if np.ndim(w) == 2 else (0, 0)
     if workers is None:
-        workers = _workers() if n * int(np.shape(w)[-1]) >= _PARALLEL_MIN else 1
-    workers = max(1, min(workers, n))
-    if workers == 1:
+        workers = _workers() if n * k >= _PARALLEL_MIN else 1
+    ranges = max(1, min(n, max(workers, -(-n * k // _RANGE_MAX))))
+    if ranges == 1:
         return _quantize(w, scheme, block, act)
-    cuts = np.linspace(0, n, workers + 1).astype(int)
-    with ThreadPoolExecutor(workers, thread_name_prefix="lsaq-quantize") as ex:
+    cuts = np.linspace(0, n, ranges + 1).astype(int)
+    with ThreadPoolExecutor(max(1, min(workers, ranges)),
+                            thread_name_prefix="lsaq-quantize") as ex:
         parts = list(ex.map(lambda ab: _quantize(w[ab[0]:ab[1]], scheme, block, act),
                             zip(cuts[:-1], cuts[1:])))
     return _rows_joined(parts)

@@ -66,9 +66,11 @@ def test_unplanned_or_repeated_tensor_is_refused(tmp_path):
 
 def test_token_tables_quantized_by_row_chunks_are_the_whole_tables_arrays(monkeypatch):
     """The store quantizes a token table a chunk of rows at a time (a 128k-row table's float32
-    copy and quantizer temporaries were a 8.8 GiB peak); the arrays must be the whole table's,
-    a last chunk shorter than the others included."""
+    copy and quantizer temporaries were a 8.8 GiB peak; quantize() bounds its row ranges and
+    makes each float32 alone); the arrays must be the whole table's, a last chunk shorter than
+    the others included."""
     from lsaq_compile import export_onnx as X
+    from lsaq_compile import quantize as Q
     from lsaq_compile.quantize import schemes_for
     rng = np.random.default_rng(5)
     table = (rng.standard_normal((53, 96)) * rng.uniform(0.01, 1, (53, 1))).astype(np.float16)
@@ -77,9 +79,13 @@ def test_token_tables_quantized_by_row_chunks_are_the_whole_tables_arrays(monkey
         for prec in ("int8", "int4"):
             sch = X.table_scheme(schemes, prec)
             whole = X._linear_arrays(table.astype(np.float32), prec, sch)
-            monkeypatch.setattr(X, "TABLE_ROWS", 8)
-            got = X._table_arrays(table, prec, sch)
+            monkeypatch.setattr(Q, "_RANGE_MAX", 8 * 96)   # 8 rows a range: 7 ranges
+            seen = []
+            real = Q._quantize
+            monkeypatch.setattr(Q, "_quantize", lambda w, *a: seen.append(w.shape) or real(w, *a))
+            got = X._linear_arrays(table, prec, sch)      # the float16 table, as the store
             monkeypatch.undo()
+            assert len(seen) == 7 and max(r for r, _ in seen) <= 8
             assert got.keys() == whole.keys()
             for role in whole:
                 np.testing.assert_array_equal(got[role], whole[role], err_msg=f"{kind} {prec} {role}")

@@ -51,11 +51,11 @@ def plans(ctx: BuildContext, job: Job | None = None) -> tuple[list[Plan], dict[s
         from ..progress import throttled
 
         say = ctx.progress.stage("allocating")
-        kept = job is not None and job.folder is not None
+        in_job = job is not None and job.folder is not None
         meter = StreamMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,
                             device=ctx.device, progress=throttled(say),
-                            candidates=job.path(CANDIDATES) if kept else None,
-                            states=job.path(PLAN_STATES) if kept else None)
+                            candidates=job.path(CANDIDATES) if in_job else None,
+                            states=job.path(PLAN_STATES) if in_job else None)
         found = _ladder(ctx, meter, sens, kind)
         meter.close()   # its kept states: not needed past planning (a killed build keeps them)
         return found

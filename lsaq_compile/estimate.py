@@ -147,16 +147,23 @@ def _dequantized(qt: QuantizedTensor) -> torch.Tensor:
     this was half of a whole-plan pass in single-threaded numpy."""
     p = torch.from_numpy(qt.packed)
     c = p if qt.bits == 8 else torch.stack([p & 0x0F, p >> 4], dim=-1)
-    c = c.reshape(qt.n, qt.n_blocks, qt.block_size).to(torch.float32)
-    if qt.zero_points is None:
-        c.sub_(2 ** (qt.bits - 1))
-    else:
+    z = 2 ** (qt.bits - 1)
+    if qt.zero_points is not None:
         z = torch.from_numpy(qt.zero_points)
         if qt.bits == 4:
             z = torch.stack([z & 0x0F, z >> 4], dim=-1).reshape(qt.n, -1)
-        c.sub_(z[:, :qt.n_blocks].to(torch.float32)[..., None])
-    c.mul_(torch.from_numpy(qt.scales).to(torch.float32)[..., None])
-    return c.reshape(qt.n, -1)[:, :qt.k]
+        z = z[:, :qt.n_blocks]
+    return dequantize_blocks(c.reshape(qt.n, qt.n_blocks, qt.block_size), z, qt.scales, qt.k)
+
+
+def dequantize_blocks(codes: torch.Tensor, zero, scales: np.ndarray, k: int) -> torch.Tensor:
+    """float32 [n, k] (a view past a padded K) of unsigned codes [n, n_blocks, block]: (code -
+    zero point) * fp16 scale per block, the kernels' arithmetic in numpy's order. zero: an int
+    or a uint8 tensor [n, n_blocks]."""
+    c = codes.to(torch.float32)
+    c.sub_(zero if isinstance(zero, int) else zero.to(torch.float32)[..., None])
+    c.mul_(torch.from_numpy(scales).to(torch.float32)[..., None])
+    return c.reshape(c.shape[0], -1)[:, :k]
 
 
 class _Stack:
@@ -181,6 +188,7 @@ class _Stack:
             raise LsaqError(f"calibration windows must be [samples, seq_len >= 2], not {self.ids.shape}")
         self.n, self.seq_len = self.ids.shape
         self.tokens = self.n * (self.seq_len - 1)   # the last position predicts nothing inside
+        self.ids_digest = _digest(self.ids)         # names kept plan states (PlanStates)
         self.modules = torch_linears(spec)          # transformers' module -> HF linears it stacks
         positions = torch.arange(self.seq_len)[None]
         rot = position_embeddings(spec, self.config, torch.zeros(1, 1, dtype=torch.float32),
@@ -958,9 +966,7 @@ class PlanStates:
     def _name(self, st: "_Stack", e: str, prefix: tuple) -> str:
         import hashlib
 
-        if getattr(st, "_ids_digest", None) is None:
-            st._ids_digest = _digest(st.ids)
-        key = repr((st.device.type, str(st.dtype), st._ids_digest, e, tuple(prefix)))
+        key = repr((st.device.type, str(st.dtype), st.ids_digest, e, tuple(prefix)))
         return f"{len(prefix) - 1:03d}.{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt"
 
     def has(self, st: "_Stack", e: str, prefix: tuple) -> bool:

@@ -30,7 +30,7 @@ from lsaq_runtime.format import MEMBERS, STORED_LINEARS, layer_key, linear_base,
 from .bundle_reader import BundleReader, Quantized, StoredWeight, linear_dims
 from .devices import _device
 from .errors import LsaqError
-from .estimate import HEAD_CHUNK, _Clock, _scale_embedded, _Stack, head_sums
+from .estimate import HEAD_CHUNK, _Clock, _scale_embedded, _Stack, dequantize_blocks, head_sums
 from .layerwise import final_norm
 
 TOKEN_BLOCK = 2048     # predicted positions projected on the vocabulary at once
@@ -155,12 +155,8 @@ def _stored_linear(reader: BundleReader, i: int, lin: str, precision: str) -> to
 def _dequantized(q: Quantized) -> torch.Tensor:
     """Quantized.dequantize in torch, bit-identical ((code - zero point) is an exact small
     integer, times the fp16 scale one rounding) and multi-threaded."""
-    nb = q.scales.shape[1]
-    c = torch.from_numpy(q.codes).reshape(q.n, nb, -1).to(torch.float32)
-    c.sub_(torch.from_numpy(q.zero_points).to(torch.float32)[..., None])
-    c.mul_(torch.from_numpy(q.scales).to(torch.float32)[..., None])
-    c = c.reshape(q.n, -1)
-    return c if c.shape[1] == q.k else c[:, :q.k].contiguous()
+    codes = torch.from_numpy(q.codes).reshape(q.n, q.scales.shape[1], -1)
+    return dequantize_blocks(codes, torch.from_numpy(q.zero_points), q.scales, q.k).contiguous()
 
 
 # ---------------------------------------------------------------------------- the tables

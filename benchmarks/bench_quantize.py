@@ -29,17 +29,7 @@ sys.path[:0] = [str(REPO), str(REPO / "runtime")]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lsaq_compile.quantize as Q  # noqa: E402
-from checkpoints import SHAPES  # noqa: E402
-
-
-def layer_shapes(name: str) -> list[tuple[str, int, int]]:
-    s = SHAPES[name]
-    h, inter = s["hidden_size"], s["intermediate_size"]
-    d = s.get("head_dim") or h // s["num_attention_heads"]
-    kv = s.get("num_key_value_heads", s["num_attention_heads"]) * d
-    q = s["num_attention_heads"] * d
-    return [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q),
-            ("gate_proj", inter, h), ("up_proj", inter, h), ("down_proj", h, inter)]
+from checkpoints import SHAPES, layer_linears  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     layer = [(m, rng.standard_normal((n, k), dtype=np.float32) * 0.02,
-              rng.random(k, dtype=np.float32)) for m, n, k in layer_shapes(args.shape)]
+              rng.random(k, dtype=np.float32)) for m, n, k in layer_linears(SHAPES[args.shape])]
     params = sum(w.size for _, w, _ in layer)
     schemes = Q.schemes_for("group", 32, symmetric=False, clip="mse-act")
     cpus = Q._workers()

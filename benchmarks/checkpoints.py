@@ -48,10 +48,17 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def layer_params(shape: dict) -> int:
+def layer_linears(shape: dict) -> list[tuple[str, int, int]]:
+    """(HF linear, rows, columns) of one decoder layer of `shape`, in checkpoint order."""
     h, ff = shape["hidden_size"], shape["intermediate_size"]
     kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
-    return h * h * 2 + h * kv * 2 + 3 * h * ff
+    return [("self_attn.q_proj", h, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, h), ("mlp.gate_proj", ff, h), ("mlp.up_proj", ff, h),
+            ("mlp.down_proj", h, ff)]
+
+
+def layer_params(shape: dict) -> int:
+    return sum(n * k for _, n, k in layer_linears(shape))
 
 
 def table_params(shape: dict) -> int:
@@ -74,8 +81,7 @@ def checkpoint(out: Path, shape: dict, layers: int | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    h, ff, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
-    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    h, v = shape["hidden_size"], shape["vocab_size"]
 
     def rand(*s):
         return (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(np.float16)
@@ -92,10 +98,7 @@ def checkpoint(out: Path, shape: dict, layers: int | None = None) -> Path:
         shard("head.safetensors", {"lm_head.weight": rand(v, h)})
     for i in range(layers):
         p = f"model.layers.{i}"
-        t = {f"{p}.self_attn.q_proj.weight": rand(h, h), f"{p}.self_attn.k_proj.weight": rand(kv, h),
-             f"{p}.self_attn.v_proj.weight": rand(kv, h), f"{p}.self_attn.o_proj.weight": rand(h, h),
-             f"{p}.mlp.gate_proj.weight": rand(ff, h), f"{p}.mlp.up_proj.weight": rand(ff, h),
-             f"{p}.mlp.down_proj.weight": rand(h, ff),
+        t = {**{f"{p}.{m}.weight": rand(n, k) for m, n, k in layer_linears(shape)},
              f"{p}.input_layernorm.weight": np.ones(h, np.float16),
              f"{p}.post_attention_layernorm.weight": np.ones(h, np.float16)}
         shard(f"layer-{i:03d}.safetensors", t)

@@ -176,19 +176,23 @@ def _weighted_sq(d: np.ndarray, act: np.ndarray | None) -> np.ndarray:
 
 
 def _search(g: np.ndarray, error) -> np.ndarray:
-    """Ratio [n, nb] from CLIP_RATIOS with the least error(rows, r) per (row, group).
+    """Ratio [n, nb] from CLIP_RATIOS with the least error(rows, r, out) per (row, group).
 
-    g [n, nb, gs] float32; error(rows: slice, r) -> [len(rows), nb] (weighted) squared error
-    of that ratio's dequantized weights. Works on a few rows at a time, so every candidate's
-    temporaries stay in cache (the grid is scanned once per chunk)."""
+    g [n, nb, gs] float32; error(rows: slice, r, out) -> [len(rows), nb] (weighted) squared
+    error of that ratio's dequantized weights, computed in `out` (float32, g[rows]'s shape).
+    Works on a few rows at a time, so every candidate's temporaries stay in cache (the grid is
+    scanned once per chunk), and in one scratch buffer: a fresh 2 MB temporary per numpy call
+    was returned to the kernel and faulted in again, as much system time as the arithmetic."""
     n, nb, gs = g.shape
     best = np.ones((n, nb), np.float32)
     step = max(1, _CHUNK // (nb * gs))
+    buf = np.empty((min(n, step), nb, gs), np.float32)
     for a in range(0, n, step):
         rows = slice(a, min(n, a + step))
-        best_err = error(rows, CLIP_RATIOS[0])             # r = 1: round to nearest
+        out = buf[: rows.stop - a]
+        best_err = error(rows, CLIP_RATIOS[0], out)        # r = 1: round to nearest
         for r in CLIP_RATIOS[1:]:
-            err = error(rows, r)
+            err = error(rows, r, out)
             better = err < best_err                        # strict: ties keep the larger range
             best_err = np.where(better, err, best_err)
             best[rows] = np.where(better, r, best[rows])
@@ -201,10 +205,15 @@ def _sym_range(g: np.ndarray, qmax: int, clip: str, act: np.ndarray | None) -> n
     if clip == "none":
         return amax
 
-    def error(rows, r):
+    def error(rows, r, d):
+        # np.clip(np.rint(gc / s), -qmax, qmax) * s - gc, each step in place
         gc = g[rows]
         s = _fp16_scale_up(amax[rows] * r / qmax).astype(np.float32)[..., None]
-        d = np.clip(np.rint(gc / s), -qmax, qmax) * s - gc
+        np.divide(gc, s, out=d)
+        np.rint(d, out=d)
+        np.clip(d, -qmax, qmax, out=d)
+        np.multiply(d, s, out=d)
+        np.subtract(d, gc, out=d)
         return _weighted_sq(d, act)
 
     return amax * _search(g, error)
@@ -219,11 +228,18 @@ def _asym_range(g: np.ndarray, levels: int, clip: str, act: np.ndarray | None
     if clip == "none":
         return lo, hi
 
-    def error(rows, r):
+    def error(rows, r, d):
+        # (np.clip(np.rint(gc / s) + zp, 0, levels) - zp) * s - gc, each step in place
         gc = g[rows]
         s, zp = _asym_scale_zp(lo[rows] * r, hi[rows] * r, levels)
         s, zp = s.astype(np.float32)[..., None], zp.astype(np.float32)[..., None]
-        d = (np.clip(np.rint(gc / s) + zp, 0, levels) - zp) * s - gc
+        np.divide(gc, s, out=d)
+        np.rint(d, out=d)
+        np.add(d, zp, out=d)
+        np.clip(d, 0, levels, out=d)
+        np.subtract(d, zp, out=d)
+        np.multiply(d, s, out=d)
+        np.subtract(d, gc, out=d)
         return _weighted_sq(d, act)
 
     ratio = _search(g, error)

@@ -297,3 +297,47 @@ def test_an_error_on_a_thread_is_the_callers_one_line():
     with pytest.raises(LsaqError, match="activation statistics must be 128"):
         quantize(w, QuantScheme(4, "group", 32, False, clip="mse-act"),
                  act=np.ones(7, np.float32), workers=2)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_in_place_search_chooses_what_the_plain_expressions_choose(symmetric):
+    """The search computes every candidate's error in one scratch buffer (a fresh temporary per
+    numpy call cost as much system time as the arithmetic): the ratios it picks must be, bit
+    for bit, those of the plain out-of-place expressions over the whole weight at once."""
+    import lsaq_compile.quantize as Q
+
+    w = _heavy(40, 200, seed=7)
+    act = _act(200, seed=8)
+    g = np.pad(w, ((0, 0), (0, 24))).reshape(40, -1, 32)
+    a = np.pad(act, (0, 24)).reshape(-1, 32)          # padded features: weight 0
+    qmax, levels = 7, 15
+    amax = np.abs(g).max(axis=2)
+    lo, hi = np.minimum(g.min(axis=2), 0.0), np.maximum(g.max(axis=2), 0.0)
+
+    def err(r):
+        if symmetric:
+            s = Q._fp16_scale_up(amax * r / qmax).astype(np.float32)[..., None]
+            d = np.clip(np.rint(g / s), -qmax, qmax) * s - g
+        else:
+            s, zp = Q._asym_scale_zp(lo * r, hi * r, levels)
+            s, zp = s.astype(np.float32)[..., None], zp.astype(np.float32)[..., None]
+            d = (np.clip(np.rint(g / s) + zp, 0, levels) - zp) * s - g
+        return np.einsum("nbg,nbg,bg->nb", d, d, a, optimize=False)
+
+    best, best_err = np.ones(g.shape[:2], np.float32), err(CLIP_RATIOS[0])
+    for r in CLIP_RATIOS[1:]:
+        e = err(r)
+        best, best_err = np.where(e < best_err, r, best), np.minimum(e, best_err)
+    assert np.any(best < 1)                          # a search that clips somewhere
+    old = Q._CHUNK
+    try:
+        for chunk in (1 << 19, 1 << 8):              # one step, and steps of 2 rows
+            Q._CHUNK = chunk
+            if symmetric:
+                got = Q._sym_range(g, qmax, "mse-act", a)
+                assert np.array_equal(got, amax * best)
+            else:
+                glo, ghi = Q._asym_range(g, levels, "mse-act", a)
+                assert np.array_equal(glo, lo * best) and np.array_equal(ghi, hi * best)
+    finally:
+        Q._CHUNK = old

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from lsaq_runtime.format import EMBED, LM_HEAD, layer_key  # checkpoint names: a bundle keeps them
 from lsaq_runtime.format import LINEAR_NAMES
-from lsaq_runtime.integrity import sha256_file  # one checksum helper: the runtime's
+from lsaq_runtime.integrity import sha256_files  # one checksum helper: the runtime's
 
 from .errors import LsaqError
 
@@ -415,9 +415,10 @@ class ModelSource:
         build asks for it in several stages and a 7B model's files take a minute to hash."""
         if getattr(self, "_fingerprint", None) is None:
             h = hashlib.sha256()
-            for f in sorted(self.files()):
+            files = sorted(self.files())
+            for f, digest in zip(files, sha256_files(files)):
                 h.update(f.name.encode())
-                h.update(sha256_file(f).encode())
+                h.update(digest.encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from lsaq_runtime.format import MANIFEST, SCHEMA_VERSION
-from lsaq_runtime.integrity import sha256_file
+from lsaq_runtime.integrity import sha256_files
 
 from ..errors import LsaqError
 from ..job import JOB_DIR, BuildContext, Job
@@ -127,12 +127,10 @@ def scores_record(scores, additive: dict) -> dict:
 
 
 def file_entries(root: Path) -> list[dict]:
-    out = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST and JOB_DIR not in p.relative_to(root).parts:
-            out.append({"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size,
-                        "sha256": sha256_file(p)})
-    return out
+    files = [p for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name != MANIFEST and JOB_DIR not in p.relative_to(root).parts]
+    return [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": digest}
+            for p, digest in zip(files, sha256_files(files))]
 
 
 # deployment.quality.engine, and what each measured

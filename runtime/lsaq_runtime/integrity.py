@@ -38,6 +38,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def sha256_files(paths, workers: int | None = None) -> list[str]:
+    """sha256_file of each path, in order, several files at once: hashlib lets go of the GIL,
+    so a model's or a bundle's files hash in about the time of the largest one (a 7B model's
+    13 GB took half a minute one file after another). The largest start first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .probe import usable_cpus
+
+    paths = list(paths)
+    workers = min(len(paths), workers or usable_cpus())
+    if workers <= 1:
+        return [sha256_file(p) for p in paths]
+    order = sorted(range(len(paths)), key=lambda i: -os.path.getsize(paths[i]))
+    with ThreadPoolExecutor(workers, thread_name_prefix="lsaq-sha256") as ex:
+        done = {i: ex.submit(sha256_file, paths[i]) for i in order}   # run in submission order
+    return [done[i].result() for i in range(len(paths))]
+
+
 class FileChanged(Exception):
     """The file at a path changed or was replaced while it was being hashed."""
 

@@ -262,6 +262,29 @@ def test_hash_exactly_sees_a_file_replaced_while_it_was_read(tmp_path, monkeypat
     assert integrity.hash_settled(p)[0] == integrity.sha256_file(p)   # the new bytes
 
 
+def test_files_hashed_at_once_give_each_files_own_digest_in_order(tmp_path, monkeypatch):
+    """sha256_files hashes several files at once (a model's or a bundle's, largest first):
+    every digest must be that file's, in the order asked, whatever the number of threads."""
+    from lsaq_runtime import integrity
+
+    paths = []
+    for i, size in enumerate([10, 5 << 20, 0, 3 << 20, 77]):   # sizes out of order, an empty one
+        p = tmp_path / f"f{i}"
+        p.write_bytes(os.urandom(size))
+        paths.append(p)
+    want = [integrity.sha256_file(p) for p in paths]
+    assert len(set(want)) == len(want)
+    started = []
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: started.append(p) or real(p))
+    for workers in (1, 2, 3, 8):
+        started.clear()
+        assert integrity.sha256_files(paths, workers=workers) == want, workers
+        if workers > 1:   # the largest first: the wall is about the largest file's
+            assert set(started[:2]) == {paths[1], paths[3]}
+    assert integrity.sha256_files([]) == []
+
+
 def test_resident_floor_holds_for_every_built_variant_and_refuses_less(tiny_bundle):
     from lsaq_runtime.graph_check import check_graph, resident_floor
     from lsaq_runtime.onnx_proto import read_model

@@ -1,8 +1,12 @@
-"""Where the torch stages run: `--device auto|cpu|cuda`, the compute dtype there, and the
-clock text of progress lines (shared by the exact and the streamed measurements)."""
+"""Where the torch stages run: `--device auto|cpu|cuda`, the compute dtype there, the clock
+text of progress lines (shared by the exact and the streamed measurements), and float16 <->
+float32 casts of numpy arrays done by torch."""
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 
 from .errors import LsaqError
@@ -33,3 +37,30 @@ def _dtype(dev: torch.device, dtype) -> torch.dtype:
 def _clock(s: float) -> str:
     s = max(0, int(round(s)))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# numpy converts between float16 and float32 one element at a time: a 7B layer's linears took
+# about 1.5 s of one core each way, on every one of the ~250 layer reads of a default build.
+# torch converts with vector instructions on every core. Both round to nearest even (float32 ->
+# float16) and widen exactly, so the values are the same bit for bit (tests/compile/test_estimate).
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():   # a read-only array (a memory map) is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(a))
+
+
+def to_float32(a: np.ndarray) -> np.ndarray:
+    """A float32 array of `a`'s values (`a` itself when it is float32 already)."""
+    a = np.asarray(a)
+    return a if a.dtype == np.float32 else _tensor(a).to(torch.float32).numpy()
+
+
+def to_float16(a: np.ndarray) -> np.ndarray:
+    """A float16 array of `a` rounded to nearest even, as numpy's astype(np.float16) does."""
+    a = np.asarray(a)
+    return a if a.dtype == np.float16 else _tensor(a).to(torch.float16).numpy()
+
+
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """A C-ordered copy of a strided view (a transpose), copied by torch on every core."""
+    return _tensor(a).contiguous().numpy()

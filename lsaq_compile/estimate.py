@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_OF, layer_key
 
-from .devices import _clock, _device, _dtype  # noqa: F401  (estimate._device: the public spelling of old)
+from .devices import _clock, _device, _dtype, to_float16, to_float32  # noqa: F401  (estimate._device: the public spelling of old)
 from .errors import LsaqError
 from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, part_precision, table_weight
 from .layerwise import (_classes, final_norm, module_state, position_embeddings,
@@ -124,7 +124,7 @@ class _Clock:
 # ---------------------------------------------------------------------------- the stack
 def _f16(a) -> np.ndarray:
     """float32 copy of the FP16 model's value (what the FP16 variant computes with)."""
-    return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
+    return to_float32(to_float16(np.asarray(a, np.float32)))
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -228,15 +228,15 @@ class _Stack:
             rows = read(name, a, b) if read is not None else None
             if rows is not None:
                 return _f16(rows)
-            self._whole[name] = np.asarray(self.source.tensor(name)).astype(np.float16)
-        return self._whole[name][a:b].astype(np.float32)
+            self._whole[name] = to_float16(np.asarray(self.source.tensor(name), np.float32))
+        return to_float32(self._whole[name][a:b])
 
     def _rows_count(self, name: str) -> int:
         shape_of = getattr(self.source, "tensor_shape", None)
         shape = shape_of(name) if shape_of is not None else None
         if shape is None:
             if name not in self._whole:
-                self._whole[name] = np.asarray(self.source.tensor(name)).astype(np.float16)
+                self._whole[name] = to_float16(np.asarray(self.source.tensor(name), np.float32))
             return int(self._whole[name].shape[0])
         return int(shape[0])
 
@@ -275,18 +275,20 @@ class _Stack:
         rows = torch.from_numpy(np.ascontiguousarray(out[inv.reshape(-1)]).reshape(*self.ids.shape, -1))
         return _scale_embedded(self.spec, rows)
 
-    def layer(self, i: int) -> torch.nn.Module:
+    def layer(self, i: int, linears: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
         """Decoder layer i as the FP16 model computes it; the source's float32 arrays are
-        dropped as each is converted, so one copy of the layer is held."""
+        dropped as each is converted, so one copy of the layer is held. linears: HF linear ->
+        the weight to hold instead of the source's, which are then not read (streamed quality
+        sets the store's weights on every module before each run)."""
         linear = {f"{n}.weight" for n in LINEAR_NAMES}
-        tensors = self.source.layer_tensors(i)
+        tensors = self.source.layer_tensors(i, linears=linears is None)
         # the source's linears stay until the next layer is read when their quantized
         # candidates are still to be made (one read of the layer, whatever the number of
         # candidates); once all are kept on disk (whole-plan passes, the store) they would be
         # a fourth float32 copy of the layer: 0.9 GB at 8B, past the 6 GiB a build may hold
         self._linears = (i, {k[:-len(".weight")]: tensors[k] for k in linear}
-                         if not self._candidates_kept(i) else {})
-        state = {}
+                         if linears is None and not self._candidates_kept(i) else {})
+        state = {f"{n}.weight": w for n, w in (linears or {}).items()}
         for k in list(tensors):
             v = tensors.pop(k)
             state[k] = (_f16_t(v).to(self.device, self.dtype) if k in linear else

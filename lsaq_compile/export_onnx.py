@@ -135,7 +135,9 @@ def _linear_arrays(w: np.ndarray, precision: str, scheme: QuantScheme | None,
     if precision == "fp32":
         return {"weight": np.ascontiguousarray(w.T, dtype=np.float32)}
     if precision == "fp16":
-        return {"weight": np.ascontiguousarray(w.T.astype(np.float16))}
+        from .devices import contiguous, to_float16   # torch casts: see devices.py
+
+        return {"weight": contiguous(to_float16(np.asarray(w, np.float32)).T)}
     return _quantized_arrays(quantize(w, scheme, act=act))
 
 
@@ -183,11 +185,14 @@ def table_weight(table: np.ndarray, precision: str, schemes: dict[str, QuantSche
                  ) -> np.ndarray:
     """float32 [vocab, hidden]: exactly the token table a graph computes with at `precision`
     (quantized from the fp16-rounded table, as the store holds it)."""
-    t16 = np.asarray(table, dtype=np.float16).astype(np.float32)
+    from .devices import to_float16, to_float32   # torch casts: see devices.py
+    from .estimate import _dequantized             # QuantizedTensor.dequantize, bit for bit
+
+    t16 = to_float32(to_float16(np.asarray(table, np.float32)))
     if precision == "fp16":
         return t16
     _check_precision(precision, schemes)
-    return quantize(t16, table_scheme(schemes, precision)).dequantize()
+    return _dequantized(quantize(t16, table_scheme(schemes, precision))).numpy()
 
 
 def check_supported(source: ModelSource) -> None:
@@ -368,6 +373,8 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
     the fisher estimate kept every linear it quantized (quantize.candidate_path): those are
     read instead of quantized again (the clipping search is most of this stage's time), the
     same bytes, since every row is quantized alone and a fused linear is its members' rows."""
+    from .devices import to_float16   # torch casts: see devices.py
+
     spec = source.spec
     check_supported(source)
     bundle_dir = Path(bundle_dir)
@@ -416,8 +423,8 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
             index[key] = writers[file_of[key]].add(key, array)
 
         for t in ("embed_tokens", "lm_head") if untied else ("embed_tokens",):
-            table = (source.embedding() if t == "embed_tokens" else
-                     source.tensor(LM_HEAD)).astype(np.float16)
+            table = to_float16(np.asarray(source.embedding() if t == "embed_tokens" else
+                                          source.tensor(LM_HEAD), np.float32))
             put(EMBED if t == "embed_tokens" else LM_HEAD, table)
             for p in sorted(tables.get(t, ())):
                 # From the fp16-rounded table the float graphs use, so quantizing only adds its

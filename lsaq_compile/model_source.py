@@ -442,10 +442,13 @@ class ModelSource:
             names += [f"{n}.weight" for n in QK_NORMS]
         return names
 
-    def layer_tensors(self, i: int) -> dict[str, np.ndarray]:
+    def layer_tensors(self, i: int, linears: bool = True) -> dict[str, np.ndarray]:
         """All tensors of decoder layer i, keyed by their (Llama-style) name inside the layer.
-        A fused checkpoint tensor is read once and split."""
+        A fused checkpoint tensor is read once and split. linears=False: all but the linears'
+        weights (most of the layer's bytes), for a caller that has its own."""
         names = self.layer_tensor_names()
+        if not linears:
+            names = [n for n in names if n.removesuffix(".weight") not in LINEAR_NAMES]
         if self.spec.attention_bias:
             names += [f"self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
         out, fused = {}, {}
@@ -555,8 +558,10 @@ class HFSource(ModelSource):
             raise LsaqError(f"{self.path}: tensor {name} missing from the safetensors files")
         # bf16 has no numpy dtype: read through torch when needed.
         h = self._index[name]
+        from .devices import to_float32   # torch: numpy widens float16 one element at a time
+
         try:
-            return np.asarray(h.get_tensor(name), dtype=np.float32)
+            return to_float32(h.get_tensor(name))
         except (TypeError, ValueError):
             from safetensors import safe_open
             for f in self._st_files:

@@ -28,7 +28,7 @@ import torch
 from lsaq_runtime.format import MEMBERS, STORED_LINEARS, layer_key, linear_base, split_precision
 
 from .bundle_reader import BundleReader, Quantized, StoredWeight, linear_dims
-from .devices import _device
+from .devices import _device, to_float32
 from .errors import LsaqError
 from .estimate import HEAD_CHUNK, _Clock, _scale_embedded, _Stack, dequantize_blocks, head_sums
 from .layerwise import final_norm
@@ -88,9 +88,12 @@ def _forward(reader: BundleReader, st: _Stack, items: list[dict], batch_size: in
     rows = _member_rows(reader.model)
     clock = _Clock(L, 0, lambda step: log(str(step)))
     t0 = time.perf_counter()
+    # the source's linears are not read: _set_weights gives every module the store's before
+    # each run (placeholders, never written or read: untouched memory costs nothing)
+    dims = linear_dims(reader.model)
+    blank = {m: torch.empty(b - a, dims[lin][1], dtype=st.dtype) for m, (lin, a, b) in rows.items()}
     for i in range(L):
-        layer = st.layer(i)
-        st._linears = (None, {})      # the source's linears: the store's replace them
+        layer = st.layer(i, linears=blank)
         need = sorted({(it["embed"].base, it["precisions"][:i + 1]) for it in items},
                       key=lambda k: k[1][-1])         # alike precisions together
         new, cache = {}, {}
@@ -148,7 +151,7 @@ def _stored_linear(reader: BundleReader, i: int, lin: str, precision: str) -> to
     w = StoredWeight(layer_key(i, f"{lin}.weight"), linear_base(i, lin, precision), precision,
                      linear_dims(reader.model)[lin])
     if precision in ("fp16", "fp32"):
-        return torch.from_numpy(reader.float_weight(w).astype(np.float32))
+        return torch.from_numpy(to_float32(reader.float_weight(w)))
     return _dequantized(reader.quantized(w))
 
 

@@ -272,6 +272,30 @@ def test_torch_dequantize_is_bit_identical_to_numpy(kind, symmetric):
     np.testing.assert_array_equal(E._f16_t(w).numpy().view(np.uint32), E._f16(w).view(np.uint32))
 
 
+def test_torch_casts_are_numpys_bit_for_bit():
+    """float16 <-> float32 casts go through torch (numpy's are one element at a time): they
+    must give numpy's bits, at the edges too: ties to even, subnormals, past float16's range,
+    signed zeros and infinities."""
+    from lsaq_compile.devices import contiguous, to_float16, to_float32
+
+    rng = np.random.default_rng(5)
+    edges = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, -70000.0, 1e-8, 2.0 ** -24,
+                      2.0 ** -25, 3 * 2.0 ** -26, 5.960464477539063e-08, 6.1e-05, 1.0 + 2.0 ** -11,
+                      1.0 + 3 * 2.0 ** -11, np.inf, -np.inf, 1e38], np.float32)
+    wide = (rng.standard_normal(1 << 16) * np.exp(rng.uniform(-30, 15, 1 << 16))).astype(np.float32)
+    bits = rng.integers(0, 1 << 32, 1 << 16, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = np.concatenate([edges, wide, bits[np.isfinite(bits)]])
+    with np.errstate(over="ignore"):   # past 65520: infinity, both ways
+        np.testing.assert_array_equal(to_float16(x).view(np.uint16), x.astype(np.float16).view(np.uint16))
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    h = h[~np.isnan(h)]                                  # every float16 there is, NaN aside
+    np.testing.assert_array_equal(to_float32(h).view(np.uint32), h.astype(np.float32).view(np.uint32))
+    assert to_float32(x) is x and to_float16(h) is h     # nothing to convert: no copy
+    w = rng.standard_normal((37, 53)).astype(np.float16)
+    t = contiguous(w.T)
+    assert t.flags["C_CONTIGUOUS"] and np.array_equal(t, np.ascontiguousarray(w.T))
+
+
 def test_embedded_rows_quantized_alone_are_the_whole_tables_rows(tiny):
     """embedded() quantizes only the windows' rows of a token table: a table is quantized by
     rows, so they must equal the rows of the whole quantized table (what the graph holds)."""

@@ -98,12 +98,14 @@ class _LyingSource:
 
     def __init__(self, source):
         self._s = source
+        self.linears_read = 0
 
     def __getattr__(self, name):
         return getattr(self._s, name)
 
-    def layer_tensors(self, i):
-        t = self._s.layer_tensors(i)
+    def layer_tensors(self, i, linears=True):
+        self.linears_read += linears
+        t = self._s.layer_tensors(i, linears)
         return {k: (v * 1.7 + 0.01 if k.endswith("proj.weight") else v) for k, v in t.items()}
 
     def tensor(self, name):
@@ -119,8 +121,10 @@ def test_streamed_reads_the_store_not_the_source(graph_bundles, tiny_llama_dir):
     to the last digit, so every matrix came from the bundle's weight store."""
     bundle, windows = graph_bundles[0]
     honest = _compare(bundle, windows, open_model(tiny_llama_dir))
-    lying = _compare(bundle, windows, _LyingSource(open_model(tiny_llama_dir)))
+    liar = _LyingSource(open_model(tiny_llama_dir))
+    lying = _compare(bundle, windows, liar)
     assert [s for _, _, s in lying] == [s for _, _, s in honest]
+    assert liar.linears_read == 0   # the source's linears are not even read (norms are)
 
 
 def test_streamed_reads_each_variants_own_codes(graph_bundles, tiny_llama_dir, tmp_path):

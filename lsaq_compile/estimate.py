@@ -46,7 +46,6 @@ import math
 import os
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -55,7 +54,7 @@ import numpy as np
 import torch
 from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_OF, layer_key
 
-from .devices import _clock, _device, _dtype, to_float16, to_float32  # noqa: F401  (estimate._device: the public spelling of old)
+from .devices import _clock, _device, _dtype, _tensor, to_float16, to_float32  # noqa: F401  (estimate._device: the public spelling of old)
 from .errors import LsaqError
 from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, part_precision, table_weight
 from .layerwise import (_classes, final_norm, module_state, position_embeddings,
@@ -130,10 +129,7 @@ def _f16(a) -> np.ndarray:
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
     """A float32 CPU tensor over `a` without a copy where numpy allows; a read-only array (a
     memory map) is only ever read through it, so torch's warning about it does not apply."""
-    a = np.asarray(a, np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
+    return _tensor(np.asarray(a, np.float32))
 
 
 def _f16_t(a) -> torch.Tensor:

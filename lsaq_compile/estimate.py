@@ -61,7 +61,8 @@ from .layerwise import (_classes, final_norm, module_state, position_embeddings,
                         run_layer, torch_linears)
 from .model_source import LINEAR_NAMES, ModelSource
 from .plan import UNITS
-from .quantize import QuantizedTensor, QuantScheme
+from .quantize import QuantScheme
+from .quantize import dequantize_torch as _dequantized
 from . import sensitivity
 from .sensitivity import GRANULARITY, QUANTIZED, Sensitivity, _stats_key
 
@@ -135,31 +136,6 @@ def _as_tensor(a: np.ndarray) -> torch.Tensor:
 def _f16_t(a) -> torch.Tensor:
     """_f16 in torch: the same IEEE rounding (bit-identical), on all cores, not numpy's one."""
     return _as_tensor(a).to(torch.float16).to(torch.float32)
-
-
-def _dequantized(qt: QuantizedTensor) -> torch.Tensor:
-    """float32 [n, k]: QuantizedTensor.dequantize in torch, bit-identical ((code - zero point)
-    is an exact small integer, times the fp16 scale one rounding) but multi-threaded; at 7B
-    this was half of a whole-plan pass in single-threaded numpy."""
-    p = torch.from_numpy(qt.packed)
-    c = p if qt.bits == 8 else torch.stack([p & 0x0F, p >> 4], dim=-1)
-    z = 2 ** (qt.bits - 1)
-    if qt.zero_points is not None:
-        z = torch.from_numpy(qt.zero_points)
-        if qt.bits == 4:
-            z = torch.stack([z & 0x0F, z >> 4], dim=-1).reshape(qt.n, -1)
-        z = z[:, :qt.n_blocks]
-    return dequantize_blocks(c.reshape(qt.n, qt.n_blocks, qt.block_size), z, qt.scales, qt.k)
-
-
-def dequantize_blocks(codes: torch.Tensor, zero, scales: np.ndarray, k: int) -> torch.Tensor:
-    """float32 [n, k] (a view past a padded K) of unsigned codes [n, n_blocks, block]: (code -
-    zero point) * fp16 scale per block, the kernels' arithmetic in numpy's order. zero: an int
-    or a uint8 tensor [n, n_blocks]."""
-    c = codes.to(torch.float32)
-    c.sub_(zero if isinstance(zero, int) else zero.to(torch.float32)[..., None])
-    c.mul_(torch.from_numpy(scales).to(torch.float32)[..., None])
-    return c.reshape(c.shape[0], -1)[:, :k]
 
 
 class _Stack:

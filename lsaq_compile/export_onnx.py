@@ -47,7 +47,7 @@ from lsaq_runtime.format import MEMBERS as FUSED
 
 from .errors import LsaqError
 from .model_source import ACTIVATIONS, QK_NORMS, SANDWICH_NORMS, ModelSource, ModelSpec
-from .quantize import QuantScheme, quantize
+from .quantize import QuantScheme, dequantize_torch, quantize
 from .store import SafetensorsWriter, TensorRef
 
 __all__ = ["TensorRef", "GraphInfo", "write_weight_store", "build_graph", "save_graph",
@@ -186,13 +186,12 @@ def table_weight(table: np.ndarray, precision: str, schemes: dict[str, QuantSche
     """float32 [vocab, hidden]: exactly the token table a graph computes with at `precision`
     (quantized from the fp16-rounded table, as the store holds it)."""
     from .devices import to_float16, to_float32   # torch casts: see devices.py
-    from .estimate import _dequantized             # QuantizedTensor.dequantize, bit for bit
 
     t16 = to_float32(to_float16(np.asarray(table, np.float32)))
     if precision == "fp16":
         return t16
     _check_precision(precision, schemes)
-    return _dequantized(quantize(t16, table_scheme(schemes, precision))).numpy()
+    return dequantize_torch(quantize(t16, table_scheme(schemes, precision))).numpy()
 
 
 def check_supported(source: ModelSource) -> None:

@@ -115,6 +115,36 @@ class QuantizedTensor:
         return w.reshape(self.n, -1)[:, : self.k]
 
 
+# torch: the whole-plan passes, streamed quality and the tables' rows dequantize many layers
+def dequantize_torch(qt: QuantizedTensor):
+    """float32 [n, k]: QuantizedTensor.dequantize in torch, bit-identical ((code - zero point)
+    is an exact small integer, times the fp16 scale one rounding) but multi-threaded; at 7B
+    this was half of a whole-plan pass in single-threaded numpy."""
+    import torch
+
+    p = torch.from_numpy(qt.packed)
+    c = p if qt.bits == 8 else torch.stack([p & 0x0F, p >> 4], dim=-1)
+    z = 2 ** (qt.bits - 1)
+    if qt.zero_points is not None:
+        z = torch.from_numpy(qt.zero_points)
+        if qt.bits == 4:
+            z = torch.stack([z & 0x0F, z >> 4], dim=-1).reshape(qt.n, -1)
+        z = z[:, :qt.n_blocks]
+    return dequantize_blocks(c.reshape(qt.n, qt.n_blocks, qt.block_size), z, qt.scales, qt.k)
+
+
+def dequantize_blocks(codes, zero, scales: np.ndarray, k: int):
+    """float32 [n, k] (a view past a padded K) of unsigned codes [n, n_blocks, block]: (code -
+    zero point) * fp16 scale per block, the kernels' arithmetic in numpy's order. zero: an int
+    or a uint8 tensor [n, n_blocks]."""
+    import torch
+
+    c = codes.to(torch.float32)
+    c.sub_(zero if isinstance(zero, int) else zero.to(torch.float32)[..., None])
+    c.mul_(torch.from_numpy(scales).to(torch.float32)[..., None])
+    return c.reshape(c.shape[0], -1)[:, :k]
+
+
 def choose_block(k: int, preferred: int | None = None) -> int:
     """Largest MatMulNBits block that divides K (no padding); else 32 with a zero-padded tail."""
     if preferred is not None:

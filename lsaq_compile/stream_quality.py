@@ -30,7 +30,8 @@ from lsaq_runtime.format import MEMBERS, STORED_LINEARS, layer_key, linear_base,
 from .bundle_reader import BundleReader, Quantized, StoredWeight, linear_dims
 from .devices import _device, to_float32
 from .errors import LsaqError
-from .estimate import HEAD_CHUNK, _Clock, _scale_embedded, _Stack, dequantize_blocks, head_sums
+from .quantize import dequantize_blocks
+from .estimate import HEAD_CHUNK, _Clock, _scale_embedded, _Stack, head_sums
 from .layerwise import final_norm
 
 TOKEN_BLOCK = 2048     # predicted positions projected on the vocabulary at once

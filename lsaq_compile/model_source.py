@@ -553,6 +553,27 @@ class HFSource(ModelSource):
     def _has(self, name):
         return name in self._index
 
+    def tensor_shape(self, name: str) -> tuple[int, ...] | None:
+        """A stored tensor's shape from the file's header, nothing read (None: not stored
+        under this name)."""
+        if name not in self._index:
+            return None
+        return tuple(self._index[name].get_slice(name).get_shape())
+
+    def tensor_rows(self, name: str, a: int, b: int) -> np.ndarray | None:
+        """float32 rows [a, b) of a stored tensor, read alone: a token table is walked by row
+        ranges and never held whole (Llama 3's two 128k-row tables held as float16 were 2 GB of
+        an 8B build's 6.3 GiB peak). None where it cannot be (bfloat16: no numpy dtype)."""
+        if name not in self._index:
+            return None
+        from .devices import to_float32
+
+        try:
+            rows = self._index[name].get_slice(name)[a:b]
+        except (TypeError, ValueError):
+            return None
+        return self._finite(name, to_float32(rows))
+
     def _read(self, name):
         if name not in self._index:
             raise LsaqError(f"{self.path}: tensor {name} missing from the safetensors files")

@@ -238,6 +238,35 @@ def test_plans_kl_with_token_tables_is_the_exact_kl(tiny):
     assert all(w > 0 for w in want)
 
 
+class _WholeTables:
+    """The source without row-range reads: the stack then holds each token table whole."""
+
+    def __init__(self, source):
+        self._s = source
+
+    def __getattr__(self, name):
+        if name in ("tensor_rows", "tensor_shape"):
+            raise AttributeError(name)
+        return getattr(self._s, name)
+
+
+def test_token_tables_are_read_by_row_ranges_never_held_whole(tiny):
+    """A safetensors source reads a table's rows a range at a time (Llama 3's two 128k-row
+    tables held whole as float16 were 2 GB of an 8B build's peak): the same KLs, bit for bit,
+    as a stack holding the tables whole, and nothing of a table kept."""
+    src, win, act, _, _ = tiny
+    L = src.spec.num_layers
+    plans = [(("int8",) * L, {"embed_tokens": "int8", "lm_head": "int4"}),
+             (("fp16",) * L, {"embed_tokens": "int4"})]
+    dev = E._device("cpu")
+    rows = E._Stack(src, win, dev, E._dtype(dev, None), SCHEMES)
+    whole = E._Stack(_WholeTables(src), win, dev, E._dtype(dev, None), SCHEMES)
+    assert E.plans_kl(src, win, SCHEMES, plans, act, stack=rows) == \
+        E.plans_kl(src, win, SCHEMES, plans, act, stack=whole)
+    assert rows._whole == {} and set(whole._whole) == {E.EMBED, E.LM_HEAD}
+    assert rows.vocab == whole.vocab == src.spec.vocab_size
+
+
 def test_tied_table_cost_is_the_exact_one(tmp_path):
     """A tied model's one table is the embedding and the head at once: its cost is measured
     exactly, as sensitivity.measure measures it."""

@@ -50,15 +50,21 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 
 def to_float32(a: np.ndarray) -> np.ndarray:
-    """A float32 array of `a`'s values (`a` itself when it is float32 already)."""
+    """A float32 array of `a`'s values (`a` itself when it is float32 already). Only float16
+    goes through torch; other types (a bfloat16 checkpoint's ml_dtypes arrays) through numpy."""
     a = np.asarray(a)
-    return a if a.dtype == np.float32 else _tensor(a).to(torch.float32).numpy()
+    if a.dtype == np.float32:
+        return a
+    return _tensor(a).to(torch.float32).numpy() if a.dtype == np.float16 else a.astype(np.float32)
 
 
 def to_float16(a: np.ndarray) -> np.ndarray:
-    """A float16 array of `a` rounded to nearest even, as numpy's astype(np.float16) does."""
+    """A float16 array of `a` rounded to nearest even, as numpy's astype(np.float16) does.
+    Only float32 goes through torch (float64 would round twice there: through float32)."""
     a = np.asarray(a)
-    return a if a.dtype == np.float16 else _tensor(a).to(torch.float16).numpy()
+    if a.dtype == np.float16:
+        return a
+    return _tensor(a).to(torch.float16).numpy() if a.dtype == np.float32 else a.astype(np.float16)
 
 
 def contiguous(a: np.ndarray) -> np.ndarray:

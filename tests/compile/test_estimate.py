@@ -439,3 +439,25 @@ def test_a_fisher_build_keeps_plan_states_only_while_planning(tiny_llama_dir, tm
     L = open_model(tiny_llama_dir).spec.num_layers
     assert len(seen["during"]) >= L          # at least the reference, kept by the tables pass
     assert seen["folder"].name == "plan-states" and not seen["folder"].exists()
+
+
+def test_a_bfloat16_checkpoints_table_rows_are_the_tables_rows(tmp_path):
+    """A bfloat16 checkpoint's rows are read alone where numpy knows bfloat16 (ml_dtypes,
+    which onnx brings) and the table is read whole through torch where it does not: the stack
+    gives the same rows either way."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = make_tiny_model(tmp_path / "bf16")
+    for f in folder.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f),
+                  metadata={"format": "pt"})
+    src = open_model(folder)
+    whole = src.tensor(E.EMBED)
+    rows = src.tensor_rows(E.EMBED, 2, 9)
+    if rows is not None:
+        np.testing.assert_array_equal(rows, whole[2:9])
+    dev = E._device("cpu")
+    st = E._Stack(src, np.zeros((1, 8), np.int64) + 3, dev, E._dtype(dev, None), SCHEMES)
+    np.testing.assert_array_equal(st._rows(E.EMBED, 2, 9), E._f16(whole[2:9]))
+    assert (E.EMBED in st._whole) == (rows is None)

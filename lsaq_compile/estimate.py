@@ -124,7 +124,7 @@ class _Clock:
 # ---------------------------------------------------------------------------- the stack
 def _f16(a) -> np.ndarray:
     """float32 copy of the FP16 model's value (what the FP16 variant computes with)."""
-    return to_float32(to_float16(np.asarray(a, np.float32)))
+    return _f16_t(a).numpy()
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -200,17 +200,18 @@ class _Stack:
             rows = read(name, a, b) if read is not None else None
             if rows is not None:
                 return _f16(rows)
+        return to_float32(self._held_whole(name)[a:b])
+
+    def _held_whole(self, name: str) -> np.ndarray:
+        """A table read whole and kept as float16, for a source that cannot read row ranges."""
+        if name not in self._whole:
             self._whole[name] = to_float16(np.asarray(self.source.tensor(name), np.float32))
-        return to_float32(self._whole[name][a:b])
+        return self._whole[name]
 
     def _rows_count(self, name: str) -> int:
         shape_of = getattr(self.source, "tensor_shape", None)
         shape = shape_of(name) if shape_of is not None else None
-        if shape is None:
-            if name not in self._whole:
-                self._whole[name] = to_float16(np.asarray(self.source.tensor(name), np.float32))
-            return int(self._whole[name].shape[0])
-        return int(shape[0])
+        return int(shape[0] if shape is not None else self._held_whole(name).shape[0])
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         # a read-only array (a memory map) is copied: torch tensors may be written through

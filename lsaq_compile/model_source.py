@@ -563,7 +563,8 @@ class HFSource(ModelSource):
     def tensor_rows(self, name: str, a: int, b: int) -> np.ndarray | None:
         """float32 rows [a, b) of a stored tensor, read alone: a token table is walked by row
         ranges and never held whole (Llama 3's two 128k-row tables held as float16 were 2 GB of
-        an 8B build's 6.3 GiB peak). None where it cannot be (bfloat16: no numpy dtype)."""
+        an 8B build's 6.3 GiB peak). None where numpy cannot hold the type (bfloat16 without
+        ml_dtypes, which onnx brings): the caller then reads the tensor whole."""
         if name not in self._index:
             return None
         from .devices import to_float32

@@ -52,11 +52,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_OF, layer_key
+from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_OF, TABLE_BASE, layer_key
 
 from .devices import _clock, _device, _dtype, _tensor, to_float16, to_float32  # noqa: F401  (estimate._device: the public spelling of old)
 from .errors import LsaqError
-from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, part_precision, table_weight
+from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, part_precision, table_scheme, table_weight
 from .layerwise import (_classes, final_norm, module_state, position_embeddings,
                         run_layer, torch_linears)
 from .model_source import LINEAR_NAMES, ModelSource
@@ -69,6 +69,7 @@ from .sensitivity import GRANULARITY, QUANTIZED, Sensitivity, _stats_key
 HEAD_CHUNK = 8192          # vocabulary rows projected at once: bounds the head's memory
 MEMMAP_BYTES = 256 << 20   # stored hidden states above this go to a file, not RAM
 QUANTIZED_TABLE_CACHE = 1 << 30   # quantized token tables up to this in all (float32) are kept
+TABLE_OF = {f"{base}.weight": t for t, base in TABLE_BASE.items()}   # EMBED -> "embed_tokens"
 
 
 # ---------------------------------------------------------------------------- progress
@@ -152,6 +153,7 @@ class _Stack:
         if self.candidates is not None:
             self.candidates.mkdir(parents=True, exist_ok=True)
         self._quantized: dict[tuple[str, str], np.ndarray] = {}
+        self._tables: dict = {}   # (table, precision) -> memory-mapped QuantizedTensor
         self.config = spec.to_hf_config()
         self.config._attn_implementation = "sdpa"
         self.layer_cls, _ = _classes(spec.architecture)
@@ -179,21 +181,27 @@ class _Stack:
         """float32 rows [a, b) of the embedding or head, FP16-rounded, or as a graph at
         `precision` computes with them (a table is quantized per row, so a range of rows is
         quantized alone). Read by row ranges where the source can; otherwise read once and
-        kept as float16. A small table's quantized copy is kept (refinement asks again)."""
+        kept as float16. A quantized table is made once where the build keeps candidates
+        (_table_quantized); a small one's float32 copy is kept (refinement asks again)."""
         if precision != "fp16":
             key = (name, precision)
             if key in self._quantized:
                 return self._quantized[key][a:b]
             n = self._rows_count(name)
+            qt = self._table_quantized(name, precision)
             size = n * self.spec.hidden_size * 4
             if size <= QUANTIZED_TABLE_CACHE:
                 while self._quantized and size + sum(
                         t.nbytes for t in self._quantized.values()) > QUANTIZED_TABLE_CACHE:
                     self._quantized.pop(next(iter(self._quantized)))   # the oldest first
-                self._quantized[key] = np.concatenate([
-                    table_weight(self._rows(name, c, min(n, c + HEAD_CHUNK)), precision,
-                                 self.schemes) for c in range(0, n, HEAD_CHUNK)])
+                self._quantized[key] = (_dequantized(qt.rows(0, n)).numpy() if qt is not None else
+                                        np.concatenate([
+                                            table_weight(self._rows(name, c, min(n, c + HEAD_CHUNK)),
+                                                         precision, self.schemes)
+                                            for c in range(0, n, HEAD_CHUNK)]))
                 return self._quantized[key][a:b]
+            if qt is not None:
+                return _dequantized(qt.rows(a, b)).numpy()
             return table_weight(self._rows(name, a, b), precision, self.schemes)
         if name not in self._whole:
             read = getattr(self.source, "tensor_rows", None)
@@ -201,6 +209,27 @@ class _Stack:
             if rows is not None:
                 return _f16(rows)
         return to_float32(self._held_whole(name)[a:b])
+
+    def _table_quantized(self, name: str, precision: str):
+        """Table `name` quantized at `precision` as the store holds it (memory-mapped from the
+        candidate folder), made on first use by row chunks (each row is quantized alone, so
+        the same bytes); None where the build keeps no candidates."""
+        if self.candidates is None:
+            return None
+        from .quantize import (load_table_candidate, quantize, save_table_candidate,
+                               table_candidate_path)
+
+        key = (name, precision)
+        if key not in self._tables:
+            scheme = table_scheme(self.schemes, precision)
+            path = table_candidate_path(self.candidates, TABLE_OF[name], scheme)
+            if load_table_candidate(path, scheme) is None:   # None too if cut short by a kill
+                n = self._rows_count(name)
+                save_table_candidate(path, [
+                    quantize(self._rows(name, c, min(n, c + HEAD_CHUNK)), scheme)
+                    for c in range(0, n, HEAD_CHUNK)])
+            self._tables[key] = load_table_candidate(path, scheme)
+        return self._tables[key]
 
     def _held_whole(self, name: str) -> np.ndarray:
         """A table read whole and kept as float16, for a source that cannot read row ranges."""
@@ -846,14 +875,19 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
     if todo:
         say(f"token tables {', '.join(todo)}: exact KL at {'/'.join(QUANTIZED)} in one "
             "streamed pass")
-        kept = None
-        if checkpoint_dir is not None:   # the FP16 reference's states: the plans' first pass
-            from .job import PLAN_STATES     # starts from them instead of running it again
+        kept = folder = None
+        if checkpoint_dir is not None:
+            from .job import CANDIDATES, PLAN_STATES
+
+            # the FP16 reference's states: the plans' first pass starts from them instead of
+            # running it again; the quantized head is made here once, for every later pass
+            # and the store
             kept = PlanStates(Path(checkpoint_dir) / PLAN_STATES,
                               keep=lambda e, prefix: e == "fp16")
+            folder = Path(checkpoint_dir) / CANDIDATES
         got = table_costs(source, windows, schemes, todo, act_stats=act_stats, device=device,
                           dtype=dtype, progress=lambda step: say(f"tables {step}"), kept=kept,
-                          **kw)
+                          candidates=folder, **kw)
         for t, c in got.items():
             tcost[t] = c
             if log is not None:
@@ -989,7 +1023,8 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
              plans: Sequence, act_stats: dict | None = None, *,
              device: str = "cpu", dtype=None, batch_size: int = 4,
              progress: ProgressFn | None = None, stack: "_Stack | None" = None,
-             label: str = "plans", kept: PlanStates | None = None) -> list[float]:
+             label: str = "plans", kept: PlanStates | None = None,
+             candidates=None) -> list[float]:
     """Mean KL(FP16 || plan) per predicted token of every plan (layer precisions, as
     KLMeter.kl takes them, or (layer precisions, {table: precision}) as KLMeter.kl(p, tables)),
     all in one streamed pass: the FP16 state and each plan's state are carried layer by layer
@@ -997,11 +1032,12 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
     quantized candidates made once. Compute: at most 1 + plans forward passes; memory: one
     layer, its candidates, the distinct states. kept: states of earlier passes (PlanStates);
     a plan starts above the deepest layer whose state is kept, and this pass's states are
-    kept in turn while kept.keep is set."""
+    kept in turn while kept.keep is set. candidates: the build's folder of quantizations made
+    once (_Stack), where no stack is given."""
     dev = _device(device)
     dt = _dtype(dev, dtype)
     act_stats = act_stats or {}
-    st = stack or _Stack(source, windows, dev, dt, schemes)
+    st = stack or _Stack(source, windows, dev, dt, schemes, candidates)
     L = st.spec.num_layers
     tied = st.head_name == EMBED
     ref = ("fp16",) * L

@@ -160,6 +160,17 @@ def _kept(folder: Path | None, layer: int, members, precision: str, scheme: Quan
                            None if zp[0] is None else np.concatenate(zp))
 
 
+def _kept_table(folder: Path | None, table: str, scheme: QuantScheme, shape: tuple):
+    """Token table `table` as the whole-plan passes quantized it (from the fp16-rounded
+    table, as here), or None where they kept none of this shape."""
+    from .quantize import load_table_candidate, table_candidate_path
+
+    if folder is None:
+        return None
+    q = load_table_candidate(table_candidate_path(folder, table, scheme), scheme)
+    return q if q is not None and (q.n, q.k) == tuple(shape) else None
+
+
 def _quantized_arrays(q) -> dict[str, np.ndarray]:
     # MatMulNBits wants scales in the activation dtype, as initializers (a Cast node feeding
     # them triggers an ORT bug): keep an exact float32 copy for the CPU graph.
@@ -369,9 +380,10 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
     schemes with clip 'mse-act'. table_precisions: the quantized precisions each token table
     ("embed_tokens", "lm_head") is needed at (a tied model's one table is "embed_tokens"); the
     fp16 tables are always stored (the FP16 variant reads them). candidates: the folder where
-    the fisher estimate kept every linear it quantized (quantize.candidate_path): those are
-    read instead of quantized again (the clipping search is most of this stage's time), the
-    same bytes, since every row is quantized alone and a fused linear is its members' rows."""
+    the fisher estimate kept every linear it quantized (quantize.candidate_path) and the
+    passes every quantized head (table_candidate_path): those are read instead of quantized
+    again (the clipping search is most of this stage's time), the same bytes, since every row
+    is quantized alone and a fused linear is its members' rows."""
     from .devices import to_float16   # torch casts: see devices.py
 
     spec = source.spec
@@ -430,7 +442,9 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
                 # own error.
                 sch = table_scheme(schemes, p)
                 keys = table_keys(t, p, sch)
-                for role, arr in _linear_arrays(table, p, sch).items():   # by row ranges
+                kept = _kept_table(candidates, t, sch, table.shape)
+                for role, arr in (_quantized_arrays(kept) if kept is not None else
+                                  _linear_arrays(table, p, sch)).items():   # by row ranges
                     put(keys[role], arr)
                 if progress:
                     progress(f"stored the {t} table at {p}")

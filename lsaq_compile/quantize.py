@@ -108,6 +108,14 @@ class QuantizedTensor:
             zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(self.n, -1)
         return zp[:, : self.n_blocks].astype(np.float32)
 
+    def rows(self, a: int, b: int) -> "QuantizedTensor":
+        """Rows [a, b) as their own tensor (copied out: the arrays may be a memory map). Every
+        row is quantized alone, so this is exactly those rows quantized."""
+        b = min(b, self.n)
+        zp = None if self.zero_points is None else np.array(self.zero_points[a:b])
+        return QuantizedTensor(self.scheme, b - a, self.k, self.block_size,
+                               np.array(self.packed[a:b]), np.array(self.scales[a:b]), zp)
+
     def dequantize(self) -> np.ndarray:
         """float32 [n, k]: exactly what the kernel computes with (fp16 scales included)."""
         c = self.codes().astype(np.float32).reshape(self.n, self.n_blocks, self.block_size)
@@ -471,3 +479,55 @@ def load_candidate(path: Path, scheme: QuantScheme) -> QuantizedTensor | None:
                                    z["packed"], z["scales"], z["zero_points"] if z["has_zp"] else None)
     except (OSError, ValueError, KeyError):
         return None
+
+
+def table_candidate_path(folder: Path, table: str, scheme: QuantScheme) -> Path:
+    """Where a build keeps token table `table` ("embed_tokens" or "lm_head") quantized with
+    `scheme`: every whole-plan pass walks the head at each precision and the store writes it,
+    all from this one quantization (a 128k-row head's clipping search took 150-190 s a pass)."""
+    return Path(folder) / f"table.{table}.{scheme.name}.safetensors"
+
+
+def save_table_candidate(path: Path, parts: list[QuantizedTensor]) -> None:
+    """A table quantized by row ranges (in order), as one safetensors file that
+    load_table_candidate memory-maps, written whole or not at all and never joined in memory
+    (a 128k-row head's INT8 is 0.5 GB)."""
+    from .store import SafetensorsWriter
+
+    a = parts[0]
+    arrays = {"shape": [np.array([sum(p.n for p in parts), a.k, a.block_size], np.int64)],
+              "packed": [p.packed for p in parts], "scales": [p.scales for p in parts]}
+    if a.zero_points is not None:
+        arrays["zero_points"] = [p.zero_points for p in parts]
+    part = path.with_name(f".{path.name}.part")
+    with SafetensorsWriter(path.parent, part.name, list(arrays)) as w:
+        for name, rows in arrays.items():
+            w.add_rows(name, rows)
+    os.replace(part, path)
+
+
+def load_table_candidate(path: Path, scheme: QuantScheme) -> QuantizedTensor | None:
+    """The kept table at `path`, memory-mapped (its pages are the file's, which the kernel can
+    drop, not the build's memory: 0.8 GB for a 128k-row head's INT8 and INT4), or None if it is
+    missing or damaged."""
+    from lsaq_runtime.errors import LsaqRuntimeError
+    from lsaq_runtime.integrity import safetensors_index
+
+    if not Path(path).is_file():
+        return None
+    try:
+        index = safetensors_index(path)
+        arrays = {name: np.memmap(path, dtype=_ST_NP[dtype], mode="r", offset=offset,
+                                  shape=tuple(shape))
+                  for name, (dtype, shape, offset, _) in index.items()}
+        n, k, block = (int(x) for x in arrays["shape"])
+        qt = QuantizedTensor(scheme, n, k, block, arrays["packed"], arrays["scales"],
+                             arrays.get("zero_points"))
+    except (LsaqRuntimeError, OSError, ValueError, KeyError, TypeError):
+        return None
+    whole = (qt.packed.shape[0] == qt.scales.shape[0] == n and qt.n_blocks == -(-k // block)
+             and (qt.zero_points is None) == (scheme.kind == "channel" or scheme.symmetric))
+    return qt if whole else None
+
+
+_ST_NP = {"U8": np.uint8, "F16": np.float16, "I64": np.int64}

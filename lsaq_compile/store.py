@@ -56,20 +56,33 @@ class SafetensorsWriter:
         self._entries: dict[str, dict] = {}
 
     def add(self, name: str, array: np.ndarray) -> TensorRef:
+        return self.add_rows(name, [array])
+
+    def add_rows(self, name: str, parts: list[np.ndarray]) -> TensorRef:
+        """One tensor from row ranges given in order (their concatenation along axis 0,
+        without making it)."""
         if name not in self._planned:
             raise ValueError(f"{self.rel_path}: tensor {name} was not planned")
         if name in self._entries:
             raise ValueError(f"{self.rel_path}: tensor {name} written twice")
-        a = np.ascontiguousarray(array)
-        dtype = a.dtype.name
+        first = np.asarray(parts[0])
+        dtype = first.dtype.name
         if dtype not in _ST_DTYPES:
             raise ValueError(f"{name}: dtype {dtype} cannot be stored")
-        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-        self._f.write(memoryview(a).cast("B"))
-        start, self._pos = self._pos, self._pos + a.nbytes
-        self._entries[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(a.shape),
+        if any(np.asarray(a).dtype != first.dtype or np.shape(a)[1:] != first.shape[1:]
+               for a in parts):   # checked before a byte is written
+            raise ValueError(f"{name}: row ranges differ in dtype or shape")
+        start = self._pos
+        for part in parts:
+            a = np.ascontiguousarray(part)
+            a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+            self._f.write(memoryview(a).cast("B"))
+            self._pos += a.nbytes
+        shape = (sum(np.shape(a)[0] for a in parts), *first.shape[1:]) if first.ndim else ()
+        self._entries[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
                                "data_offsets": [start, self._pos]}
-        return TensorRef(self.rel_path, self._data_start + start, a.nbytes, dtype, tuple(a.shape))
+        return TensorRef(self.rel_path, self._data_start + start, self._pos - start, dtype,
+                         tuple(shape))
 
     def close(self) -> None:
         header = json.dumps(self._entries, separators=(",", ":")).encode()

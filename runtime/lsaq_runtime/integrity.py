@@ -41,7 +41,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 def sha256_files(paths, workers: int | None = None) -> list[str]:
     """sha256_file of each path, in order, several files at once: hashlib lets go of the GIL,
     so a model's or a bundle's files hash in about the time of the largest one (a 7B model's
-    13 GB took half a minute one file after another). The largest start first."""
+    13 GB took half a minute one file after another)."""
+    return _each_file(sha256_file, paths, workers)
+
+
+def _each_file(fn, paths, workers: int | None = None) -> list:
+    """fn(path) of each path, in order, on several threads, the largest files first; the
+    first path's error (in the given order) is raised."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .probe import usable_cpus
@@ -49,11 +55,18 @@ def sha256_files(paths, workers: int | None = None) -> list[str]:
     paths = list(paths)
     workers = min(len(paths), workers or usable_cpus())
     if workers <= 1:
-        return [sha256_file(p) for p in paths]
-    order = sorted(range(len(paths)), key=lambda i: -os.path.getsize(paths[i]))
+        return [fn(p) for p in paths]
+    order = sorted(range(len(paths)), key=lambda i: -_size(paths[i]))
     with ThreadPoolExecutor(workers, thread_name_prefix="lsaq-sha256") as ex:
-        done = {i: ex.submit(sha256_file, paths[i]) for i in order}   # run in submission order
+        done = {i: ex.submit(fn, paths[i]) for i in order}   # run in submission order
     return [done[i].result() for i in range(len(paths))]
+
+
+def _size(path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:      # fn reports it, in the caller's order
+        return 0
 
 
 class FileChanged(Exception):
@@ -209,6 +222,7 @@ def verify_files(root: Path, manifest: dict, rels: list[str], log=None) -> dict[
     were hashed and how many were trusted from a stamp."""
     entries = {f["path"]: f for f in manifest["files"]}
     hashed = stamped = 0
+    todo = []
     for rel in rels:
         e = entries.get(rel)
         if e is None:
@@ -218,8 +232,10 @@ def verify_files(root: Path, manifest: dict, rels: list[str], log=None) -> dict[
         check_size(p, e["bytes"])
         if _has_stamp(p, e["sha256"]):
             stamped += e["bytes"]
-            continue
-        sha, st = hash_settled(p)
+        else:
+            todo.append((p, e))
+    # the files at once (a 7B bundle's stores in the time of the largest, not their sum)
+    for (p, e), (sha, st) in zip(todo, _each_file(hash_settled, [p for p, _ in todo])):
         if sha != e["sha256"] or st.st_size != e["bytes"]:
             raise LsaqRuntimeError(f"{p}: sha256 mismatch (the file was modified or damaged); "
                                    "rebuild or copy the bundle again")

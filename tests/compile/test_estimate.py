@@ -461,3 +461,82 @@ def test_a_bfloat16_checkpoints_table_rows_are_the_tables_rows(tmp_path):
     st = E._Stack(src, np.zeros((1, 8), np.int64) + 3, dev, E._dtype(dev, None), SCHEMES)
     np.testing.assert_array_equal(st._rows(E.EMBED, 2, 9), E._f16(whole[2:9]))
     assert (E.EMBED in st._whole) == (rows is None)
+
+
+@pytest.mark.parametrize("cache", [E.QUANTIZED_TABLE_CACHE, 0], ids=["held", "by-rows"])
+def test_a_quantized_head_is_made_once_kept_memory_mapped_and_read_by_rows(
+        tiny, tmp_path, monkeypatch, cache):
+    """With a candidate folder the head is quantized once per precision (a 128k-row head's
+    clipping search took 150-190 s in each of an 8B build's passes), kept as a memory-mapped
+    file, and read back by row ranges where it is too large to hold as float32 (cache 0):
+    the rows are the whole quantized table's, bit for bit, and the KLs those of a pass that
+    quantizes every chunk itself; a later stack over the folder quantizes nothing."""
+    import lsaq_compile.quantize as Q
+    from lsaq_compile.export_onnx import table_scheme, table_weight
+
+    src, win, act, _, _ = tiny
+    L = src.spec.num_layers
+    monkeypatch.setattr(E, "QUANTIZED_TABLE_CACHE", cache)
+    monkeypatch.setattr(E, "HEAD_CHUNK", 100)        # 512 rows: chunks end inside the table
+    plans = [(("int8",) * L, {"lm_head": "int4"}), (("fp16",) * L, {"lm_head": "int8"})]
+    plain = E.plans_kl(src, win, SCHEMES, plans, act)
+    folder = tmp_path / "cand"
+    assert E.plans_kl(src, win, SCHEMES, plans, act, candidates=folder) == plain
+    for p in ("int4", "int8"):
+        assert Q.table_candidate_path(folder, "lm_head", table_scheme(SCHEMES, p)).is_file()
+    dev = E._device("cpu")
+    st = E._Stack(src, win, dev, E._dtype(dev, None), SCHEMES, folder)
+    monkeypatch.setattr(Q, "quantize", lambda *a, **k: pytest.fail("quantized again"))
+    whole = np.asarray(src.tensor(E.LM_HEAD), np.float32)
+    for p in ("int4", "int8"):
+        want = table_weight(whole, p, SCHEMES)
+        np.testing.assert_array_equal(st._rows(E.LM_HEAD, 150, 260, p), want[150:260])
+        np.testing.assert_array_equal(st._rows(E.LM_HEAD, 500, 600, p), want[500:])
+        assert isinstance(st._tables[E.LM_HEAD, p].packed, np.memmap)
+    assert bool(st._quantized) == bool(cache)          # float32 copies only where they fit
+
+
+def test_a_damaged_kept_table_is_made_again(tiny, tmp_path):
+    """A kept table cut short (a kill mid-write leaves only a .part file, but a disk can still
+    lose a tail) or of another scheme is not read: made again, the same bytes."""
+    import lsaq_compile.quantize as Q
+    from lsaq_compile.export_onnx import table_scheme
+
+    src, win, _, _, _ = tiny
+    dev = E._device("cpu")
+    sch = table_scheme(SCHEMES, "int4")
+    path = Q.table_candidate_path(tmp_path, "lm_head", sch)
+    st = E._Stack(src, win, dev, E._dtype(dev, None), SCHEMES, tmp_path)
+    good = st._rows(E.LM_HEAD, 0, 512, "int4")
+    whole = path.read_bytes()
+    assert Q.load_table_candidate(path, table_scheme(schemes_for("channel"), "int4")) is None
+    path.write_bytes(whole[:-100])
+    assert Q.load_table_candidate(path, sch) is None
+    st = E._Stack(src, win, dev, E._dtype(dev, None), SCHEMES, tmp_path)
+    np.testing.assert_array_equal(st._rows(E.LM_HEAD, 0, 512, "int4"), good)
+    assert path.read_bytes() == whole
+
+
+def test_the_store_writes_the_kept_head_not_a_new_quantization(tiny, tmp_path, monkeypatch):
+    """write_weight_store takes the head the passes kept: the same store, byte for byte, as
+    one that quantizes the table itself, without quantizing it again."""
+    import lsaq_compile.export_onnx as X
+    from lsaq_compile.export_onnx import write_weight_store
+
+    src, win, act, _, _ = tiny
+    L = src.spec.num_layers
+    dev = E._device("cpu")
+    st = E._Stack(src, win, dev, E._dtype(dev, None), SCHEMES, tmp_path / "cand")
+    for p in ("int4", "int8"):
+        st._rows(E.LM_HEAD, 0, 1, p)
+    layers = {i: {"int4"} for i in range(L)}
+    kw = dict(act_stats=act, table_precisions={"lm_head": {"int4", "int8"}})
+    made = write_weight_store(src, tmp_path / "made", layers, SCHEMES, **kw)
+    real, vocab = X.quantize, src.spec.vocab_size
+    monkeypatch.setattr(X, "quantize", lambda w, *a, **k: pytest.fail("head quantized again")
+                        if np.shape(w)[0] == vocab else real(w, *a, **k))
+    kept = write_weight_store(src, tmp_path / "kept", layers, SCHEMES,
+                              candidates=tmp_path / "cand", **kw)
+    assert kept == made
+    for f in (tmp_path / "made" / "weights").iterdir():
+        assert f.read_bytes() == (tmp_path / "kept" / "weights" / f.name).read_bytes()

@@ -89,3 +89,20 @@ def test_token_tables_quantized_by_row_chunks_are_the_whole_tables_arrays(monkey
             assert got.keys() == whole.keys()
             for role in whole:
                 np.testing.assert_array_equal(got[role], whole[role], err_msg=f"{kind} {prec} {role}")
+
+
+def test_a_tensor_written_by_row_ranges_is_the_joined_tensor(tmp_path):
+    """add_rows writes row ranges as one tensor without joining them in memory: the same file
+    as add() of their concatenation; ranges that do not stack are refused."""
+    arrays = _arrays()
+    parts = {k: [a[:2], a[2:3], a[3:]] if a.ndim > 1 else [a] for k, a in arrays.items()}
+    with SafetensorsWriter(tmp_path, "whole.safetensors", list(arrays)) as w:
+        whole = {k: w.add(k, a) for k, a in arrays.items()}
+    with SafetensorsWriter(tmp_path, "rows.safetensors", list(arrays)) as w:
+        rows = {k: w.add_rows(k, p) for k, p in parts.items()}
+    assert (tmp_path / "rows.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+    assert [(r.offset, r.length, r.shape) for r in rows.values()] == \
+        [(r.offset, r.length, r.shape) for r in whole.values()]
+    with SafetensorsWriter(tmp_path, "bad.safetensors", ["x"]) as w:
+        with pytest.raises(ValueError, match="row ranges differ"):
+            w.add_rows("x", [np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32)])

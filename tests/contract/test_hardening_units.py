@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import onnx
 import pytest
@@ -422,3 +423,35 @@ def test_the_connection_cap_fits_the_descriptor_limit():
     assert cap == soft - server.FD_RESERVE          # within what the process may open
     assert hard == resource.RLIM_INFINITY or soft == hard   # raised to the hard limit
     assert server.connection_cap(40) == 40
+
+
+def test_a_variants_files_are_hashed_together_and_a_bad_one_is_named(tiny_bundle, tmp_path,
+                                                                      monkeypatch):
+    """verify_files hashes a variant's files on several threads (a 7B bundle's stores in the
+    time of the largest): every file is still checked, and the damaged one is the one named."""
+    import threading
+
+    from lsaq_runtime import integrity
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    monkeypatch.setenv("LSAQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("lsaq_runtime.probe.usable_cpus", lambda: 4)
+    m = load_manifest(b)
+    rels = sorted(f["path"] for f in m["files"] if f["path"].startswith("weights/"))
+    assert len(rels) >= 2
+    seen, real = [], integrity.hash_settled
+    monkeypatch.setattr(integrity, "hash_settled",
+                        lambda p: seen.append((p.name, threading.current_thread().name))
+                        or real(p))
+    sizes = {f["path"]: f["bytes"] for f in m["files"]}
+    assert verify_files(b, m, rels)["hashed"] == sum(sizes[r] for r in rels)
+    assert sorted(n for n, _ in seen) == sorted(Path(r).name for r in rels)
+    assert all(t.startswith("lsaq-sha256") for _, t in seen)
+    p = b / rels[-1]
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 1
+    p.write_bytes(bytes(data))
+    monkeypatch.setenv("LSAQ_VERIFY_ALWAYS", "1")
+    with pytest.raises(LsaqRuntimeError, match=f"{p.name}: sha256 mismatch"):
+        verify_files(b, m, rels)

@@ -42,7 +42,7 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
     prof = profile.validate() if isinstance(profile, Profile) else load_profile(profile)
     if measure is not None:
         prof = with_measure(prof, measure)
-    check_device(device)
+    check_compute_dtype(check_device(device), prof, metric)
     # Absolute: `-o .` names the folder by its own name, so the working folder goes beside
     # it, not inside it.
     out = Path(os.path.abspath(out))
@@ -103,6 +103,24 @@ def check_device(device: str) -> str:
     from .devices import _device
 
     return _device(device).type
+
+
+def check_compute_dtype(device_type: str, prof: Profile, metric: str | None = None) -> None:
+    """Refuse, before any work, a half-precision estimate on a CPU that multiplies in that
+    dtype far slower than in float32 (no bfloat16/float16 instructions): what would take an
+    hour would take days."""
+    from .devices import HALF_SLOWDOWN_MAX, cpu_half_slowdown
+
+    sc = prof.scoring
+    if (device_type != "cpu" or sc.dtype in ("auto", "float32") or sc.measure != "fisher"
+            or (metric or sc.metric) != "sensitivity"):
+        return
+    slow = cpu_half_slowdown(sc.dtype)
+    if slow > HALF_SLOWDOWN_MAX:
+        raise LsaqError(f"scoring dtype {sc.dtype}: this CPU multiplies {sc.dtype} matrices "
+                        f"{slow:.0f}x slower than float32 (measured now: it has no {sc.dtype} "
+                        "instructions), so the measurement would take many times longer; use "
+                        "--fisher-dtype float32 (the CPU default)")
 
 
 def _resumed_job(work: Path, progress) -> Job:

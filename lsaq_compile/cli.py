@@ -145,7 +145,8 @@ def _score_sensitivity(source, profile, calibration, samples, seq_len, progress)
               "graph), streamed (torch, one layer at a time) or auto (graphs where they fit)")
 @click.option("--fisher-dtype", "fisher_dtype", type=click.Choice(SCORING_DTYPES),
               help="override the profile's scoring.dtype: the fisher estimate's compute dtype "
-              "(bfloat16: about 2.3x faster on CPUs with bfloat16 instructions)")
+              "(bfloat16: about 2.3x faster on CPUs with bfloat16 instructions; refused on "
+              "a CPU without them, where it is about 200x slower)")
 @click.option("-q", "--quiet", is_flag=True)
 def build(model, out, profile, scores, metric, calibration, chat_template, force, resume,
           remeasure, measure, device, quality_engine, fisher_dtype, quiet):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from factories.models import make_tiny_model
+from lsaq_compile import devices
 from lsaq_compile import estimate as E
 from lsaq_compile import sensitivity
 from lsaq_compile.bundle import build_bundle, read_manifest
@@ -297,11 +298,13 @@ def test_a_checkpoint_ahead_of_the_log_restarts_the_sweep(model, tmp_path, monke
     assert again.importance == pytest.approx(whole.importance, rel=1e-6)
 
 
-def test_fisher_dtype_bfloat16_estimates_the_same_ranking(model, tmp_path, profile):
+def test_fisher_dtype_bfloat16_estimates_the_same_ranking(model, tmp_path, profile,
+                                                           monkeypatch):
     """scoring.dtype = bfloat16 (about 2.3x faster on CPUs with bfloat16 instructions) runs the
     estimate in bfloat16: its per-linear costs rank the linears as float32's do, it is recorded
     in the scores, it is a measurement of its own (not reused for a float32 build, nor the
-    reverse), and a bad value is one line."""
+    reverse), it is refused on a CPU without bfloat16 instructions, and a bad value is one
+    line."""
     from scipy.stats import spearmanr
 
     win = np.random.default_rng(0).integers(3, 200, size=(4, 40))
@@ -321,8 +324,19 @@ def test_fisher_dtype_bfloat16_estimates_the_same_ranking(model, tmp_path, profi
     out = build_bundle(model, tmp_path / "b16", profile=str(profile),
                        progress=Progress(quiet=True))
     r = _build(model, tmp_path / "bf", profile, "--fisher-dtype", "bfloat16")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "reusing" not in r.stderr        # the float32 measurement above is not reused
+    if devices.cpu_half_slowdown("bfloat16") > devices.HALF_SLOWDOWN_MAX:
+        # this CPU has no bfloat16 instructions (~200x slower than float32 on an AVX2-only
+        # one): refused in one line before any work; the build below is made as if it had
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "slower than float32" in r.stderr and "--fisher-dtype float32" in r.stderr
+        assert not (tmp_path / "bf").exists()
+        monkeypatch.setattr(devices, "cpu_half_slowdown", lambda dtype: 1.0)
+        prof = load_profile(str(profile))
+        prof.scoring.dtype = "bfloat16"
+        build_bundle(model, tmp_path / "bf", profile=prof, progress=Progress(quiet=True))
+    else:
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "reusing" not in r.stderr        # the float32 measurement above is not reused
     assert read_manifest(tmp_path / "bf")["scores"]["params"]["dtype"] == "bfloat16"
     assert read_manifest(out)["scores"]["params"]["dtype"] == "float32"
     bad = tmp_path / "bad.toml"
@@ -369,3 +383,31 @@ def test_store_reads_the_estimates_candidates_and_writes_the_same_bytes(model, t
         assert (kept / "weights" / name).read_bytes() == (fresh / "weights" / name).read_bytes(), name
     assert read_manifest(kept)["variants"] == read_manifest(fresh)["variants"]
     assert Q.load_candidate(tmp_path / "none.npz", Q.schemes_for("group", 32, False, 32, "mse")["int4"]) is None
+
+
+def test_a_half_precision_estimate_is_refused_where_the_cpu_lacks_it(model, tmp_path,
+                                                                     monkeypatch):
+    """The refusal depends on the measured slowdown, not on a flag list: refused above
+    HALF_SLOWDOWN_MAX (one line, nothing written), taken below it, never asked for float32,
+    auto, another metric or a CUDA device; the measurement itself gives a finite ratio."""
+    from lsaq_compile.build import check_compute_dtype
+
+    ratio = devices.cpu_half_slowdown("float16")
+    assert 0 < ratio < float("inf")
+    asked = []
+    monkeypatch.setattr(devices, "cpu_half_slowdown", lambda d: asked.append(d) or 200.0)
+    prof = load_profile("default")
+    prof.scoring.dtype = "float16"
+    with pytest.raises(LsaqError) as e:
+        build_bundle(model, tmp_path / "out", profile=prof, progress=Progress(quiet=True))
+    assert "float16 matrices 200x slower than float32" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    check_compute_dtype("cuda", prof)
+    check_compute_dtype("cpu", prof, metric="jaccard")
+    for dt in ("auto", "float32"):
+        prof.scoring.dtype = dt
+        check_compute_dtype("cpu", prof)
+    assert asked == ["float16"]
+    monkeypatch.setattr(devices, "cpu_half_slowdown", lambda d: 1.5)
+    prof.scoring.dtype = "bfloat16"
+    check_compute_dtype("cpu", prof)

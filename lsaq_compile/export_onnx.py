@@ -160,6 +160,30 @@ def _kept(folder: Path | None, layer: int, members, precision: str, scheme: Quan
                            None if zp[0] is None else np.concatenate(zp))
 
 
+TABLE_ROWS = 8192   # the store reads, writes and quantizes a token table this many rows at a time
+
+
+def _table_rows16(source: ModelSource, name: str) -> list[np.ndarray]:
+    """Token table `name` as float16 row ranges, read a range at a time where the source can
+    (its float32 whole and a float16 copy were 3.1 GB of an 8B store stage at Llama 3's
+    vocabulary); otherwise read whole once and cut."""
+    from .devices import to_float16   # torch casts: see devices.py
+
+    shape = source.tensor_shape(name) if hasattr(source, "tensor_shape") else None
+    read = getattr(source, "tensor_rows", None)
+    if shape is not None and read is not None:
+        out = []
+        for a in range(0, shape[0], TABLE_ROWS):
+            r = read(name, a, min(shape[0], a + TABLE_ROWS))
+            if r is None:   # a type numpy cannot hold (tensor_rows): read it whole below
+                break
+            out.append(to_float16(r))
+        else:
+            return out
+    whole = to_float16(np.asarray(source.tensor(name), np.float32))
+    return [whole[a:a + TABLE_ROWS] for a in range(0, len(whole), TABLE_ROWS)]
+
+
 def _kept_table(folder: Path | None, table: str, scheme: QuantScheme, shape: tuple):
     """Token table `table` as the whole-plan passes quantized it (from the fp16-rounded
     table, as here), or None where they kept none of this shape."""
@@ -384,8 +408,6 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
     passes every quantized head (table_candidate_path): those are read instead of quantized
     again (the clipping search is most of this stage's time), the same bytes, since every row
     is quantized alone and a fused linear is its members' rows."""
-    from .devices import to_float16   # torch casts: see devices.py
-
     spec = source.spec
     check_supported(source)
     bundle_dir = Path(bundle_dir)
@@ -434,21 +456,25 @@ def write_weight_store(source: ModelSource, bundle_dir: Path,
             index[key] = writers[file_of[key]].add(key, array)
 
         for t in ("embed_tokens", "lm_head") if untied else ("embed_tokens",):
-            table = to_float16(np.asarray(source.embedding() if t == "embed_tokens" else
-                                          source.tensor(LM_HEAD), np.float32))
-            put(EMBED if t == "embed_tokens" else LM_HEAD, table)
+            name = EMBED if t == "embed_tokens" else LM_HEAD
+            rows = _table_rows16(source, name)   # float16 row ranges, never the float32 whole
+            index[name] = writers[file_of[name]].add_rows(name, rows)
+            shape = (sum(len(r) for r in rows), rows[0].shape[1])
             for p in sorted(tables.get(t, ())):
                 # From the fp16-rounded table the float graphs use, so quantizing only adds its
-                # own error.
+                # own error; by row ranges, each row alone (the same bytes as the whole).
                 sch = table_scheme(schemes, p)
                 keys = table_keys(t, p, sch)
-                kept = _kept_table(candidates, t, sch, table.shape)
-                for role, arr in (_quantized_arrays(kept) if kept is not None else
-                                  _linear_arrays(table, p, sch)).items():   # by row ranges
-                    put(keys[role], arr)
+                kept = _kept_table(candidates, t, sch, shape)
+                parts = [_quantized_arrays(q) for q in ([kept] if kept is not None else
+                                                        (quantize(r, sch) for r in rows))]
+                for role in parts[0]:   # written by row ranges, not joined (0.5 GB at 8B INT8)
+                    index[keys[role]] = writers[file_of[keys[role]]].add_rows(
+                        keys[role], [a[role] for a in parts])
+                del parts, kept
                 if progress:
                     progress(f"stored the {t} table at {p}")
-            del table
+            del rows
         put(FINAL_NORM, source.tensor(FINAL_NORM) + offset)
         for key, inv_freq in ropes.items():
             put(key, inv_freq)

@@ -540,3 +540,39 @@ def test_the_store_writes_the_kept_head_not_a_new_quantization(tiny, tmp_path, m
     assert kept == made
     for f in (tmp_path / "made" / "weights").iterdir():
         assert f.read_bytes() == (tmp_path / "kept" / "weights" / f.name).read_bytes()
+
+
+def test_the_store_reads_writes_and_quantizes_tables_by_row_ranges(tiny, tmp_path, monkeypatch):
+    """The store never reads a token table whole where the source reads row ranges (its
+    float32 whole and float16 copy were 3.1 GB of an 8B store stage): the stored fp16 and
+    quantized tables are those of the whole table, byte for byte, and a source without
+    row-range reads gives the same store."""
+    from safetensors.numpy import load_file
+
+    import lsaq_compile.export_onnx as X
+    from lsaq_compile.devices import to_float16
+
+    src, win, act, _, _ = tiny
+    L = src.spec.num_layers
+    layers = {i: {"int8"} for i in range(L)}
+    kw = dict(act_stats=act, table_precisions={"embed_tokens": {"int4", "int8"},
+                                               "lm_head": {"int4", "int8"}})
+    monkeypatch.setattr(X, "TABLE_ROWS", 100)        # 512 rows: five ranges, the last short
+    whole = {n: to_float16(np.asarray(src.tensor(n), np.float32)) for n in (E.EMBED, E.LM_HEAD)}
+    real = src.tensor
+    monkeypatch.setattr(src, "tensor", lambda n: pytest.fail(f"{n} read whole")
+                        if n in whole else real(n))
+    X.write_weight_store(src, tmp_path / "rows", layers, SCHEMES, **kw)
+    monkeypatch.setattr(src, "tensor", real)
+    X.write_weight_store(_WholeTables(src), tmp_path / "whole", layers, SCHEMES, **kw)
+    store = {}
+    for f in (tmp_path / "rows" / "weights").iterdir():
+        assert f.read_bytes() == (tmp_path / "whole" / "weights" / f.name).read_bytes()
+        store.update(load_file(str(f)))
+    for t, n in (("embed_tokens", E.EMBED), ("lm_head", E.LM_HEAD)):
+        np.testing.assert_array_equal(store[n], whole[n])
+        for p in ("int4", "int8"):
+            sch = X.table_scheme(SCHEMES, p)
+            want = X._quantized_arrays(X.quantize(whole[n], sch))
+            for role, key in X.table_keys(t, p, sch).items():
+                np.testing.assert_array_equal(store[key], want[role])

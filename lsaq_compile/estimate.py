@@ -194,12 +194,13 @@ class _Stack:
                 while self._quantized and size + sum(
                         t.nbytes for t in self._quantized.values()) > QUANTIZED_TABLE_CACHE:
                     self._quantized.pop(next(iter(self._quantized)))   # the oldest first
-                self._quantized[key] = (_dequantized(qt.rows(0, n)).numpy() if qt is not None else
-                                        np.concatenate([
-                                            table_weight(self._rows(name, c, min(n, c + HEAD_CHUNK)),
-                                                         precision, self.schemes)
-                                            for c in range(0, n, HEAD_CHUNK)]))
-                return self._quantized[key][a:b]
+                if qt is not None:
+                    table = _dequantized(qt.rows(0, n)).numpy()
+                else:
+                    table = np.concatenate([table_weight(r, precision, self.schemes)
+                                            for r in self._row_chunks(name)])
+                self._quantized[key] = table
+                return table[a:b]
             if qt is not None:
                 return _dequantized(qt.rows(a, b)).numpy()
             return table_weight(self._rows(name, a, b), precision, self.schemes)
@@ -224,12 +225,16 @@ class _Stack:
             scheme = table_scheme(self.schemes, precision)
             path = table_candidate_path(self.candidates, TABLE_OF[name], scheme)
             if load_table_candidate(path, scheme) is None:   # None too if cut short by a kill
-                n = self._rows_count(name)
-                save_table_candidate(path, [
-                    quantize(self._rows(name, c, min(n, c + HEAD_CHUNK)), scheme)
-                    for c in range(0, n, HEAD_CHUNK)])
+                save_table_candidate(path, [quantize(r, scheme) for r in self._row_chunks(name)])
             self._tables[key] = load_table_candidate(path, scheme)
         return self._tables[key]
+
+    def _row_chunks(self, name: str):
+        """The table's FP16-rounded rows, HEAD_CHUNK at a time (a quantized copy is made by
+        these: every row is quantized alone)."""
+        n = self._rows_count(name)
+        for c in range(0, n, HEAD_CHUNK):
+            yield self._rows(name, c, min(n, c + HEAD_CHUNK))
 
     def _held_whole(self, name: str) -> np.ndarray:
         """A table read whole and kept as float16, for a source that cannot read row ranges."""

@@ -8,9 +8,9 @@ Random weights with the layer's shapes (benchmarks/checkpoints.py); activation s
 random too (the search's cost does not depend on them). Each setting quantizes the whole layer
 at the default profile's INT4 (group 32, asymmetric, clip mse-act) and INT8 (per channel, round
 to nearest), medians of `repeats`, wall and CPU seconds side by side in one run:
-  - `one thread, 2^15 steps`: the search as it was (one range of rows, short steps);
-  - `one thread`: today's step length on one thread;
-  - `N threads`: today's default (row ranges on every usable CPU).
+  - `numpy search, N threads`: the weighted search in numpy (einsum), as it was;
+  - `torch search, one thread`: quantize._search_weighted on one row range;
+  - `torch search, N threads`: today's default (row ranges on every usable CPU).
 Every setting's bytes are checked equal to the first's.
 """
 
@@ -43,14 +43,14 @@ def main() -> None:
     params = sum(w.size for _, w, _ in layer)
     schemes = Q.schemes_for("group", 32, symmetric=False, clip="mse-act")
     cpus = Q._workers()
-    settings = [("one thread, 2^15 steps", 1 << 15, 1), ("one thread", Q._CHUNK, 1),
-                (f"{cpus} threads (default)", Q._CHUNK, None)]
+    settings = [(f"numpy search, {cpus} threads", 0, None), ("torch search, one thread", 128, 1),
+                (f"torch search, {cpus} threads (default)", 128, None)]
     print(f"{args.shape}: one decoder layer, {params / 1e6:.0f}M weights, {cpus} usable CPUs, "
           f"medians of {args.repeats}")
     rows, first = [], {}
-    chunk0 = Q._CHUNK
-    for label, chunk, workers in settings:
-        Q._CHUNK = chunk
+    gs_max0 = Q._WEIGHTED_GS_MAX
+    for label, gs_max, workers in settings:
+        Q._WEIGHTED_GS_MAX = gs_max
         for prec in ("int4", "int8"):
             walls, cpus_s = [], []
             for _ in range(args.repeats):
@@ -65,7 +65,7 @@ def main() -> None:
             same = all(np.array_equal(x.packed, y.packed) and np.array_equal(x.scales, y.scales)
                        for x, y in zip(out, first[key]))
             rows.append((label, prec, statistics.median(walls), statistics.median(cpus_s), same))
-    Q._CHUNK = chunk0
+    Q._WEIGHTED_GS_MAX = gs_max0
     base = {p: w for label, p, w, _, _ in rows if label == settings[0][0]}
     print("\n| setting | precision | wall s | CPU s | speed-up | same bytes |")
     print("|---|---|---|---|---|---|")

@@ -299,45 +299,84 @@ def test_an_error_on_a_thread_is_the_callers_one_line():
                  act=np.ones(7, np.float32), workers=2)
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_in_place_search_chooses_what_the_plain_expressions_choose(symmetric):
-    """The search computes every candidate's error in one scratch buffer (a fresh temporary per
-    numpy call cost as much system time as the arithmetic): the ratios it picks must be, bit
-    for bit, those of the plain out-of-place expressions over the whole weight at once."""
+@pytest.mark.parametrize("gs", [1, 2, 32, 64, 128])
+def test_torch_weighted_sum_is_numpys_einsum_bit_for_bit(gs):
+    """The ratios only match numpy's search if every error does: the torch search's weighted sum
+    of squares must be the three-operand einsum's to the last bit (its order of additions),
+    which a pairwise sum is not (checked: the test tells them apart)."""
+    import torch
+
     import lsaq_compile.quantize as Q
 
-    w = _heavy(40, 200, seed=7)
-    act = _act(200, seed=8)
-    g = np.pad(w, ((0, 0), (0, 24))).reshape(40, -1, 32)
-    a = np.pad(act, (0, 24)).reshape(-1, 32)          # padded features: weight 0
+    rng = np.random.default_rng(gs)
+    d = (rng.standard_t(3, (37, 11, gs)) * 0.02).astype(np.float32)
+    act = _act(11 * gs, seed=gs).reshape(11, gs)
+    want = np.einsum("nbg,nbg,bg->nb", d, d, act, optimize=False)
+    assert np.array_equal(Q._weighted_sq(d, act), want)
+    dt = torch.from_numpy(d).permute(2, 0, 1).contiguous()
+    wt = torch.from_numpy(np.ascontiguousarray(act.T)).reshape(gs, 1, 11)
+    got = Q._weighted_sq_t(dt.clone(), wt, torch.empty(37, 11)).numpy()
+    assert np.array_equal(got, want)
+    if gs >= 32:   # a pairwise sum differs somewhere: the comparison can fail
+        assert not np.array_equal((dt * dt * wt).sum(0).numpy(), want)
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_in_place_search_chooses_what_the_plain_expressions_choose(symmetric, gs):
+    """The search computes every candidate's error in one scratch buffer (a fresh temporary per
+    numpy call cost as much system time as the arithmetic), and the weighted one in torch, laid
+    out [gs, rows, groups] (quantize._search_weighted): the ratios it picks must be, bit for
+    bit, those of the plain out-of-place numpy expressions over the whole weight at once, on
+    ordinary rows and on the edges of float16 scales (zero rows, subnormal and tiny ranges,
+    ranges past float16's largest value)."""
+    import lsaq_compile.quantize as Q
+
+    n, k = 46, 6 * gs + gs // 4 * 3                   # K pads the last group
+    w = _heavy(n, k, seed=7)
+    w[40] = 0.0
+    w[41] *= 1e-4                                     # scales in float16's subnormal range
+    w[42] *= 1e-7                                     # ranges below its smallest value (2^-24)
+    w[43] *= 4e6                                      # scales past its largest (65504): inf
+    w[44, : k // 2] = 0.0                             # zero groups beside ordinary ones
+    w[45] = np.abs(w[45])                             # one-signed rows: lo (or hi) is 0
+    act = _act(k, seed=8)
+    pad = (-k) % gs
+    g = np.pad(w, ((0, 0), (0, pad))).reshape(n, -1, gs)
+    a = np.pad(act, (0, pad)).reshape(-1, gs)         # padded features: weight 0
     qmax, levels = 7, 15
     amax = np.abs(g).max(axis=2)
     lo, hi = np.minimum(g.min(axis=2), 0.0), np.maximum(g.max(axis=2), 0.0)
 
     def err(r):
-        if symmetric:
-            s = Q._fp16_scale_up(amax * r / qmax).astype(np.float32)[..., None]
-            d = np.clip(np.rint(g / s), -qmax, qmax) * s - g
-        else:
-            s, zp = Q._asym_scale_zp(lo * r, hi * r, levels)
-            s, zp = s.astype(np.float32)[..., None], zp.astype(np.float32)[..., None]
-            d = (np.clip(np.rint(g / s) + zp, 0, levels) - zp) * s - g
-        return np.einsum("nbg,nbg,bg->nb", d, d, a, optimize=False)
+        with np.errstate(all="ignore"):   # the inf scales: inf - inf, as in the search
+            if symmetric:
+                s = Q._fp16_scale_up(amax * r / qmax).astype(np.float32)[..., None]
+                d = np.clip(np.rint(g / s), -qmax, qmax) * s - g
+            else:
+                s, zp = Q._asym_scale_zp(lo * r, hi * r, levels)
+                s, zp = s.astype(np.float32)[..., None], zp.astype(np.float32)[..., None]
+                d = (np.clip(np.rint(g / s) + zp, 0, levels) - zp) * s - g
+            return np.einsum("nbg,nbg,bg->nb", d, d, a, optimize=False)
 
     best, best_err = np.ones(g.shape[:2], np.float32), err(CLIP_RATIOS[0])
     for r in CLIP_RATIOS[1:]:
         e = err(r)
         best, best_err = np.where(e < best_err, r, best), np.minimum(e, best_err)
     assert np.any(best < 1)                          # a search that clips somewhere
-    old = Q._CHUNK
+    old, old_max = Q._CHUNK, Q._WEIGHTED_GS_MAX
     try:
-        for chunk in (1 << 19, 1 << 8):              # one step, and steps of 2 rows
-            Q._CHUNK = chunk
-            if symmetric:
-                got = Q._sym_range(g, qmax, "mse-act", a)
-                assert np.array_equal(got, amax * best)
-            else:
-                glo, ghi = Q._asym_range(g, levels, "mse-act", a)
-                assert np.array_equal(glo, lo * best) and np.array_equal(ghi, hi * best)
+        # torch (the default for these groups) and numpy's einsum (what it replaced); one
+        # step, and steps of 2 rows
+        for gs_max, chunk in ((128, 1 << 19), (128, 2 * g[0].size), (0, 1 << 19), (0, 1 << 8)):
+            Q._CHUNK, Q._WEIGHTED_GS_MAX = chunk, gs_max
+            with np.errstate(all="ignore"):
+                if symmetric:
+                    got = Q._sym_range(g, qmax, "mse-act", a)
+                    assert np.array_equal(got, amax * best), (gs_max, chunk)
+                else:
+                    glo, ghi = Q._asym_range(g, levels, "mse-act", a)
+                    assert np.array_equal(glo, lo * best) and np.array_equal(ghi, hi * best), \
+                        (gs_max, chunk)
     finally:
-        Q._CHUNK = old
+        Q._CHUNK, Q._WEIGHTED_GS_MAX = old, old_max

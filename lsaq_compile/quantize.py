@@ -33,9 +33,9 @@ CLIPS = ("none", "mse", "mse-act")
 # Range ratios the clipping search tries, 1.0 first: r = 1 is round to nearest itself and ties
 # keep the first, so the search never ends with a larger (weighted) error than RTN.
 CLIP_RATIOS = np.round(np.arange(1.0, 0.495, -0.02), 2).astype(np.float32)   # 1.00 ... 0.50
-# elements per search step: numpy holds the GIL between its calls, so steps must be long enough
-# for threads quantizing other rows to run beside it (2^15: 2 threads 1.2x faster than one;
-# 2^19: 2.5x, and one thread is faster too: benchmarks/bench_quantize.py)
+# elements per search step (numpy's and torch's): Python holds the GIL between their calls, so
+# steps must be long enough for threads quantizing other rows to run beside it (numpy, on the
+# AVX-512 CPU: 2^15: 2 threads 1.2x faster than one; 2^19: 2.5x, and one thread is faster too)
 _CHUNK = 1 << 19
 # a weight of at least this many elements is quantized by row ranges on every usable CPU (rows
 # are independent: the same bytes as one range); below it a thread pool costs more than it saves
@@ -244,8 +244,9 @@ def _search(g: np.ndarray, error) -> np.ndarray:
 def _search_weighted(g: np.ndarray, act: np.ndarray, levels: int, lo: np.ndarray | None,
                      hi: np.ndarray) -> np.ndarray:
     """`_search` of the activation-weighted error of a group scheme (small gs), in torch: the
-    same ratios bit for bit, about 3x faster (numpy's float32 divide and its three-operand
-    einsum were most of a 7B build's quantization; torch's kernels release the GIL).
+    same ratios bit for bit, faster (numpy's float32 divide and its three-operand einsum were
+    most of a 7B build's quantization; torch's kernels release the GIL): a 7B layer's INT4 on
+    2 AVX2 cores 15.7 -> 10.1 s, benchmarks/bench_quantize.py.
 
     Symmetric when lo is None (hi = max|w|, levels = qmax), else asymmetric over [lo, hi].
     Exactness: every step is one IEEE float32 operation as in the numpy expressions (division,

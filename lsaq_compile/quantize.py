@@ -284,7 +284,7 @@ def _search_weighted(g: np.ndarray, act: np.ndarray, levels: int, lo: np.ndarray
             # clip(q + zp, 0, levels) - zp == clip(q, -zp, levels - zp): small integers, exact
             ZP = torch.clamp(torch.round(-lr / S), 0, levels)
             QLO, QHI = -ZP, levels - ZP
-        acc, best_err = torch.empty((b - a, nb)), None
+        acc, best_err = torch.empty((b - a, nb), dtype=torch.float32), None
         for i, r in enumerate(R[:, 0, 0]):
             s = S[i]
             torch.div(gt, s, out=d)

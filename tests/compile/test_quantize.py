@@ -299,6 +299,32 @@ def test_an_error_on_a_thread_is_the_callers_one_line():
                  act=np.ones(7, np.float32), workers=2)
 
 
+def test_the_torch_search_gives_back_torchs_threads(monkeypatch):
+    """The weighted search turns torch's own threads off while it runs (row ranges are on
+    every CPU already): the caller's setting comes back, after an error too."""
+    import torch
+
+    import lsaq_compile.quantize as Q
+
+    scheme = QuantScheme(4, "group", 32, False, clip="mse-act")
+    w, act = _weight(64, 128), _act(128)
+    original = torch.get_num_threads()
+    torch.set_num_threads(3)            # whatever the machine: a setting that is not 1
+    try:
+        seen = []
+        real = Q._search_weighted
+        monkeypatch.setattr(Q, "_search_weighted",
+                            lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+        quantize(w, scheme, act=act, workers=2)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 3
+        monkeypatch.setattr(Q, "_search_weighted", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            quantize(w, scheme, act=act)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(original)
+
+
 @pytest.mark.parametrize("gs", [1, 2, 32, 64, 128])
 def test_torch_weighted_sum_is_numpys_einsum_bit_for_bit(gs):
     """The ratios only match numpy's search if every error does: the torch search's weighted sum

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoints import REPO, SHAPES, checkpoint, layer_params, log, measure, table_params  # noqa: E402
+from checkpoints import (REPO, SHAPES, checkpoint, cpu_description, layer_params, log,  # noqa: E402
+                         measure, table_params)
 
 
 def bundle_gib(path: Path) -> float:
@@ -81,7 +82,8 @@ def main() -> None:
                     shutil.rmtree(out, ignore_errors=True)
             if not args.keep:
                 shutil.rmtree(ckpt, ignore_errors=True)
-    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs, load average at the "
+    lines = [f"Machine: {platform.machine()}, {cpu_description()}, {os.cpu_count()} logical CPUs, "
+             "load average at the "
              f"start {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f}, at the end "
              f"{os.getloadavg()[0]:.1f}; total {(time.perf_counter() - t0) / 60:.0f} min. Random "
              "weights with the published shapes (benchmarks/checkpoints.py).", "",

@@ -29,7 +29,7 @@ sys.path[:0] = [str(REPO), str(REPO / "runtime")]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lsaq_compile.quantize as Q  # noqa: E402
-from checkpoints import SHAPES, layer_linears  # noqa: E402
+from checkpoints import SHAPES, cpu_description, layer_linears  # noqa: E402
 
 
 def main() -> None:
@@ -45,8 +45,8 @@ def main() -> None:
     cpus = Q._workers()
     settings = [(f"numpy search, {cpus} threads", 0, None), ("torch search, one thread", 128, 1),
                 (f"torch search, {cpus} threads (default)", 128, None)]
-    print(f"{args.shape}: one decoder layer, {params / 1e6:.0f}M weights, {cpus} usable CPUs, "
-          f"medians of {args.repeats}")
+    print(f"{args.shape}: one decoder layer, {params / 1e6:.0f}M weights, {cpus} usable CPUs "
+          f"({cpu_description()}), medians of {args.repeats}")
     rows, first = [], {}
     gs_max0 = Q._WEIGHTED_GS_MAX
     for label, gs_max, workers in settings:

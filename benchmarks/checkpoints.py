@@ -48,6 +48,32 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name and the vector instructions a build's speed depends on: wall times
+    measured on machines that differ here are not comparable (float32 GEMMs and the clipping
+    search on AVX2 against AVX-512; bfloat16 is about 200x slower without its instructions)."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open(cpuinfo, encoding="utf-8", errors="replace"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        return name
+    if not flags:
+        return name
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    have = [f for f in wanted if f in flags]
+    missing = [f for f in wanted if f not in flags]
+    return f"{name} ({', '.join(have) or 'none of ' + '/'.join(wanted)}" + \
+        (f"; no {', '.join(missing)})" if missing and have else ")")
+
+
 def layer_linears(shape: dict) -> list[tuple[str, int, int]]:
     """(HF linear, rows, columns) of one decoder layer of `shape`, in checkpoint order."""
     h, ff = shape["hidden_size"], shape["intermediate_size"]

@@ -9,7 +9,7 @@ from factories.data import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_compile import extrapolate, stage_seconds  # noqa: E402
-from checkpoints import SHAPES, layer_params, measure, table_params  # noqa: E402
+from checkpoints import SHAPES, cpu_description, layer_params, measure, table_params  # noqa: E402
 
 # A child that holds 300 MiB of anonymous memory in a grandchild for a moment, burning CPU.
 HOLD = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
@@ -71,3 +71,15 @@ def test_stage_seconds_count_each_interval_to_the_line_that_ends_it(tmp_path):
     c = measure([sys.executable, "-c", "import sys; print('[    1.5s] model: x', file=sys.stderr)"],
                 every=0.05, log_path=kept)
     assert c.rc == 0 and stage_seconds(kept.read_text()) == {"model": 1.5}
+
+
+def test_the_cpu_is_described_by_name_and_the_instructions_speed_depends_on(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma\n")
+    assert cpu_description(str(info)) == "AMD EPYC (avx2; no avx512f, avx512_bf16, amx_bf16)"
+    info.write_text("model name\t: Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16\n")
+    assert cpu_description(str(info)) == "Xeon (avx2, avx512f, avx512_bf16, amx_bf16)"
+    info.write_text("model name\t: Old\nflags\t\t: sse2\n")
+    assert cpu_description(str(info)) == "Old (none of avx2/avx512f/avx512_bf16/amx_bf16)"
+    assert cpu_description(str(tmp_path / "absent"))     # no /proc: the platform's name

@@ -43,12 +43,12 @@ def main() -> None:
     params = sum(w.size for _, w, _ in layer)
     schemes = Q.schemes_for("group", 32, symmetric=False, clip="mse-act")
     cpus = Q._workers()
-    settings = [(f"numpy search, {cpus} threads", 0, None), ("torch search, one thread", 128, 1),
-                (f"torch search, {cpus} threads (default)", 128, None)]
+    gs_max0 = Q._WEIGHTED_GS_MAX
+    settings = [(f"numpy search, {cpus} threads", 0, None), ("torch search, one thread", gs_max0, 1),
+                (f"torch search, {cpus} threads (default)", gs_max0, None)]
     print(f"{args.shape}: one decoder layer, {params / 1e6:.0f}M weights, {cpus} usable CPUs "
           f"({cpu_description()}), medians of {args.repeats}")
     rows, first = [], {}
-    gs_max0 = Q._WEIGHTED_GS_MAX
     for label, gs_max, workers in settings:
         Q._WEIGHTED_GS_MAX = gs_max
         for prec in ("int4", "int8"):

@@ -70,8 +70,9 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
     have = [f for f in wanted if f in flags]
     missing = [f for f in wanted if f not in flags]
-    return f"{name} ({', '.join(have) or 'none of ' + '/'.join(wanted)}" + \
-        (f"; no {', '.join(missing)})" if missing and have else ")")
+    if not have:
+        return f"{name} (none of {'/'.join(wanted)})"
+    return f"{name} ({', '.join(have)}" + (f"; no {', '.join(missing)})" if missing else ")")
 
 
 def layer_linears(shape: dict) -> list[tuple[str, int, int]]:

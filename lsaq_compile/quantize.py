@@ -180,6 +180,20 @@ def _fp16_scale_up(scale: np.ndarray) -> np.ndarray:
     return np.where(s16 > 0, s16, tiny).astype(np.float16)
 
 
+def _codes(x: np.ndarray, scale: np.ndarray, lo, hi, zp: np.ndarray | None = None,
+           offset: int = 0) -> np.ndarray:
+    """np.clip(np.rint(x / scale) (+ zp), lo, hi) + offset, each step in one buffer: fresh
+    weight-sized temporaries were faulted in page by page, several times the arithmetic."""
+    q = np.divide(x, scale)
+    np.rint(q, out=q)
+    if zp is not None:
+        np.add(q, zp, out=q)
+    np.clip(q, lo, hi, out=q)
+    if offset:
+        q += offset
+    return q
+
+
 def _pack(codes: np.ndarray, bits: int, n: int, block: int) -> np.ndarray:
     codes = codes.astype(np.uint8).reshape(n, -1, block)
     if bits == 8:
@@ -300,7 +314,7 @@ def _search_weighted(g: np.ndarray, act: np.ndarray, levels: int, lo: np.ndarray
                 continue
             better = acc < best_err                                # strict: ties keep the larger
             best_err = torch.where(better, acc, best_err)
-            best[a:b] = torch.where(better, r, best[a:b])
+            best[a:b].masked_fill_(better, r)
     return best.numpy()
 
 
@@ -321,7 +335,7 @@ def _sym_range(g: np.ndarray, qmax: int, clip: str, act: np.ndarray | None) -> n
     amax = np.abs(g).max(axis=2)
     if clip == "none":
         return amax
-    if act is not None and g.shape[2] <= _WEIGHTED_GS_MAX:
+    if _weighted_in_torch(g.shape[2], act):
         return amax * _search_weighted(g, act, qmax, None, amax)
 
     def error(rows, r, d):
@@ -346,7 +360,7 @@ def _asym_range(g: np.ndarray, levels: int, clip: str, act: np.ndarray | None
     hi = np.maximum(g.max(axis=2), 0.0)
     if clip == "none":
         return lo, hi
-    if act is not None and g.shape[2] <= _WEIGHTED_GS_MAX:
+    if _weighted_in_torch(g.shape[2], act):
         ratio = _search_weighted(g, act, levels, lo, hi)
         return lo * ratio, hi * ratio
 
@@ -389,8 +403,7 @@ def quantize_channel(w: np.ndarray, bits: int, block: int | None = None, clip: s
     amax = _sym_range(w[:, None, :], qmax, clip, None if act is None else act[None])[:, 0]
     scale = _fp16_scale_up(amax / qmax)                               # [n]
     s = scale.astype(np.float32)[:, None]
-    q = np.clip(np.rint(w / s), -qmax, qmax)
-    codes = _pad_k(q + 2 ** (bits - 1), block)                        # pad codes = zero point = 0.0
+    codes = _pad_k(_codes(w, s, -qmax, qmax, offset=2 ** (bits - 1)), block)   # pad codes = 0.0
     nb = codes.shape[1] // block
     return QuantizedTensor(QuantScheme(bits, "channel", clip=clip), n, k, block,
                            _pack(codes, bits, n, block), np.repeat(scale[:, None], nb, axis=1))
@@ -413,16 +426,11 @@ def quantize_group(w: np.ndarray, bits: int, group_size: int, symmetric: bool = 
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = _fp16_scale_up(_sym_range(g, qmax, clip, act) / qmax)
-        q = np.clip(np.rint(g / scale.astype(np.float32)[..., None]), -qmax, qmax) + 2 ** (bits - 1)
+        q = _codes(g, scale.astype(np.float32)[..., None], -qmax, qmax, offset=2 ** (bits - 1))
     else:
         levels = 2 ** bits - 1
         scale, zp = _asym_scale_zp(*_asym_range(g, levels, clip, act), levels)   # zp [n, nb]
-        # np.clip(np.rint(g / s) + zp, 0, levels) in one buffer: fresh weight-sized temporaries
-        # were faulted in page by page, several times the arithmetic
-        q = np.divide(g, scale.astype(np.float32)[..., None])
-        np.rint(q, out=q)
-        np.add(q, zp[..., None], out=q)
-        np.clip(q, 0, levels, out=q)
+        q = _codes(g, scale.astype(np.float32)[..., None], 0, levels, zp[..., None])
         if k % group_size:
             # padded tail must dequantize to 0: code = zero point
             tail = np.arange(nb * group_size).reshape(nb, group_size) >= k
@@ -458,9 +466,15 @@ def quantize(w: np.ndarray, scheme: QuantScheme, block: int | None = None,
     return _rows_joined(parts)
 
 
+def _weighted_in_torch(gs: int, act) -> bool:
+    """Whether the search of groups of gs features, weighted by act (None: unweighted), runs
+    in torch (_search_weighted) rather than numpy."""
+    return act is not None and gs <= _WEIGHTED_GS_MAX
+
+
 def _searches_in_torch(scheme: QuantScheme, act) -> bool:
-    return (scheme.clip == "mse-act" and act is not None and scheme.kind == "group"
-            and scheme.group_size <= _WEIGHTED_GS_MAX)
+    return (scheme.clip == "mse-act" and scheme.kind == "group"
+            and _weighted_in_torch(scheme.group_size, act))
 
 
 @contextmanager

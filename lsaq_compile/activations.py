@@ -14,18 +14,19 @@ import torch
 
 from .errors import LsaqError
 from .export_onnx import FUSED, act_key
-from .layerwise import ProgressHook, forward_layers, torch_linears
+from .layerwise import HiddenOutHook, ProgressHook, forward_layers, torch_linears
 from .model_source import ModelSource
 
 
 def activation_stats(source: ModelSource, windows: np.ndarray, batch_size: int = 8,
-                     progress: ProgressHook | None = None, device: str = "cpu"
-                     ) -> dict[str, np.ndarray]:
+                     progress: ProgressHook | None = None, device: str = "cpu",
+                     on_output: HiddenOutHook | None = None) -> dict[str, np.ndarray]:
     """{act_key(i, lin): float32 [K]} for every layer i and stored linear lin (export_onnx.FUSED).
 
     windows: int64 [samples, seq_len] calibration token ids (calibration.load_calibration);
     device: auto | cpu | cuda (float16 on the GPU, one layer there at a time; the sums are
-    float64 either way)."""
+    float64 either way); on_output(i, h): the states leaving layer i, all windows (a build
+    keeps them: estimate.reference_sink)."""
     from .devices import _device
 
     dev = _device(device)
@@ -46,7 +47,7 @@ def activation_stats(source: ModelSource, windows: np.ndarray, batch_size: int =
             layer.get_submodule(module_of[members[0]]).register_forward_pre_hook(hook)
 
     forward_layers(source, windows, on_layer=on_layer, batch_size=batch_size, progress=progress,
-                   device=dev, dtype=dtype)
+                   on_output=on_output, device=dev, dtype=dtype)
     tokens = windows.size
     out = {}
     for key, s in sums.items():

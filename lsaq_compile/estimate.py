@@ -23,6 +23,7 @@ sweep per probe that recomputes one layer at a time from its stored input.
 Passes over the model (each reads every layer's weights once):
   1. forward: the FP16 hidden state entering every layer is stored (float16; on disk by
      np.memmap when large), and the top one is projected on the vocabulary in row chunks;
+     in a build this pass only reads the states an earlier pass kept (PlanStates);
   2. at the head: `probes` label sets y ~ p (Gumbel-max per vocabulary chunk, the noise drawn
      on the CPU so every device draws the same labels) and the gradient they send down;
   3. backward from the top: per layer, the quantized candidates of its linears (exactly the
@@ -69,6 +70,8 @@ from .sensitivity import GRANULARITY, QUANTIZED, Sensitivity, _stats_key
 HEAD_CHUNK = 8192          # vocabulary rows projected at once: bounds the head's memory
 MEMMAP_BYTES = 256 << 20   # stored hidden states above this go to a file, not RAM
 QUANTIZED_TABLE_CACHE = 1 << 30   # quantized token tables up to this in all (float32) are kept
+PASS_BATCH = 4             # windows a pass runs through a layer at once (the same in every pass,
+                           # so that one pass's FP16 states are another's, bit for bit)
 TABLE_OF = {f"{base}.weight": t for t, base in TABLE_BASE.items()}   # EMBED -> "embed_tokens"
 
 
@@ -162,7 +165,7 @@ class _Stack:
             raise LsaqError(f"calibration windows must be [samples, seq_len >= 2], not {self.ids.shape}")
         self.n, self.seq_len = self.ids.shape
         self.tokens = self.n * (self.seq_len - 1)   # the last position predicts nothing inside
-        self.ids_digest = _digest(self.ids)         # names kept plan states (PlanStates)
+        self.state_facts = state_facts(device, dtype, self.ids)   # names kept plan states
         self.modules = torch_linears(spec)          # transformers' module -> HF linears it stacks
         positions = torch.arange(self.seq_len)[None]
         rot = position_embeddings(spec, self.config, torch.zeros(1, 1, dtype=torch.float32),
@@ -175,6 +178,7 @@ class _Stack:
         tied = spec.tie_word_embeddings or not source.has_tensor(LM_HEAD)
         self.head_name = EMBED if tied else LM_HEAD
         self._whole: dict[str, np.ndarray] = {}
+        self._stored16: dict[str, bool] = {}   # source tensor -> stored as float16 (_fp16_model)
         self.vocab = self._rows_count(self.head_name)
 
     def _rows(self, name: str, a: int, b: int, precision: str = "fp16") -> np.ndarray:
@@ -208,7 +212,7 @@ class _Stack:
             read = getattr(self.source, "tensor_rows", None)
             rows = read(name, a, b) if read is not None else None
             if rows is not None:
-                return _f16(rows)
+                return self._fp16_model(name, rows).numpy()
         return to_float32(self._held_whole(name)[a:b])
 
     def _table_quantized(self, name: str, precision: str):
@@ -298,8 +302,8 @@ class _Stack:
         state = {f"{n}.weight": w for n, w in (linears or {}).items()}
         for k in list(tensors):
             v = tensors.pop(k)
-            state[k] = (_f16_t(v).to(self.device, self.dtype) if k in linear else
-                        self._t(np.asarray(v, np.float32)))
+            state[k] = (self._fp16_model(layer_key(i, k), v).to(self.device, self.dtype)
+                        if k in linear else self._t(np.asarray(v, np.float32)))
             del v
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
@@ -320,6 +324,16 @@ class _Stack:
             held[1][name] = self.source.tensor(layer_key(i, f"{name}.weight"))
         return held[1][name]
 
+    def _fp16_model(self, name: str, a: np.ndarray) -> torch.Tensor:
+        """float32 tensor of the FP16 model's values of source tensor `name` read as `a`: `a`
+        itself where the source stores it as float16 (its values are those already; rounding
+        again cast every weight of a 7B layer three times a pass, 56 s of its estimate), else
+        rounded to float16."""
+        if name not in self._stored16:
+            has = getattr(self.source, "stored_as_float16", None)
+            self._stored16[name] = bool(has is not None and has(name))
+        return _as_tensor(a) if self._stored16[name] else _f16_t(a)
+
     def _candidates_kept(self, i: int) -> bool:
         from .quantize import candidate_path
 
@@ -333,8 +347,8 @@ class _Stack:
         stacked by rows), exactly the weight change a graph at `precision` computes with (as
         KLMeter quantizes). With a candidate folder each quantization is made once per build
         and read back after (the clipping search costs more than the layer's forward)."""
-        out = [self._dequantized(i, n, act_stats, precision).sub_(_f16_t(self.weight(i, n)))
-               for n in members]
+        out = [self._dequantized(i, n, act_stats, precision).sub_(
+            self._fp16_model(layer_key(i, f"{n}.weight"), self.weight(i, n))) for n in members]
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def quantized(self, i: int, members: Sequence[str], act_stats: dict, precision: str
@@ -490,11 +504,12 @@ class Estimate:
 
 def estimate(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantScheme],
              act_stats: dict | None = None, *, probes: int = 8, seed: int = 0,
-             device: str = "cpu", dtype=None, batch_size: int = 4,
+             device: str = "cpu", dtype=None, batch_size: int = PASS_BATCH,
              workdir: str | os.PathLike | None = None, progress: ProgressFn | None = None,
              on_layer: Callable[[int, dict], None] | None = None,
              checkpoint: "Checkpoint | None" = None,
-             candidates: str | os.PathLike | None = None) -> Estimate:
+             candidates: str | os.PathLike | None = None,
+             kept: "PlanStates | None" = None) -> Estimate:
     """Streamed estimate of every stored linear's KL cost at INT8 and INT4 (module docstring).
 
     windows: int64 [samples, seq_len] calibration token ids; act_stats: the clip 'mse-act'
@@ -508,7 +523,8 @@ def estimate(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
     layers above it are then not measured again and their terms are zero in the result
     (`Estimate.first_layer` says from where they are real: the caller has the others).
     candidates: a folder keeping every quantized linear, made once and read back by later
-    passes (plans_kl) and by a resumed run."""
+    passes (plans_kl) and by a resumed run. kept: the FP16 reference's states kept by an
+    earlier pass (PlanStates): the forward reads them instead of computing them again."""
     dev = _device(device)
     dt = _dtype(dev, dtype)
     if probes < 0:
@@ -584,11 +600,17 @@ def estimate(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
             hidden.put(0, slice(None), h)
             tf = time.perf_counter()
             for i in range(L):
-                layer = st.layer(i)
-                with torch.no_grad():
-                    h = torch.cat([st.run(layer, i, h[sl]) for sl in batches])
+                ref = ("fp16",) * (i + 1)
+                if kept is not None and kept.has(st, "fp16", ref):
+                    h = kept.get(st, "fp16", ref)   # the same arithmetic, done by an earlier pass
+                else:
+                    layer = st.layer(i)
+                    with torch.no_grad():
+                        h = torch.cat([st.run(layer, i, h[sl]) for sl in batches])
+                    del layer
+                    if kept is not None:
+                        kept.put(st, "fp16", ref, h)
                 hidden.put(i + 1, slice(None), h)
-                del layer
                 clock.tick("forward", i + 1, time.perf_counter() - tf)
             del h
             hidden.finish()
@@ -877,18 +899,22 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
     tcost = {t: known[("table", t)] for t in names
              if ("table", t) in known and set(QUANTIZED) <= set(known[("table", t)])}
     todo = [t for t in names if t not in tcost]
+    kept = None
+    if checkpoint_dir is not None:
+        from .job import PLAN_STATES
+
+        # the FP16 reference's states (the activation pass keeps them where it computes what
+        # the passes compute: reference_sink): every pass after the first reads them, and
+        # the plans' first pass starts from them
+        kept = PlanStates(Path(checkpoint_dir) / PLAN_STATES, keep=lambda e, prefix: e == "fp16")
     if todo:
         say(f"token tables {', '.join(todo)}: exact KL at {'/'.join(QUANTIZED)} in one "
             "streamed pass")
-        kept = folder = None
+        folder = None
         if checkpoint_dir is not None:
-            from .job import CANDIDATES, PLAN_STATES
+            from .job import CANDIDATES
 
-            # the FP16 reference's states: the plans' first pass starts from them instead of
-            # running it again; the quantized head is made here once, for every later pass
-            # and the store
-            kept = PlanStates(Path(checkpoint_dir) / PLAN_STATES,
-                              keep=lambda e, prefix: e == "fp16")
+            # the quantized head is made here once, for every later pass and the store
             folder = Path(checkpoint_dir) / CANDIDATES
         got = table_costs(source, windows, schemes, todo, act_stats=act_stats, device=device,
                           dtype=dtype, progress=lambda step: say(f"tables {step}"), kept=kept,
@@ -930,7 +956,7 @@ def score(source: ModelSource, calibration, windows: np.ndarray, schemes: dict[s
         est = estimate(source, windows, schemes, act_stats, probes=probes, seed=seed,
                        device=device, dtype=probe_dtype or dtype, on_layer=on_layer, checkpoint=ckpt,
                        candidates=Path(checkpoint_dir) / CANDIDATES if checkpoint_dir else None,
-                       progress=lambda step: say(str(step)), **kw)
+                       kept=kept, progress=lambda step: say(str(step)), **kw)
         # a resumed sweep starts below the layers the log holds: they must all be there
         missing = [i for i in range(L) if not cost[units[0]][i]]
         if missing:
@@ -963,6 +989,8 @@ class PlanStates:
     start from the rung's state below the first part swapped, and no pass runs the FP16
     reference again. A resumed build's first pass finds them too. One file a state (.part then
     rename: a kill leaves no half state); the key holds the windows, the device and the dtype.
+    The FP16 reference's states come from the first pass that computes them: the activation
+    statistics' (reference_sink), else the token tables'.
     At Llama-2-7B shapes and 4 x 128 tokens a state is 8 MiB: the first pass's 11 plans keep
     2.8 GB."""
 
@@ -977,22 +1005,29 @@ class PlanStates:
         self.keep = keep   # which states a pass keeps: all, none, or keep(embedding, precisions)
         self._have = {p.name for p in self.folder.glob("*.pt")}
 
-    def _name(self, st: "_Stack", e: str, prefix: tuple) -> str:
+    @staticmethod
+    def _name(facts: tuple, e: str, prefix: tuple) -> str:
         import hashlib
 
-        key = repr((st.device.type, str(st.dtype), st.ids_digest, e, tuple(prefix)))
+        key = repr((*facts, e, tuple(prefix)))
         return f"{len(prefix) - 1:03d}.{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt"
 
     def has(self, st: "_Stack", e: str, prefix: tuple) -> bool:
-        return self._name(st, e, prefix) in self._have
+        return self._name(st.state_facts, e, prefix) in self._have
 
     def get(self, st: "_Stack", e: str, prefix: tuple) -> torch.Tensor:
-        return torch.load(self.folder / self._name(st, e, prefix), map_location=st.device)
+        return torch.load(self.folder / self._name(st.state_facts, e, prefix),
+                          map_location=st.device)
 
     def put(self, st: "_Stack", e: str, prefix: tuple, h: torch.Tensor) -> None:
+        self.put_state(st.state_facts, e, prefix, h)
+
+    def put_state(self, facts: tuple, e: str, prefix: tuple, h: torch.Tensor) -> None:
+        """Keep state h under `facts` (state_facts: device, dtype, windows) of a pass that
+        holds no _Stack (the activation pass: reference_sink)."""
         if not (self.keep(e, prefix) if callable(self.keep) else self.keep):
             return
-        name = self._name(st, e, prefix)
+        name = self._name(facts, e, prefix)
         if name in self._have:
             return
         part = self.folder / f".{name}.part"
@@ -1011,6 +1046,34 @@ class PlanStates:
         self._have = set()
 
 
+def state_facts(device: torch.device, dtype: torch.dtype, windows) -> tuple:
+    """What a kept state's name holds besides the plan: the device kind, the dtype and the
+    windows (a state computed elsewhere is never mistaken for this one)."""
+    return (torch.device(device).type, str(dtype), _digest(np.asarray(windows, np.int64)))
+
+
+def reference_sink(source: ModelSource, windows: np.ndarray, folder: str | os.PathLike
+                   ) -> Callable[[int, torch.Tensor], None] | None:
+    """A callback (i, h) keeping h as the FP16 reference's state leaving layer i in the plan
+    state folder, for a pass over `windows` that computes what the passes compute: the
+    activation statistics' forward (transformers' layers, PASS_BATCH windows at a time, the
+    device's dtype), so the tables' pass, the estimate's forward and the plans' first pass
+    do not run the FP16 model again (three of a 7B build's passes: about 150 s here). None
+    where the arithmetic would differ: a source whose linears or embedding are not stored as
+    float16 (the passes compute with them rounded to float16, the activation pass as read)."""
+    spec = source.spec
+    names = [EMBED] + [layer_key(i, f"{n}.weight") for i in range(spec.num_layers)
+                       for n in LINEAR_NAMES]
+    if not all(source.stored_as_float16(n) for n in names):
+        return None
+    states = PlanStates(folder, keep=True)
+
+    def sink(i: int, h: torch.Tensor) -> None:
+        states.put_state(state_facts(h.device, h.dtype, windows), "fp16", ("fp16",) * (i + 1), h)
+
+    return sink
+
+
 def _plan_of(plan, L: int, tied: bool) -> tuple[tuple[str, ...], str, str]:
     """(layer precisions, embedding precision, head precision) of a plan given as layer
     precisions or as (layer precisions, {table: precision}); a tied head follows the table."""
@@ -1026,7 +1089,7 @@ def _plan_of(plan, L: int, tied: bool) -> tuple[tuple[str, ...], str, str]:
 
 def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantScheme],
              plans: Sequence, act_stats: dict | None = None, *,
-             device: str = "cpu", dtype=None, batch_size: int = 4,
+             device: str = "cpu", dtype=None, batch_size: int = PASS_BATCH,
              progress: ProgressFn | None = None, stack: "_Stack | None" = None,
              label: str = "plans", kept: PlanStates | None = None,
              candidates=None) -> list[float]:

@@ -35,9 +35,11 @@ _CLASSES = {
 # progress(i, num_layers, seconds): layer i is done, it took `seconds`.
 # on_layer(i, layer): the loaded decoder layer module, before its forward pass (e.g. to register
 # forward pre-hooks on its linears; they go away with the layer).
+# on_output(i, h_out): the hidden states of all windows leaving layer i.
 WeightsHook = Callable[[int, dict], None]
 LayerHook = Callable[[int, torch.nn.Module], None]
 HiddenHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+HiddenOutHook = Callable[[int, torch.Tensor], None]
 ProgressHook = Callable[[int, int, float], None]
 
 
@@ -140,6 +142,7 @@ def causal_mask(seq_len: int, window: int | None = None) -> torch.Tensor:
 def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: HiddenHook | None = None,
                    on_weights: WeightsHook | None = None, batch_size: int = 8,
                    progress: ProgressHook | None = None, on_layer: LayerHook | None = None,
+                   on_output: HiddenOutHook | None = None,
                    device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
     """Embed `windows` (int64 [samples, seq_len]) and push them through every decoder layer,
     one layer in memory at a time, on `device` in `dtype` (float32 by default; the hooks then
@@ -192,6 +195,8 @@ def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: Hidde
                 out[b:b + batch_size] = run_layer(layer, h_in, masks[window], positions, rotary[i])
                 if on_hidden:
                     on_hidden(i, h_in, out[b:b + batch_size])
+        if on_output:
+            on_output(i, out)
         hidden = out
         del layer, tensors  # free this layer before the next one is read
         if progress:

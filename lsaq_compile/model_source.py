@@ -376,6 +376,18 @@ class ModelSource:
     def has_tensor(self, name: str) -> bool:
         return self._has(name) or self._split_of(name) is not None
 
+    def stored_as_float16(self, name: str) -> bool:
+        """Whether tensor `name` (a fused member: its fused tensor) is stored as float16, so
+        that its float32 values are exactly the float16-rounded ones the whole-plan passes
+        compute with (estimate.reference_sink). False where it is not or cannot be told."""
+        split = self._split_of(name)
+        full = split[0] if split is not None else name
+        return self._has(full) and self._stored_dtype(full) == "F16"
+
+    def _stored_dtype(self, name: str) -> str | None:
+        """The stored type's name as safetensors spells it (F16, BF16, F32), or None."""
+        return None
+
     def _convert_tokenizer(self, dest: Path) -> dict:
         """Write tokenizer.json (+ config, chat template) into dest; return tokenizer facts."""
         raise NotImplementedError
@@ -559,6 +571,9 @@ class HFSource(ModelSource):
         if name not in self._index:
             return None
         return tuple(self._index[name].get_slice(name).get_shape())
+
+    def _stored_dtype(self, name):
+        return self._index[name].get_slice(name).get_dtype()
 
     def tensor_rows(self, name: str, a: int, b: int) -> np.ndarray | None:
         """float32 rows [a, b) of a stored tensor, read alone: a token table is walked by row
@@ -766,6 +781,13 @@ class GGUFSource(ModelSource):
 
     def _has(self, name):
         return name in self._tensors
+
+    def _stored_dtype(self, name):
+        from gguf import GGMLQuantizationType
+
+        t = self._tensors[name].tensor_type
+        return {GGMLQuantizationType.F16: "F16", GGMLQuantizationType.F32: "F32",
+                GGMLQuantizationType.BF16: "BF16"}.get(t)
 
     def _read(self, name):
         from gguf import dequantize

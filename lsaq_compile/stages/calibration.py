@@ -28,7 +28,7 @@ def run(job: Job, ctx: BuildContext) -> Job:
             ctx.act_stats = _load_stats(job.path(old["activations"]))
             ctx.act_calib = old["act_calib"]
             return job
-    ctx.act_stats, ctx.act_calib = activation_stats(ctx)
+    ctx.act_stats, ctx.act_calib = activation_stats(ctx, job)
     if ctx.act_stats is not None and job.folder is not None:
         _save_stats(job.path(ACTIVATIONS), ctx.act_stats)
         facts.update(activations=ACTIVATIONS, act_calib=ctx.act_calib)
@@ -50,16 +50,25 @@ def windows(ctx: BuildContext):
     return calib, calib.held_out
 
 
-def activation_stats(ctx: BuildContext):
+def activation_stats(ctx: BuildContext, job: Job | None = None):
     """(stats, calibration facts) for clip 'mse-act', measured on the scoring calibration
-    windows; (None, None) for the other clips, which need no activations."""
+    windows; (None, None) for the other clips, which need no activations. In a job folder the
+    pass's states are kept as the FP16 reference of the passes after it, where they are
+    theirs bit for bit (estimate.reference_sink)."""
     if ctx.profile.quantization.clip != "mse-act":
         return None, None
     from ..activations import activation_stats as measure, windows_fingerprint
+    from ..estimate import PASS_BATCH, reference_sink
+    from ..job import PLAN_STATES
 
     calib = ctx.calib
     log = ctx.progress.stage("activations")
-    stats = measure(ctx.source, calib.windows, device=ctx.device,
+    sink = None
+    if (job is not None and job.folder is not None and ctx.metric == "sensitivity"
+            and ctx.profile.scoring.measure == "fisher"):   # the streamed passes read them
+        sink = reference_sink(ctx.source, calib.windows, job.path(PLAN_STATES))
+    stats = measure(ctx.source, calib.windows, device=ctx.device, batch_size=PASS_BATCH,
+                    on_output=sink,
                     progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))
     return stats, {"source": calib.source, "sha256": calib.sha256, "samples": calib.samples,
                    "seq_len": calib.seq_len, "windows_sha256": windows_fingerprint(calib.windows)}

@@ -580,3 +580,139 @@ def test_the_store_reads_writes_and_quantizes_tables_by_row_ranges(tiny, tmp_pat
             want = X._quantized_arrays(X.quantize(whole[n], sch))
             for role, key in X.table_keys(t, p, sch).items():
                 np.testing.assert_array_equal(store[key], want[role])
+
+
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory):
+    """A tiny Llama stored as float16, as real checkpoints ship, and calibration windows."""
+    src = open_model(make_tiny_model(tmp_path_factory.mktemp("est16") / "llama", dtype="float16"))
+    win = np.random.default_rng(1).integers(3, 512, size=(E.PASS_BATCH + 2, 32))
+    return src, win
+
+
+def _states(folder) -> dict:
+    import torch
+
+    return {p.name: torch.load(p) for p in sorted(folder.glob("*.pt"))}
+
+
+def test_the_activation_pass_keeps_the_fp16_reference_bit_for_bit(tiny16, tmp_path, monkeypatch):
+    """The activation statistics' forward keeps the state leaving every layer where its
+    arithmetic is the passes' (float16-stored weights, the passes' batches): the states equal
+    the ones a whole-plan pass computes bit for bit, under the names it looks for, and the
+    statistics are the ones measured without keeping. The tables' pass and the estimate's
+    forward then run no FP16 layer, with the same KLs and the same estimate."""
+    import torch
+
+    src, win = tiny16
+    L = src.spec.num_layers
+    folder = tmp_path / "kept"
+    sink = E.reference_sink(src, win, folder)
+    assert sink is not None
+    act = activation_stats(src, win, batch_size=E.PASS_BATCH, on_output=sink)
+    plain_act = activation_stats(src, win, batch_size=E.PASS_BATCH)
+    assert act.keys() == plain_act.keys()
+    assert all(np.array_equal(act[k], plain_act[k]) for k in act)
+    # the reference a pass computes and keeps itself, in a folder of its own
+    ref = tmp_path / "ref"
+    plain = E.table_costs(src, win, SCHEMES, ["embed_tokens"], act_stats=act,
+                          kept=E.PlanStates(ref, keep=lambda e, prefix: e == "fp16"))
+    kept, computed = _states(folder), _states(ref)
+    assert len(kept) == L and kept.keys() == computed.keys()
+    for name in kept:
+        assert torch.equal(kept[name], computed[name]), name
+    # passes reading the kept reference: no FP16 layer run, the very same numbers
+    runs = []
+    real_run = E._Stack.run
+    monkeypatch.setattr(E._Stack, "run", lambda st, lay, i, h: runs.append(i) or real_run(st, lay, i, h))
+    again = E.table_costs(src, win, SCHEMES, ["embed_tokens"], act_stats=act,
+                          kept=E.PlanStates(folder, keep=lambda e, prefix: e == "fp16"))
+    assert again == plain
+    assert len(runs) == 2 * L * 2            # int8 and int4 embeddings, 2 batches a layer
+    reads = []
+    real_layer = E._Stack.layer
+    monkeypatch.setattr(E._Stack, "layer", lambda st, i, *a: reads.append(i) or real_layer(st, i, *a))
+    est = E.estimate(src, win, SCHEMES, act, probes=2, seed=0,
+                     kept=E.PlanStates(folder, keep=lambda e, prefix: e == "fp16"))
+    assert reads == list(reversed(range(L)))   # the backward's layers only: no forward
+    reads.clear()
+    base = E.estimate(src, win, SCHEMES, act, probes=2, seed=0)
+    assert len(reads) == 2 * L
+    for a, b in ((est.first, base.first), (est.outdiag, base.outdiag), (est.local, base.local)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_activation_pass_keeps_nothing_where_its_arithmetic_differs(tmp_path):
+    """A checkpoint stored as float32 or bfloat16: the passes compute with its linears rounded
+    to float16, the activation pass with them as read, so its states are not theirs."""
+    win = np.random.default_rng(1).integers(3, 512, size=(4, 32))
+    for dtype in ("float32", "bfloat16"):
+        src = open_model(make_tiny_model(tmp_path / dtype, dtype=dtype))
+        assert E.reference_sink(src, win, tmp_path / f"{dtype}-kept") is None
+        assert not src.stored_as_float16("model.layers.0.self_attn.q_proj.weight")
+
+
+def test_a_build_reuses_the_activation_passs_states_and_ships_the_same_bundle(tmp_path,
+                                                                                monkeypatch):
+    """A fisher build of a float16 checkpoint: its activation pass keeps the FP16 reference,
+    the token tables' pass and the estimate's forward run no FP16 layer, and the bundle is the
+    one built without it (every file's bytes; the manifest's variants)."""
+    import json
+
+    from factories.bundles import small_profile
+    from lsaq_compile.bundle import build_bundle
+    from lsaq_compile.progress import Progress
+
+    ck = make_tiny_model(tmp_path / "ck16", dtype="float16")
+    prof = small_profile(samples=2, seq_len=32, measure="fisher", probes=2)
+    prof.build.providers, prof.build.quality_samples, prof.build.rungs = ["cpu"], 0, 2
+    prof.quantization.tables, prof.build.ladder = "ladder", "bytes"   # the tables' pass too
+
+    def build(out):
+        build_bundle(ck, out, profile=prof, progress=Progress(quiet=True), remeasure=True)
+
+    runs = []
+    real_run = E._Stack.run
+    monkeypatch.setattr(E._Stack, "run", lambda st, lay, i, h: runs.append(i) or real_run(st, lay, i, h))
+    build(tmp_path / "with")
+    with_runs = len(runs)
+    monkeypatch.setattr(E, "reference_sink", lambda *a: None)
+    runs.clear()
+    build(tmp_path / "without")
+    L = open_model(ck).spec.num_layers
+    # without them the tables' pass runs the reference (and the estimate's forward reads
+    # that pass's states, so it runs none in either build)
+    assert len(runs) - with_runs == L
+
+    def files(d):
+        return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+                if p.is_file() and p.name != "manifest.json"}
+
+    a, b = files(tmp_path / "with"), files(tmp_path / "without")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "with",
+                                                                          tmp_path / "without"))
+    assert [v["precisions"] for v in ma["variants"]] == [v["precisions"] for v in mb["variants"]]
+    assert ma["variants"] == mb["variants"]
+
+
+def test_float16_stored_weights_are_not_rounded_again(tiny16, monkeypatch):
+    """A float16 checkpoint's weights read as float32 are the FP16 model's values already: the
+    passes take them as read (rounding again cast every weight three times a pass), with the
+    very numbers of rounding them."""
+    src, win = tiny16
+    L = src.spec.num_layers
+    act = activation_stats(src, win)
+    plans = [("int8",) * L, (("int4", "int8", "int8", "int4"), {"embed_tokens": "int8"})]
+    rounded = []
+    real = E._f16_t
+    monkeypatch.setattr(E, "_f16_t", lambda a: rounded.append(1) or real(a))
+    kl = E.plans_kl(src, win, SCHEMES, plans, act)
+    est = E.estimate(src, win, SCHEMES, act, probes=2, seed=0)
+    assert not rounded
+    monkeypatch.setattr(type(src), "stored_as_float16", lambda self, name: False)
+    assert E.plans_kl(src, win, SCHEMES, plans, act) == kl
+    again = E.estimate(src, win, SCHEMES, act, probes=2, seed=0)
+    assert rounded                           # the same numbers, by rounding every weight
+    for a, b in ((est.first, again.first), (est.outdiag, again.outdiag), (est.local, again.local)):
+        np.testing.assert_array_equal(a, b)

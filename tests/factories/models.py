@@ -9,10 +9,11 @@ from .data import C4
 
 
 def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, norm_noise: float = 0.0,
-                    **overrides) -> Path:
+                    dtype: str = "float32", **overrides) -> Path:
     """Save a tiny random model of a supported family (arch: its transformers model_type, e.g.
     "llama", "qwen3", "phi3", "gemma3_text") in safetensors, with a working tokenizer.
-    norm_noise: spread of the norm weights (0: transformers' init)."""
+    norm_noise: spread of the norm weights (0: transformers' init); dtype: the stored type
+    (float32, or float16/bfloat16 as real checkpoints ship)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -30,7 +31,7 @@ def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, norm_noise: 
             elif norm_noise and name.endswith("norm.weight"):
                 p.add_(norm_noise * torch.randn_like(p))
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
     save_tiny_tokenizer(path, cfg["vocab_size"])
     return path
 

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_OF, TABLE_BASE, layer_key
 
-from .devices import _clock, _device, _dtype, _tensor, to_float16, to_float32  # noqa: F401  (estimate._device: the public spelling of old)
+from .devices import _clock, _device, _dtype, _tensor  # noqa: F401  (estimate._device: the public spelling of old)
 from .errors import LsaqError
 from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, part_precision, table_scheme, table_weight
 from .layerwise import (_classes, final_norm, module_state, position_embeddings,
@@ -126,20 +126,10 @@ class _Clock:
 
 
 # ---------------------------------------------------------------------------- the stack
-def _f16(a) -> np.ndarray:
-    """float32 copy of the FP16 model's value (what the FP16 variant computes with)."""
-    return _f16_t(a).numpy()
-
-
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
     """A float32 CPU tensor over `a` without a copy where numpy allows; a read-only array (a
     memory map) is only ever read through it, so torch's warning about it does not apply."""
     return _tensor(np.asarray(a, np.float32))
-
-
-def _f16_t(a) -> torch.Tensor:
-    """_f16 in torch: the same IEEE rounding (bit-identical), on all cores, not numpy's one."""
-    return _as_tensor(a).to(torch.float16).to(torch.float32)
 
 
 class _Stack:
@@ -177,16 +167,14 @@ class _Stack:
         self.norm = self._t(np.asarray(source.tensor(FINAL_NORM), np.float32))
         tied = spec.tie_word_embeddings or not source.has_tensor(LM_HEAD)
         self.head_name = EMBED if tied else LM_HEAD
-        self._whole: dict[str, np.ndarray] = {}
-        self._stored16: dict[str, bool] = {}   # source tensor -> stored as float16 (_fp16_model)
         self.vocab = self._rows_count(self.head_name)
 
     def _rows(self, name: str, a: int, b: int, precision: str = "fp16") -> np.ndarray:
-        """float32 rows [a, b) of the embedding or head, FP16-rounded, or as a graph at
-        `precision` computes with them (a table is quantized per row, so a range of rows is
-        quantized alone). Read by row ranges where the source can; otherwise read once and
-        kept as float16. A quantized table is made once where the build keeps candidates
-        (_table_quantized); a small one's float32 copy is kept (refinement asks again)."""
+        """float32 rows [a, b) of the embedding or head as the FP16 model holds them
+        (ModelSource.table_rows), or as a graph at `precision` computes with them (a table is
+        quantized per row, so a range of rows is quantized alone). A quantized table is made
+        once where the build keeps candidates (_table_quantized); a small one's float32 copy
+        is kept (refinement asks again)."""
         if precision != "fp16":
             key = (name, precision)
             if key in self._quantized:
@@ -208,12 +196,7 @@ class _Stack:
             if qt is not None:
                 return _dequantized(qt.rows(a, b)).numpy()
             return table_weight(self._rows(name, a, b), precision, self.schemes)
-        if name not in self._whole:
-            read = getattr(self.source, "tensor_rows", None)
-            rows = read(name, a, b) if read is not None else None
-            if rows is not None:
-                return self._fp16_model(name, rows).numpy()
-        return to_float32(self._held_whole(name)[a:b])
+        return self.source.table_rows(name, a, b)
 
     def _table_quantized(self, name: str, precision: str):
         """Table `name` quantized at `precision` as the store holds it (memory-mapped from the
@@ -240,16 +223,8 @@ class _Stack:
         for c in range(0, n, HEAD_CHUNK):
             yield self._rows(name, c, min(n, c + HEAD_CHUNK))
 
-    def _held_whole(self, name: str) -> np.ndarray:
-        """A table read whole and kept as float16, for a source that cannot read row ranges."""
-        if name not in self._whole:
-            self._whole[name] = to_float16(np.asarray(self.source.tensor(name), np.float32))
-        return self._whole[name]
-
     def _rows_count(self, name: str) -> int:
-        shape_of = getattr(self.source, "tensor_shape", None)
-        shape = shape_of(name) if shape_of is not None else None
-        return int(shape[0] if shape is not None else self._held_whole(name).shape[0])
+        return self.source.table_rows_count(name)
 
     def _t(self, a: np.ndarray) -> torch.Tensor:
         # a read-only array (a memory map) is copied: torch tensors may be written through
@@ -325,14 +300,10 @@ class _Stack:
         return held[1][name]
 
     def _fp16_model(self, name: str, a: np.ndarray) -> torch.Tensor:
-        """float32 tensor of the FP16 model's values of source tensor `name` read as `a`: `a`
-        itself where the source stores it as float16 (its values are those already; rounding
-        again cast every weight of a 7B layer three times a pass, 56 s of its estimate), else
-        rounded to float16."""
-        if name not in self._stored16:
-            has = getattr(self.source, "stored_as_float16", None)
-            self._stored16[name] = bool(has is not None and has(name))
-        return _as_tensor(a) if self._stored16[name] else _f16_t(a)
+        """float32 tensor of source tensor `name`, read as `a`, as the FP16 model holds it
+        (ModelSource.as_fp16_model: a float16 checkpoint's weights are not rounded again; that
+        cast every weight of a 7B layer three times a pass, 56 s of its estimate)."""
+        return _as_tensor(self.source.as_fp16_model(name, a))
 
     def _candidates_kept(self, i: int) -> bool:
         from .quantize import candidate_path

@@ -164,24 +164,14 @@ TABLE_ROWS = 8192   # the store reads, writes and quantizes a token table this m
 
 
 def _table_rows16(source: ModelSource, name: str) -> list[np.ndarray]:
-    """Token table `name` as float16 row ranges, read a range at a time where the source can
-    (its float32 whole and a float16 copy were 3.1 GB of an 8B store stage at Llama 3's
-    vocabulary); otherwise read whole once and cut."""
+    """Token table `name` as float16 row ranges of TABLE_ROWS (ModelSource.table_rows: by
+    row ranges where the source can; its float32 whole and a float16 copy were 3.1 GB of an
+    8B store stage at Llama 3's vocabulary)."""
     from .devices import to_float16   # torch casts: see devices.py
 
-    shape = source.tensor_shape(name) if hasattr(source, "tensor_shape") else None
-    read = getattr(source, "tensor_rows", None)
-    if shape is not None and read is not None:
-        out = []
-        for a in range(0, shape[0], TABLE_ROWS):
-            r = read(name, a, min(shape[0], a + TABLE_ROWS))
-            if r is None:   # a type numpy cannot hold (tensor_rows): read it whole below
-                break
-            out.append(to_float16(r))
-        else:
-            return out
-    whole = to_float16(np.asarray(source.tensor(name), np.float32))
-    return [whole[a:a + TABLE_ROWS] for a in range(0, len(whole), TABLE_ROWS)]
+    n = source.table_rows_count(name)
+    return [to_float16(source.table_rows(name, a, min(n, a + TABLE_ROWS)))
+            for a in range(0, n, TABLE_ROWS)]
 
 
 def _kept_table(folder: Path | None, table: str, scheme: QuantScheme, shape: tuple):

@@ -388,6 +388,55 @@ class ModelSource:
         """The stored type's name as safetensors spells it (F16, BF16, F32), or None."""
         return None
 
+    def as_fp16_model(self, name: str, a: np.ndarray) -> np.ndarray:
+        """float32 values of tensor `name`, read as `a`, as the FP16 model holds them (what
+        the FP16 variant computes with): `a` itself where it is stored as float16, else
+        rounded to float16 (torch's casts: numpy's convert one element at a time)."""
+        if self.stored_as_float16(name):
+            return a
+        from .devices import to_float16, to_float32
+
+        return to_float32(to_float16(np.asarray(a, np.float32)))
+
+    # Token tables by row ranges: the one reader of every pass and of the store. A table is
+    # never held whole where the source reads row ranges (Llama 3's two 128k-row tables were
+    # 2 GB of an 8B build's peak as float16, 3.1 GB of its store stage as float32).
+    def tensor_shape(self, name: str) -> tuple[int, ...] | None:
+        """A stored tensor's shape without reading it; None where the source cannot tell."""
+        return None
+
+    def tensor_rows(self, name: str, a: int, b: int) -> np.ndarray | None:
+        """float32 rows [a, b) of a stored tensor, read alone; None where the source cannot."""
+        return None
+
+    def table_rows(self, name: str, a: int, b: int) -> np.ndarray:
+        """float32 rows [a, b) of token table `name` (the embedding or an untied head) as the
+        FP16 model holds them: read by row ranges where the source can, else read whole once
+        and kept as float16 for the source's life."""
+        if name not in self._tables16():
+            rows = self.tensor_rows(name, a, b)
+            if rows is not None:
+                return self.as_fp16_model(name, rows)
+        from .devices import to_float32
+
+        return to_float32(self._table16(name)[a:b])
+
+    def table_rows_count(self, name: str) -> int:
+        shape = self.tensor_shape(name)
+        return int(shape[0]) if shape is not None else len(self._table16(name))
+
+    def _tables16(self) -> dict[str, np.ndarray]:
+        return self.__dict__.setdefault("_whole_tables16", {})
+
+    def _table16(self, name: str) -> np.ndarray:
+        """Table `name` read whole and kept as float16, for a source that cannot read rows."""
+        held = self._tables16()
+        if name not in held:
+            from .devices import to_float16
+
+            held[name] = to_float16(np.asarray(self.tensor(name), np.float32))
+        return held[name]
+
     def _convert_tokenizer(self, dest: Path) -> dict:
         """Write tokenizer.json (+ config, chat template) into dest; return tokenizer facts."""
         raise NotImplementedError
@@ -781,6 +830,24 @@ class GGUFSource(ModelSource):
 
     def _has(self, name):
         return name in self._tensors
+
+    def tensor_shape(self, name: str) -> tuple[int, ...] | None:
+        t = self._tensors.get(name)
+        return None if t is None else tuple(int(x) for x in reversed(t.shape))
+
+    def tensor_rows(self, name: str, a: int, b: int) -> np.ndarray | None:
+        """float32 rows [a, b) of a memory-mapped tensor, only those dequantized (a row of
+        every GGML type is whole blocks); None for the tensors _read rearranges (q/k, norms)."""
+        from gguf import dequantize
+
+        t = self._tensors.get(name)
+        if t is None or name.endswith(("q_proj.weight", "k_proj.weight", "norm.weight")):
+            return None
+        data = t.data
+        if data.ndim != 2 or len(t.shape) != 2 or data.shape[0] != int(t.shape[1]):
+            return None
+        w = np.asarray(dequantize(data[a:b], t.tensor_type), dtype=np.float32)
+        return self._finite(name, np.ascontiguousarray(w.reshape(-1, int(t.shape[0]))))
 
     def _stored_dtype(self, name):
         from gguf import GGMLQuantizationType

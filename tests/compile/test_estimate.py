@@ -242,32 +242,29 @@ def test_plans_kl_with_token_tables_is_the_exact_kl(tiny):
     assert all(w > 0 for w in want)
 
 
-class _WholeTables:
-    """The source without row-range reads: the stack then holds each token table whole."""
-
-    def __init__(self, source):
-        self._s = source
-
-    def __getattr__(self, name):
-        if name in ("tensor_rows", "tensor_shape"):
-            raise AttributeError(name)
-        return getattr(self._s, name)
+def _whole_tables(source):
+    """The source opened again, without row-range reads: it then holds each token table whole."""
+    s = open_model(source.path)
+    s.tensor_rows = lambda name, a, b: None
+    s.tensor_shape = lambda name: None
+    return s
 
 
 def test_token_tables_are_read_by_row_ranges_never_held_whole(tiny):
     """A safetensors source reads a table's rows a range at a time (Llama 3's two 128k-row
     tables held whole as float16 were 2 GB of an 8B build's peak): the same KLs, bit for bit,
-    as a stack holding the tables whole, and nothing of a table kept."""
+    as from a source holding the tables whole, and nothing of a table kept."""
     src, win, act, _, _ = tiny
     L = src.spec.num_layers
     plans = [(("int8",) * L, {"embed_tokens": "int8", "lm_head": "int4"}),
              (("fp16",) * L, {"embed_tokens": "int4"})]
     dev = E._device("cpu")
+    held = _whole_tables(src)
     rows = E._Stack(src, win, dev, E._dtype(dev, None), SCHEMES)
-    whole = E._Stack(_WholeTables(src), win, dev, E._dtype(dev, None), SCHEMES)
+    whole = E._Stack(held, win, dev, E._dtype(dev, None), SCHEMES)
     assert E.plans_kl(src, win, SCHEMES, plans, act, stack=rows) == \
         E.plans_kl(src, win, SCHEMES, plans, act, stack=whole)
-    assert rows._whole == {} and set(whole._whole) == {E.EMBED, E.LM_HEAD}
+    assert src._tables16() == {} and set(held._tables16()) == {E.EMBED, E.LM_HEAD}
     assert rows.vocab == whole.vocab == src.spec.vocab_size
 
 
@@ -302,7 +299,6 @@ def test_torch_dequantize_is_bit_identical_to_numpy(kind, symmetric):
         got = E._dequantized(qt).numpy()
         assert got.shape == want.shape == w.shape
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
-    np.testing.assert_array_equal(E._f16_t(w).numpy().view(np.uint32), E._f16(w).view(np.uint32))
 
 
 def test_torch_casts_are_numpys_bit_for_bit():
@@ -463,8 +459,9 @@ def test_a_bfloat16_checkpoints_table_rows_are_the_tables_rows(tmp_path):
         np.testing.assert_array_equal(rows, whole[2:9])
     dev = E._device("cpu")
     st = E._Stack(src, np.zeros((1, 8), np.int64) + 3, dev, E._dtype(dev, None), SCHEMES)
-    np.testing.assert_array_equal(st._rows(E.EMBED, 2, 9), E._f16(whole[2:9]))
-    assert (E.EMBED in st._whole) == (rows is None)
+    np.testing.assert_array_equal(st._rows(E.EMBED, 2, 9),
+                                  whole[2:9].astype(np.float16).astype(np.float32))
+    assert (E.EMBED in src._tables16()) == (rows is None)
 
 
 @pytest.mark.parametrize("cache", [E.QUANTIZED_TABLE_CACHE, 0], ids=["held", "by-rows"])
@@ -568,7 +565,7 @@ def test_the_store_reads_writes_and_quantizes_tables_by_row_ranges(tiny, tmp_pat
                         if n in whole else real(n))
     X.write_weight_store(src, tmp_path / "rows", layers, SCHEMES, **kw)
     monkeypatch.setattr(src, "tensor", real)
-    X.write_weight_store(_WholeTables(src), tmp_path / "whole", layers, SCHEMES, **kw)
+    X.write_weight_store(_whole_tables(src), tmp_path / "whole", layers, SCHEMES, **kw)
     store = {}
     for f in (tmp_path / "rows" / "weights").iterdir():
         assert f.read_bytes() == (tmp_path / "whole" / "weights" / f.name).read_bytes()
@@ -696,23 +693,25 @@ def test_a_build_reuses_the_activation_passs_states_and_ships_the_same_bundle(tm
     assert ma["variants"] == mb["variants"]
 
 
-def test_float16_stored_weights_are_not_rounded_again(tiny16, monkeypatch):
+def test_float16_stored_weights_are_not_rounded_again(tiny16, tiny, monkeypatch):
     """A float16 checkpoint's weights read as float32 are the FP16 model's values already: the
     passes take them as read (rounding again cast every weight three times a pass), with the
-    very numbers of rounding them."""
+    very numbers of rounding them; a float32 checkpoint's are rounded."""
     src, win = tiny16
     L = src.spec.num_layers
+    name = "model.layers.1.mlp.down_proj.weight"
+    w = src.tensor(name)
+    assert src.as_fp16_model(name, w) is w
+    w32 = tiny[0].tensor(name)
+    np.testing.assert_array_equal(tiny[0].as_fp16_model(name, w32),
+                                  w32.astype(np.float16).astype(np.float32))
     act = activation_stats(src, win)
     plans = [("int8",) * L, (("int4", "int8", "int8", "int4"), {"embed_tokens": "int8"})]
-    rounded = []
-    real = E._f16_t
-    monkeypatch.setattr(E, "_f16_t", lambda a: rounded.append(1) or real(a))
     kl = E.plans_kl(src, win, SCHEMES, plans, act)
     est = E.estimate(src, win, SCHEMES, act, probes=2, seed=0)
-    assert not rounded
     monkeypatch.setattr(type(src), "stored_as_float16", lambda self, name: False)
+    assert src.as_fp16_model(name, w) is not w
     assert E.plans_kl(src, win, SCHEMES, plans, act) == kl
     again = E.estimate(src, win, SCHEMES, act, probes=2, seed=0)
-    assert rounded                           # the same numbers, by rounding every weight
     for a, b in ((est.first, again.first), (est.outdiag, again.outdiag), (est.local, again.local)):
         np.testing.assert_array_equal(a, b)

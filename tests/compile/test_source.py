@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lsaq_compile.errors import LsaqError
-from lsaq_compile.model_source import open_model
+from lsaq_compile.model_source import EMBED, open_model
 from factories.models import make_tiny_family, make_tiny_model
 
 
@@ -102,6 +102,22 @@ def test_bad_inputs(tmp_path):
     (d / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(LsaqError, match="pickle checkpoints are never loaded"):
         open_model(d)
+
+
+def test_gguf_token_tables_are_read_by_row_ranges():
+    """A GGUF's token table is read by row ranges from the memory map, only those rows
+    dequantized (whole blocks a row), equal to the whole table's rows; and held whole nowhere.
+    The tensors _read rearranges (q/k rows, norms) are not read by rows."""
+    src = open_model(None)
+    whole = src.tensor(EMBED)
+    assert src.tensor_shape(EMBED) == whole.shape and src.table_rows_count(EMBED) == len(whole)
+    for a, b in ((0, 1), (100, 357), (len(whole) - 5, len(whole))):
+        np.testing.assert_array_equal(src.tensor_rows(EMBED, a, b), whole[a:b])
+        np.testing.assert_array_equal(src.table_rows(EMBED, a, b),
+                                      whole[a:b].astype(np.float16).astype(np.float32))
+    assert src._tables16() == {}
+    assert src.tensor_rows("model.layers.0.self_attn.q_proj.weight", 0, 4) is None
+    assert src.tensor_rows("model.norm.weight", 0, 4) is None
 
 
 def test_default_gguf_matches_transformers():

@@ -112,6 +112,37 @@ def test_layerwise_matches_full_forward(tmp_path, arch):
     assert res["jaccard"].params["final_norm"] is True and res["jaccard"].params["k"] == 8
 
 
+def test_layerwise_reads_the_embedding_by_row_ranges(tmp_path, monkeypatch):
+    """The windows' embedding rows are read by row ranges (Llama 3's table read whole was
+    2.1 GB of float32 for a few hundred rows): the same states, bit for bit, as from the whole
+    table, which is never read; a token past the table is refused in one line."""
+    import lsaq_compile.layerwise as LW
+    from lsaq_compile.model_source import EMBED
+
+    src = open_model(make_tiny_family(tmp_path / "g", "gemma3", vocab_size=VOCAB))  # scaled
+    cal = _calib(samples=3, seq_len=16, seed=2)
+    monkeypatch.setattr(LW, "ROW_CHUNK", 100)         # several ranges, most without a token
+
+    def states():
+        got = []
+        forward_layers(src, cal.windows, on_output=lambda i, h: got.append(h.clone()))
+        return got
+
+    real = src.tensor
+    monkeypatch.setattr(src, "tensor", lambda n: pytest.fail("read whole") if n == EMBED else real(n))
+    by_rows = states()
+    monkeypatch.setattr(src, "tensor", real)
+    monkeypatch.setattr(src, "tensor_rows", lambda name, a, b: None)
+    whole = states()
+    assert len(by_rows) == src.spec.num_layers
+    assert all(torch.equal(a, b) for a, b in zip(by_rows, whole))
+    monkeypatch.undo()
+    bad = cal.windows.copy()
+    bad[0, 3] = VOCAB
+    with pytest.raises(LsaqError, match=f"token id {VOCAB} is outside the model's {VOCAB}-row"):
+        forward_layers(src, bad)
+
+
 def test_final_norm_changes_projection_not_identity(identity_model):
     src = open_model(identity_model)
     plain = score_model(src, calibration=_calib(), k=5)["jaccard"]

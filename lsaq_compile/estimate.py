@@ -249,11 +249,7 @@ class _Stack:
             raise LsaqError(f"calibration token id {int(self.ids.max())} is outside the model's "
                             f"{rows_n}-row embedding")
         uniq, inv = np.unique(self.ids.reshape(-1), return_inverse=True)
-        out = np.empty((uniq.size, self.spec.hidden_size), np.float32)
-        for a in range(0, rows_n, HEAD_CHUNK):      # the rows of the ids, a chunk at a time
-            hit = (uniq >= a) & (uniq < a + HEAD_CHUNK)
-            if hit.any():
-                out[hit] = self._rows(EMBED, a, min(rows_n, a + HEAD_CHUNK))[uniq[hit] - a]
+        out = self.source.table_rows_at(EMBED, uniq)   # the ids' rows, a row range at a time
         if precision != "fp16":
             # a table is quantized row by row, so the windows' rows quantized alone are the
             # graph's: a few hundred rows, not the whole table (128k rows at Llama 3)

@@ -139,29 +139,16 @@ def causal_mask(seq_len: int, window: int | None = None) -> torch.Tensor:
     return mask[None, None]
 
 
-ROW_CHUNK = 8192   # embedding rows read at once where the windows have a token among them
-
-
 def embedding_rows(source: ModelSource, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 rows of the windows' distinct tokens, as stored; ids into them): read by row
-    ranges where the source can (Llama 3's table read whole was 2.1 GB of float32 for a few
-    hundred rows), else from the whole table."""
+    ranges where the source can (ModelSource.table_rows_at; Llama 3's table read whole was
+    2.1 GB of float32 for a few hundred rows)."""
     uniq, inv = torch.unique(ids, return_inverse=True)
-    u = uniq.numpy()
     n = source.table_rows_count(EMBED)
-    if int(u[-1]) >= n:
-        raise LsaqError(f"calibration token id {int(u[-1])} is outside the model's {n}-row "
+    if int(uniq[-1]) >= n:
+        raise LsaqError(f"calibration token id {int(uniq[-1])} is outside the model's {n}-row "
                         "embedding; was it tokenized with this model's tokenizer?")
-    out = np.empty((len(u), source.spec.hidden_size), np.float32)
-    for a in range(0, n, ROW_CHUNK):
-        hit = (u >= a) & (u < a + ROW_CHUNK)
-        if not hit.any():
-            continue
-        chunk = source.tensor_rows(EMBED, a, min(n, a + ROW_CHUNK))
-        if chunk is None:    # no row reads: the whole table, once
-            return as_tensor(source.embedding())[uniq], inv
-        out[hit] = chunk[u[hit] - a]
-    return torch.from_numpy(out), inv
+    return torch.from_numpy(source.table_rows_at(EMBED, uniq.numpy(), as_stored=True)), inv
 
 
 def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: HiddenHook | None = None,

@@ -425,6 +425,26 @@ class ModelSource:
         shape = self.tensor_shape(name)
         return int(shape[0]) if shape is not None else len(self._table16(name))
 
+    ROW_RANGE = 8192   # rows read at once when gathering a few rows of a table
+
+    def table_rows_at(self, name: str, ids: np.ndarray, as_stored: bool = False) -> np.ndarray:
+        """float32 rows `ids` (distinct, ascending) of token table `name`, read a row range at
+        a time and only the ranges holding one (a window's few hundred rows of a 128k-row
+        table): as the FP16 model holds them (table_rows), or as stored (as_stored: the
+        activation statistics' model; the whole table where the source cannot read rows)."""
+        n = self.table_rows_count(name)
+        out = np.empty((len(ids), self.spec.hidden_size), np.float32)
+        for a in range(0, n, self.ROW_RANGE):
+            hit = (ids >= a) & (ids < a + self.ROW_RANGE)
+            if not hit.any():
+                continue
+            b = min(n, a + self.ROW_RANGE)
+            rows = self.tensor_rows(name, a, b) if as_stored else self.table_rows(name, a, b)
+            if rows is None:   # as stored, without row reads: the whole table, once
+                return np.asarray(self.tensor(name), np.float32)[ids]
+            out[hit] = rows[ids[hit] - a]
+        return out
+
     def _tables16(self) -> dict[str, np.ndarray]:
         return self.__dict__.setdefault("_whole_tables16", {})
 

@@ -116,12 +116,11 @@ def test_layerwise_reads_the_embedding_by_row_ranges(tmp_path, monkeypatch):
     """The windows' embedding rows are read by row ranges (Llama 3's table read whole was
     2.1 GB of float32 for a few hundred rows): the same states, bit for bit, as from the whole
     table, which is never read; a token past the table is refused in one line."""
-    import lsaq_compile.layerwise as LW
     from lsaq_compile.model_source import EMBED
 
     src = open_model(make_tiny_family(tmp_path / "g", "gemma3", vocab_size=VOCAB))  # scaled
     cal = _calib(samples=3, seq_len=16, seed=2)
-    monkeypatch.setattr(LW, "ROW_CHUNK", 100)         # several ranges, most without a token
+    monkeypatch.setattr(type(src), "ROW_RANGE", 100)  # several ranges, most without a token
 
     def states():
         got = []

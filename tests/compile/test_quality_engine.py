@@ -121,6 +121,9 @@ class _LyingSource:
     def table_rows_count(self, name):
         return len(self.tensor(name))
 
+    def table_rows_at(self, name, ids, as_stored=False):
+        return self.tensor(name)[ids]
+
 
 def test_streamed_reads_the_store_not_the_source(graph_bundles, tiny_llama_dir):
     """Run on a source whose linears and tables are not the model's: the numbers are the same

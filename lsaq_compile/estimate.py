@@ -21,8 +21,8 @@ computed without holding the model: g for every linear of every layer comes from
 sweep per probe that recomputes one layer at a time from its stored input.
 
 Passes over the model (each reads every layer's weights once):
-  1. forward: the FP16 hidden state entering every layer is stored (float16; on disk by
-     np.memmap when large), and the top one is projected on the vocabulary in row chunks;
+  1. forward: the FP16 hidden state entering every layer is stored (float16, or float32 past
+     float16's range; on disk by np.memmap when large), and the top one is projected on the vocabulary in row chunks;
      in a build this pass only reads the states an earlier pass kept (PlanStates);
   2. at the head: `probes` label sets y ~ p (Gumbel-max per vocabulary chunk, the noise drawn
      on the CPU so every device draws the same labels) and the gradient they send down;
@@ -370,27 +370,44 @@ def _part_of(module: str) -> str:
 
 
 class _Hidden:
-    """The FP16 hidden state entering each layer (and leaving the last), float16, in RAM or
-    in a memory-mapped file under `workdir` when larger than MEMMAP_BYTES."""
+    """The FP16 hidden state entering each layer (and leaving the last), in RAM or in a
+    memory-mapped file when larger than MEMMAP_BYTES (a checkpoint's own file when `path` is
+    given: its suffix says the dtype). Stored as float16, the FP16 model's own type, unless a
+    state passes float16's 65,504 (Gemma's residual at BOS reaches about 1.0e5): the store is
+    then widened to float32 (the states already written exactly) and keeps float32 from there."""
+
+    SUFFIX = {np.dtype(np.float16): ".f16", np.dtype(np.float32): ".f32"}
 
     def __init__(self, L: int, shape: tuple, workdir: str | os.PathLike | None,
-                 path: Path | None = None, reuse: bool = False):
-        full = (L + 1, *shape)
-        nbytes = 2 * int(np.prod(full))
-        self.path, self.complete, self.on_finish = None, False, None
-        if path is not None:      # a checkpoint's file: kept, and reused once complete
-            self.path = None      # close() leaves it in place
-            self.a = np.memmap(path, dtype=np.float16, mode="r+" if reuse else "w+", shape=full)
-            self.complete = reuse
-        elif nbytes > MEMMAP_BYTES:
-            d = Path(workdir) if workdir else Path(tempfile.gettempdir())
+                 path: Path | None = None, reuse: bool = False, dtype=np.float16):
+        self.full, self.workdir, self.stem = (L + 1, *shape), workdir, path
+        self.path, self.kept, self.complete, self.on_finish = None, None, False, None
+        self.a = self._new(np.dtype(dtype), reuse)
+        self.complete = reuse and path is not None
+
+    def _new(self, dtype: np.dtype, reuse: bool = False) -> np.ndarray:
+        if self.stem is not None:   # a checkpoint's file: kept (close() leaves it in place)
+            self.kept = Path(self.stem).with_suffix(self.SUFFIX[dtype])
+            return np.memmap(self.kept, dtype=dtype, mode="r+" if reuse else "w+", shape=self.full)
+        if dtype.itemsize * int(np.prod(self.full)) > MEMMAP_BYTES:
+            d = Path(self.workdir) if self.workdir else Path(tempfile.gettempdir())
             d.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix="lsaq-hidden-", suffix=".f16", dir=d)
+            fd, name = tempfile.mkstemp(prefix="lsaq-hidden-", suffix=self.SUFFIX[dtype], dir=d)
             os.close(fd)
             self.path = Path(name)
-            self.a = np.memmap(self.path, dtype=np.float16, mode="w+", shape=full)
-        else:
-            self.a = np.empty(full, np.float16)
+            return np.memmap(self.path, dtype=dtype, mode="w+", shape=self.full)
+        return np.empty(self.full, dtype)
+
+    def _widen(self, written: int) -> None:
+        """float16 -> float32 storage; states 0..written-1 copied (widening is exact)."""
+        old, old_files = self.a, [p for p in (self.path, self.kept) if p is not None]
+        self.path = self.kept = None
+        self.a = self._new(np.dtype(np.float32))
+        for j in range(written):
+            self.a[j] = old[j]
+        del old
+        for p in old_files:
+            p.unlink(missing_ok=True)
 
     def finish(self) -> None:
         """Every hidden state is written (a checkpoint marks the file reusable)."""
@@ -401,12 +418,17 @@ class _Hidden:
             self.on_finish()
 
     def put(self, i: int, sl: slice, h: torch.Tensor) -> None:
-        h16 = h.detach().to("cpu", torch.float16)
-        if not torch.isfinite(h16).all():
-            raise LsaqError(f"the hidden state entering layer {i} overflows float16 (or holds "
-                            "NaN/inf): check the model files, or compute in bfloat16 or "
-                            "float32 (dtype=...)")
-        self.a[i, sl] = h16.numpy()
+        """State i (written in order: 0, 1, ...) for windows `sl`."""
+        h = h.detach().to("cpu")
+        if not torch.isfinite(h).all():
+            raise LsaqError(f"the hidden state entering layer {i} is not finite: the weights "
+                            f"hold NaN/inf, or it overflowed the compute dtype ({h.dtype}); "
+                            "compute in float32 (--fisher-dtype float32)")
+        s = h.to(torch.float16 if self.a.dtype == np.float16 else torch.float32)
+        if not torch.isfinite(s).all():
+            self._widen(i)
+            s = h.to(torch.float32)
+        self.a[i, sl] = s.numpy()
 
     def get(self, i: int, sl: slice) -> np.ndarray:
         return np.asarray(self.a[i, sl])
@@ -658,7 +680,7 @@ class Checkpoint:
     them) and the probes' gradient entering the layer the backward sweep reached. Each file
     carries `key` (the measurement's fingerprint): state of other inputs is never reused."""
 
-    HIDDEN, GRAD = "fisher-hidden.f16", "fisher-grad.npy"
+    HIDDEN, GRAD = "fisher-hidden", "fisher-grad.npy"   # fisher-hidden.f16 or .f32 (_Hidden)
 
     def __init__(self, folder: str | os.PathLike, key: str):
         self.folder, self.key = Path(folder), key
@@ -679,10 +701,14 @@ class Checkpoint:
     def hidden(self, L: int, shape: tuple) -> "_Hidden":
         full = [L + 1, *shape]
         meta = self._meta(self.HIDDEN)
-        path = self.folder / self.HIDDEN
-        done = meta.get("shape") == full and meta.get("complete") is True and path.is_file()
-        h = _Hidden(L, shape, None, path=path, reuse=done)
-        h.on_finish = lambda: self._write_meta(self.HIDDEN, {"shape": full, "complete": True})
+        stem = self.folder / self.HIDDEN
+        dtype = np.dtype(meta.get("dtype", "float16") if meta.get("dtype") in ("float16", "float32")
+                         else "float16")
+        done = (meta.get("shape") == full and meta.get("complete") is True
+                and stem.with_suffix(_Hidden.SUFFIX[dtype]).is_file())
+        h = _Hidden(L, shape, None, path=stem, reuse=done, dtype=dtype)
+        h.on_finish = lambda: self._write_meta(self.HIDDEN, {"shape": full, "complete": True,
+                                                             "dtype": str(h.a.dtype)})
         if not done:
             self._write_meta(self.HIDDEN, {"shape": full, "complete": False})
         return h
@@ -716,9 +742,10 @@ class Checkpoint:
             p.unlink(missing_ok=True)
 
     def clear(self) -> None:
-        for name in (self.HIDDEN, self.GRAD):
-            for p in (self.folder / name, self.folder / f"{name}.json"):
-                p.unlink(missing_ok=True)
+        for p in (self.folder / f"{self.HIDDEN}.f16", self.folder / f"{self.HIDDEN}.f32",
+                  self.folder / f"{self.HIDDEN}.json", self.folder / self.GRAD,
+                  self.folder / f"{self.GRAD}.json"):
+            p.unlink(missing_ok=True)
 
 
 def _digest(a: np.ndarray) -> str:

@@ -124,6 +124,52 @@ def test_estimate_holds_one_layer_and_memory_maps_hidden_states(tiny, est16, mon
     np.testing.assert_allclose(est.first, est16.first[:2], rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("where", ["ram", "file", "checkpoint"])
+def test_hidden_states_widen_to_float32_past_float16s_range(where, tmp_path, monkeypatch):
+    """States are float16 until one passes 65,504; the store then holds float32, the states
+    already written keep their float16 values exactly, the float16 file is gone, and a
+    checkpoint records the dtype so a resumed run reads the float32 file. NaN is refused."""
+    import torch
+
+    if where != "ram":
+        monkeypatch.setattr(E, "MEMMAP_BYTES", 0)
+    shape, L = (2, 3, 4), 3
+    states = [torch.full(shape, 1.0 / 3 + i) for i in range(L + 1)]
+    states[2][1, 2, 3] = 1.0e5                                  # past float16 (Gemma at BOS)
+    ck = E.Checkpoint(tmp_path / "ck", "key") if where == "checkpoint" else None
+    h = ck.hidden(L, shape) if ck else E._Hidden(L, shape, tmp_path)
+    for i in range(2):
+        h.put(i, slice(None), states[i])
+    assert h.a.dtype == np.float16
+    first = h.path or h.kept
+    h.put(2, slice(None), states[2])
+    h.put(3, slice(None), states[3])
+    assert h.a.dtype == np.float32
+    for i in range(2):
+        np.testing.assert_array_equal(h.get(i, slice(None)), states[i].half().float().numpy())
+    for i in (2, 3):
+        np.testing.assert_array_equal(h.get(i, slice(None)), states[i].numpy())
+    if where == "ram":
+        assert first is None and h.path is None
+    else:
+        assert first.suffix == ".f16" and not first.exists()
+        assert (h.path or h.kept).suffix == ".f32" and (h.path or h.kept).exists()
+    h.finish()
+    if ck:
+        again = ck.hidden(L, shape)                          # a resumed run: complete, float32
+        assert again.complete and again.a.dtype == np.float32
+        np.testing.assert_array_equal(again.get(2, slice(None)), states[2].numpy())
+        ck.clear()
+        assert not list((tmp_path / "ck").iterdir())
+    else:
+        path = h.path
+        h.close()
+        assert path is None or not path.exists()
+    nan = E._Hidden(L, shape, tmp_path)
+    with pytest.raises(LsaqError, match="layer 0 is not finite"):
+        nan.put(0, slice(None), torch.full(shape, float("nan")))
+
+
 def test_progress_reports_stage_layer_rate_and_eta(tiny):
     src, win, act, _, _ = tiny
     steps = []

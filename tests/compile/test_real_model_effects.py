@@ -140,6 +140,55 @@ def test_float16_graphs_keep_a_float32_residual_where_float16_overflows(bos_mode
     assert not np.isfinite(logits(g.SerializeToString(), "float16")).all()
 
 
+def test_the_default_measurement_scores_a_residual_past_float16s_range(bos_model, tmp_path,
+                                                                        monkeypatch):
+    """The default profile's streamed estimate keeps the FP16 model's hidden states to recompute
+    each layer; a state past 65,504 stopped the build ("overflows float16") before it measured
+    anything, on this model as on a real Gemma 3. It is now stored in float32: the estimate is
+    the one a float32 store from the start gives, bit for bit, and the default-profile build
+    ships."""
+    from lsaq_compile import estimate as E
+    from lsaq_compile.activations import activation_stats
+    from lsaq_compile.bundle import build_bundle, read_manifest
+    from lsaq_compile.model_source import open_model
+    from lsaq_compile.progress import Progress
+    from lsaq_compile.quantize import schemes_for
+
+    src = open_model(bos_model)
+    win = np.random.default_rng(0).integers(3, 500, size=(2, 24))
+    win[:, 0] = BOS
+    schemes = schemes_for("group", 32, False, 32, "mse-act")
+    act = activation_stats(src, win)
+    dtypes = []
+    real = E._Hidden.put
+
+    def put(self, i, sl, h):
+        real(self, i, sl, h)
+        dtypes.append(self.a.dtype)
+
+    monkeypatch.setattr(E._Hidden, "put", put)
+    got = E.estimate(src, win, schemes, act, probes=2, seed=0)
+    assert set(dtypes) == {np.dtype(np.float32)}          # widened at the embedding (BOS)
+    assert np.isfinite(got.first).all() and (got.first != 0).any()
+    init = E._Hidden.__init__
+    monkeypatch.setattr(E._Hidden, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "dtype": np.float32}))
+    want = E.estimate(src, win, schemes, act, probes=2, seed=0)
+    for name in ("first", "outdiag", "local", "out_sq"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    monkeypatch.undo()
+
+    prof = small_profile(samples=2, seq_len=32)
+    prof.scoring.measure = "fisher"
+    prof.build.rungs, prof.build.refine, prof.build.quality_samples = 2, 0, 4
+    scored = []
+    score = E.score
+    monkeypatch.setattr(E, "score", lambda *a, **k: (scored.append(1), score(*a, **k))[1])
+    out = build_bundle(bos_model, tmp_path / "b", profile=prof, progress=Progress(quiet=True))
+    m = read_manifest(out)
+    assert scored and len(m["variants"]) >= 2
+    assert all(np.isfinite(v["quality"]["kl_fp16"]) for v in m["variants"])
+
+
 def test_the_runtime_never_loads_a_variant_a_finer_one_beats(bos_bundle):
     """Whatever the held-out numbers say, at every memory level the loaded variant is not
     dominated (at least as precise in every part) by another variant that fits; with room for

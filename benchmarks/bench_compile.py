@@ -30,6 +30,12 @@ from checkpoints import (REPO, SHAPES, checkpoint, cpu_description, layer_params
                          measure, table_params)
 
 
+def torch_gpu_mib(log_text: str) -> str | None:
+    """The peak GPU memory torch allocated, as the build reports it on its last line."""
+    m = re.search(r"GPU memory: peak ([\d,]+) MiB allocated", log_text)
+    return m.group(1) if m else None
+
+
 def bundle_gib(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**30 if path.exists() else 0.0
 
@@ -76,6 +82,7 @@ def main() -> None:
                 rows.append(dict(shape=name, layers=layers, profile=Path(prof).stem, wall=c.wall_s,
                                  cpu=c.cpu_s, anon=c.peak_anon_mib, gpu=c.peak_gpu_mib,
                                  gib=bundle_gib(out), status=status,
+                                 torch_gpu=torch_gpu_mib(build_log.read_text()),
                                  stages=stage_seconds(build_log.read_text())))
                 log(f"  {c.wall_s:.0f} s wall, {c.cpu_s:.0f} CPU s, peak anon {c.peak_anon_mib:,.0f} MiB: {status}")
                 if not args.keep:
@@ -92,6 +99,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gpu = f"{r['gpu']:,.0f}" if r["gpu"] is not None else "-"
+        if r.get("torch_gpu"):   # the build's own report: NVML counts the context and others
+            gpu += f" (torch {r['torch_gpu']})"
         lines.append(f"| {r['shape']} | {r['layers']} | {r['profile']} | {r['wall']:.0f} | {r['cpu']:.0f} | "
                      f"{r['anon']:,.0f} | {gpu} | {r['gib']:.2f} | {r['status']} |")
     ext = extrapolate(rows)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import LsaqError
+from .errors import NonFiniteError
 from .export_onnx import FUSED, act_key
 from .layerwise import HiddenOutHook, ProgressHook, forward_layers, torch_linears
 from .model_source import ModelSource
@@ -20,17 +20,19 @@ from .model_source import ModelSource
 
 def activation_stats(source: ModelSource, windows: np.ndarray, batch_size: int = 8,
                      progress: ProgressHook | None = None, device: str = "cpu",
-                     on_output: HiddenOutHook | None = None) -> dict[str, np.ndarray]:
+                     on_output: HiddenOutHook | None = None, dtype=None) -> dict[str, np.ndarray]:
     """{act_key(i, lin): float32 [K]} for every layer i and stored linear lin (export_onnx.FUSED).
 
     windows: int64 [samples, seq_len] calibration token ids (calibration.load_calibration);
-    device: auto | cpu | cuda (float16 on the GPU, one layer there at a time; the sums are
-    float64 either way); on_output(i, h): the states leaving layer i, all windows (a build
-    keeps them: estimate.reference_sink)."""
-    from .devices import _device
+    device: auto | cpu | cuda (one layer there at a time); dtype: the compute dtype (the
+    device's by default: float32 on the CPU, float16 on the GPU; the squares are float32 and
+    their sums float64 either way); on_output(i, h): the states leaving layer i, all windows
+    (a build keeps them: estimate.reference_sink). Raises NonFiniteError where they are not
+    finite."""
+    from .devices import _device, _dtype
 
     dev = _device(device)
-    dtype = torch.float32 if dev.type == "cpu" else torch.float16
+    dtype = _dtype(dev, dtype)
     windows = np.asarray(windows, dtype=np.int64)
     sums: dict[str, torch.Tensor] = {}
     # transformers' module holding each stored linear's first member (Phi-3: its fused module)
@@ -41,7 +43,9 @@ def activation_stats(source: ModelSource, windows: np.ndarray, batch_size: int =
             # The members of a fused linear (q/k/v, gate/up) read one input: hook the first.
             def hook(module, args, key=act_key(i, lin)):
                 x = args[0].reshape(-1, args[0].shape[-1])
-                s = x.square().sum(dim=0, dtype=torch.float64)
+                # squared in float32: float16 squares overflow from |x| = 256 (a 7B's down_proj
+                # inputs reach thousands)
+                s = x.float().square().sum(dim=0, dtype=torch.float64)
                 sums[key] = s if key not in sums else sums[key] + s
 
             layer.get_submodule(module_of[members[0]]).register_forward_pre_hook(hook)
@@ -53,8 +57,9 @@ def activation_stats(source: ModelSource, windows: np.ndarray, batch_size: int =
     for key, s in sums.items():
         mean = (s / tokens).cpu().numpy().astype(np.float32)
         if not np.all(np.isfinite(mean)):
-            raise LsaqError(f"{key}: non-finite activation statistics; the hidden states "
-                            "overflowed or the weights hold NaN/inf — check the model files")
+            raise NonFiniteError(f"{key}: non-finite activation statistics; the hidden states "
+                                 f"overflowed {str(dtype).replace('torch.', '')} or the weights "
+                                 "hold NaN/inf — check the model files")
         out[key] = mean
     return out
 

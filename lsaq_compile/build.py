@@ -86,6 +86,15 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                             "written: free disk space or choose another -o") from None
         raise
     progress(f"bundle written to {out} in {time.perf_counter() - t0:.1f}s")
+    if check_device(device) == "cuda":   # the torch stages' own peak (NVML also counts others)
+        import torch
+
+        from .devices import _device
+
+        dev = _device(device)
+        progress(f"GPU memory: peak {torch.cuda.max_memory_allocated(dev) / 2**20:,.0f} MiB "
+                 f"allocated by torch, {torch.cuda.max_memory_reserved(dev) / 2**20:,.0f} MiB "
+                 "reserved")
     return out
 
 

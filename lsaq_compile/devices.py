@@ -12,14 +12,25 @@ import torch
 from .errors import LsaqError
 
 
-def _device(device: str) -> torch.device:
+def _device(device: "str | torch.device") -> torch.device:
+    device = str(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise LsaqError(f"device {device!r}: use auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LsaqError("device cuda: torch sees no CUDA device (a CPU-only torch, or no GPU)")
+    kind, colon, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (colon and (kind == "cpu" or not index.isdigit())):
+        raise LsaqError(f"device {device!r}: use auto, cpu or cuda (cuda:N for the N-th GPU)")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise LsaqError("device cuda: torch sees no CUDA device (a CPU-only torch, or no GPU)")
+        n = torch.cuda.device_count()
+        if colon and int(index) >= n:
+            raise LsaqError(f"device {device}: torch sees {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
     return torch.device(device)
+
+
+def device_type(device: str | None) -> str:
+    """"cpu" or "cuda": what --device auto|cpu|cuda runs the torch stages on."""
+    return _device(device or "cpu").type
 
 
 def _dtype(dev: torch.device, dtype) -> torch.dtype:

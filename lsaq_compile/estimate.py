@@ -1063,6 +1063,8 @@ def reference_sink(source: ModelSource, windows: np.ndarray, folder: str | os.Pa
     states = PlanStates(folder, keep=True)
 
     def sink(i: int, h: torch.Tensor) -> None:
+        if not torch.isfinite(h).all():   # the pass fails (NonFiniteError): nothing to keep
+            return
         states.put_state(state_facts(h.device, h.dtype, windows), "fp16", ("fp16",) * (i + 1), h)
 
     return sink
@@ -1154,19 +1156,26 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
 def _kl_at_head(st: _Stack, states: dict, items: list[tuple]) -> list[float]:
     """Mean KL of items[0]'s next-token distributions to each later item's, an item being
     (state key, head precision); one walk over the head by row chunks (head_sums), each head
-    precision quantized by chunk."""
+    precision quantized by chunk. The logits are float32 whatever the compute dtype: float16
+    logits (a GPU's) are rounded by up to 8e-3 at |z| of 16-32, which moved a KL of 3e-7 a token to
+    4e-6 in a simulation, the size of the differences the plans are chosen by."""
     H = st.spec.hidden_size
-    normed = {k: final_norm(st.spec, h[:, :-1].float(), st.norm.float()).to(st.dtype).reshape(-1, H)
+    normed = {k: final_norm(st.spec, h[:, :-1].float(), st.norm.float()).reshape(-1, H)
               for k, h in states.items() if k in {key for key, _ in items}}
     pairs = sorted(set(items), key=str)
     heads = sorted({hp for _, hp in pairs})
 
     def walk():
-        for chunks in zip(*(st.head_chunks(precision=hp) for hp in heads)):
+        for chunks in zip(*(st.head_chunks(torch.float32, precision=hp) for hp in heads)):
             yield chunks[0][0], {hp: rows for hp, (_, rows) in zip(heads, chunks)}
 
     _, kl, _ = head_sums(st, normed, pairs, items[0], walk())
-    return [kl[pr] / st.tokens for pr in items[1:]]
+    out = [kl[pr] / st.tokens for pr in items[1:]]
+    if not all(math.isfinite(v) for v in out):   # NaN would lose every comparison silently
+        raise LsaqError("whole-plan KL is not finite: the weights hold NaN/inf, or the states "
+                        f"overflowed the compute dtype ({st.dtype}); compute in float32 "
+                        "(--fisher-dtype float32)")
+    return out
 
 
 def head_sums(st: _Stack, x: dict, pairs: Sequence, ref, walk, targets: torch.Tensor | None = None

@@ -170,6 +170,10 @@ class BuildContext:
     resumed: bool = False
     remeasure: bool = False            # measure even when an earlier build's measurement fits
     device: str = "cpu"                # torch stages: auto | cpu | cuda
+    # the dtype of the passes that compute what the FP16 model does (activations, token tables,
+    # whole plans): None, the device's (float32 on the CPU, float16 on a GPU), or "float32"
+    # (asked for, or where float16 overflowed: the calibration stage decides and records it)
+    dtype: str | None = None
     # filled in by the stages, in pipeline order
     source: object = None
     schemes: dict = field(default_factory=dict)

@@ -38,8 +38,12 @@ def key(ctx, windows_sha256: str | None) -> str:
     sc = dataclasses.asdict(ctx.profile.scoring)
     sc.pop("calibration", None)          # the text is represented by its windows
     measured = ctx.metric == "sensitivity"
+    from .devices import device_type
+
     return fingerprint({"version": VERSION, "model": ctx.source.fingerprint(), "metric": ctx.metric,
                         "scoring": sc, "windows": windows_sha256,
+                        # float16 on a GPU measures other numbers than float32 on a CPU
+                        "device": (device_type(ctx.device), ctx.dtype) if measured else None,
                         "quantizers": dataclasses.asdict(ctx.settings) if measured else None,
                         "tables": ctx.profile.tables_on_ladder if measured else None})
 

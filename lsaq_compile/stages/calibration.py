@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import LsaqError
+from ..devices import device_type
+from ..errors import LsaqError, NonFiniteError
 from ..job import BuildContext, Job
 
 NAME = "calibration"
@@ -19,6 +20,7 @@ def run(job: Job, ctx: BuildContext) -> Job:
     ctx.calib, ctx.held_out = windows(ctx)
     facts = {"windows_sha256": _fingerprint(ctx.calib), "held_out_sha256":
              _fingerprint(ctx.held_out)}
+    ctx.dtype = "float32" if ctx.profile.scoring.dtype == "float32" else None
     if job.finished(NAME):
         old = job.outputs[NAME]
         if {k: old.get(k) for k in facts} != facts:
@@ -27,11 +29,12 @@ def run(job: Job, ctx: BuildContext) -> Job:
         if old.get("activations"):
             ctx.act_stats = _load_stats(job.path(old["activations"]))
             ctx.act_calib = old["act_calib"]
+            ctx.dtype = old.get("compute_dtype")
             return job
     ctx.act_stats, ctx.act_calib = activation_stats(ctx, job)
     if ctx.act_stats is not None and job.folder is not None:
         _save_stats(job.path(ACTIVATIONS), ctx.act_stats)
-        facts.update(activations=ACTIVATIONS, act_calib=ctx.act_calib)
+        facts.update(activations=ACTIVATIONS, act_calib=ctx.act_calib, compute_dtype=ctx.dtype)
     return job.finish(NAME, facts)
 
 
@@ -67,9 +70,22 @@ def activation_stats(ctx: BuildContext, job: Job | None = None):
     if (job is not None and job.folder is not None and ctx.metric == "sensitivity"
             and ctx.profile.scoring.measure == "fisher"):   # the streamed passes read them
         sink = reference_sink(ctx.source, calib.windows, job.path(PLAN_STATES))
-    stats = measure(ctx.source, calib.windows, device=ctx.device, batch_size=PASS_BATCH,
-                    on_output=sink,
-                    progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))
+    def run(dtype):
+        return measure(ctx.source, calib.windows, device=ctx.device, batch_size=PASS_BATCH,
+                       on_output=sink, dtype=dtype,
+                       progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))
+
+    try:
+        stats = run(ctx.dtype)
+    except NonFiniteError as e:
+        if ctx.dtype is not None or device_type(ctx.device) == "cpu":
+            raise
+        # float16 on a GPU: a residual past 65,504 (Gemma's at BOS). Every pass that must
+        # compute what the FP16 model does computes in float32 from here (one layer at a time:
+        # twice float16's memory for that layer)
+        log(f"{e}: the model's states pass float16's range; every pass computes in float32")
+        ctx.dtype = "float32"
+        stats = run(ctx.dtype)
     return stats, {"source": calib.source, "sha256": calib.sha256, "samples": calib.samples,
                    "seq_len": calib.seq_len, "windows_sha256": windows_fingerprint(calib.windows)}
 

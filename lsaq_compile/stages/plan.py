@@ -53,7 +53,7 @@ def plans(ctx: BuildContext, job: Job | None = None) -> tuple[list[Plan], dict[s
         say = ctx.progress.stage("allocating")
         in_job = job is not None and job.folder is not None
         meter = StreamMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,
-                            device=ctx.device, progress=throttled(say),
+                            device=ctx.device, dtype=ctx.dtype, progress=throttled(say),
                             candidates=job.path(CANDIDATES) if in_job else None,
                             states=job.path(PLAN_STATES) if in_job else None)
         found = _ladder(ctx, meter, sens, kind)

@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+from ..devices import device_type
 from ..errors import LsaqError
 from ..job import MEASUREMENTS, BuildContext, Job, MeasurementLog, fingerprint, write_json_atomic
 
@@ -65,17 +66,13 @@ def _log(job: Job, ctx: BuildContext) -> MeasurementLog | None:
         return None
     facts = [job.key, job.outputs.get("calibration", {}).get("windows_sha256")]
     if ctx.profile.scoring.measure == "fisher":   # float16 on a GPU differs from float32
-        facts.append(resolve_device(ctx.device))
+        facts.append(device_type(ctx.device))
         if ctx.profile.scoring.dtype != "auto":
             facts.append(ctx.profile.scoring.dtype)
+        if ctx.dtype is not None:                 # float32 where float16 overflowed
+            facts.append(ctx.dtype)
     return MeasurementLog(job.path(MEASUREMENTS), fingerprint(facts))
 
-
-def resolve_device(device: str) -> str:
-    """"cpu" or "cuda": what --device auto|cpu|cuda runs the torch stages on."""
-    from ..devices import _device
-
-    return _device(device or "cpu").type
 
 
 def measure(ctx: BuildContext, log: MeasurementLog | None = None, folder=None):
@@ -95,7 +92,7 @@ def measure(ctx: BuildContext, log: MeasurementLog | None = None, folder=None):
         return estimate.score(ctx.source, ctx.calib, ctx.calib.windows, ctx.schemes,
                               ctx.act_stats, say, granularity=sc.granularity,
                               tables=ctx.profile.tables_on_ladder, log=log, probes=sc.probes,
-                              device=ctx.device, checkpoint_dir=folder,
+                              device=ctx.device, dtype=ctx.dtype, checkpoint_dir=folder,
                               probe_dtype=None if sc.dtype == "auto" else sc.dtype), None
     if ctx.metric == "sensitivity":
         return sensitivity.score(ctx.source, ctx.calib, ctx.calib.windows, ctx.schemes,
@@ -160,6 +157,19 @@ def check_memory(ctx: BuildContext, say) -> None:
     tied = spec.tie_word_embeddings or not ctx.source.has_tensor(LM_HEAD)
     need = {m: memory_need(spec, m, sc.samples, sc.seq_len, sc.probes, tied)
             for m in ("exact", "fisher")}
+    if sc.measure == "exact" and device_type(ctx.device) == "cuda":
+        # KLMeter holds the whole model and its candidates on the device it computes on
+        import torch
+
+        free_gpu = torch.cuda.mem_get_info(torch.device(ctx.device if ctx.device != "auto"
+                                                        else "cuda"))[0]
+        say(f"exact measurement: about {need['exact'] / GiB:.1f} GiB of GPU memory expected, "
+            f"{free_gpu / GiB:.1f} GiB free")
+        if need["exact"] > free_gpu:
+            raise LsaqError(f"the exact sensitivity measurement holds the whole model on the GPU: "
+                            f"about {need['exact'] / GiB:.1f} GiB, but {free_gpu / GiB:.1f} GiB "
+                            "of GPU memory is free; scoring.measure = \"fisher\" (--measure "
+                            "fisher) streams it a layer at a time, or --device cpu")
     try:
         free = probe_host().free_bytes
     except Exception:     # no way to tell: measure, as before

@@ -38,9 +38,12 @@ def run(job: Job, ctx: BuildContext) -> Job:
 def job_inputs(ctx: BuildContext) -> dict:
     """What decides every output of the build: a job record made from other inputs is never
     continued. (The calibration text is checked by its windows, in the calibration stage.)"""
+    from ..devices import device_type
+
     return {"model": ctx.source.fingerprint(),
             "profile": dataclasses.asdict(ctx.profile),
             "metric": ctx.metric,
+            "device": device_type(ctx.device),   # a GPU's float16 measures other numbers
             "scores": _scores_fingerprint(ctx.scores_given),
             "chat_template": (hashlib.sha256(ctx.chat_template.encode()).hexdigest()
                               if ctx.chat_template is not None else None)}

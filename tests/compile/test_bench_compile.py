@@ -8,7 +8,7 @@ import sys
 from factories.data import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_compile import extrapolate, stage_seconds  # noqa: E402
+from bench_compile import extrapolate, stage_seconds, torch_gpu_mib  # noqa: E402
 from checkpoints import SHAPES, cpu_description, layer_params, measure, table_params  # noqa: E402
 
 # A child that holds 300 MiB of anonymous memory in a grandchild for a moment, burning CPU.
@@ -83,3 +83,10 @@ def test_the_cpu_is_described_by_name_and_the_instructions_speed_depends_on(tmp_
     info.write_text("model name\t: Old\nflags\t\t: sse2\n")
     assert cpu_description(str(info)) == "Old (none of avx2/avx512f/avx512_bf16/amx_bf16)"
     assert cpu_description(str(tmp_path / "absent"))     # no /proc: the platform's name
+
+
+def test_the_builds_own_gpu_peak_is_read_from_its_log():
+    log = ("[ 10.0s] bundle written to /x in 10.0s\n"
+           "[ 10.0s] GPU memory: peak 12,345 MiB allocated by torch, 14,000 MiB reserved\n")
+    assert torch_gpu_mib(log) == "12,345"
+    assert torch_gpu_mib("[ 1.0s] bundle written to /x in 1.0s\n") is None

@@ -175,3 +175,24 @@ def test_a_measurement_is_reused_by_every_later_build_of_the_same_inputs(model, 
     entry.write_text(entry.read_text()[:100])                                  # damaged: measured again
     assert build("f", PROFILE)[0] is False
     assert build("g", PROFILE)[0] is True                                      # and kept again
+
+
+def test_a_measurement_is_kept_per_device_and_compute_dtype(monkeypatch):
+    """float16 on a GPU measures other numbers than float32 on a CPU: a measurement stored by
+    one is never taken by the other, nor by a build that fell back to float32 on the GPU."""
+    from types import SimpleNamespace
+
+    from lsaq_compile import measurements
+    from lsaq_compile.profiles import load_profile
+    from lsaq_compile.quantize import QuantSettings
+
+    def ctx(device, dtype=None):
+        return SimpleNamespace(profile=load_profile("default"), metric="sensitivity",
+                               source=SimpleNamespace(fingerprint=lambda: "model"),
+                               settings=QuantSettings(), device=device, dtype=dtype)
+
+    cpu = measurements.key(ctx("cpu"), "w")
+    assert measurements.key(ctx("cpu"), "w") == cpu
+    monkeypatch.setattr("lsaq_compile.devices.device_type", lambda d: d or "cpu")
+    keys = {cpu, measurements.key(ctx("cuda"), "w"), measurements.key(ctx("cuda", "float32"), "w")}
+    assert len(keys) == 3

@@ -40,6 +40,22 @@ def test_job_record_round_trips(tmp_path):
         Job.load(tmp_path)
 
 
+def test_a_build_resumed_on_another_device_is_refused_naming_the_device(tmp_path, monkeypatch):
+    """A GPU's float16 passes measure other numbers than a CPU's float32: the job record names
+    the device it ran on, and resuming it on another one says so in one line."""
+    from types import SimpleNamespace
+
+    from lsaq_compile.stages.source import job_inputs
+
+    ctx = SimpleNamespace(source=SimpleNamespace(fingerprint=lambda: "m"), profile=Profile(),
+                          metric="sensitivity", scores_given=None, chat_template=None, device="cpu")
+    job = Job(tmp_path, job_inputs(ctx))
+    job.check_inputs(job_inputs(ctx))
+    monkeypatch.setattr("lsaq_compile.devices.device_type", lambda d: "cuda")
+    with pytest.raises(LsaqError, match=r"other inputs \(device differ\)"):
+        job.check_inputs(job_inputs(ctx))
+
+
 def test_measurement_log_keeps_whole_lines_and_refuses_other_inputs(tmp_path):
     path = tmp_path / "m.jsonl"
     log = MeasurementLog(path, "key-1")

@@ -89,6 +89,39 @@ def test_device_cuda_is_refused_without_cuda_in_one_line(model, tmp_path, profil
     assert E._device("auto").type == "cpu"
 
 
+def test_device_names_are_checked_in_one_line(monkeypatch):
+    """--device takes auto, cpu, cuda or cuda:N, N a GPU torch sees; anything else is one line
+    naming what to use (not torch's RuntimeError from deep inside a stage)."""
+    for bad in ("cuda:abc", "cpu:0", "tpu", "cuda:", "CUDA"):
+        with pytest.raises(LsaqError, match="use auto, cpu or cuda"):
+            devices._device(bad)
+    assert devices._device(torch.device("cpu")).type == "cpu"
+    assert devices.device_type(None) == devices.device_type("auto") == ("cuda" if CUDA else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert devices._device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(LsaqError, match="sees 2 CUDA device"):
+        devices._device("cuda:2")
+
+
+def test_an_exact_measurement_is_checked_against_the_gpus_free_memory(model, tmp_path, profile,
+                                                                        monkeypatch):
+    """The exact meter holds the whole model and its candidates on the device it computes on:
+    on a GPU with too little free memory it is refused before it starts, in one line that
+    names the streamed measurement (simulated: the device reported as cuda, 1 MiB free)."""
+    from lsaq_compile.stages import scoring
+
+    monkeypatch.setattr(scoring, "device_type", lambda device: "cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 80 << 30))
+    started = []
+    monkeypatch.setattr(sensitivity.KLMeter, "__init__", lambda *a, **k: started.append(1))
+    with pytest.raises(LsaqError) as e:
+        build_bundle(model, tmp_path / "b", profile=str(profile), measure="exact",
+                     progress=Progress(quiet=True))
+    msg = str(e.value)
+    assert "GPU" in msg and "fisher" in msg and "\n" not in msg and not started
+
+
 def test_fisher_build_never_builds_the_whole_model_meter(model, tmp_path, profile, monkeypatch):
     """The exact meter holds every layer (float32 and both quantized copies); the fisher
     build must not construct it, for the scores or for the whole-plan checks."""

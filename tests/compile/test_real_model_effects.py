@@ -189,6 +189,44 @@ def test_the_default_measurement_scores_a_residual_past_float16s_range(bos_model
     assert all(np.isfinite(v["quality"]["kl_fp16"]) for v in m["variants"])
 
 
+def test_a_gpu_build_computes_in_float32_where_float16_overflows(bos_model, tmp_path,
+                                                                 monkeypatch):
+    """On a GPU the passes compute in float16 by default, and this model's residual passes
+    65,504 at BOS: the activation pass's statistics come out inf. The build then measures them
+    again in float32 and every later pass (estimate, token tables, whole plans) computes in
+    float32; the job records it. Simulated on the CPU: float16 wherever a GPU's default dtype
+    would be, the device reported as cuda to the stage that decides."""
+    from lsaq_compile import activations, devices
+    from lsaq_compile import estimate as E
+    from lsaq_compile.bundle import build_bundle, read_manifest
+    from lsaq_compile.progress import Progress
+    from lsaq_compile.stages import calibration
+
+    real_dtype = devices._dtype
+    monkeypatch.setattr(devices, "_dtype", lambda dev, dtype: torch.float16 if dtype is None
+                        else real_dtype(dev, dtype))
+    monkeypatch.setattr(calibration, "device_type", lambda device: "cuda")
+    seen = {"activations": [], "score": [], "meter": []}
+    act, score, meter = activations.activation_stats, E.score, E.StreamMeter.__init__
+    monkeypatch.setattr(activations, "activation_stats", lambda *a, **k: (
+        seen["activations"].append(k.get("dtype")), act(*a, **k))[1])
+    monkeypatch.setattr(E, "score", lambda *a, **k: (seen["score"].append(k.get("dtype")),
+                                                     score(*a, **k))[1])
+    monkeypatch.setattr(E.StreamMeter, "__init__", lambda self, *a, **k: (
+        seen["meter"].append(k.get("dtype")), meter(self, *a, **k))[1])
+    said = []
+    prog = Progress(quiet=True)
+    monkeypatch.setattr(prog, "stage", lambda name: lambda msg: said.append(f"{name}: {msg}"))
+    prof = small_profile(samples=2, seq_len=32)
+    prof.scoring.measure = "fisher"
+    prof.build.rungs, prof.build.refine, prof.build.quality_samples = 2, 0, 4
+    out = build_bundle(bos_model, tmp_path / "b", profile=prof, progress=prog)
+    assert seen == {"activations": [None, "float32"], "score": ["float32"], "meter": ["float32"]}
+    assert any("pass float16's range" in m and m.startswith("activations") for m in said), said
+    assert all(np.isfinite(v["quality"]["kl_fp16"]) for v in read_manifest(out)["variants"])
+
+
+
 def test_the_runtime_never_loads_a_variant_a_finer_one_beats(bos_bundle):
     """Whatever the held-out numbers say, at every memory level the loaded variant is not
     dominated (at least as precise in every part) by another variant that fits; with room for

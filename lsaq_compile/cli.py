@@ -137,9 +137,8 @@ def _score_sensitivity(source, profile, calibration, samples, seq_len, progress)
               "this model kept a measurement of the same calibration and quantizers")
 @click.option("--measure", type=click.Choice(MEASURES), help="override the profile's "
               "scoring.measure: exact (each unit's KL alone) or fisher (streamed estimate)")
-@click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="cpu",
-              show_default=True, help="where the torch measurement runs (auto: cuda when "
-              "torch sees one)")
+@click.option("--device", default="cpu", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+              help="where the torch measurement runs (auto: cuda when torch sees one)")
 @click.option("--quality-engine", "quality_engine", type=click.Choice(QUALITY_ENGINES),
               help="override the profile's build.quality_engine: graphs (each variant's CPU "
               "graph), streamed (torch, one layer at a time) or auto (graphs where they fit)")

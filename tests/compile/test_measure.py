@@ -83,6 +83,9 @@ def test_device_cuda_is_refused_without_cuda_in_one_line(model, tmp_path, profil
     assert r.returncode == 2, r.stderr
     assert "cuda" in r.stderr and r.stderr.strip().count("\n") == 0
     assert "Traceback" not in r.stderr and not (tmp_path / "b").exists()
+    r = _build(model, tmp_path / "b", profile, "--device", "cuda:x")
+    assert r.returncode == 2 and "use auto, cpu or cuda" in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and not (tmp_path / "b").exists()
     # auto falls back to the CPU
     with pytest.raises(LsaqError, match="no CUDA"):
         E._device("cuda")

@@ -22,8 +22,8 @@ sweep per probe that recomputes one layer at a time from its stored input.
 
 Passes over the model (each reads every layer's weights once):
   1. forward: the FP16 hidden state entering every layer is stored (float16, or float32 past
-     float16's range; on disk by np.memmap when large), and the top one is projected on the vocabulary in row chunks;
-     in a build this pass only reads the states an earlier pass kept (PlanStates);
+     float16's range; on disk by np.memmap when large), and the top one is projected on the
+     vocabulary in row chunks; in a build this pass only reads the states an earlier pass kept (PlanStates);
   2. at the head: `probes` label sets y ~ p (Gumbel-max per vocabulary chunk, the noise drawn
      on the CPU so every device draws the same labels) and the gradient they send down;
   3. backward from the top: per layer, the quantized candidates of its linears (exactly the

@@ -70,13 +70,14 @@ def activation_stats(ctx: BuildContext, job: Job | None = None):
     if (job is not None and job.folder is not None and ctx.metric == "sensitivity"
             and ctx.profile.scoring.measure == "fisher"):   # the streamed passes read them
         sink = reference_sink(ctx.source, calib.windows, job.path(PLAN_STATES))
-    def run(dtype):
+
+    def forward(dtype):
         return measure(ctx.source, calib.windows, device=ctx.device, batch_size=PASS_BATCH,
                        on_output=sink, dtype=dtype,
                        progress=lambda i, n, s: log(f"layer {i + 1}/{n} ({s:.1f}s)"))
 
     try:
-        stats = run(ctx.dtype)
+        stats = forward(ctx.dtype)
     except NonFiniteError as e:
         if ctx.dtype is not None or device_type(ctx.device) == "cpu":
             raise
@@ -85,7 +86,7 @@ def activation_stats(ctx: BuildContext, job: Job | None = None):
         # twice float16's memory for that layer)
         log(f"{e}: the model's states pass float16's range; every pass computes in float32")
         ctx.dtype = "float32"
-        stats = run(ctx.dtype)
+        stats = forward(ctx.dtype)
     return stats, {"source": calib.source, "sha256": calib.sha256, "samples": calib.samples,
                    "seq_len": calib.seq_len, "windows_sha256": windows_fingerprint(calib.windows)}
 

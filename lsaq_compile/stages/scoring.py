@@ -74,7 +74,6 @@ def _log(job: Job, ctx: BuildContext) -> MeasurementLog | None:
     return MeasurementLog(job.path(MEASUREMENTS), fingerprint(facts))
 
 
-
 def measure(ctx: BuildContext, log: MeasurementLog | None = None, folder=None):
     """(Scores, KLMeter or None) measured now with the profile's calibration and quantizers
     (scoring.measure "exact": KLMeter, kept for the whole-plan checks; "fisher": the streamed

@@ -278,6 +278,32 @@ def test_cpu_measurement_and_cuda_cross_check(model):
         np.testing.assert_allclose(a_gpu[k], v, rtol=0.02, atol=1e-6)
 
 
+@pytest.mark.skipif(not CUDA, reason="no CUDA here: run by tools/device_check/run.sh on a GPU")
+def test_a_cuda_build_ships_what_a_cpu_build_ships(model, tmp_path, profile):
+    """The whole build with every torch stage on the GPU (float16): the same ladder of
+    variants as the CPU's float32 build, its scores ranking the linears alike, each variant's
+    held-out KL close, and torch's GPU peak on the log's last line."""
+    from scipy.stats import spearmanr
+
+    cpu = read_manifest(build_bundle(model, tmp_path / "cpu", profile=str(profile),
+                                     progress=Progress(quiet=True)))
+    r = _build(model, tmp_path / "gpu", profile, "--device", "cuda", "--remeasure")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "GPU memory: peak" in r.stderr.strip().splitlines()[-1]
+    gpu = read_manifest(tmp_path / "gpu")
+    assert len(gpu["variants"]) == len(cpu["variants"])
+    a, b = cpu["scores"]["importance"], gpu["scores"]["importance"]
+    assert spearmanr(a, b).statistic > 0.9, (a, b)
+    # a mix's name is its size, which a slightly other measurement may move; the uniform
+    # rungs are the same weights whatever was measured
+    kl = {v["name"]: v["quality"]["kl_fp16"] for v in gpu["variants"]}
+    same = [v for v in cpu["variants"] if v["name"] in kl]
+    assert {"fp16", "int8"} <= {v["name"] for v in same}
+    for v in same:
+        kx, ky = v["quality"]["kl_fp16"], kl[v["name"]]
+        assert abs(kx - ky) <= 0.1 * max(kx, ky) + 1e-4, (v["name"], kx, ky)
+
+
 def test_a_measurement_that_cannot_fit_is_refused_before_it_starts(model, tmp_path, profile,
                                                                    monkeypatch):
     """The estimate of the measurement's memory against what the host has: refused in one

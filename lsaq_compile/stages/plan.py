@@ -60,6 +60,9 @@ def plans(ctx: BuildContext, job: Job | None = None) -> tuple[list[Plan], dict[s
         meter.close()   # its kept states: not needed past planning (a killed build keeps them)
         return found
     elif meter is None:  # reused scores: the plans are still validated on this build's windows
+        from .scoring import check_memory
+
+        check_memory(ctx, ctx.progress.stage("allocating"))   # the meter holds the whole model
         meter = sensitivity.KLMeter(ctx.source, ctx.calib.windows, ctx.schemes, ctx.act_stats,
                                     device=ctx.device)
     return _ladder(ctx, meter, sens, kind)

@@ -338,6 +338,27 @@ def test_a_measurement_that_cannot_fit_is_refused_before_it_starts(model, tmp_pa
                      progress=Progress(quiet=True))
 
 
+def test_reused_exact_scores_check_memory_before_the_whole_model_meter(model, tmp_path, profile,
+                                                                       monkeypatch):
+    """An exact build whose scores an earlier build measured still builds the whole-model
+    meter to check its plans: that too is refused before it starts where memory is short."""
+    from lsaq_runtime import probe
+
+    monkeypatch.setenv("LSAQ_CACHE_DIR", str(tmp_path / "cache"))
+    build_bundle(model, tmp_path / "a", profile=str(profile), measure="exact",
+                 progress=Progress(quiet=True))
+    host = probe.probe_host()
+    monkeypatch.setattr(probe, "probe_host", lambda: probe.simulated(host, 1 << 20))
+    built = []
+    real = sensitivity.KLMeter.__init__
+    monkeypatch.setattr(sensitivity.KLMeter, "__init__",
+                        lambda self, *a, **k: (built.append(1), real(self, *a, **k))[1])
+    with pytest.raises(LsaqError, match="GiB of memory but") as e:   # fails without the check
+        build_bundle(model, tmp_path / "b", profile=str(profile), measure="exact",
+                     progress=Progress(quiet=True))
+    assert not built and "\n" not in str(e.value)
+
+
 def test_a_checkpoint_ahead_of_the_log_restarts_the_sweep(model, tmp_path, monkeypatch):
     """The gradient checkpoint says layers from L-2 up are done, but the log lost layer L-1's
     costs: the sweep starts again from the top rather than leave a layer unmeasured."""

@@ -84,17 +84,28 @@ def test_load_on_cuda_generates_what_the_cpu_does(tiny_bundle):
 
 def test_the_memory_plan_holds_on_the_gpu(tiny_bundle):
     """What the plan says a variant needs on the GPU is at least what the GPU holds for it
-    once its cache is full (NVML's used memory, before and after, this process alone)."""
-    pynvml = pytest.importorskip("pynvml")
-    from lsaq_runtime.model import load
+    once its cache is full: NVML's used memory before and after, in a fresh process (this one
+    already holds a CUDA context: the probe above made one), the CUDA context included."""
+    import json
+    import subprocess
+    import sys
 
-    pynvml.nvmlInit()
-    h = pynvml.nvmlDeviceGetHandleByIndex(0)
-    before = pynvml.nvmlDeviceGetMemoryInfo(h).used
-    model = load(tiny_bundle, device="cuda", context=256)
-    need = model.decision.chosen_row.need_bytes
-    list(model.generate_ids(list(range(3, 200)), 50))      # the cache filled to 249 tokens
-    used = pynvml.nvmlDeviceGetMemoryInfo(h).used - before
-    model.close()
-    print(f"GPU: planned {need / 2**20:.1f} MiB, NVML {used / 2**20:.1f} MiB")
-    assert used <= need, (used, need)
+    pytest.importorskip("pynvml")
+    code = f"""
+import json, pynvml
+pynvml.nvmlInit()
+h = pynvml.nvmlDeviceGetHandleByIndex(0)
+before = pynvml.nvmlDeviceGetMemoryInfo(h).used
+from lsaq_runtime.model import load
+model = load({str(tiny_bundle)!r}, device="cuda", context=256)
+list(model.generate_ids(list(range(3, 200)), 50))     # the cache filled to 249 tokens
+used = pynvml.nvmlDeviceGetMemoryInfo(h).used - before
+print(json.dumps({{"need": model.decision.chosen_row.need_bytes, "used": used,
+                  "variant": model.variant, "provider": model.provider}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"GPU, {got['variant']}: planned {got['need'] / 2**20:.1f} MiB, NVML {got['used'] / 2**20:.1f} MiB")
+    assert got["provider"] == "cuda"
+    assert got["used"] <= got["need"], got

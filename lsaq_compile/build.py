@@ -42,7 +42,10 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
     prof = profile.validate() if isinstance(profile, Profile) else load_profile(profile)
     if measure is not None:
         prof = with_measure(prof, measure)
-    check_compute_dtype(check_device(device), prof, metric)
+    from .devices import _device
+
+    dev = _device(device)   # refused in one line where it cannot run
+    check_compute_dtype(dev.type, prof, metric)
     # Absolute: `-o .` names the folder by its own name, so the working folder goes beside
     # it, not inside it.
     out = Path(os.path.abspath(out))
@@ -86,12 +89,9 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
                             "written: free disk space or choose another -o") from None
         raise
     progress(f"bundle written to {out} in {time.perf_counter() - t0:.1f}s")
-    if check_device(device) == "cuda":   # the torch stages' own peak (NVML also counts others)
+    if dev.type == "cuda":   # the torch stages' own peak (NVML also counts others)
         import torch
 
-        from .devices import _device
-
-        dev = _device(device)
         progress(f"GPU memory: peak {torch.cuda.max_memory_allocated(dev) / 2**20:,.0f} MiB "
                  f"allocated by torch, {torch.cuda.max_memory_reserved(dev) / 2**20:,.0f} MiB "
                  "reserved")
@@ -105,13 +105,6 @@ def with_measure(prof: Profile, measure: str) -> Profile:
     prof = copy.deepcopy(prof)
     prof.scoring.measure = measure
     return prof.validate()
-
-
-def check_device(device: str) -> str:
-    """The torch device of --device auto|cpu|cuda, refused in one line where it cannot run."""
-    from .devices import _device
-
-    return _device(device).type
 
 
 def check_compute_dtype(device_type: str, prof: Profile, metric: str | None = None) -> None:

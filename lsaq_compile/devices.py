@@ -24,7 +24,8 @@ def _device(device: "str | torch.device") -> torch.device:
             raise LsaqError("device cuda: torch sees no CUDA device (a CPU-only torch, or no GPU)")
         n = torch.cuda.device_count()
         if colon and int(index) >= n:
-            raise LsaqError(f"device {device}: torch sees {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+            raise LsaqError(f"device {device}: torch sees {n} CUDA device(s), cuda:0 to "
+                            f"cuda:{n - 1}")
     return torch.device(device)
 
 

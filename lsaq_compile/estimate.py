@@ -23,7 +23,8 @@ sweep per probe that recomputes one layer at a time from its stored input.
 Passes over the model (each reads every layer's weights once):
   1. forward: the FP16 hidden state entering every layer is stored (float16, or float32 past
      float16's range; on disk by np.memmap when large), and the top one is projected on the
-     vocabulary in row chunks; in a build this pass only reads the states an earlier pass kept (PlanStates);
+     vocabulary in row chunks; in a build this pass only reads the states an earlier pass
+     kept (PlanStates);
   2. at the head: `probes` label sets y ~ p (Gumbel-max per vocabulary chunk, the noise drawn
      on the CPU so every device draws the same labels) and the gradient they send down;
   3. backward from the top: per layer, the quantized candidates of its linears (exactly the
@@ -702,7 +703,7 @@ class Checkpoint:
         full = [L + 1, *shape]
         meta = self._meta(self.HIDDEN)
         stem = self.folder / self.HIDDEN
-        dtype = np.dtype(meta.get("dtype", "float16") if meta.get("dtype") in ("float16", "float32")
+        dtype = np.dtype(meta.get("dtype") if meta.get("dtype") in ("float16", "float32")
                          else "float16")
         done = (meta.get("shape") == full and meta.get("complete") is True
                 and stem.with_suffix(_Hidden.SUFFIX[dtype]).is_file())
@@ -1157,8 +1158,8 @@ def _kl_at_head(st: _Stack, states: dict, items: list[tuple]) -> list[float]:
     """Mean KL of items[0]'s next-token distributions to each later item's, an item being
     (state key, head precision); one walk over the head by row chunks (head_sums), each head
     precision quantized by chunk. The logits are float32 whatever the compute dtype: float16
-    logits (a GPU's) are rounded by up to 8e-3 at |z| of 16-32, which moved a KL of 3e-7 a token to
-    4e-6 in a simulation, the size of the differences the plans are chosen by."""
+    logits (a GPU's) are rounded by up to 8e-3 at |z| of 16-32, which moved a KL of 3e-7 a
+    token to 4e-6 in a simulation, the size of the differences the plans are chosen by."""
     H = st.spec.hidden_size
     normed = {k: final_norm(st.spec, h[:, :-1].float(), st.norm.float()).reshape(-1, H)
               for k, h in states.items() if k in {key for key, _ in items}}

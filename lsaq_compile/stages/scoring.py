@@ -64,13 +64,11 @@ def _log(job: Job, ctx: BuildContext) -> MeasurementLog | None:
     """The job's per-linear measurement log, keyed to the job's inputs and calibration."""
     if job.folder is None:
         return None
+    # job.key holds the model, profile (scoring.dtype too) and device; the compute dtype is
+    # decided later, by the calibration stage (float32 where float16 overflowed)
     facts = [job.key, job.outputs.get("calibration", {}).get("windows_sha256")]
-    if ctx.profile.scoring.measure == "fisher":   # float16 on a GPU differs from float32
-        facts.append(device_type(ctx.device))
-        if ctx.profile.scoring.dtype != "auto":
-            facts.append(ctx.profile.scoring.dtype)
-        if ctx.dtype is not None:                 # float32 where float16 overflowed
-            facts.append(ctx.dtype)
+    if ctx.profile.scoring.measure == "fisher" and ctx.dtype is not None:
+        facts.append(ctx.dtype)
     return MeasurementLog(job.path(MEASUREMENTS), fingerprint(facts))
 
 
@@ -160,8 +158,9 @@ def check_memory(ctx: BuildContext, say) -> None:
         # KLMeter holds the whole model and its candidates on the device it computes on
         import torch
 
-        free_gpu = torch.cuda.mem_get_info(torch.device(ctx.device if ctx.device != "auto"
-                                                        else "cuda"))[0]
+        from ..devices import _device
+
+        free_gpu = torch.cuda.mem_get_info(_device(ctx.device))[0]
         say(f"exact measurement: about {need['exact'] / GiB:.1f} GiB of GPU memory expected, "
             f"{free_gpu / GiB:.1f} GiB free")
         if need["exact"] > free_gpu:

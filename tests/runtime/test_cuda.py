@@ -8,30 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-ort = pytest.importorskip("onnxruntime")
+from factories.cuda import cuda_runs
 
-
-def _cuda_runs() -> bool:
-    """A session really placed on CUDA: the listed providers prove nothing (onnxruntime-gpu
-    without its CUDA libraries lists CUDA and runs on the CPU)."""
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    try:
-        s = ort.InferenceSession(m.SerializeToString(),
-                                 providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    except Exception:   # noqa: BLE001 - no usable CUDA: skipped, not failed
-        return False
-    return s.get_providers()[0] == "CUDAExecutionProvider"
-
-
-pytestmark = pytest.mark.skipif(not _cuda_runs(), reason="no CUDA session here (onnxruntime-gpu "
+pytestmark = pytest.mark.skipif(not cuda_runs(), reason="no CUDA session here (onnxruntime-gpu "
                                 "and a GPU): run by tools/device_check/run.sh on a lent GPU")
 
 

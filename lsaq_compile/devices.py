@@ -29,6 +29,13 @@ def _device(device: "str | torch.device") -> torch.device:
     return torch.device(device)
 
 
+def synchronize(dev: torch.device) -> None:
+    """Wait for the GPU's queued work: CUDA kernels run after their launch returns, so a clock
+    read without this times the queueing, not the work (a layer's rate and an ETA)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def device_type(device: str | None) -> str:
     """"cpu" or "cuda": what --device auto|cpu|cuda runs the torch stages on."""
     return _device(device or "cpu").type

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from lsaq_runtime.format import LINEAR_PART, PARTS, STORED_OF, TABLE_BASE, layer_key
 
-from .devices import _clock, _device, _dtype, _tensor  # noqa: F401  (estimate._device: the public spelling of old)
+from .devices import _clock, _device, _dtype, _tensor, synchronize  # noqa: F401  (estimate._device: the public spelling of old)
 from .errors import LsaqError
 from .export_onnx import EMBED, FINAL_NORM, LM_HEAD, part_precision, table_scheme, table_weight
 from .layerwise import (_classes, final_norm, module_state, position_embeddings,
@@ -98,10 +98,12 @@ ProgressFn = Callable[[Step], None]
 
 class _Clock:
     """Per-stage layer rates and an ETA: a backward layer costs about (1 + probes) forward
-    layers until one has been timed."""
+    layers until one has been timed. A tick waits for the device's queued work first."""
 
-    def __init__(self, L: int, probes: int, progress: ProgressFn | None):
+    def __init__(self, L: int, probes: int, progress: ProgressFn | None,
+                 device: torch.device = torch.device("cpu")):
         self.L, self.progress, self.t0 = L, progress, time.perf_counter()
+        self.device = device
         self.per = {"forward": None, "backward": None}
         self.ratio = 1.0 + probes
         self.stages = ("forward", "backward") if probes else ("local",)
@@ -113,7 +115,11 @@ class _Clock:
     def skip_forward(self) -> None:
         pass
 
-    def tick(self, stage: str, done: int, t_stage: float) -> None:
+    def tick(self, stage: str, done: int, since: float) -> None:
+        """`done` layers of `stage` finished; the stage started at perf_counter() `since`."""
+        synchronize(self.device)
+        now = time.perf_counter()
+        t_stage = now - since
         new = done - (self.skipped if stage == "backward" else 0)
         per = t_stage / max(new, 1)
         self.per[stage if stage in self.per else "forward"] = per
@@ -123,7 +129,7 @@ class _Clock:
         if stage == "forward" and "backward" in self.stages:
             left += (self.L - self.skipped) * bwd
         if self.progress:
-            self.progress(Step(stage, done, self.L, time.perf_counter() - self.t0, 1 / per, left))
+            self.progress(Step(stage, done, self.L, now - self.t0, 1 / per, left))
 
 
 # ---------------------------------------------------------------------------- the stack
@@ -528,7 +534,7 @@ def estimate(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
     outdiag = np.zeros_like(first)
     local = np.zeros((n, L, len(PARTS), P))
     out_sq = np.zeros((n, L, len(PARTS)))
-    clock = _Clock(L, S, progress)
+    clock = _Clock(L, S, progress, dev)
     batches = [slice(b, min(n, b + batch_size)) for b in range(0, n, batch_size)]
 
     def output_changes(i: int, caps: dict) -> dict:
@@ -568,7 +574,7 @@ def estimate(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
                 with torch.no_grad():
                     output_changes(i, caps)
                 del layer, caps
-                clock.tick("local", i + 1, time.perf_counter() - t0)
+                clock.tick("local", i + 1, t0)
             return Estimate(first, outdiag, local, out_sq, st.tokens, time.perf_counter() - t0,
                             _params(schemes, S, seed, dev, dt))
 
@@ -601,7 +607,7 @@ def estimate(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
                     if kept is not None:
                         kept.put(st, "fp16", ref, h)
                 hidden.put(i + 1, slice(None), h)
-                clock.tick("forward", i + 1, time.perf_counter() - tf)
+                clock.tick("forward", i + 1, tf)
             del h
             hidden.finish()
         else:
@@ -667,7 +673,7 @@ def estimate(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
                              "local": local[:, i], "out_sq": out_sq[:, i], "tokens": st.tokens})
             if checkpoint is not None:   # after on_layer: a kill between them measures i again
                 checkpoint.save_gradient(i, G)
-            clock.tick("backward", L - i, time.perf_counter() - tb)
+            clock.tick("backward", L - i, tb)
     finally:
         if hidden is not None and checkpoint is None:
             hidden.close()
@@ -1114,7 +1120,7 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
              for prec, e, _ in items}
     states = {(e, ()): st.embedded(e).to(st.device, st.dtype)
               for e in {e for (_, e), s in start.items() if s < 0}}
-    clock = _Clock(L, 0, progress)
+    clock = _Clock(L, 0, progress, st.device)
     t0 = time.perf_counter()
     for (prec, e), s in start.items():
         if s == L - 1:
@@ -1125,7 +1131,7 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
                 states[(e, prec[:i])] = kept.get(st, e, prec[:i]).to(st.device, st.dtype)
         need = {(e, prec[:i + 1]) for (prec, e), s in start.items() if s < i}
         if not need:   # every plan's state is kept above this layer: not even read
-            clock.tick(label, i + 1, time.perf_counter() - t0)
+            clock.tick(label, i + 1, t0)
             continue
         layer = st.layer(i)
         fp16 = {m: layer.get_submodule(m).weight.data for m in st.modules}
@@ -1150,7 +1156,7 @@ def plans_kl(source: ModelSource, windows: np.ndarray, schemes: dict[str, QuantS
         # states carried on: this layer's, and the whole plans kept (loaded above)
         states = {**{k: v for k, v in states.items() if len(k[1]) == L}, **new}
         del layer, cache, fp16
-        clock.tick(label, i + 1, time.perf_counter() - t0)
+        clock.tick(label, i + 1, t0)
     return _kl_at_head(st, states, [((e, prec), hp) for prec, e, hp in items])
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from lsaq_runtime.format import MEMBERS
 
+from .devices import synchronize
 from .errors import LsaqError
 from .model_source import EMBED, LINEAR_NAMES, ModelSource, ModelSpec
 
@@ -208,6 +209,7 @@ def forward_layers(source: ModelSource, windows: np.ndarray, *, on_hidden: Hidde
         hidden = out
         del layer, tensors  # free this layer before the next one is read
         if progress:
+            synchronize(dev)   # the layer's work, not its queueing
             progress(i, spec.num_layers, time.perf_counter() - t0)
 
 

@@ -87,7 +87,7 @@ def _forward(reader: BundleReader, st: _Stack, items: list[dict], batch_size: in
     embs = {it["embed"].base: it["embed"] for it in items}
     states = {(b, ()): _embedded(reader, st, w).to(st.device) for b, w in embs.items()}
     rows = _member_rows(reader.model)
-    clock = _Clock(L, 0, lambda step: log(str(step)))
+    clock = _Clock(L, 0, lambda step: log(str(step)), st.device)
     t0 = time.perf_counter()
     # the source's linears are not read: _set_weights gives every module the store's before
     # each run (placeholders, never written or read: untouched memory costs nothing)
@@ -106,7 +106,7 @@ def _forward(reader: BundleReader, st: _Stack, items: list[dict], batch_size: in
                 new[key] = torch.cat([st.run(layer, i, h[sl]) for sl in batches])
         states = new
         del layer, cache
-        clock.tick("streamed", i + 1, time.perf_counter() - t0)
+        clock.tick("streamed", i + 1, t0)
     return states
 
 

@@ -1,5 +1,6 @@
 """The streamed sensitivity estimate (lsaq_compile.estimate) against the exact measurement."""
 
+import time
 import weakref
 
 import numpy as np
@@ -186,6 +187,31 @@ def test_progress_reports_stage_layer_rate_and_eta(tiny):
     meter = E.StreamMeter(src, win, SCHEMES, act, progress=passes.append)
     meter.kl_many([("int4",) * L, ("int8",) * L])
     assert {s.stage for s in passes} == {"2 plans"} and passes[-1].done == L
+
+
+def test_progress_on_a_gpu_times_its_work_not_its_queueing(monkeypatch, tmp_path):
+    """CUDA kernels run after their launch returns: a clock read without waiting for them
+    reports the queueing as a layer's time. Simulated: a synchronize that takes 0.2 s."""
+    waited = []
+
+    def synchronize(dev):
+        waited.append(str(dev))
+        time.sleep(0.2)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    steps = []
+    t0 = time.perf_counter()
+    E._Clock(4, 0, steps.append, torch.device("cuda:0")).tick("local", 1, t0)
+    assert waited == ["cuda:0"] and steps[0].elapsed >= 0.2 and steps[0].rate <= 5
+    E._Clock(4, 0, steps.append).tick("local", 1, time.perf_counter())   # the CPU: no wait
+    assert waited == ["cuda:0"] and steps[1].elapsed < 0.2
+    # the activation pass's layer timings wait too, before each progress line
+    from lsaq_compile import layerwise
+    order = []
+    monkeypatch.setattr(layerwise, "synchronize", lambda dev: order.append("sync"))
+    src = open_model(make_tiny_model(tmp_path / "m", num_hidden_layers=2))
+    layerwise.forward_layers(src, np.ones((1, 8), np.int64),
+                             progress=lambda i, n, s: order.append("progress"))
+    assert order == ["sync", "progress"] * src.spec.num_layers
 
 
 def test_plans_kl_is_the_exact_whole_plan_kl_in_one_pass(tiny):

@@ -144,6 +144,31 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+# Rows per chunk of log_softmax_rows: float64 temporaries of a few MB at any vocabulary. A whole
+# window's log-probabilities are five fresh arrays of 8 x positions x vocabulary bytes (200 MB
+# each for 512 positions of SmolLM2's 49k), and fresh memory is not free: on a VM that hands
+# freed pages back to its host (this project's machines), first touch ran at 80-130 MB/s, so
+# one window's temporaries cost seconds; the chunks' are reused while still warm.
+LSM_ROWS = 32
+
+
+def log_softmax_rows(x: np.ndarray, rows: int = LSM_ROWS):
+    """(first row, float64 log_softmax of x[first:first + rows]) over x [positions, vocab]:
+    each row's values bit for bit _log_softmax(x)'s (the reductions run along a row)."""
+    for a in range(0, len(x), rows):
+        yield a, _log_softmax(x[a:a + rows])
+
+
+def token_logprobs(x: np.ndarray, targets) -> np.ndarray:
+    """float64 [positions]: log p(targets[t]) under row t of logits x, the values
+    _log_softmax(x)[arange, targets] holds, without the whole [positions, vocab] array."""
+    targets = np.asarray(targets)
+    out = np.empty(len(targets), np.float64)
+    for a, lp in log_softmax_rows(x[:len(targets)]):
+        out[a:a + len(lp)] = lp[np.arange(len(lp)), targets[a:a + len(lp)]]
+    return out
+
+
 # ---------------------------------------------------------------- perplexity
 @dataclass
 class TextWindows:
@@ -188,9 +213,8 @@ def text_windows(path: str | os.PathLike, codec, seq_len: int = 1024,
 
 def window_nll(logits_fn: LogitsFn, window: np.ndarray) -> tuple[float, int]:
     """Sum of -log p(token t+1 | tokens <= t) over a window, and the number of predictions."""
-    lp = _log_softmax(logits_fn(window)[:-1])
     target = window[1:]
-    return float(-lp[np.arange(len(target)), target].sum()), len(target)
+    return float(-token_logprobs(logits_fn(window), target).sum()), len(target)
 
 
 def perplexity(logits_fn: LogitsFn, tw: TextWindows, progress=None, limit: int | None = None) -> dict:
@@ -317,10 +341,11 @@ def loglikelihoods(logits_fn, requests: list[tuple[list[int], int]], max_tokens:
         for k in users[r]:
             whole, n_ctx = requests[k]
             lo = n_ctx - 1 - first[r]
-            lp = _log_softmax(logits[lo: lo + len(whole) - n_ctx])
+            z = logits[lo: lo + len(whole) - n_ctx]
             cont = np.asarray(whole[n_ctx:])
-            results[k] = (float(lp[np.arange(len(cont)), cont].sum()),
-                          bool(np.all(lp.argmax(axis=-1) == cont)))
+            # greedy from the logits: log_softmax keeps each row's order, ties included
+            results[k] = (float(token_logprobs(z, cont).sum()),
+                          bool(np.all(z.argmax(axis=-1) == cont)))
 
     batch = getattr(logits_fn, "batch", None)
     i = 0

@@ -14,11 +14,10 @@ graph through the runtime, the same path `lsaq-run` uses.
 
 from __future__ import annotations
 
-import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from .evaluate import _log_softmax
+from .evaluate import token_logprobs
 
 
 @register_model("lsaq")
@@ -72,9 +71,7 @@ class LsaqLM(LM):
             total, step = 0.0, self.max_length
             for start in range(0, len(ids), step):
                 chunk = ids[max(0, start - 1): start + step]
-                lp = _log_softmax(self.model.score_tokens(chunk)[:-1])
-                tgt = chunk[1:]
-                total += float(lp[np.arange(len(tgt)), tgt].sum())
+                total += float(token_logprobs(self.model.score_tokens(chunk), chunk[1:]).sum())
             out.append(total)
         return out
 

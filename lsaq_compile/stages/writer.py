@@ -203,7 +203,7 @@ def measure_quality(root: Path, m: dict, windows, log) -> dict[str, dict]:
     tokens, by variant name."""
     import tempfile
 
-    from ..evaluate import _log_softmax, onnx_logits_fn
+    from ..evaluate import log_softmax_rows, onnx_logits_fn
 
     n, seq = windows.shape
     t0 = time.perf_counter()
@@ -220,14 +220,17 @@ def measure_quality(root: Path, m: dict, windows, log) -> dict[str, dict]:
             fn = onnx_logits_fn(root, m, v["name"], context=seq)
             nll = kl = 0.0
             for w in range(n):
-                lp = _log_softmax(fn(windows[w])[:-1])           # float64 [seq - 1, vocab]
-                nll -= float(lp[np.arange(seq - 1), windows[w, 1:]].sum())
-                if v["name"] == "fp16":
-                    ref[w] = lp
-                else:
-                    for a in range(0, seq - 1, 32):   # bounded temporaries at any vocabulary
-                        r = ref[w, a:a + 32].astype(np.float64)
-                        kl += float((np.exp(r) * (r - lp[a:a + 32])).sum())
+                target = windows[w, 1:]
+                picked = np.empty(seq - 1)    # log p(target), summed at once as before
+                # by evaluate.LSM_ROWS rows: bounded temporaries at any vocabulary
+                for a, lp in log_softmax_rows(fn(windows[w])[:-1]):
+                    picked[a:a + len(lp)] = lp[np.arange(len(lp)), target[a:a + len(lp)]]
+                    if v["name"] == "fp16":
+                        ref[w, a:a + len(lp)] = lp
+                    else:
+                        r = ref[w, a:a + len(lp)].astype(np.float64)
+                        kl += float((np.exp(r) * (r - lp)).sum())
+                nll -= float(picked.sum())
             fn.close()
             tokens = n * (seq - 1)
             out[v["name"]] = {"perplexity": round(math.exp(nll / tokens), 4), "tokens": tokens,

@@ -49,6 +49,26 @@ def test_perplexity_by_hand():
     assert math.isclose(ev.perplexity(oracle, tw)["perplexity"], 1.0, rel_tol=1e-9)
 
 
+def test_log_probabilities_by_row_chunks_are_the_whole_arrays_bit_for_bit():
+    """Perplexity, likelihoods and build-time quality read log_softmax by LSM_ROWS rows (a
+    whole window's float64 temporaries cost seconds of first touch here): same values, any
+    row count, a last chunk short or whole, targets one row shorter than the logits."""
+    rng = np.random.default_rng(0)
+    for rows in (1, 31, 32, 33, 100):
+        z = (rng.standard_normal((rows + 1, 301)) * 8).astype(np.float32)
+        t = rng.integers(0, 301, rows)
+        whole = ev._log_softmax(z)
+        chunks = list(ev.log_softmax_rows(z))
+        assert [a for a, _ in chunks] == list(range(0, rows + 1, ev.LSM_ROWS))
+        assert np.array_equal(np.concatenate([c for _, c in chunks]), whole)
+        assert np.array_equal(ev.token_logprobs(z, t), whole[np.arange(rows), t])
+    # a window's NLL is the one the whole array gives, to the last bit
+    w = rng.integers(0, 301, 70)
+    z = (rng.standard_normal((70, 301)) * 8).astype(np.float32)
+    lp = ev._log_softmax(z[:-1])
+    assert ev.window_nll(lambda ids: z, w) == (float(-lp[np.arange(69), w[1:]].sum()), 69)
+
+
 def test_text_window_errors(tiny_bundle, tmp_path):
     tok = tiny_bundle
     short = tmp_path / "short.txt"

@@ -58,8 +58,7 @@ def quality(bundle: Path, variant: str, tw) -> tuple[float, list[np.ndarray]]:
     nll, count, argmax = 0.0, 0, []
     for w in tw.windows:
         logits = fn(w)
-        lp = ev._log_softmax(logits[:-1])
-        nll -= float(lp[np.arange(len(w) - 1), w[1:]].sum())
+        nll -= float(ev.token_logprobs(logits, w[1:]).sum())
         count += len(w) - 1
         argmax.append(logits.argmax(axis=-1))
     return math.exp(nll / count), argmax

@@ -163,6 +163,8 @@ def token_logprobs(x: np.ndarray, targets) -> np.ndarray:
     """float64 [positions]: log p(targets[t]) under row t of logits x, the values
     _log_softmax(x)[arange, targets] holds, without the whole [positions, vocab] array."""
     targets = np.asarray(targets)
+    if len(x) < len(targets):
+        raise ValueError(f"{len(targets)} targets for {len(x)} rows of logits")
     out = np.empty(len(targets), np.float64)
     for a, lp in log_softmax_rows(x[:len(targets)]):
         out[a:a + len(lp)] = lp[np.arange(len(lp)), targets[a:a + len(lp)]]

@@ -62,6 +62,8 @@ def test_log_probabilities_by_row_chunks_are_the_whole_arrays_bit_for_bit():
         assert [a for a, _ in chunks] == list(range(0, rows + 1, ev.LSM_ROWS))
         assert np.array_equal(np.concatenate([c for _, c in chunks]), whole)
         assert np.array_equal(ev.token_logprobs(z, t), whole[np.arange(rows), t])
+    with pytest.raises(ValueError, match="3 targets for 2 rows"):
+        ev.token_logprobs(z[:2], t[:3])
     # a window's NLL is the one the whole array gives, to the last bit
     w = rng.integers(0, 301, 70)
     z = (rng.standard_normal((70, 301)) * 8).astype(np.float32)

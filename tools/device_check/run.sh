@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # There (the lent GPU), in the repository root, after earlier calls copied every part of the
 # onnxruntime-gpu wheel to /tmp/lsaq-ort (README.md beside this file). `run.sh` installs and
-# runs the tests; `run.sh bench` (the next call, same warm machine) the compile benchmark.
+# runs the tests; `run.sh bench` (the next call, same warm machine) the compile benchmark;
+# `run.sh dtype` (if device time is left) the measurement's float16 against float32.
 # Each step's output goes to $OUT/device_check.log; a step that fails or runs out of time does
 # not stop the next.
 set -uo pipefail
@@ -35,6 +36,10 @@ if [ "${1:-tests}" = tests ]; then
   run 200 python3 -m pytest -q -p no:cacheprovider -s -rs tests/runtime/test_cuda.py
   step "compiler's torch stages on CUDA: cross-check against the CPU, a whole build"
   run 300 python3 -m pytest -q -p no:cacheprovider -rs tests/compile/test_measure.py -k cuda
+elif [ "$1" = dtype ]; then
+  step "the default measurement's costs in float16 and bfloat16 on the GPU against float32"
+  run 540 python3 benchmarks/bench_measure_dtype.py --device cuda --dtypes float16,bfloat16 \
+      --windows 4 --seq-len 128
 else
   step "compile at 7B width, 2 layers, torch stages on the GPU (bench_compile)"
   run 540 python3 benchmarks/bench_compile.py --shape llama-2-7b:2 --profile default \

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import folders
-from .errors import LsaqError
+from .errors import LsaqError, Terminated
 from .job import JOB_DIR, BuildContext, Job
 from .profiles import Profile, load_profile
 from .progress import Progress
@@ -77,7 +77,8 @@ def build_bundle(model: str | os.PathLike | None = None, out: str | os.PathLike 
     except BaseException as e:
         # Kept for --resume: a resumed record (for another try), and an interrupted build's
         # finished stages. A later build without --resume cleans the folder up.
-        interrupted = isinstance(e, KeyboardInterrupt) and job is not None and bool(job.done)
+        interrupted = (isinstance(e, (KeyboardInterrupt, Terminated)) and job is not None
+                       and bool(job.done))
         if interrupted:
             progress(f"interrupted after stage {job.done[-1]}; `lsaq-compile build --resume` "
                      "with the same arguments continues it")

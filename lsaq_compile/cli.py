@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -12,7 +14,7 @@ import click
 from lsaq_runtime.errors import LsaqRuntimeError, first_line, printable
 from lsaq_runtime.format import METRICS
 
-from .errors import LsaqError
+from .errors import LsaqError, Terminated
 from .profiles import MEASURES, QUALITY_ENGINES, SCORING_DTYPES
 from .progress import Progress
 
@@ -442,8 +444,30 @@ def export(bundle, variant, target, out, force, no_modelfile, errors_json, embed
         click.echo(printable(line))
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
-    """Every failure ends as one line on stderr and exit code 2 (130 when interrupted)."""
+    """Every failure ends as one line on stderr and exit code 2 (130 when interrupted, 143 when
+    terminated)."""
+    # `kill`, a service manager's stop, a batch system's time limit: SIGTERM's default action
+    # ends the process at once, leaving what a build keeps outside its folder (the converted
+    # tokenizer, a standalone run's hidden states) in the system's temporary folder. Unwinding
+    # removes it; the build folder's job record is kept for --resume, as after Ctrl-C. A
+    # handler an embedding program set is left alone; ours is removed on return.
+    own = (threading.current_thread() is threading.main_thread()
+           and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if own:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _main(argv)
+    finally:
+        if own:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(argv) -> None:
     from lsaq_runtime.cli import DEBUG_ENV, describe_unexpected
 
     try:
@@ -460,6 +484,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Terminated:
+        click.echo("terminated (SIGTERM); a build continues with --resume", err=True)
+        sys.exit(143)
     except MemoryError:  # the runtime's advice (--memory-budget, --context) is not the compiler's
         click.echo("error: out of memory while compiling; the model needs more free memory than "
                    "this machine has (close other programs, or compile on a larger machine)",

@@ -211,7 +211,12 @@ def measure_quality(root: Path, m: dict, windows, log) -> dict[str, dict]:
     if variants[0]["name"] != "fp16":
         raise LsaqError("quality ranking needs the fp16 variant as the reference")
     out = {}
-    with tempfile.TemporaryDirectory(prefix="lsaq-quality-") as work:
+    # In the build's job folder where there is one: a build killed here (SIGKILL, out of
+    # memory) leaves it where the next build of the bundle cleans up or --resume drops it,
+    # not gigabytes in the system's temporary folder.
+    job = root / JOB_DIR
+    with tempfile.TemporaryDirectory(prefix="lsaq-quality-",
+                                     dir=job if job.is_dir() else None) as work:
         # The reference distributions for every held-out position, on disk: vocabulary x
         # positions can reach gigabytes (262k x 2k x 4 bytes for Gemma 3).
         ref = np.lib.format.open_memmap(Path(work) / "fp16.npy", "w+", np.float32,

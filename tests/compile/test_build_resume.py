@@ -11,6 +11,7 @@ import pytest
 
 from lsaq_compile.bundle import read_manifest
 from lsaq_compile.job import JOB_DIR, MEASUREMENTS
+from factories.killed import private_tmp_env
 from factories.models import make_tiny_model
 
 CLI = [sys.executable, "-m", "lsaq_compile.cli"]
@@ -40,22 +41,26 @@ def _build(model, out, profile, *extra) -> subprocess.CompletedProcess:
                                  *map(str, extra)], capture_output=True, text=True, timeout=900)
 
 
-def _kill_mid_measurement(model, out, profile, after: int = 3) -> list[str]:
-    """Start a build and SIGKILL it once its log shows `after` linears measured."""
+def _kill_mid_measurement(model, out, profile, after: int = 3, sig=signal.SIGKILL,
+                          env=None) -> list[str]:
+    """Start a build and send it `sig` once its log shows `after` linears measured; the lines
+    it wrote, the last ones (after the signal) included."""
     # --remeasure: an earlier test's build may have kept a measurement of these inputs
     p = subprocess.Popen(CLI + ["build", str(model), "-o", str(out), "--profile", str(profile),
                                 "--remeasure"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, env=env)
     seen, measured = [], 0
     for line in p.stderr:
         seen.append(line)
         measured += "scoring: layer " in line
         if measured >= after:
-            os.killpg(p.pid, signal.SIGKILL)
+            os.killpg(p.pid, sig)
             break
+    seen += p.stderr.readlines()
     p.wait()
     assert measured >= after, "".join(seen)
+    seen.append(p.returncode)
     return seen
 
 
@@ -77,7 +82,7 @@ def test_killed_build_resumes_and_equals_an_unkilled_one(model, tmp_path):
     profile = tmp_path / "p.toml"
     profile.write_text(PROFILE)
     out = tmp_path / "killed"
-    _kill_mid_measurement(model, out, profile)
+    _kill_mid_measurement(model, out, profile, env=private_tmp_env(tmp_path))
     (work,) = tmp_path.glob(".killed.lsaq-tmp-*")
     job = json.loads((work / JOB_DIR / "job.json").read_text())
     assert "scoring" not in job["done"] and job["done"][:2] == ["source", "calibration"]
@@ -123,6 +128,33 @@ def test_killed_build_resumes_and_equals_an_unkilled_one(model, tmp_path):
             assert _quality(resumed)[name][k] == pytest.approx(v, rel=1e-4, abs=1e-7), (name, k)
 
 
+def _ours(folder) -> list:
+    return [p.name for p in folder.iterdir() if p.name.startswith("lsaq-")]
+
+
+def test_a_terminated_build_leaves_nothing_in_the_temporary_folder_and_resumes(model, tmp_path):
+    """SIGTERM (`kill`, a service manager's stop) unwinds like Ctrl-C: one line, exit 143, the
+    converted tokenizer's temporary folder removed (SIGTERM's default action left it), the
+    job record kept for --resume."""
+    profile = tmp_path / "p.toml"
+    profile.write_text(PROFILE)
+    env = private_tmp_env(tmp_path)
+    tmp = tmp_path / "tmp"
+    *lines, rc = _kill_mid_measurement(model, tmp_path / "b", profile, sig=signal.SIGTERM,
+                                       env=env)
+    assert rc == 143, lines
+    assert lines[-1].strip() == "terminated (SIGTERM); a build continues with --resume"
+    assert not any("Traceback" in x for x in lines)
+    assert not _ours(tmp)                                 # the tokenizer's folder is gone
+    (work,) = tmp_path.glob(".b.lsaq-tmp-*")
+    assert (work / JOB_DIR / MEASUREMENTS).is_file()
+    r = subprocess.run(CLI + ["build", str(model), "-o", str(tmp_path / "b"), "--profile",
+                              str(profile), "--resume"], capture_output=True, text=True,
+                       timeout=900, env=env)
+    assert r.returncode == 0 and "reusing" in r.stderr, r.stderr
+    assert not _ours(tmp) and read_manifest(tmp_path / "b")["variants"]
+
+
 def test_resume_reuses_finished_stages(model, tmp_path):
     """Killed after measuring: the resumed build measures nothing again. It may change what
     only the writer reads (it runs anew on every resume): here the quality engine, as after
@@ -132,7 +164,7 @@ def test_resume_reuses_finished_stages(model, tmp_path):
     out = tmp_path / "b"
     p = subprocess.Popen(CLI + ["build", str(model), "-o", str(out), "--profile", str(profile)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True, env=private_tmp_env(tmp_path))
     for line in p.stderr:
         if "quantizing:" in line:
             os.killpg(p.pid, signal.SIGKILL)

@@ -308,3 +308,27 @@ def test_stored_weights_dequantize_in_torch_bit_identical(bits, k):
     got = _dequantized(q)
     assert got.is_contiguous() and got.dtype == torch.float32
     np.testing.assert_array_equal(got.numpy(), q.dequantize())
+
+
+def test_build_time_quality_keeps_its_reference_in_the_build_folder(tiny_bundle, tmp_path,
+                                                                     monkeypatch):
+    """The FP16 reference distributions (gigabytes at a large vocabulary) go to the build's job
+    folder: a build killed there (SIGKILL, out of memory) leaves them where the next build
+    cleans up or --resume drops them, not in the system's temporary folder."""
+    import shutil
+
+    from lsaq_compile.job import JOB_DIR
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    (b / JOB_DIR).mkdir()
+    m = json.loads((b / "manifest.json").read_text())
+    w = np.random.default_rng(0).integers(3, m["model"]["vocab_size"], (1, 16))
+    made = []
+    memmap = np.lib.format.open_memmap
+    monkeypatch.setattr(np.lib.format, "open_memmap",
+                        lambda path, *a, **k: made.append(Path(path)) or memmap(path, *a, **k))
+    got = writer.measure_quality(b, m, w, lambda s: None)
+    assert set(got) == {v["name"] for v in m["variants"]}
+    assert len(made) == 1 and made[0].parent.parent == b / JOB_DIR
+    assert not list((b / JOB_DIR).iterdir())          # removed once measured

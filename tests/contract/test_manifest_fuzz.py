@@ -9,8 +9,10 @@ LsaqRuntimeError: no other exception escapes.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,7 +25,10 @@ from lsaq_runtime.planner import plan
 from lsaq_runtime.probe import Device, simulated
 from factories.synthetic import write_bundle
 
+# A module-level folder (hypothesis's examples cannot take function-scoped fixtures), removed
+# when the process ends: every test run left one in the system's temporary folder.
 _ROOT = Path(tempfile.mkdtemp(prefix="lsaq-fuzz-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 _BUNDLE = write_bundle(_ROOT / "b")
 _VALID = json.loads((_BUNDLE / "manifest.json").read_text())
 _HOST = Device("cpu", None, "fuzz host", 64 * 2**30, 16 * 2**30, "test")

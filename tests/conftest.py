@@ -32,6 +32,17 @@ def _private_verify_cache(tmp_path_factory):
     os.environ["LSAQ_CACHE_DIR"] = str(tmp_path_factory.mktemp("lsaq-cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_tmp(tmp_path_factory):
+    """The system's temporary folder, for this process and its children, is one of this test
+    run's, which pytest prunes: builds a test kills outright (SIGKILL) cannot remove theirs,
+    nor can a worker that ends without running finalizers, and each run left folders in /tmp."""
+    import tempfile
+
+    d = tmp_path_factory.mktemp("tmp")
+    os.environ["TMPDIR"] = tempfile.tempdir = str(d)
+
+
 @pytest.fixture(autouse=True)
 def _cache_of_this_test(tmp_path_factory, monkeypatch):
     """Each test its own cache: a measurement kept by one test's build must not turn another

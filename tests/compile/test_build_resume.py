@@ -11,7 +11,6 @@ import pytest
 
 from lsaq_compile.bundle import read_manifest
 from lsaq_compile.job import JOB_DIR, MEASUREMENTS
-from factories.killed import private_tmp_env
 from factories.models import make_tiny_model
 
 CLI = [sys.executable, "-m", "lsaq_compile.cli"]
@@ -82,7 +81,7 @@ def test_killed_build_resumes_and_equals_an_unkilled_one(model, tmp_path):
     profile = tmp_path / "p.toml"
     profile.write_text(PROFILE)
     out = tmp_path / "killed"
-    _kill_mid_measurement(model, out, profile, env=private_tmp_env(tmp_path))
+    _kill_mid_measurement(model, out, profile)
     (work,) = tmp_path.glob(".killed.lsaq-tmp-*")
     job = json.loads((work / JOB_DIR / "job.json").read_text())
     assert "scoring" not in job["done"] and job["done"][:2] == ["source", "calibration"]
@@ -138,8 +137,9 @@ def test_a_terminated_build_leaves_nothing_in_the_temporary_folder_and_resumes(m
     job record kept for --resume."""
     profile = tmp_path / "p.toml"
     profile.write_text(PROFILE)
-    env = private_tmp_env(tmp_path)
     tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
     *lines, rc = _kill_mid_measurement(model, tmp_path / "b", profile, sig=signal.SIGTERM,
                                        env=env)
     assert rc == 143, lines
@@ -164,7 +164,7 @@ def test_resume_reuses_finished_stages(model, tmp_path):
     out = tmp_path / "b"
     p = subprocess.Popen(CLI + ["build", str(model), "-o", str(out), "--profile", str(profile)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True, env=private_tmp_env(tmp_path))
+                         start_new_session=True)
     for line in p.stderr:
         if "quantizing:" in line:
             os.killpg(p.pid, signal.SIGKILL)

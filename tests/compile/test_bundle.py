@@ -14,7 +14,6 @@ from lsaq_compile.bundle import read_manifest
 from lsaq_compile.errors import LsaqError
 from lsaq_runtime.errors import LsaqRuntimeError
 from factories.data import WIKITEXT
-from factories.killed import private_tmp_env
 
 CLI = [sys.executable, "-m", "lsaq_compile.cli"]
 
@@ -76,7 +75,7 @@ def test_killed_build_leaves_no_valid_bundle(tiny_llama_dir, tmp_path):
     out = tmp_path / "killed"
     p = subprocess.Popen(CLI + ["build", str(tiny_llama_dir), "-o", str(out)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True, env=private_tmp_env(tmp_path))
+                         start_new_session=True)
     # Kill it hard the moment it reports writing the weight store: by then its temporary folder
     # holds the tokenizer and part of the store. Event-driven, so a fast build cannot slip past.
     seen = []

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from factories.killed import private_tmp_env
 from factories.models import make_tiny_model
 from lsaq_compile import devices
 from lsaq_compile import estimate as E
@@ -213,7 +212,7 @@ def test_killed_fisher_build_resumes_and_equals_an_unkilled_one(model, tmp_path,
     out = tmp_path / "killed"
     p = subprocess.Popen(CLI + ["build", str(model), "-o", str(out), "--profile", str(profile)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True, env=private_tmp_env(tmp_path))
+                         start_new_session=True)
     seen, steps = [], 0
     for line in p.stderr:
         seen.append(line)

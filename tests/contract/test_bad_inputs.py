@@ -1244,8 +1244,9 @@ def test_force_swap_survives_a_crash_between_the_renames(tiny_bundle, tiny_llama
              "pathlib.Path.rename = rename\n"
              "from lsaq_compile.cli import main\n"
              f"main({args!r})\n")
-    r = subprocess.run([sys.executable, "-c", crash], env=ENV, capture_output=True, text=True,
-                       timeout=900)
+    # its own TMPDIR: a process ended by os._exit cannot remove its temporaries
+    r = subprocess.run([sys.executable, "-c", crash], env={**ENV, "TMPDIR": str(tmp_path)},
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 137, r.stderr
     left = _hidden(tmp_path, "b")
     assert not out.exists() and set(left) == {"lsaq-old-", "lsaq-tmp-", "lsaq-swap"}, left

@@ -206,8 +206,11 @@ def float16_check(root: Path, spec: ModelSpec, index: dict, max_context: int, wi
         finite = all(np.isfinite(x).all() for x in got)
         facts[f"finite_with_{residual}_residual"] = bool(finite)
         if finite:
-            kl = sum(float((np.exp(_log_softmax(r)) * (_log_softmax(r) - _log_softmax(x))).sum())
-                     for r, x in zip(ref, got)) / (len(got) * seq)
+            kl = 0.0
+            for r, x in zip(ref, got):
+                lr = _log_softmax(r)   # the reference's, once a window
+                kl += float((np.exp(lr) * (lr - _log_softmax(x))).sum())
+            kl /= len(got) * seq
             facts.update(residual_dtype=residual, kl_vs_float32=round(kl, 6))
             if log:
                 log(f"float16 graph finite with a {residual} residual stream on {len(windows)} "

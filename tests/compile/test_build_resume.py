@@ -41,9 +41,9 @@ def _build(model, out, profile, *extra) -> subprocess.CompletedProcess:
 
 
 def _kill_mid_measurement(model, out, profile, after: int = 3, sig=signal.SIGKILL,
-                          env=None) -> list[str]:
+                          env=None) -> tuple[list[str], int]:
     """Start a build and send it `sig` once its log shows `after` linears measured; the lines
-    it wrote, the last ones (after the signal) included."""
+    it wrote (the last ones, after the signal, included) and its exit code."""
     # --remeasure: an earlier test's build may have kept a measurement of these inputs
     p = subprocess.Popen(CLI + ["build", str(model), "-o", str(out), "--profile", str(profile),
                                 "--remeasure"],
@@ -59,8 +59,7 @@ def _kill_mid_measurement(model, out, profile, after: int = 3, sig=signal.SIGKIL
     seen += p.stderr.readlines()
     p.wait()
     assert measured >= after, "".join(seen)
-    seen.append(p.returncode)
-    return seen
+    return seen, p.returncode
 
 
 def _variants(m: dict) -> list[tuple]:
@@ -140,7 +139,7 @@ def test_a_terminated_build_leaves_nothing_in_the_temporary_folder_and_resumes(m
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp)}
-    *lines, rc = _kill_mid_measurement(model, tmp_path / "b", profile, sig=signal.SIGTERM,
+    lines, rc = _kill_mid_measurement(model, tmp_path / "b", profile, sig=signal.SIGTERM,
                                        env=env)
     assert rc == 143, lines
     assert lines[-1].strip() == "terminated (SIGTERM); a build continues with --resume"
